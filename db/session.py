@@ -1,0 +1,98 @@
+"""Where the database lives and how to open it: URL resolution, SQLite pragmas, migrations on open.
+
+The schema is made only by the alembic migrations in `bitplan.db.migrations`, run by
+`make_engine` on every open (a no-op when the database is already at head).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+ENV_VAR = "BITPLAN_DB"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def database_url(url: str | None = None) -> str:
+    """The SQLAlchemy URL to use: `url`, else `$BITPLAN_DB` (URL or file path), else the user data dir."""
+    url = url or os.environ.get(ENV_VAR) or None
+    if url is None:
+        data_dir = Path(platformdirs.user_data_dir("bitplan"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{data_dir / 'bitplan.db'}"
+    # "://" tells a URL from a path; a bare path (relative, ~, Windows drive) becomes a SQLite file.
+    if "://" in url:
+        return url
+    return f"sqlite:///{Path(url).expanduser().resolve()}"
+
+
+def _is_memory(url) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An alembic Config built in code, pointing at the installed migrations (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # ConfigParser interpolates '%'; URLs with escaped passwords contain it.
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the database behind `engine` to `revision`, on one of its connections."""
+    cfg = alembic_config()
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # Batch migrations recreate tables; with foreign keys on, dropping a referenced table
+            # fails or cascades. The pragma is ignored inside a transaction, so set it first.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                # Passing the connection (not the URL) is what makes an in-memory database work.
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration to {revision} broke foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
+def make_engine(url: str | None = None, *, migrate: bool = True) -> Engine:
+    """An engine for `database_url(url)`, SQLite tuned (WAL, foreign keys), migrated to head."""
+    sa_url = make_url(database_url(url))
+    kwargs: dict = {}
+    if _is_memory(sa_url):
+        # One shared connection, or each checkout would see its own empty database.
+        kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+    engine = create_engine(sa_url, **kwargs)
+    if sa_url.get_backend_name() == "sqlite":
+        memory = _is_memory(sa_url)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            if not memory:
+                # WAL: readers (a polling client) never block the writer (a running job).
+                cur.execute("PRAGMA journal_mode=WAL")
+            # SQLite leaves foreign keys off unless asked, on every connection.
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    if migrate:
+        upgrade(engine)
+    return engine

@@ -1,0 +1,377 @@
+"""Saving and loading the vocabulary (`db/types.py`) to the database: the only code that touches rows.
+
+Every method opens its own short session; every write is one transaction. Saves are idempotent
+by id: saving what is already stored returns the stored object and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+import zlib
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from bitplan.db.session import make_engine
+from bitplan.db.tables import (JOB_STATES, Base, CalibrationRow, EvaluationRow, JobRow, ModelRow, PlanRow,
+                               ProfileRow, utcnow)
+from bitplan.db.types import (CalibrationRef, Evaluation, InvalidInput, Kind, ModelRef, Module, NotFound,
+                              Option, Plan, Profile, content_id)
+
+_NPY_MAGIC = b"\x93NUMPY"
+_Row = TypeVar("_Row", bound=Base)
+
+
+# ----------------------------------------------------------------------------------- encodings
+
+
+def pack_array(a: np.ndarray, *, compress: bool = False) -> bytes:
+    """np.save bytes (dtype and shape included, no pickle), zlib'd if `compress`."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    raw = buf.getvalue()
+    return zlib.compress(raw, 1) if compress else raw
+
+
+def unpack_array(blob: bytes) -> np.ndarray:
+    """Inverse of `pack_array`; the npy magic tells compressed from raw."""
+    raw = bytes(blob)
+    if not raw.startswith(_NPY_MAGIC):
+        raw = zlib.decompress(raw)
+    a = np.load(io.BytesIO(raw), allow_pickle=False)
+    # np.load over bytes gives a read-only view; profiles built in memory are writable, keep it so.
+    return a if a.flags.writeable else a.copy()
+
+
+def _pack_json(obj: Any) -> bytes:
+    return zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 6)
+
+
+def _unpack_json(blob: bytes) -> Any:
+    return json.loads(zlib.decompress(bytes(blob)))
+
+
+def _model_key(ref: ModelRef) -> str:
+    # A profile read from a file may lack a fingerprint; key it by what names it instead.
+    return ref.fingerprint or content_id(ref.name, ref.source, prefix="nofp-")
+
+
+def profile_id(p: Profile) -> str:
+    """The content id of a profile that came without one: same measurements, same id."""
+    digest = hashlib.sha256()
+    for a in (p.error, p.size_bits):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return content_id(p.model.model_dump(), p.calibration.model_dump(), p.estimator, p.device,
+                      [o.model_dump() for o in p.options], [m.model_dump() for m in p.modules],
+                      p.fixed_bits, digest.hexdigest(), prefix="prof-")
+
+
+# ---------------------------------------------------------------------------------- row <-> type
+
+
+def _profile_row(p: Profile) -> ProfileRow:
+    return ProfileRow(
+        id=p.id, model_id=_model_key(p.model), calibration_id=p.calibration.fingerprint or None,
+        model_ref=p.model.model_dump(), calibration_ref=p.calibration.model_dump(),
+        estimator=p.estimator, device=p.device, options=[o.model_dump() for o in p.options],
+        modules=_pack_json([m.model_dump(mode="json") for m in p.modules]),
+        # float errors barely compress; the int sizes repeat per shape and shrink ~10x.
+        error=pack_array(p.error), size_bits=pack_array(p.size_bits, compress=True),
+        fixed_bits=p.fixed_bits, seconds=p.seconds, created_at=p.created_at,
+    )
+
+
+def _profile(r: ProfileRow) -> Profile:
+    return Profile(
+        id=r.id, model=ModelRef(**r.model_ref), calibration=CalibrationRef(**r.calibration_ref),
+        estimator=r.estimator, device=r.device, options=[Option(**o) for o in r.options],
+        modules=[Module(**m) for m in _unpack_json(r.modules)],
+        error=unpack_array(r.error), size_bits=unpack_array(r.size_bits),
+        fixed_bits=r.fixed_bits, seconds=r.seconds, created_at=r.created_at,
+    )
+
+
+def _plan_row(p: Plan) -> PlanRow:
+    d = p.model_dump(exclude={"model", "assignment"})
+    return PlanRow(**d, model_ref=p.model.model_dump(),
+                   assignment={k: o.model_dump() for k, o in p.assignment.items()})
+
+
+def _plan(r: PlanRow) -> Plan:
+    fields = {c: getattr(r, c) for c in Plan.model_fields if c not in ("model", "assignment")}
+    return Plan(**fields, model=ModelRef(**r.model_ref),
+                assignment={k: Option(**o) for k, o in r.assignment.items()})
+
+
+def _evaluation(r: EvaluationRow) -> Evaluation:
+    return Evaluation(**{c: getattr(r, c) for c in Evaluation.model_fields})
+
+
+def _job(r: JobRow) -> dict:
+    return {c: getattr(r, c) for c in ("id", "kind", "state", "progress", "message", "error", "params",
+                                        "result_id", "created_at", "updated_at")}
+
+
+# ---------------------------------------------------------------------------------------- store
+
+
+class Store:
+    """Profiles, plans, evaluations and jobs in one database (`database_url(url)`), migrated on open."""
+
+    def __init__(self, url: str | None = None, *, engine: Engine | None = None):
+        self.engine = engine if engine is not None else make_engine(url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> str:
+        """Where the data lives (password hidden), for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- models, calibration
+
+    def save_model(self, ref: ModelRef, *, n_params: int = 0, config: dict | None = None) -> str:
+        """Record a model (keyed by fingerprint) and return its key; fills in, never overwrites."""
+        with self._session.begin() as s:
+            return self._upsert_model(s, ref, n_params, config)
+
+    def save_calibration(self, ref: CalibrationRef, description: str = "") -> str:
+        """Record a calibration set (keyed by fingerprint) and return its key; fills in, never overwrites."""
+        if not ref.fingerprint:
+            raise InvalidInput("a calibration set needs a fingerprint to be stored")
+        with self._session.begin() as s:
+            return self._upsert_calibration(s, ref, description)
+
+    def get_model(self, fingerprint: str) -> dict:
+        """The stored model row as a dict (id, name, source, n_params, config, created_at)."""
+        with self._session() as s:
+            r = self._get(s, ModelRow, fingerprint, "model")
+            return {c: getattr(r, c) for c in ("id", "name", "source", "n_params", "config", "created_at")}
+
+    @staticmethod
+    def _upsert_model(s: Session, ref: ModelRef, n_params: int = 0, config: dict | None = None) -> str:
+        key = _model_key(ref)
+        row = s.get(ModelRow, key)
+        if row is None:
+            s.add(ModelRow(id=key, name=ref.name, source=ref.source, n_params=n_params, config=config))
+        else:
+            # The first name wins (profiles keep their own ref); later calls may add what was unknown.
+            if not row.n_params and n_params:
+                row.n_params = n_params
+            if row.config is None and config is not None:
+                row.config = config
+            if not row.source and ref.source:
+                row.source = ref.source
+        return key
+
+    @staticmethod
+    def _upsert_calibration(s: Session, ref: CalibrationRef, description: str = "") -> str:
+        row = s.get(CalibrationRow, ref.fingerprint)
+        if row is None:
+            s.add(CalibrationRow(id=ref.fingerprint, name=ref.name, n_tokens=ref.n_tokens,
+                                 description=description))
+        elif not row.description and description:
+            row.description = description
+        return ref.fingerprint
+
+    # ------------------------------------------------------------------------------------ profiles
+
+    def save_profile(self, profile: Profile) -> Profile:
+        """Store a profile (upserting its model and calibration); a stored id returns the stored one."""
+        if not profile.id:
+            profile = profile.model_copy(update={"id": profile_id(profile)})
+        def write() -> Profile:
+            with self._session.begin() as s:
+                if (row := s.get(ProfileRow, profile.id)) is not None:
+                    return _profile(row)
+                self._upsert_model(s, profile.model)
+                if profile.calibration.fingerprint:
+                    self._upsert_calibration(s, profile.calibration)
+                s.add(_profile_row(profile))
+            return profile
+
+        return self._idempotent(write, lambda: self.get_profile(profile.id))
+
+    def get_profile(self, id: str) -> Profile:
+        """The stored profile `id`; NotFound says how to list what is stored."""
+        with self._session() as s:
+            return _profile(self._get(s, ProfileRow, id, "profile"))
+
+    def list_profiles(self, model_fingerprint: str | None = None) -> list[Profile]:
+        """Stored profiles, newest first, optionally of one model."""
+        q = select(ProfileRow).order_by(ProfileRow.created_at.desc(), ProfileRow.id.desc())
+        if model_fingerprint is not None:
+            q = q.where(ProfileRow.model_id == model_fingerprint)
+        with self._session() as s:
+            return [_profile(r) for r in s.scalars(q)]
+
+    # --------------------------------------------------------------------------------------- plans
+
+    def save_plan(self, plan: Plan) -> Plan:
+        """Store a plan of a stored profile; an id already stored returns the stored one."""
+        def write() -> Plan:
+            with self._session.begin() as s:
+                if (row := s.get(PlanRow, plan.id)) is not None:
+                    return _plan(row)
+                if s.get(ProfileRow, plan.profile_id) is None:
+                    raise NotFound(f"plan {plan.id!r} refers to profile {plan.profile_id!r}, which is not "
+                                   f"stored in {self.url}: save the profile first")
+                s.add(_plan_row(plan))
+            return plan
+
+        return self._idempotent(write, lambda: self.get_plan(plan.id))
+
+    def get_plan(self, id: str) -> Plan:
+        """The stored plan `id`; NotFound says how to list what is stored."""
+        with self._session() as s:
+            return _plan(self._get(s, PlanRow, id, "plan"))
+
+    def list_plans(self, profile_id: str | None = None) -> list[Plan]:
+        """Stored plans, newest first, optionally of one profile."""
+        q = select(PlanRow).order_by(PlanRow.created_at.desc(), PlanRow.id.desc())
+        if profile_id is not None:
+            q = q.where(PlanRow.profile_id == profile_id)
+        with self._session() as s:
+            return [_plan(r) for r in s.scalars(q)]
+
+    # --------------------------------------------------------------------------------- evaluations
+
+    def save_evaluation(self, ev: Evaluation) -> Evaluation:
+        """Store an evaluation, giving it the id `eval-<16 hex>` of its content when it has none."""
+        if not ev.id:
+            ev = ev.model_copy(update={"id": content_id(ev.model_dump(mode="json", exclude={"id"}),
+                                                        prefix="eval-")})
+        def write() -> Evaluation:
+            with self._session.begin() as s:
+                if (row := s.get(EvaluationRow, ev.id)) is not None:
+                    return _evaluation(row)
+                if ev.plan_id is not None and s.get(PlanRow, ev.plan_id) is None:
+                    raise NotFound(f"evaluation refers to plan {ev.plan_id!r}, which is not stored in "
+                                   f"{self.url}: save the plan first")
+                s.add(EvaluationRow(**ev.model_dump()))
+            return ev
+
+        return self._idempotent(write, lambda: self.get_evaluation(ev.id))
+
+    def get_evaluation(self, id: str) -> Evaluation:
+        """The stored evaluation `id`; NotFound says how to list what is stored."""
+        with self._session() as s:
+            return _evaluation(self._get(s, EvaluationRow, id, "evaluation"))
+
+    def list_evaluations(self, plan_id: str | None = None) -> list[Evaluation]:
+        """Stored evaluations, newest first, optionally of one plan."""
+        q = select(EvaluationRow).order_by(EvaluationRow.created_at.desc(), EvaluationRow.id.desc())
+        if plan_id is not None:
+            q = q.where(EvaluationRow.plan_id == plan_id)
+        with self._session() as s:
+            return [_evaluation(r) for r in s.scalars(q)]
+
+    # ---------------------------------------------------------------------------------------- find
+
+    def find(self, id_or_prefix: str) -> tuple[Kind, Profile | Plan | Evaluation]:
+        """Resolve a full id or a unique prefix across profiles, plans and evaluations."""
+        prefix = id_or_prefix.strip()
+        if not prefix:
+            raise InvalidInput("give an id or an id prefix (see `bitplan ls`)")
+        kinds: tuple[tuple[Kind, type], ...] = (("profile", ProfileRow), ("plan", PlanRow),
+                                                 ("evaluation", EvaluationRow))
+        with self._session() as s:
+            # LIKE narrows the rows (case-insensitively on SQLite); startswith keeps ids exact.
+            hits = [(kind, i) for kind, T in kinds
+                    for i in s.scalars(select(T.id).where(T.id.startswith(prefix, autoescape=True)))
+                    if i.startswith(prefix)]
+        exact = [h for h in hits if h[1] == prefix]
+        hits = exact or hits
+        if not hits:
+            raise NotFound(f"no profile, plan or evaluation id starts with {prefix!r} in {self.url}; "
+                           "run `bitplan ls` to see the stored ids")
+        if len(hits) > 1:
+            names = ", ".join(f"{k} {i}" for k, i in hits[:10]) + (", ..." if len(hits) > 10 else "")
+            raise InvalidInput(f"{prefix!r} is ambiguous, it matches {len(hits)} ids: {names}; "
+                               "give more characters")
+        kind, id = hits[0]
+        getter = {"profile": self.get_profile, "plan": self.get_plan, "evaluation": self.get_evaluation}
+        return kind, getter[kind](id)
+
+    # ---------------------------------------------------------------------------------------- jobs
+
+    def create_job(self, kind: str, params: dict | None = None) -> str:
+        """A queued job of `kind` with JSON-able `params`; returns its id `job-<16 hex>`."""
+        id = f"job-{uuid.uuid4().hex[:16]}"
+        now = utcnow()
+        with self._session.begin() as s:
+            s.add(JobRow(id=id, kind=kind, state="queued", progress=0.0, message="", params=params or {},
+                         created_at=now, updated_at=now))
+        return id
+
+    def update_job(self, id: str, *, state: str | None = None, progress: float | None = None,
+                   message: str | None = None, error: str | None = None,
+                   result_id: str | None = None) -> dict:
+        """Change the given fields of job `id` (others stay) and return it; progress is a fraction 0..1."""
+        if state is not None and state not in JOB_STATES:
+            raise InvalidInput(f"job state must be one of {JOB_STATES}, got {state!r}")
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise InvalidInput(f"job progress is a fraction in [0, 1], got {progress!r}")
+        changes = {k: v for k, v in dict(state=state, progress=progress, message=message, error=error,
+                                         result_id=result_id).items() if v is not None}
+        with self._session.begin() as s:
+            row = self._get(s, JobRow, id, "job")
+            for k, v in changes.items():
+                setattr(row, k, v)
+            row.updated_at = utcnow()
+            s.flush()
+            return _job(row)
+
+    def get_job(self, id: str) -> dict:
+        """Job `id` as a dict of its columns (state, progress, message, error, params, result_id, times)."""
+        with self._session() as s:
+            return _job(self._get(s, JobRow, id, "job"))
+
+    def list_jobs(self, state: str | None = None) -> list[dict]:
+        """Jobs, newest first, optionally in one state (a restarted service looks for `running` ones)."""
+        q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+        if state is not None:
+            q = q.where(JobRow.state == state)
+        with self._session() as s:
+            return [_job(r) for r in s.scalars(q)]
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _get(self, s: Session, table: type[_Row], id: str, what: str) -> _Row:
+        row = s.get(table, id)
+        if row is None:
+            hint = "" if what == "job" else "; run `bitplan ls` to see the stored ids"
+            raise NotFound(f"no {what} with id {id!r} in {self.url}{hint}")
+        return row
+
+    @staticmethod
+    def _idempotent(write, get):
+        # Check-then-insert races with another writer of the same id (or the same new model row):
+        # on a conflict, the stored row wins; if there is none, the conflict was a parent row, try again.
+        for attempt in range(2):
+            try:
+                return write()
+            except IntegrityError as conflict:
+                try:
+                    return get()
+                except NotFound:
+                    if attempt:
+                        raise conflict from None

@@ -1,0 +1,413 @@
+"""The vocabulary every folder speaks: options, modules, budgets, profiles, plans, evaluations, errors.
+
+Pydantic (frozen) for what crosses a process or the wire; numpy for the `[modules x options]`
+matrices. No torch here: the planner must run on a machine without it.
+
+Sizes are always in **bits** (ints), never bytes, until something is printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROFILE_FORMAT = "bitplan.profile/1"
+PLAN_FORMAT = "bitplan.plan/1"
+
+# Scales are stored in fp16; an asymmetric option also stores one integer zero of `bits` bits per
+# group (packed like the weights).  Changing these changes every size the planner reasons about.
+SCALE_BITS = 16
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class BitplanError(ValueError):
+    """Base of every error the library raises on bad input; the service maps `status_code`."""
+
+    status_code = 422
+
+
+class InvalidInput(BitplanError):
+    pass
+
+
+class NotFound(BitplanError):
+    status_code = 404
+
+
+class PathNotAllowed(BitplanError):
+    status_code = 403
+
+
+class UnknownModule(BitplanError):
+    pass
+
+
+class NotACausalLM(BitplanError):
+    pass
+
+
+class InfeasibleBudget(BitplanError):
+    """The budget is below the smallest plan that satisfies the constraints."""
+
+    def __init__(self, message: str, smallest_bits: int):
+        super().__init__(message)
+        self.smallest_bits = smallest_bits
+
+
+# -------------------------------------------------------------------------------------- options
+
+
+class Option(BaseModel):
+    """One way to store a module: `bits` per weight, groupwise scale (and zero) every `group_size` inputs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bits: int
+    group_size: int | None = 64  # None: one group per output row (per-channel)
+    symmetric: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and (v < 8 or v & (v - 1)):
+            raise ValueError(f"group_size must be a power of two >= 8 (or null for per-channel), got {v}")
+        return v
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def n_groups(self, in_features: int) -> int:
+        """Groups per output row; a group size that does not divide `in_features` pads the last group."""
+        if not self.quantized:
+            return 0
+        return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+
+    def size_bits(self, out_features: int, in_features: int) -> int:
+        """Exact storage: codes + one fp16 scale (+ one `bits`-bit zero if asymmetric) per group."""
+        if not self.quantized:
+            return out_features * in_features * 16
+        per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
+        return out_features * in_features * self.bits + out_features * self.n_groups(in_features) * per_group
+
+    @property
+    def label(self) -> str:
+        if not self.quantized:
+            return "16b"
+        g = "ch" if self.group_size is None else str(self.group_size)
+        return f"{self.bits}b/g{g}{'s' if self.symmetric else ''}"
+
+
+def parse_options(spec: str, group_size: int | None = 64, symmetric: bool = False) -> list[Option]:
+    """`"2,3,4,8"` -> options sorted by bits; raises InvalidInput with the allowed values."""
+    try:
+        bits = sorted({int(b) for b in spec.split(",") if b.strip()})
+        return [Option(bits=b, group_size=group_size, symmetric=symmetric) for b in bits]
+    except ValueError as e:
+        raise InvalidInput(f"bad --options {spec!r}: give comma-separated bit widths from {ALLOWED_BITS}") from e
+
+
+# -------------------------------------------------------------------------------------- modules
+
+
+class Module(BaseModel):
+    """One quantizable weight matrix, `shape = [out_features, in_features]` as in nn.Linear."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shape: tuple[int, int]
+    layer: int | None = None
+    role: str = ""
+    expert: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    fingerprint: str = ""
+    source: str = ""  # path of the checkpoint or the embedded name; what `apply` loads
+
+
+class CalibrationRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = ""
+    fingerprint: str = ""
+    n_tokens: int = 0
+
+
+# ------------------------------------------------------------------------------------- profiles
+
+
+def _utc(v: datetime) -> datetime:
+    """Naive timestamps are taken as UTC, so a round trip through storage compares equal."""
+    return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+
+
+UTCDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+def _as_matrix(v: Any, dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(v, dtype=dtype))
+
+
+class Profile(BaseModel):
+    """Sensitivity of every module at every option: `error[m, o]` and exact `size_bits[m, o]`."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    id: str = ""
+    model: ModelRef
+    calibration: CalibrationRef = CalibrationRef()
+    estimator: str
+    device: str = "cpu"
+    options: list[Option]
+    modules: list[Module]
+    error: np.ndarray  # [M, O] float64, predicted loss increase of quantizing module m with option o
+    size_bits: np.ndarray  # [M, O] int64
+    fixed_bits: int = 0  # everything not planned (embeddings, norms), counted in a ...MiB budget
+    seconds: float = 0.0
+    created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if "error" in data:
+                data["error"] = _as_matrix(data["error"], np.float64)
+            if "size_bits" in data:
+                data["size_bits"] = _as_matrix(data["size_bits"], np.int64)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "Profile":
+        M, O = len(self.modules), len(self.options)
+        if M == 0 or O == 0:
+            raise ValueError("a profile needs at least one module and one option")
+        for what, arr in (("error", self.error), ("size_bits", self.size_bits)):
+            if arr.shape != (M, O):
+                raise ValueError(f"{what} has shape {arr.shape}, expected [modules={M}, options={O}]")
+        if not np.all(np.isfinite(self.error)) or np.any(self.error < 0):
+            raise ValueError("error must be finite and >= 0")
+        if np.any(self.size_bits <= 0):
+            raise ValueError("size_bits must be > 0")
+        names = [m.name for m in self.modules]
+        if len(set(names)) != M:
+            dup = sorted({n for n in names if names.count(n) > 1})[:3]
+            raise ValueError(f"duplicate module names: {dup}")
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # pydantic's field-wise == would ask numpy arrays for a truth value
+        if not isinstance(other, Profile):
+            return NotImplemented
+        skip = {"error", "size_bits"}
+        return (self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+                and np.array_equal(self.error, other.error) and np.array_equal(self.size_bits, other.size_bits))
+
+    __hash__ = None  # arrays inside: not hashable
+
+    @property
+    def n_params(self) -> int:
+        """Weights the plan assigns (the denominator of bits per weight)."""
+        return sum(m.numel for m in self.modules)
+
+    def to_dict(self) -> dict:
+        """The interchange format `bitplan.profile/1` (README)."""
+        return {
+            "format": PROFILE_FORMAT,
+            "id": self.id,
+            "model": self.model.model_dump(),
+            "calibration": self.calibration.model_dump(),
+            "estimator": self.estimator,
+            "device": self.device,
+            "options": [o.model_dump() for o in self.options],
+            "modules": [
+                {**m.model_dump(), "shape": list(m.shape), "error": self.error[i].tolist(),
+                 "size_bits": self.size_bits[i].tolist()}
+                for i, m in enumerate(self.modules)
+            ],
+            "fixed_bits": self.fixed_bits,
+            "seconds": self.seconds,
+            "created_at": self.created_at.isoformat(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Profile":
+        """Parse `bitplan.profile/1`; any defect raises InvalidInput naming the field."""
+        if not isinstance(d, dict):
+            raise InvalidInput("a profile file must be a JSON object")
+        if d.get("format") != PROFILE_FORMAT:
+            raise InvalidInput(f"profile format must be {PROFILE_FORMAT!r}, got {d.get('format')!r}")
+        try:
+            mods = d["modules"]
+            if not isinstance(mods, list):
+                raise TypeError("modules must be a list")
+            fields = {k: v for k, v in d.items() if k not in ("format", "modules")}
+            fields["modules"] = [{k: m[k] for k in m if k not in ("error", "size_bits")} for m in mods]
+            fields["error"] = [m["error"] for m in mods]
+            fields["size_bits"] = [m["size_bits"] for m in mods]
+            fields.setdefault("model", {"name": "unknown"})
+            return cls.model_validate(fields)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"malformed profile: {_one_line(e)}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"malformed profile JSON: {e}") from e
+        return cls.from_dict(d)
+
+
+# -------------------------------------------------------------------------------------- budgets
+
+# unit -> bytes per unit; bpw is relative to the planned weights, not a size
+_UNITS = {"bpw": None, "bits": 1 / 8, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$")
+
+
+class Budget(BaseModel):
+    """A memory budget: average bits per planned weight (`3.5bpw`) or a whole-checkpoint size (`900MiB`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    value: float
+    unit: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        m = _BUDGET_RE.match(str(text))
+        unit = m and (m.group(2) if m.group(2) in _UNITS else
+                      next((u for u in _UNITS if u.lower() == m.group(2).lower()), None))
+        if not m or unit is None:
+            raise InvalidInput(f"bad budget {text!r}: write e.g. '3.5bpw', '900MiB', '0.9GiB' or '120MB'")
+        value = float(m.group(1))
+        if value <= 0:
+            raise InvalidInput(f"bad budget {text!r}: it must be positive")
+        return cls(value=value, unit=unit)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+    def planned_bits(self, n_params: int, fixed_bits: int) -> int:
+        """Bits available to the planned modules: a bpw budget counts them alone, a size budget everything."""
+        if self.unit == "bpw":
+            return math.floor(self.value * n_params)
+        return math.floor(self.value * _UNITS[self.unit] * 8) - fixed_bits
+
+    def describe_bits(self, planned_bits: int, n_params: int, fixed_bits: int) -> str:
+        """Express a planned-bits amount in this budget's own unit (for error messages)."""
+        if self.unit == "bpw":
+            return f"{math.ceil(planned_bits / n_params * 1000) / 1000:g}bpw"
+        scale = _UNITS[self.unit] * 8
+        return f"{math.ceil((planned_bits + fixed_bits) / scale * 1000) / 1000:g}{self.unit}"
+
+
+# ---------------------------------------------------------------------------------------- plans
+
+
+class Plan(BaseModel):
+    """Module -> option, with what it predicts and how it was found. One type from allocator to disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    profile_id: str
+    model: ModelRef
+    budget: str
+    budget_bits: int  # bits available to the planned modules
+    allocator: str
+    params: dict[str, Any] = {}
+    pins: list[str] = []
+    assignment: dict[str, Option]
+    total_bits: int  # planned modules only
+    fixed_bits: int = 0
+    n_params: int
+    bits_per_weight: float
+    predicted_error: float
+    status: str  # "optimal" | "feasible (gap g)" | "heuristic" | ...
+    solve_seconds: float
+    created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def size_mib(self) -> float:
+        """Whole checkpoint (planned + fixed), MiB."""
+        return (self.total_bits + self.fixed_bits) / 8 / 2**20
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json")
+        d["format"] = PLAN_FORMAT
+        d["size_mib"] = self.size_mib
+        d["assignment"] = {k: {"bits": o.bits, "group_size": o.group_size, "symmetric": o.symmetric}
+                           for k, o in self.assignment.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Plan":
+        if not isinstance(d, dict):
+            raise InvalidInput("a plan file must be a JSON object")
+        try:
+            return cls.model_validate({k: v for k, v in d.items() if k not in ("format", "size_mib")})
+        except ValueError as e:
+            raise InvalidInput(f"malformed plan: {_one_line(e)}") from e
+
+
+class Evaluation(BaseModel):
+    """What was measured on a checkpoint: perplexity on a named corpus, size on disk, time taken."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = ""
+    plan_id: str | None = None
+    checkpoint: str
+    corpus: str
+    n_tokens: int
+    window: int
+    perplexity: float
+    bytes_on_disk: int = 0
+    device: str = "cpu"
+    seconds: float = 0.0
+    created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+Kind = Literal["profile", "plan", "evaluation"]
+
+
+# ---------------------------------------------------------------------------------------- utils
+
+
+def content_id(*parts: Any, prefix: str = "") -> str:
+    """A short stable id from JSON-able parts: same inputs, same id."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return prefix + h[:16]
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,176 @@
+"""Apply a plan to a model: quantize every planned module with its option, write a checkpoint atomically.
+
+The checkpoint is a Hugging Face directory: `config.json` whose `quantization_config` records the plan
+id and every module's option, safetensors shards holding `QuantLinear` buffers for quantized modules
+and 16-bit tensors for everything else, the tokenizer, and the plan itself (`bitplan_plan.json`).
+Same plan, same model -> byte-identical files (no timestamps, sorted keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitplan.db.types import InvalidInput, Module, Plan, UnknownModule
+from bitplan.executor.quant_linear import QuantLinear
+from bitplan.executor.quantize import rtn
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "bitplan"
+CHECKPOINT_FORMAT = "bitplan.packed/1"
+MAX_SHARD_BYTES = 2 * 2**30
+
+
+def quantized_linears(
+    planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False
+) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
+    """Quantize one planned linear at a time, in model order (so one block is in flight at a time).
+
+    Yields `(name, linear, QuantLinear)`, or `None` in place of the QuantLinear for a 16-bit option.
+    """
+    check_plan_matches(planned, plan)
+    for module, linear in tqdm(planned, desc="quantizing", unit="module", disable=not progress):
+        option = plan.assignment[module.name]
+        if not option.quantized:
+            yield module.name, linear, None
+            continue
+        bias = linear.bias.detach() if linear.bias is not None else None
+        yield module.name, linear, QuantLinear.from_quantized(rtn(linear.weight, option), bias)
+
+
+def check_plan_matches(planned: list[tuple[Module, nn.Linear]], plan: Plan) -> None:
+    """A plan made for another model fails here, before any work."""
+    names = {m.name for m, _ in planned}
+    missing = sorted(set(plan.assignment) - names)
+    if missing:
+        raise UnknownModule(f"the plan names {len(missing)} modules this model does not have, "
+                            f"e.g. {missing[:3]}; was it made for another model?")
+    unplanned = sorted(names - set(plan.assignment))
+    if unplanned:
+        raise UnknownModule(f"the plan gives no option for {len(unplanned)} modules of this model, "
+                            f"e.g. {unplanned[:3]}")
+
+
+def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
+                   storage_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """In place: swap planned linears for QuantLinear and round the rest through `storage_dtype`.
+
+    The result computes exactly what the written checkpoint computes once reloaded.
+    """
+    for name, linear, qlinear in list(quantized_linears(planned, plan)):
+        if qlinear is not None:
+            model.set_submodule(name, qlinear.to(linear.weight.device))
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point() and not key.endswith(".scales"):  # scales are stored as fp16
+            t.data = t.data.to(storage_dtype).to(t.dtype)
+    return model
+
+
+def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
+                         storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> dict:
+    """What the checkpoint stores, without modifying `model`."""
+    state, seen = {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # tied weights are stored once; the loader ties them again
+            continue
+        seen.add(id(t))
+        state[key] = t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()
+    for name, _, qlinear in quantized_linears(planned, plan, progress=progress):
+        if qlinear is None:
+            continue
+        state.pop(f"{name}.weight")
+        state.pop(f"{name}.bias", None)
+        for key, t in qlinear.state_dict().items():
+            state[f"{name}.{key}"] = t.to(storage_dtype) if key == "bias" else t
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def quantization_config(plan: Plan, storage_dtype: torch.dtype) -> dict:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": CHECKPOINT_FORMAT,
+        "plan_id": plan.id,
+        "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "modules": {name: opt.model_dump() for name, opt in sorted(plan.assignment.items())},
+    }
+
+
+def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
+               out_dir: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the quantized checkpoint of `model` under `plan` to `out_dir`, atomically."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    check_plan_matches(planned, plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = quantized_state_dict(model, planned, plan, storage_dtype, progress=progress)
+        # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
+        _write_shards(state, tmp, {"format": "pt"})
+        config = model.config.to_dict()
+        config["quantization_config"] = quantization_config(plan, storage_dtype)
+        config["dtype"] = str(storage_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / "bitplan_plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def _write_shards(state: dict, directory: Path, metadata: dict) -> None:
+    """`model.safetensors`, or numbered shards of at most MAX_SHARD_BYTES plus an index."""
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > MAX_SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata=metadata)
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only afterwards."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of the weight files of a checkpoint directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

@@ -1,0 +1,79 @@
+"""Load a checkpoint written by `apply`: build the model skeleton, swap in `QuantLinear`, load the buffers.
+
+Built gpt-fast style: skeleton without weight initialisation, quantized modules swapped in by name
+from `quantization_config`, then the state dict loaded; tied weights are tied again afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bitplan.db.types import InvalidInput, NotACausalLM, Option
+from bitplan.executor.apply import QUANT_METHOD
+from bitplan.executor.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def read_quantization_config(path: str | Path) -> dict | None:
+    """The checkpoint's `quantization_config` if bitplan wrote it, else None."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    qc = json.loads(cfg.read_text()).get("quantization_config")
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """`(model, tokenizer, quantization_config)` from a bitplan checkpoint directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    path = Path(path).expanduser()
+    qc = read_quantization_config(path)
+    if qc is None:
+        raise NotACausalLM(f"{path} is not a bitplan checkpoint (no quantization_config with quant_method "
+                           f"{QUANT_METHOD!r} in config.json)")
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config  # ours, not transformers': it must not try to load it
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in qc["modules"].items():
+        option = Option(**spec)
+        if not option.quantized:
+            continue
+        linear = model.get_submodule(name)
+        model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, option,
+                                              bias=linear.bias is not None, dtype=dtype))
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    if not state:
+        raise InvalidInput(f"{path} has no .safetensors weights")
+    # float tensors were stored at 16 bits; compute in `dtype` (scales stay fp16)
+    state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
+             for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {k for k in result.missing_keys if _is_tied(model, k)}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise InvalidInput(f"{path}: checkpoint does not match its config: missing "
+                           f"{sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]}")
+    model.eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer, qc
+
+
+def _is_tied(model, key: str) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and key.startswith(_name_of(model, out)) and \
+        out.weight is model.get_input_embeddings().weight
+
+
+def _name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)

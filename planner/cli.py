@@ -1,0 +1,296 @@
+"""`bitplan`: profile a model, plan bits per module for a memory budget, apply the plan, evaluate it.
+
+Every command stores what it makes in the SQLite database (`--db`, `BITPLAN_DB`, or the user data
+directory) and, with `--json`, prints that object as one JSON document instead of a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from bitplan.db.types import BitplanError, Evaluation, Plan, Profile
+
+log = logging.getLogger("bitplan")
+
+EPILOG = """examples:
+  bitplan demo                                   # the whole job on the embedded SmolLM2-135M
+  bitplan profile smollm2-135m --tokens 4096     # -> prof-...
+  bitplan plan prof-... --budget 3.5bpw --allocator ilp --output plan.json
+  bitplan plan --profile-file profile.json --budget 900MiB
+  bitplan apply plan-... --out ./smollm2-3.5bpw
+  bitplan eval ./smollm2-3.5bpw
+  bitplan ls ; bitplan show plan-...
+  bitplan serve --port 8000                      # HTTP API, docs at /docs
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.quiet:
+        # progress bars go to stderr too; --quiet silences both
+        import os
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return args.func(args) or 0
+    except BitplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitplan", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", help="SQLAlchemy URL or SQLite file (default: $BITPLAN_DB or the user data dir)")
+    common.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name, func, help):
+        c = sub.add_parser(name, parents=[common], help=help, description=help)
+        c.set_defaults(func=func)
+        return c
+
+    c = cmd("profile", cmd_profile, "measure every module's quantization error at every option; stores a Profile")
+    c.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="Hugging Face checkpoint directory, .gguf file, or 'smollm2-135m' (default)")
+    c.add_argument("--calib", help="calibration text: a file, a glob, or shakespeare:calib (default)")
+    c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
+    c.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--options", default="2,3,4,8", help="bit widths to consider (default 2,3,4,8)")
+    c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    c.add_argument("--estimator", choices=["fisher", "hessian"], help="error estimator (default fisher)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
+    c.add_argument("--output", help="also write the profile as bitplan.profile/1 JSON to this file")
+
+    c = cmd("plan", cmd_plan, "choose an option for every module under a memory budget; stores a Plan")
+    c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
+    c.add_argument("--profile-file", help="plan from a bitplan.profile/1 JSON file instead (no model needed)")
+    c.add_argument("--budget", default="3.5bpw", help="3.5bpw (overheads included), 900MiB, 0.9GiB, ...")
+    c.add_argument("--allocator", default="ilp", help="ilp (default), greedy, dp, uniform")
+    c.add_argument("--pin", action="append", default=[], metavar="PATTERN(=|>=|<=)BITS",
+                   help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
+    c.add_argument("--output", help="also write the plan as JSON to this file")
+
+    c = cmd("apply", cmd_apply, "quantize the model with a stored plan and write the checkpoint")
+    c.add_argument("plan", help="stored plan id (or unique prefix), or a plan JSON file")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    c = cmd("eval", cmd_eval, "measure perplexity of a checkpoint on held-out text; stores an Evaluation")
+    c.add_argument("checkpoint", help="checkpoint written by apply, any HF directory, .gguf, or smollm2-135m")
+    c.add_argument("--text", help="evaluation text: a file, a glob, or shakespeare:eval (default)")
+    c.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
+    c.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
+    c.add_argument("--device", default="cpu")
+
+    c = cmd("ls", cmd_ls, "list stored profiles, plans and evaluations")
+    c.add_argument("kind", nargs="?", choices=["profiles", "plans", "evaluations"], help="only this kind")
+
+    c = cmd("show", cmd_show, "show one stored profile, plan or evaluation")
+    c.add_argument("id", help="id or unique prefix")
+
+    c = cmd("serve", cmd_serve, "start the HTTP service (OpenAPI docs at /docs)")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8000)
+
+    c = cmd("demo", cmd_demo, "the main job: profile, plan (ilp and uniform), apply, reload, evaluate")
+    c.add_argument("--model", default="smollm2-135m", help="model to run on (default: the embedded SmolLM2)")
+    c.add_argument("--budgets", default="3.0bpw,3.5bpw,4.0bpw", help="comma-separated budgets")
+    c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
+    c.add_argument("--estimator", choices=["fisher", "hessian"], help="error estimator (default fisher)")
+    c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
+    c.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
+    c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
+    return p
+
+
+def _store(args):
+    from bitplan.db.store import Store
+    return Store(args.db)
+
+
+def _emit(args, obj: dict, human: str) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str) if args.json else human)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def cmd_profile(args):
+    from bitplan.planner.workflow import run_profile, write_json
+    profile = run_profile(_store(args), args.model, options=args.options, group_size=args.group_size,
+                          estimator=args.estimator, calib=args.calib, tokens=args.tokens, seq_len=args.seq_len,
+                          device=args.device, force=args.force, progress=not args.quiet)
+    if args.output:
+        write_json(profile.to_dict(), args.output)
+    _emit(args, profile.to_dict(), format_profile(profile))
+
+
+def cmd_plan(args):
+    from bitplan.planner.workflow import read_profile_file, run_plan, write_json
+    if bool(args.profile) == bool(args.profile_file):
+        raise_input("give a stored profile id or --profile-file FILE (one of them)")
+    store = _store(args)
+    profile = read_profile_file(args.profile_file) if args.profile_file else _find(store, args.profile, "profile")
+    plan = run_plan(store, profile, args.budget, args.allocator, pins=args.pin, seed=args.seed,
+                    time_limit=args.time_limit)
+    if args.output:
+        write_json(plan.to_dict(), args.output)
+    _emit(args, plan.to_dict(), format_plan(plan, profile))
+
+
+def cmd_apply(args):
+    from bitplan.planner.workflow import run_apply
+    store = _store(args)
+    if Path(args.plan).is_file():
+        plan = Plan.from_dict(_read_json(args.plan))
+    else:
+        plan = _find(store, args.plan, "plan")
+    out = run_apply(store, plan, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    _emit(args, {"id": plan.id, "checkpoint": str(out)}, f"wrote {out} (plan {plan.id}, "
+          f"{plan.bits_per_weight:.3f} bpw, {plan.size_mib:.1f} MiB)")
+
+
+def cmd_eval(args):
+    from bitplan.planner.workflow import run_eval
+    ev = run_eval(_store(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
+                  device=args.device, progress=not args.quiet)
+    _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))
+
+
+def cmd_ls(args):
+    store = _store(args)
+    kinds = [args.kind] if args.kind else ["profiles", "plans", "evaluations"]
+    listing = {k: getattr(store, f"list_{k}")() for k in kinds}
+    if args.json:
+        print(json.dumps({k: [_summary(o) for o in v] for k, v in listing.items()}, indent=2, default=str))
+        return
+    for k, objs in listing.items():
+        print(f"{k} ({len(objs)})")
+        for o in objs:
+            print("  " + "  ".join(f"{v}" for v in _summary(o).values()))
+
+
+def cmd_show(args):
+    store = _store(args)
+    kind, obj = store.find(args.id)
+    if kind == "profile":
+        _emit(args, obj.to_dict(), format_profile(obj))
+    elif kind == "plan":
+        _emit(args, obj.to_dict(), format_plan(obj, _maybe_profile(store, obj.profile_id)))
+    else:
+        _emit(args, obj.model_dump(mode="json"), format_evaluation(obj))
+
+
+def cmd_serve(args):
+    import uvicorn
+
+    from bitplan.planner.service import create_app
+    uvicorn.run(create_app(args.db), host=args.host, port=args.port)
+
+
+def cmd_demo(args):
+    from bitplan.planner.workflow import run_demo
+    rows = run_demo(_store(args), source=args.model, budgets=_csv(args.budgets), allocators=_csv(args.allocators),
+                    estimator=args.estimator, tokens=args.tokens, eval_tokens=args.eval_tokens, out_dir=args.out,
+                    progress=not args.quiet)
+    _emit(args, {"rows": rows}, format_rows(rows))
+
+
+# ----------------------------------------------------------------------------------- formatting
+
+
+def format_profile(p: Profile) -> str:
+    return (f"profile {p.id}: {p.model.name}, estimator {p.estimator}, {len(p.modules)} modules x "
+            f"{len(p.options)} options ({', '.join(o.label for o in p.options)}), "
+            f"{p.calibration.n_tokens} tokens of {p.calibration.name or '?'}, {p.seconds:.0f} s")
+
+
+def format_plan(plan: Plan, profile: Profile | None = None) -> str:
+    roles = {m.name: m.role for m in profile.modules} if profile else {}
+    hist: dict[str, Counter] = {}
+    for name, opt in plan.assignment.items():
+        hist.setdefault(roles.get(name) or name.rsplit(".", 1)[-1], Counter())[opt.bits] += 1
+    widths = sorted({b for c in hist.values() for b in c})
+    lines = [f"plan {plan.id}  ({plan.allocator}, budget {plan.budget}, profile {plan.profile_id})",
+             f"  {'role':<12}" + "".join(f"{str(b) + 'b':>6}" for b in widths)]
+    for role, c in sorted(hist.items()):
+        lines.append(f"  {role:<12}" + "".join(f"{c.get(b, 0):>6}" for b in widths))
+    lines += [f"  bits/weight      {plan.bits_per_weight:.4f}",
+              f"  size             {plan.size_mib:.2f} MiB (planned {plan.total_bits / 8 / 2**20:.2f} MiB "
+              f"+ fixed {plan.fixed_bits / 8 / 2**20:.2f} MiB)",
+              f"  predicted error  {plan.predicted_error:.6g}",
+              f"  solver           {plan.status}, {plan.solve_seconds:.3f} s"]
+    return "\n".join(lines)
+
+
+def format_evaluation(ev: Evaluation) -> str:
+    return (f"evaluation {ev.id}: perplexity {ev.perplexity:.3f} on {ev.n_tokens} tokens of {ev.corpus} "
+            f"(window {ev.window}), {ev.bytes_on_disk / 2**20:.1f} MiB on disk, {ev.seconds:.0f} s")
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'budget':>8} {'allocator':>12} {'bits/w':>7} {'MiB':>8} {'pred.err':>9} {'ppl':>9} {'time s':>7}  plan"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['budget']:>8} {r['allocator']:>12} {r['bits_per_weight']:>7.3f} {r['size_mib']:>8.2f} "
+                   f"{r['predicted_error']:>9.4f} {r['perplexity']:>9.2f} {r['seconds']:>7.1f}  {r['plan_id'] or ''}")
+    return "\n".join(out)
+
+
+def _summary(o) -> dict:
+    if isinstance(o, Profile):
+        return {"id": o.id, "model": o.model.name, "estimator": o.estimator, "modules": len(o.modules),
+                "tokens": o.calibration.n_tokens, "created_at": o.created_at.isoformat(timespec="seconds")}
+    if isinstance(o, Plan):
+        return {"id": o.id, "profile_id": o.profile_id, "budget": o.budget, "allocator": o.allocator,
+                "bits_per_weight": round(o.bits_per_weight, 4), "size_mib": round(o.size_mib, 2),
+                "status": o.status}
+    return {"id": o.id, "plan_id": o.plan_id, "perplexity": round(o.perplexity, 3), "corpus": o.corpus,
+            "checkpoint": o.checkpoint}
+
+
+def _find(store, id_or_prefix: str, kind: str):
+    found, obj = store.find(id_or_prefix)
+    if found != kind:
+        raise_input(f"{id_or_prefix} is a {found}, not a {kind}")
+    return obj
+
+
+def _maybe_profile(store, pid):
+    try:
+        return store.get_profile(pid)
+    except BitplanError:
+        return None
+
+
+def _read_json(path: str) -> dict:
+    from bitplan.db.types import InvalidInput
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{path} is not valid JSON: {e}") from e
+
+
+def raise_input(msg: str):
+    from bitplan.db.types import InvalidInput
+    raise InvalidInput(msg)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`allocate`: profile + budget + allocator -> Plan. The one place that checks, times and names plans.
+
+Allocators only solve; here the budget is parsed and turned into bits, pins are applied,
+infeasible budgets are reported in the budget's own unit, the answer is verified (an allocator
+bug raises instead of returning an over-budget plan) and the plan gets its content id.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Plan, Profile, content_id
+from bitplan.planner.allocators import ALLOCATORS
+from bitplan.planner.pins import apply_pins, parse_pin
+from bitplan.planner.problem import AllocationProblem
+
+
+class AllocatorBug(RuntimeError):
+    """An allocator returned a choice that breaks the problem: our bug, never the user's input."""
+
+
+def problem_from_profile(profile: Profile, budget_bits: int,
+                         allowed: np.ndarray | None = None) -> AllocationProblem:
+    """The knapsack of a profile: one unit per module, its error and size matrices, `budget_bits` bits."""
+    if allowed is None:
+        allowed = np.ones(profile.error.shape, dtype=bool)
+    return AllocationProblem(error=profile.error, size=profile.size_bits, allowed=allowed, budget=budget_bits)
+
+
+def _smallest_plan(profile: Profile, problem: AllocationProblem) -> str:
+    """What the smallest plan is, in words: one option everywhere, or each module's smallest."""
+    labels = {profile.options[o].label for o in problem.smallest_choice()}
+    if len(labels) == 1:
+        return f"all modules at {labels.pop()}"
+    return "every module at its smallest allowed option"
+
+
+def _infeasible(budget: Budget, profile: Profile, smallest_bits: int, what: str) -> InfeasibleBudget:
+    need = budget.describe_bits(smallest_bits, profile.n_params, profile.fixed_bits)
+    return InfeasibleBudget(f"budget {budget} is below the smallest feasible plan: {need} ({what}); "
+                            f"ask for at least that", smallest_bits=smallest_bits)
+
+
+def _check_params(name: str, solve, params: dict) -> None:
+    """Unknown allocator parameters are the user's mistake: say which ones exist."""
+    known = [p for p, v in inspect.signature(solve).parameters.items()
+             if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("seed", "time_limit")]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidInput(f"allocator {name!r} has no parameter {unknown}; it takes {known or 'none'}")
+
+
+def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.ndarray:
+    """The allocator's choice as [U] int64, or AllocatorBug if it is malformed, disallowed or over budget."""
+    choice = np.asarray(choice)
+    if choice.shape != (problem.n_units,) or not np.issubdtype(choice.dtype, np.integer):
+        raise AllocatorBug(f"allocator {name!r} returned a choice of shape {choice.shape} {choice.dtype}, "
+                           f"expected [{problem.n_units}] integers")
+    choice = choice.astype(np.int64)
+    if np.any((choice < 0) | (choice >= problem.n_options)):
+        raise AllocatorBug(f"allocator {name!r} returned option indices outside [0, {problem.n_options})")
+    bad = np.flatnonzero(~problem.allowed[np.arange(problem.n_units), choice])
+    if bad.size:
+        raise AllocatorBug(f"allocator {name!r} chose disallowed options for units {bad[:5].tolist()}")
+    total = problem.total_size(choice)
+    if total > problem.budget:
+        raise AllocatorBug(f"allocator {name!r} returned {total} bits for a budget of {problem.budget} bits")
+    return choice
+
+
+def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, pins: Sequence[str] = (),
+             seed: int = 0, time_limit: float | None = None, params: dict | None = None) -> Plan:
+    """Plan every module of `profile` within `budget` with the named allocator.
+
+    Raises InvalidInput (unknown allocator or parameter, bad budget or pin), UnknownModule (a pin
+    matching nothing) or InfeasibleBudget (naming the smallest feasible budget in the budget's unit).
+    """
+    # Look up the allocator and its parameters.
+    if allocator not in ALLOCATORS:
+        raise InvalidInput(f"unknown allocator {allocator!r}; known: {sorted(ALLOCATORS)}")
+    solve = ALLOCATORS[allocator]
+    params = dict(params or {})
+    _check_params(allocator, solve, params)
+
+    # The problem: budget in bits for the planned modules, pins as the allowed mask.
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    budget_bits = budget.planned_bits(profile.n_params, profile.fixed_bits)
+    parsed = sorted(parse_pin(p) for p in pins)
+    pin_texts = [f"{pattern}{op}{bits}" for pattern, op, bits in parsed]  # normalised: same pins, same id
+    allowed = apply_pins(profile.modules, profile.options, parsed)
+    problem = problem_from_profile(profile, budget_bits, allowed)
+
+    # Feasible at all? Checked here once, so every allocator gets the same message.
+    if budget_bits < problem.smallest():
+        raise _infeasible(budget, profile, problem.smallest(), _smallest_plan(profile, problem))
+
+    # Solve, timed; an allocator's own infeasibility (e.g. uniform's) gets the same kind of message.
+    t0 = time.perf_counter()
+    try:
+        result = solve(problem, seed=seed, time_limit=time_limit, **params)
+    except InfeasibleBudget as e:
+        raise _infeasible(budget, profile, e.smallest_bits, f"the smallest plan {allocator} can make") from e
+    seconds = time.perf_counter() - t0
+    choice = _verify(allocator, problem, result.choice)
+
+    # Predictions and the content id (same inputs, same id).
+    total_bits = problem.total_size(choice)
+    return Plan(
+        id=content_id(profile.id, str(budget), allocator, params, pin_texts, seed, prefix="plan-"),
+        profile_id=profile.id,
+        model=profile.model,
+        budget=str(budget),
+        budget_bits=budget_bits,
+        allocator=allocator,
+        params=params,
+        pins=pin_texts,
+        assignment={m.name: profile.options[o] for m, o in zip(profile.modules, choice.tolist())},
+        total_bits=total_bits,
+        fixed_bits=profile.fixed_bits,
+        n_params=profile.n_params,
+        bits_per_weight=total_bits / profile.n_params,
+        predicted_error=problem.total_error(choice),
+        status=result.status,
+        solve_seconds=seconds,
+    )
+
+
+def summarize(plan: Plan, profile: Profile) -> dict[str, dict[int, int]]:
+    """Per-role bit histogram, role -> {bits: modules}, for the CLI to print (role '' shows as 'other')."""
+    hist: dict[str, Counter] = {}
+    for m in profile.modules:
+        hist.setdefault(m.role or "other", Counter())[plan.assignment[m.name].bits] += 1
+    return {role: dict(sorted(c.items())) for role, c in sorted(hist.items())}

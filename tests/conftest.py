@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random Llama saved as a real Hugging Face checkpoint, with its own tokenizer.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained here on generated text.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+WORDS = ("the king queen lord lady speak love death night day sword crown heart grief honour fair foul "
+         "thou thee thy art doth hath shall will come go now here there what why when where how").split()
+
+
+def make_text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(5, 12)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + rng.choice(".,;!?"))
+        n_words -= k
+    return "\n".join(lines)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_text(3000).splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_llama(vocab_size: int, seed: int = 0, tie: bool = True, hidden: int = 96):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A directory with config.json, model.safetensors and tokenizer of a 2-layer Llama (hidden 96:
+    not a multiple of the group size 64)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    model = make_llama(len(tok))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(make_text(4000, seed=1))
+    return p

@@ -1,0 +1,164 @@
+"""`allocate` end to end on a synthetic SmolLM2-135M-shaped profile: budgets, pins, errors, ids."""
+
+import numpy as np
+import pytest
+
+from bitplan.db.types import (Budget, InfeasibleBudget, InvalidInput, ModelRef, Module, Plan, Profile,
+                              UnknownModule, parse_options)
+from bitplan.planner import plan as plan_mod
+from bitplan.planner.allocators import ALLOCATORS
+from bitplan.planner.plan import AllocatorBug, allocate, summarize
+from bitplan.planner.problem import Assignment
+
+ROLES = {  # role -> [out_features, in_features], as in nn.Linear
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+FIXED_BITS = 8 * 2**20 * 8  # 8 MiB of embeddings and norms, counted only in size budgets
+
+
+def synthetic_profile(options: str = "2,3,4,8", seed: int = 0) -> Profile:
+    """30 layers x 7 roles + lm_head; error = sensitivity x numel x 4^-bits (more bits, less error)."""
+    rng = np.random.default_rng(seed)
+    modules = [Module(name=f"model.layers.{i}.{role}", shape=shape, layer=i, role=role.split(".")[1])
+               for i in range(30) for role, shape in ROLES.items()]
+    modules.append(Module(name="lm_head", shape=(4096, 576), role="lm_head"))
+    opts = parse_options(options)
+    bits = np.array([o.bits for o in opts], dtype=float)
+    numel = np.array([m.numel for m in modules], dtype=float)[:, None]
+    error = rng.lognormal(0, 1, (len(modules), 1)) * numel * 4.0 ** -bits * 1e-6
+    size = [[o.size_bits(*m.shape) for o in opts] for m in modules]
+    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="synthetic", options=opts,
+                   modules=modules, error=error, size_bits=size, fixed_bits=FIXED_BITS)
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return synthetic_profile()
+
+
+@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
+@pytest.mark.parametrize("budget", ["3.5bpw", "60MiB"])
+def test_budget_honoured(profile, allocator, budget):
+    # dp's exact table for this MiB budget is large; a coarse one keeps the test fast (and checks that path)
+    params = {"max_cells": 2e6} if allocator == "dp" and budget == "60MiB" else None
+    p = allocate(profile, budget, allocator, params=params)
+    assert p.total_bits <= p.budget_bits
+    assert p.total_bits == sum(o.size_bits(*m.shape) for m, o in zip(profile.modules, p.assignment.values()))
+    assert p.bits_per_weight == pytest.approx(p.total_bits / profile.n_params)
+    if budget.endswith("bpw"):
+        assert p.bits_per_weight <= 3.5
+    else:
+        assert p.size_mib <= 60
+    assert set(p.assignment) == {m.name for m in profile.modules}
+    assert p.predicted_error > 0 and p.solve_seconds >= 0
+
+
+def test_exact_allocators_agree_and_beat_the_baselines(profile):
+    plans = {a: allocate(profile, "3.5bpw", a) for a in ALLOCATORS}
+    assert plans["ilp"].status == "optimal"
+    assert plans["ilp"].predicted_error == pytest.approx(plans["dp"].predicted_error, rel=1e-9)
+    assert plans["ilp"].predicted_error <= plans["greedy"].predicted_error <= plans["uniform"].predicted_error
+
+
+def test_uniform_at_3_5_bpw_is_all_3_bit(profile):
+    p = allocate(profile, "3.5bpw", "uniform")
+    assert {o.bits for o in p.assignment.values()} == {3}
+    assert summarize(p, profile)["q_proj"] == {3: 30}
+
+
+def test_summarize_counts_every_module_by_role(profile):
+    p = allocate(profile, "3bpw", "greedy")
+    hist = summarize(p, profile)
+    assert set(hist) == {r.split(".")[1] for r in ROLES} | {"lm_head"}
+    assert sum(hist["down_proj"].values()) == 30 and sum(hist["lm_head"].values()) == 1
+
+
+def test_pins_honoured(profile):
+    p = allocate(profile, "3bpw", "ilp", pins=["lm_head=8", "model.layers.0.*>=4", "*.down_proj<=4"])
+    assert p.assignment["lm_head"].bits == 8
+    assert all(o.bits >= 4 for n, o in p.assignment.items() if n.startswith("model.layers.0."))
+    assert all(o.bits <= 4 for n, o in p.assignment.items() if n.endswith("down_proj"))
+    assert p.assignment["model.layers.0.mlp.down_proj"].bits == 4
+    assert p.pins == sorted(p.pins)
+
+
+def test_infeasible_budget_names_the_smallest_feasible_budget(profile):
+    with pytest.raises(InfeasibleBudget) as e:
+        allocate(profile, "1.5bpw", "ilp")
+    msg = str(e.value)
+    assert "2.282bpw" in msg and "all modules at 2b/g64" in msg and "1.5bpw" in msg
+    assert e.value.smallest_bits == sum(min(row) for row in profile.size_bits.tolist())
+
+
+def test_infeasible_size_budget_speaks_its_unit(profile):
+    with pytest.raises(InfeasibleBudget) as e:
+        allocate(profile, "20MiB", "greedy")
+    # smallest plan (2.28125 bits per weight) plus the fixed 8 MiB, in MiB, rounded up
+    need = (e.value.smallest_bits + FIXED_BITS) / 8 / 2**20
+    assert f"{np.ceil(need * 1000) / 1000:g}MiB" in str(e.value)
+
+
+def test_pins_raise_the_smallest_feasible_budget(profile):
+    with pytest.raises(InfeasibleBudget, match="every module at its smallest allowed option") as e:
+        allocate(profile, "2.29bpw", "greedy", pins=["lm_head=8"])
+    assert e.value.smallest_bits > allocate(profile, "2.29bpw", "greedy").total_bits
+
+
+def test_an_allocators_own_infeasibility_is_reported_in_the_budget_unit(profile, monkeypatch):
+    # (uniform's smallest candidate is the smallest plan when options grow with bits, so fake one)
+    smallest = int(3.2 * profile.n_params)
+
+    def picky(problem, *, seed=0, time_limit=None):
+        raise InfeasibleBudget("too small for me", smallest_bits=smallest)
+
+    monkeypatch.setitem(plan_mod.ALLOCATORS, "picky", picky)
+    expected = r"below the smallest feasible plan: 3\.2bpw \(the smallest plan picky can make\)"
+    with pytest.raises(InfeasibleBudget, match=expected) as e:
+        allocate(profile, "3bpw", "picky")
+    assert e.value.smallest_bits == smallest
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['dp', 'greedy'"),
+    ({"budget": "3.5 parsecs"}, InvalidInput, "bad budget"),
+    ({"budget": "-2bpw"}, InvalidInput, "bad budget"),
+    ({"pins": ["lm_head~8"]}, InvalidInput, "bad pin"),
+    ({"pins": ["model.layer.*=4"]}, UnknownModule, "model.layer.\\*"),
+    ({"pins": ["lm_head=5"]}, InvalidInput, "lm_head"),
+    ({"params": {"max_cels": 10}}, InvalidInput, "max_cells"),
+], ids=["unknown-allocator", "bad-unit", "negative-budget", "bad-pin", "unknown-pin", "pin-no-option",
+        "unknown-param"])
+def test_bad_input_raises_typed_errors(profile, kwargs, error, match):
+    args = {"budget": "3.5bpw", "allocator": "dp", **kwargs}
+    with pytest.raises(error, match=match):
+        allocate(profile, **args)
+
+
+def test_same_inputs_same_plan_id(profile):
+    a = allocate(profile, "3.5bpw", "greedy", pins=["lm_head=8", "*.down_proj<=4"])
+    b = allocate(profile, Budget.parse("3.5bpw"), "greedy", pins=["*.down_proj <= 4", "lm_head==8"])
+    assert a.id == b.id and a.id.startswith("plan-")
+    assert a.assignment == b.assignment
+    assert allocate(profile, "3.5bpw", "greedy", seed=1).id != a.id
+    assert allocate(profile, "3.6bpw", "greedy", pins=["lm_head=8", "*.down_proj<=4"]).id != a.id
+
+
+def test_plan_round_trips_through_json(profile):
+    p = allocate(profile, "3.5bpw", "greedy")
+    assert Plan.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("bad_choice, match", [
+    (lambda pr: np.full(pr.n_units, pr.n_options - 1), "bits for a budget"),
+    (lambda pr: np.zeros(3, dtype=int), "shape"),
+    (lambda pr: np.full(pr.n_units, 7), "outside"),
+], ids=["over-budget", "wrong-shape", "bad-index"])
+def test_allocator_bug_raises_instead_of_returning(profile, monkeypatch, bad_choice, match):
+    def broken(problem, *, seed=0, time_limit=None):
+        return Assignment(bad_choice(problem), "optimal")
+
+    monkeypatch.setitem(plan_mod.ALLOCATORS, "broken", broken)
+    with pytest.raises(AllocatorBug, match=match):
+        allocate(profile, "3bpw", "broken")

@@ -1,0 +1,130 @@
+"""The CLI end to end on a tiny real checkpoint, and every bad input: one-line error, exit != 0, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitplan.db.store import Store
+from bitplan.db.types import ModelRef, Module, Option, Profile
+from bitplan.planner.cli import main
+
+
+@pytest.fixture()
+def db(tmp_path, monkeypatch):
+    url = str(tmp_path / "bitplan.db")
+    monkeypatch.setenv("BITPLAN_DB", url)
+    return url
+
+
+def synthetic_profile(n_layers: int = 4) -> Profile:
+    rng = np.random.default_rng(0)
+    options = [Option(bits=b, group_size=64) for b in (2, 3, 4, 8)]
+    shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "down_proj": (576, 1536)}
+    modules = [Module(name=f"model.layers.{i}.{r}", shape=s, layer=i, role=r)
+               for i in range(n_layers) for r, s in shapes.items()]
+    base = rng.uniform(0.5, 2.0, len(modules))
+    error = base[:, None] * 4.0 ** -np.array([2, 3, 4, 8])[None, :]
+    size = [[o.size_bits(*m.shape) for o in options] for m in modules]
+    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="fisher", options=options,
+                   modules=modules, error=error, size_bits=size, fixed_bits=10_000_000)
+
+
+@pytest.fixture()
+def profile_file(tmp_path):
+    p = tmp_path / "profile.json"
+    p.write_text(json.dumps(synthetic_profile().to_dict()))
+    return p
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["profile"], ["plan"], ["apply"], ["eval"], ["ls"], ["show"], ["serve"], ["demo"]):
+        r = subprocess.run([sys.executable, "-m", "bitplan.planner.cli", *cmd, "--help"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and "usage: bitplan" in r.stdout
+
+
+def test_plan_from_profile_file(db, profile_file, tmp_path, capsys):
+    out_file = tmp_path / "plan.json"
+    code, out, _ = run_cli(capsys, "plan", "--profile-file", str(profile_file), "--budget", "3.5bpw",
+                           "--output", str(out_file), "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan == json.loads(out_file.read_text())
+    assert plan["bits_per_weight"] <= 3.5 and plan["allocator"] == "ilp" and plan["status"] == "optimal"
+    assert {"assignment", "total_bits", "bits_per_weight", "predicted_error", "allocator", "status",
+            "solve_seconds", "id"} <= set(plan)
+    code, out, _ = run_cli(capsys, "show", plan["id"])
+    assert code == 0 and "bits/weight" in out and "q_proj" in out
+    code, out, _ = run_cli(capsys, "ls", "--json")
+    listing = json.loads(out)
+    assert [p["id"] for p in listing["plans"]] == [plan["id"]]
+    assert [p["id"] for p in listing["profiles"]] == ["prof-synthetic"]
+
+
+BAD_PLANS = {
+    "infeasible budget": (["--budget", "1.5bpw"], "smallest feasible"),
+    "unknown allocator": (["--allocator", "magic"], "magic"),
+    "unknown pin": (["--pin", "lm_head=8"], "lm_head"),
+    "bad budget": (["--budget", "lots"], "3.5bpw"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PLANS, ids=list(BAD_PLANS))
+def test_bad_plan_requests_write_nothing(case, db, profile_file, tmp_path, capsys):
+    extra, needle = BAD_PLANS[case]
+    out_file = tmp_path / "plan.json"
+    code, out, err = run_cli(capsys, "plan", "--profile-file", str(profile_file), "--output", str(out_file), *extra)
+    assert code != 0 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+    assert not out_file.exists() and Store(db).list_plans() == []
+
+
+def test_malformed_profile_json(db, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "bitplan.profile/1", "modules": [')
+    code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
+    assert code != 0 and "malformed profile JSON" in err and err.count("\n") == 1
+    bad.write_text(json.dumps({**synthetic_profile().to_dict(), "options": [{"bits": 7}]}))
+    code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
+    assert code != 0 and "malformed profile" in err and err.count("\n") == 1
+    assert Store(db).list_profiles() == []
+
+
+def test_missing_checkpoint_and_not_a_causal_lm(db, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "profile", str(tmp_path / "nope"))
+    assert code != 0 and "no such checkpoint" in err
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text('{"model_type": "vit"}')
+    code, _, err = run_cli(capsys, "profile", str(tmp_path / "enc"))
+    assert code != 0 and "not a causal language model" in err
+    assert Store(db).list_profiles() == []
+
+
+def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "256",
+                           "--seq-len", "64", "--json", "-q")
+    assert code == 0
+    profile = json.loads(out)
+    assert profile["id"].startswith("prof-") and len(profile["modules"]) == 14
+    code, out, _ = run_cli(capsys, "plan", profile["id"][:10], "--budget", "4bpw", "--json", "-q")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["bits_per_weight"] <= 4.0
+    code, out, _ = run_cli(capsys, "apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
+    assert code == 0 and json.loads(out)["checkpoint"] == str(tmp_path / "q")
+    code, _, err = run_cli(capsys, "apply", plan["id"], "--out", str(tmp_path / "q"), "-q")
+    assert code != 0 and "--overwrite" in err
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "256",
+                           "--window", "64", "--json", "-q")
+    assert code == 0
+    ev = json.loads(out)
+    assert ev["plan_id"] == plan["id"] and 1 < ev["perplexity"] < 1e6 and ev["id"]
