@@ -32,7 +32,10 @@ def read_quantization_config(path: str | Path) -> dict | None:
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """`(model, tokenizer, quantization_config)` from a bitplan checkpoint directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
 
     path = Path(path).expanduser()
     qc = read_quantization_config(path)

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 from bitplan.db.types import BitplanError, Evaluation, Plan, Profile
@@ -33,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine, not news
     if args.quiet:
         # progress bars go to stderr too; --quiet silences both
         import os
@@ -218,14 +218,12 @@ def format_profile(p: Profile) -> str:
 
 
 def format_plan(plan: Plan, profile: Profile | None = None) -> str:
-    roles = {m.name: m.role for m in profile.modules} if profile else {}
-    hist: dict[str, Counter] = {}
-    for name, opt in plan.assignment.items():
-        hist.setdefault(roles.get(name) or name.rsplit(".", 1)[-1], Counter())[opt.bits] += 1
+    from bitplan.planner.plan import summarize
+    hist = summarize(plan, profile)
     widths = sorted({b for c in hist.values() for b in c})
     lines = [f"plan {plan.id}  ({plan.allocator}, budget {plan.budget}, profile {plan.profile_id})",
              f"  {'role':<12}" + "".join(f"{str(b) + 'b':>6}" for b in widths)]
-    for role, c in sorted(hist.items()):
+    for role, c in hist.items():
         lines.append(f"  {role:<12}" + "".join(f"{c.get(b, 0):>6}" for b in widths))
     lines += [f"  bits/weight      {plan.bits_per_weight:.4f}",
               f"  size             {plan.size_mib:.2f} MiB (planned {plan.total_bits / 8 / 2**20:.2f} MiB "

@@ -130,9 +130,11 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     )
 
 
-def summarize(plan: Plan, profile: Profile) -> dict[str, dict[int, int]]:
-    """Per-role bit histogram, role -> {bits: modules}, for the CLI to print (role '' shows as 'other')."""
+def summarize(plan: Plan, profile: Profile | None = None) -> dict[str, dict[int, int]]:
+    """Per-role bit histogram, role -> {bits: modules}; without the profile, roles come from the names."""
+    roles = {m.name: m.role for m in profile.modules} if profile else {}
     hist: dict[str, Counter] = {}
-    for m in profile.modules:
-        hist.setdefault(m.role or "other", Counter())[plan.assignment[m.name].bits] += 1
+    for name, option in plan.assignment.items():
+        role = roles.get(name) if profile else name.rsplit(".", 1)[-1]
+        hist.setdefault(role or "other", Counter())[option.bits] += 1
     return {role: dict(sorted(c.items())) for role, c in sorted(hist.items())}

@@ -2,9 +2,11 @@
 
 Library errors carry their HTTP status (`BitplanError.status_code`); one handler turns them into
 responses, so no route repeats a check. Set `BITPLAN_TOKEN` to require `Authorization: Bearer <token>`.
+
+No `from __future__ import annotations` here: FastAPI reads the route annotations at definition time,
+and `StoreDep` is local to `create_app`.
 """
 
-from __future__ import annotations
 
 import os
 from typing import Annotated, Any

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitplan.db.store import Store
+from bitplan.db.store import Store, profile_id
 from bitplan.db.types import Budget, Evaluation, InvalidInput, NotFound, Plan, Profile, parse_options
 from bitplan.planner.plan import allocate
 
@@ -70,6 +70,8 @@ def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
     Budget.parse(budget)  # a bad budget fails before anything is read
     if isinstance(profile, str):
         profile = store.get_profile(profile)
+    elif not profile.id:  # a profile file without an id gets its content id, so the plan can refer to it
+        profile = profile.model_copy(update={"id": profile_id(profile)})
     plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit)
     store.save_profile(profile)
     return store.save_plan(plan)

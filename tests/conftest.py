@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+
+from bitplan.db.types import ModelRef, Module, Profile, parse_options
 
 WORDS = ("the king queen lord lady speak love death night day sword crown heart grief honour fair foul "
          "thou thee thy art doth hath shall will come go now here there what why when where how").split()
@@ -64,3 +67,32 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "calib.txt"
     p.write_text(make_text(4000, seed=1))
     return p
+
+
+ROLES = {  # role -> [out_features, in_features], as in nn.Linear
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+PROFILE_FIXED_BITS = 8 * 2**20 * 8  # 8 MiB of embeddings and norms, counted only in size budgets
+
+
+def synthetic_profile(options: str = "2,3,4,8", seed: int = 0) -> Profile:
+    """30 layers x 7 roles + lm_head; error = sensitivity x numel x 4^-bits (more bits, less error)."""
+    rng = np.random.default_rng(seed)
+    modules = [Module(name=f"model.layers.{i}.{role}", shape=shape, layer=i, role=role.split(".")[1])
+               for i in range(30) for role, shape in ROLES.items()]
+    modules.append(Module(name="lm_head", shape=(4096, 576), role="lm_head"))
+    opts = parse_options(options)
+    bits = np.array([o.bits for o in opts], dtype=float)
+    numel = np.array([m.numel for m in modules], dtype=float)[:, None]
+    error = rng.lognormal(0, 1, (len(modules), 1)) * numel * 4.0 ** -bits * 1e-6
+    size = [[o.size_bits(*m.shape) for o in opts] for m in modules]
+    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="synthetic", options=opts,
+                   modules=modules, error=error, size_bits=size, fixed_bits=PROFILE_FIXED_BITS)
+
+
+@pytest.fixture(scope="session")
+def make_profile():
+    """The builder of a synthetic SmolLM2-shaped profile (no model needed)."""
+    return synthetic_profile

@@ -3,39 +3,15 @@
 import numpy as np
 import pytest
 
-from bitplan.db.types import (Budget, InfeasibleBudget, InvalidInput, ModelRef, Module, Plan, Profile,
-                              UnknownModule, parse_options)
+from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Plan, Profile, UnknownModule
 from bitplan.planner import plan as plan_mod
 from bitplan.planner.allocators import ALLOCATORS
 from bitplan.planner.plan import AllocatorBug, allocate, summarize
 from bitplan.planner.problem import Assignment
 
-ROLES = {  # role -> [out_features, in_features], as in nn.Linear
-    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
-    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
-    "mlp.down_proj": (576, 1536),
-}
-FIXED_BITS = 8 * 2**20 * 8  # 8 MiB of embeddings and norms, counted only in size budgets
-
-
-def synthetic_profile(options: str = "2,3,4,8", seed: int = 0) -> Profile:
-    """30 layers x 7 roles + lm_head; error = sensitivity x numel x 4^-bits (more bits, less error)."""
-    rng = np.random.default_rng(seed)
-    modules = [Module(name=f"model.layers.{i}.{role}", shape=shape, layer=i, role=role.split(".")[1])
-               for i in range(30) for role, shape in ROLES.items()]
-    modules.append(Module(name="lm_head", shape=(4096, 576), role="lm_head"))
-    opts = parse_options(options)
-    bits = np.array([o.bits for o in opts], dtype=float)
-    numel = np.array([m.numel for m in modules], dtype=float)[:, None]
-    error = rng.lognormal(0, 1, (len(modules), 1)) * numel * 4.0 ** -bits * 1e-6
-    size = [[o.size_bits(*m.shape) for o in opts] for m in modules]
-    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="synthetic", options=opts,
-                   modules=modules, error=error, size_bits=size, fixed_bits=FIXED_BITS)
-
-
 @pytest.fixture(scope="module")
-def profile() -> Profile:
-    return synthetic_profile()
+def profile(make_profile) -> Profile:
+    return make_profile()
 
 
 @pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
@@ -71,7 +47,7 @@ def test_uniform_at_3_5_bpw_is_all_3_bit(profile):
 def test_summarize_counts_every_module_by_role(profile):
     p = allocate(profile, "3bpw", "greedy")
     hist = summarize(p, profile)
-    assert set(hist) == {r.split(".")[1] for r in ROLES} | {"lm_head"}
+    assert set(hist) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     assert sum(hist["down_proj"].values()) == 30 and sum(hist["lm_head"].values()) == 1
 
 
@@ -96,7 +72,7 @@ def test_infeasible_size_budget_speaks_its_unit(profile):
     with pytest.raises(InfeasibleBudget) as e:
         allocate(profile, "20MiB", "greedy")
     # smallest plan (2.28125 bits per weight) plus the fixed 8 MiB, in MiB, rounded up
-    need = (e.value.smallest_bits + FIXED_BITS) / 8 / 2**20
+    need = (e.value.smallest_bits + profile.fixed_bits) / 8 / 2**20
     assert f"{np.ceil(need * 1000) / 1000:g}MiB" in str(e.value)
 
 

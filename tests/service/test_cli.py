@@ -4,11 +4,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from bitplan.db.store import Store
-from bitplan.db.types import ModelRef, Module, Option, Profile
 from bitplan.planner.cli import main
 
 
@@ -19,23 +17,10 @@ def db(tmp_path, monkeypatch):
     return url
 
 
-def synthetic_profile(n_layers: int = 4) -> Profile:
-    rng = np.random.default_rng(0)
-    options = [Option(bits=b, group_size=64) for b in (2, 3, 4, 8)]
-    shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "down_proj": (576, 1536)}
-    modules = [Module(name=f"model.layers.{i}.{r}", shape=s, layer=i, role=r)
-               for i in range(n_layers) for r, s in shapes.items()]
-    base = rng.uniform(0.5, 2.0, len(modules))
-    error = base[:, None] * 4.0 ** -np.array([2, 3, 4, 8])[None, :]
-    size = [[o.size_bits(*m.shape) for o in options] for m in modules]
-    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="fisher", options=options,
-                   modules=modules, error=error, size_bits=size, fixed_bits=10_000_000)
-
-
 @pytest.fixture()
-def profile_file(tmp_path):
+def profile_file(tmp_path, make_profile):
     p = tmp_path / "profile.json"
-    p.write_text(json.dumps(synthetic_profile().to_dict()))
+    p.write_text(json.dumps(make_profile().to_dict()))
     return p
 
 
@@ -73,7 +58,7 @@ def test_plan_from_profile_file(db, profile_file, tmp_path, capsys):
 BAD_PLANS = {
     "infeasible budget": (["--budget", "1.5bpw"], "smallest feasible"),
     "unknown allocator": (["--allocator", "magic"], "magic"),
-    "unknown pin": (["--pin", "lm_head=8"], "lm_head"),
+    "unknown pin": (["--pin", "model.decoder.*=8"], "model.decoder.*"),
     "bad budget": (["--budget", "lots"], "3.5bpw"),
 }
 
@@ -88,12 +73,22 @@ def test_bad_plan_requests_write_nothing(case, db, profile_file, tmp_path, capsy
     assert not out_file.exists() and Store(db).list_plans() == []
 
 
-def test_malformed_profile_json(db, tmp_path, capsys):
+def test_profile_file_without_id(db, tmp_path, capsys, make_profile):
+    d = make_profile().to_dict()
+    del d["id"]
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    code, out, _ = run_cli(capsys, "plan", "--profile-file", str(tmp_path / "p.json"), "--json")
+    assert code == 0
+    stored = Store(db).get_profile(json.loads(out)["profile_id"])
+    assert stored.id.startswith("prof-") and len(stored.modules) == len(d["modules"])
+
+
+def test_malformed_profile_json(db, tmp_path, capsys, make_profile):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "bitplan.profile/1", "modules": [')
     code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
     assert code != 0 and "malformed profile JSON" in err and err.count("\n") == 1
-    bad.write_text(json.dumps({**synthetic_profile().to_dict(), "options": [{"bits": 7}]}))
+    bad.write_text(json.dumps({**make_profile().to_dict(), "options": [{"bits": 7}]}))
     code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
     assert code != 0 and "malformed profile" in err and err.count("\n") == 1
     assert Store(db).list_profiles() == []
