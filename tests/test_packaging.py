@@ -27,8 +27,9 @@ def run(code: str) -> str:
 
 
 def test_planner_imports_without_torch():
-    """Planning a stored profile must work on a machine without torch."""
-    out = run("import sys, bitplan.planner.plan, bitplan.planner.allocators, bitplan.planner.workflow, "
+    """Planning a stored profile must work on a machine without torch: allocators, workflow, service, store."""
+    out = run("import sys, bitplan.planner.plan, bitplan.planner.allocators, bitplan.planner.pins, "
+              "bitplan.planner.workflow, bitplan.planner.cli, "
               "bitplan.planner.service, bitplan.db.store; "
               "print(sorted(m for m in ('torch', 'transformers', 'highspy') if m in sys.modules))")
     assert out == "[]"
