@@ -132,8 +132,8 @@ def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: 
     if model is None:
         qc = read_quantization_config(checkpoint)
         if qc is not None:
+            plan_id = plan_id or _stored_plan_id(store, qc.get("plan_id"))
             model, tokenizer, _ = load_quantized(checkpoint)
-            plan_id = plan_id or qc.get("plan_id")
         else:
             check_causal_lm(checkpoint)
             loaded = load_model(checkpoint)
@@ -149,6 +149,17 @@ def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: 
                     perplexity=ppl, bytes_on_disk=checkpoint_bytes(path) if path.is_dir() else 0,
                     device=device, seconds=time.perf_counter() - t0)
     return store.save_evaluation(ev)
+
+
+def _stored_plan_id(store: Store, plan_id: str | None) -> str | None:
+    """The checkpoint's plan id if this database knows the plan, else None (the evaluation is still kept)."""
+    if plan_id is None:
+        return None
+    try:
+        return store.get_plan(plan_id).id
+    except NotFound:
+        log.warning("plan %s of this checkpoint is not in %s; storing the evaluation without it", plan_id, store.url)
+        return None
 
 
 def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),

@@ -123,3 +123,8 @@ def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, capsy
     assert code == 0
     ev = json.loads(out)
     assert ev["plan_id"] == plan["id"] and 1 < ev["perplexity"] < 1e6 and ev["id"]
+    # another database does not know the plan: the evaluation is kept without the link
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
+                           "--window", "64", "--json", "-q", "--db", str(tmp_path / "other.db"))
+    assert code == 0 and json.loads(out)["plan_id"] is None
+    assert len(Store(str(tmp_path / "other.db")).list_evaluations()) == 1
