@@ -23,11 +23,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/bitplan demo
 
+# Kernel tests run through Triton's interpreter on the CPU (speed is measured by bench/, on a GPU).
 test: setup
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
