@@ -21,6 +21,8 @@ EPILOG = """examples:
   bitplan profile smollm2-135m --tokens 4096     # -> prof-...
   bitplan plan prof-... --budget 3.5bpw --allocator ilp --output plan.json
   bitplan plan --profile-file profile.json --budget 900MiB
+  bitplan plan prof-... --budget 3bpw --granularity layer   # one option per decoder layer
+  bitplan compare prof-... --allocators ilp,closed_form,greedy,uniform --budgets 2.5:4.5:0.25
   bitplan apply plan-... --out ./smollm2-3.5bpw
   bitplan eval ./smollm2-3.5bpw
   bitplan ls ; bitplan show plan-...
@@ -75,12 +77,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
     c.add_argument("--profile-file", help="plan from a bitplan.profile/1 JSON file instead (no model needed)")
     c.add_argument("--budget", default="3.5bpw", help="3.5bpw (overheads included), 900MiB, 0.9GiB, ...")
-    c.add_argument("--allocator", default="ilp", help="ilp (default), greedy, dp, uniform")
-    c.add_argument("--pin", action="append", default=[], metavar="PATTERN(=|>=|<=)BITS",
-                   help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
+    c.add_argument("--allocator", default="ilp", help="ilp (default), closed_form, greedy, dp, uniform")
+    plan_options(c)
     c.add_argument("--output", help="also write the plan as JSON to this file")
+
+    c = cmd("compare", cmd_compare, "plan every budget with every allocator; stores every plan, prints a table")
+    c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
+    c.add_argument("--profile-file", help="a bitplan.profile/1 JSON file instead")
+    c.add_argument("--allocators", default="ilp,closed_form,greedy,uniform",
+                   help="comma-separated allocators (default ilp,closed_form,greedy,uniform)")
+    c.add_argument("--budgets", default="2.5:4.5:0.25",
+                   help="START:STOP:STEP in bits per weight (both ends included), or a list like "
+                        "3bpw,3.5bpw,900MiB (default 2.5:4.5:0.25)")
+    plan_options(c)
+    c.add_argument("--output", help="also write the table as JSON to this file")
 
     c = cmd("apply", cmd_apply, "quantize the model with a stored plan and write the checkpoint")
     c.add_argument("plan", help="stored plan id (or unique prefix), or a plan JSON file")
@@ -115,6 +125,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def plan_options(c: argparse.ArgumentParser) -> None:
+    """The options `plan` and `compare` share."""
+    c.add_argument("--granularity", default="module",
+                   help="units that share one option: each module (default), all matrices of one MoE "
+                        "expert, or all modules of one decoder layer")
+    c.add_argument("--pin", action="append", default=[], metavar="PATTERN(=|>=|<=)BITS",
+                   help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
+
+
 def _store(args):
     from bitplan.db.store import Store
     return Store(args.db)
@@ -138,16 +159,33 @@ def cmd_profile(args):
 
 
 def cmd_plan(args):
-    from bitplan.planner.workflow import read_profile_file, run_plan, write_json
-    if bool(args.profile) == bool(args.profile_file):
-        raise_input("give a stored profile id or --profile-file FILE (one of them)")
+    from bitplan.planner.workflow import run_plan, write_json
     store = _store(args)
-    profile = read_profile_file(args.profile_file) if args.profile_file else _find(store, args.profile, "profile")
+    profile = _profile_arg(store, args)
     plan = run_plan(store, profile, args.budget, args.allocator, pins=args.pin, seed=args.seed,
-                    time_limit=args.time_limit)
+                    time_limit=args.time_limit, granularity=args.granularity)
     if args.output:
         write_json(plan.to_dict(), args.output)
     _emit(args, plan.to_dict(), format_plan(plan, profile))
+
+
+def cmd_compare(args):
+    from bitplan.planner.workflow import parse_budgets, run_compare, write_json
+    budgets = parse_budgets(args.budgets)  # a bad budget fails before the profile is read
+    store = _store(args)
+    rows = run_compare(store, _profile_arg(store, args), budgets, _csv(args.allocators), pins=args.pin,
+                       seed=args.seed, time_limit=args.time_limit, granularity=args.granularity)
+    if args.output:
+        write_json({"rows": rows}, args.output)
+    _emit(args, {"rows": rows}, format_compare(rows))
+
+
+def _profile_arg(store, args) -> Profile:
+    """The profile named by a stored id or by --profile-file (exactly one of them)."""
+    from bitplan.planner.workflow import read_profile_file
+    if bool(args.profile) == bool(args.profile_file):
+        raise_input("give a stored profile id or --profile-file FILE (one of them)")
+    return read_profile_file(args.profile_file) if args.profile_file else _find(store, args.profile, "profile")
 
 
 def cmd_apply(args):
@@ -244,6 +282,20 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         out.append(f"{r['budget']:>8} {r['allocator']:>12} {r['bits_per_weight']:>7.3f} {r['size_mib']:>8.2f} "
                    f"{r['predicted_error']:>9.4f} {r['perplexity']:>9.2f} {r['seconds']:>7.1f}  {r['plan_id'] or ''}")
+    return "\n".join(out)
+
+
+def format_compare(rows: list[dict]) -> str:
+    """The sweep as a table, one row per (budget, allocator); an infeasible pair shows its message."""
+    head = (f"{'budget':>9} {'allocator':>12} {'pred.err':>10} {'bits/w':>7} {'MiB':>9} {'time s':>8}  "
+            f"{'status':<28} plan")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if r["error"]:
+            out.append(f"{r['budget']:>9} {r['allocator']:>12}  {r['error']}")
+            continue
+        out.append(f"{r['budget']:>9} {r['allocator']:>12} {r['predicted_error']:>10.5g} {r['bits_per_weight']:>7.3f} "
+                   f"{r['size_mib']:>9.2f} {r['solve_seconds']:>8.3f}  {r['status']:<28} {r['plan_id']}")
     return "\n".join(out)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Plan, Profile, content_id
+from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Module, Plan, Profile, content_id
 from bitplan.planner.allocators import ALLOCATORS
 from bitplan.planner.pins import apply_pins, parse_pin
 from bitplan.planner.problem import AllocationProblem
@@ -24,16 +24,66 @@ class AllocatorBug(RuntimeError):
     """An allocator returned a choice that breaks the problem: our bug, never the user's input."""
 
 
-def problem_from_profile(profile: Profile, budget_bits: int,
-                         allowed: np.ndarray | None = None) -> AllocationProblem:
-    """The knapsack of a profile: one unit per module, its error and size matrices, `budget_bits` bits."""
+GRANULARITIES = ("module", "expert", "layer")
+
+
+def unit_of(modules: Sequence[Module], granularity: str = "module") -> np.ndarray:
+    """[M] the unit of each module, numbered in order of first appearance.
+
+    `expert`: all matrices of one (layer, expert); `layer`: all modules of one layer. A module
+    without an expert (or without a layer) stays a unit of its own.
+    """
+    if granularity not in GRANULARITIES:
+        raise InvalidInput(f"unknown granularity {granularity!r}; known: {list(GRANULARITIES)}")
+
+    def key(i: int, m: Module):
+        if granularity == "expert" and m.expert is not None:
+            return ("expert", m.layer, m.expert)
+        if granularity == "layer" and m.layer is not None:
+            return ("layer", m.layer)
+        return ("module", i)
+
+    ids: dict = {}
+    return np.array([ids.setdefault(key(i, m), len(ids)) for i, m in enumerate(modules)], dtype=np.int64)
+
+
+def problem_from_profile(profile: Profile, budget_bits: int, allowed: np.ndarray | None = None,
+                         granularity: str = "module") -> tuple[AllocationProblem, np.ndarray]:
+    """The knapsack of a profile at `granularity`, and `unit [M]`: module m takes the option of unit[m].
+
+    A unit's error and size (bits) at an option are its modules' sums; it may take an option only
+    where every member may (`allowed` per module, e.g. from pins).
+    """
     if allowed is None:
         allowed = np.ones(profile.error.shape, dtype=bool)
-    return AllocationProblem(error=profile.error, size=profile.size_bits, allowed=allowed, budget=budget_bits)
+    numel = np.array([m.numel for m in profile.modules], dtype=np.int64)
+    unit = unit_of(profile.modules, granularity)
+    U = int(unit.max()) + 1
+    if U == len(unit):  # one module per unit: the profile's own matrices
+        return AllocationProblem(profile.error, profile.size_bits, allowed, budget_bits, numel), unit
+    error = np.zeros((U, profile.error.shape[1]))
+    size = np.zeros((U, profile.error.shape[1]), dtype=np.int64)
+    banned = np.zeros((U, profile.error.shape[1]), dtype=np.int64)
+    np.add.at(error, unit, profile.error)
+    np.add.at(size, unit, profile.size_bits)
+    np.add.at(banned, unit, ~allowed)
+    empty = np.flatnonzero((banned > 0).all(axis=1))
+    if empty.size:
+        names = [m.name for m, u in zip(profile.modules, unit.tolist()) if u == empty[0]]
+        raise InvalidInput(f"the pins leave no option every module of one {granularity} may take: "
+                           f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    return AllocationProblem(error, size, banned == 0, budget_bits, np.bincount(unit, numel, U)), unit
+
+
+def lookup_allocator(name: str):
+    """The named allocator's `solve`, or InvalidInput listing the known names."""
+    if name not in ALLOCATORS:
+        raise InvalidInput(f"unknown allocator {name!r}; known: {sorted(ALLOCATORS)}")
+    return ALLOCATORS[name]
 
 
 def _smallest_plan(profile: Profile, problem: AllocationProblem) -> str:
-    """What the smallest plan is, in words: one option everywhere, or each module's smallest."""
+    """What the smallest plan is, in words: one option everywhere, or each unit's smallest."""
     labels = {profile.options[o].label for o in problem.smallest_choice()}
     if len(labels) == 1:
         return f"all modules at {labels.pop()}"
@@ -74,16 +124,18 @@ def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.nda
 
 
 def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, pins: Sequence[str] = (),
-             seed: int = 0, time_limit: float | None = None, params: dict | None = None) -> Plan:
+             seed: int = 0, time_limit: float | None = None, params: dict | None = None,
+             granularity: str = "module") -> Plan:
     """Plan every module of `profile` within `budget` with the named allocator.
+
+    `granularity` ties modules into units that share one option (`unit_of`); a coarser one than
+    "module" is recorded in the plan's `params` and id (a module plan's id is as it always was).
 
     Raises InvalidInput (unknown allocator or parameter, bad budget or pin), UnknownModule (a pin
     matching nothing) or InfeasibleBudget (naming the smallest feasible budget in the budget's unit).
     """
     # Look up the allocator and its parameters.
-    if allocator not in ALLOCATORS:
-        raise InvalidInput(f"unknown allocator {allocator!r}; known: {sorted(ALLOCATORS)}")
-    solve = ALLOCATORS[allocator]
+    solve = lookup_allocator(allocator)
     params = dict(params or {})
     _check_params(allocator, solve, params)
 
@@ -93,7 +145,7 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     parsed = sorted(parse_pin(p) for p in pins)
     pin_texts = [f"{pattern}{op}{bits}" for pattern, op, bits in parsed]  # normalised: same pins, same id
     allowed = apply_pins(profile.modules, profile.options, parsed)
-    problem = problem_from_profile(profile, budget_bits, allowed)
+    problem, unit = problem_from_profile(profile, budget_bits, allowed, granularity)
 
     # Feasible at all? Checked here once, so every allocator gets the same message.
     if budget_bits < problem.smallest():
@@ -108,8 +160,10 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     seconds = time.perf_counter() - t0
     choice = _verify(allocator, problem, result.choice)
 
-    # Predictions and the content id (same inputs, same id).
+    # Predictions and the content id (same inputs, same id); unit sums are module sums.
     total_bits = problem.total_size(choice)
+    if granularity != "module":
+        params["granularity"] = granularity
     return Plan(
         id=content_id(profile.id, str(budget), allocator, params, pin_texts, seed, prefix="plan-"),
         profile_id=profile.id,
@@ -119,7 +173,7 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
         allocator=allocator,
         params=params,
         pins=pin_texts,
-        assignment={m.name: profile.options[o] for m, o in zip(profile.modules, choice.tolist())},
+        assignment={m.name: profile.options[o] for m, o in zip(profile.modules, choice[unit].tolist())},
         total_bits=total_bits,
         fixed_bits=profile.fixed_bits,
         n_params=profile.n_params,

@@ -17,12 +17,14 @@ from bitplan.db.types import InfeasibleBudget, InvalidInput
 
 @dataclass(frozen=True, eq=False)
 class AllocationProblem:
-    """`error [U, O]` float64, `size [U, O]` int64 bits, `allowed [U, O]` bool, `budget` bits."""
+    """`error [U, O]` float64, `size [U, O]` int64 bits, `allowed [U, O]` bool, `budget` bits;
+    optional `numel [U]` weights per unit, so an allocator can speak bits per weight."""
 
     error: np.ndarray
     size: np.ndarray
     allowed: np.ndarray
     budget: int
+    numel: np.ndarray | None = None
 
     def __post_init__(self):
         # frozen: coerce through object.__setattr__, once, so allocators can trust dtypes and shapes
@@ -41,7 +43,13 @@ class AllocationProblem:
         empty = np.flatnonzero(~allowed.any(axis=1))
         if empty.size:
             raise InvalidInput(f"units {empty[:5].tolist()} have no allowed option")
-        for name, arr in (("error", error), ("size", size), ("allowed", allowed)):
+        arrays = [("error", error), ("size", size), ("allowed", allowed)]
+        if self.numel is not None:
+            numel = np.ascontiguousarray(self.numel, dtype=np.int64)
+            if numel.shape != (error.shape[0],) or np.any(numel <= 0):
+                raise InvalidInput(f"numel {numel.shape} must be [units] positive weight counts")
+            arrays.append(("numel", numel))
+        for name, arr in arrays:
             arr = arr.view()  # read-only view: the caller's own array keeps its flags
             arr.flags.writeable = False
             object.__setattr__(self, name, arr)

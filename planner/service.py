@@ -17,13 +17,15 @@ from pydantic import BaseModel, Field
 
 from bitplan.db.store import Store
 from bitplan.db.types import BitplanError, Profile
-from bitplan.planner.workflow import DEFAULT_ALLOCATOR, DEFAULT_BUDGET, run_plan
+from bitplan.planner.workflow import DEFAULT_ALLOCATOR, DEFAULT_BUDGET, DEFAULT_GRANULARITY, run_plan
 
 
 class PlanRequest(BaseModel):
     profile_id: str = Field(description="id of a stored profile")
     budget: str = Field(DEFAULT_BUDGET, description="3.5bpw (overheads included), 900MiB, 0.9GiB, ...")
-    allocator: str = Field(DEFAULT_ALLOCATOR, description="ilp, greedy, dp or uniform")
+    allocator: str = Field(DEFAULT_ALLOCATOR, description="ilp, closed_form, greedy, dp or uniform")
+    granularity: str = Field(DEFAULT_GRANULARITY,
+                             description="units that share one option: module, expert (MoE) or layer")
     pins: list[str] = Field(default_factory=list, description="e.g. ['model.layers.0.*>=4']")
     seed: int = 0
     time_limit: float | None = Field(None, gt=0, description="solver time limit, seconds")
@@ -70,7 +72,7 @@ def create_app(db_url: str | None = None, token: str | None = None) -> FastAPI:
     def create_plan(req: PlanRequest, store: StoreDep) -> dict[str, Any]:
         """Plan a stored profile for a memory budget with one allocator; the plan is stored."""
         return run_plan(store, req.profile_id, req.budget, req.allocator, pins=req.pins, seed=req.seed,
-                        time_limit=req.time_limit).to_dict()
+                        time_limit=req.time_limit, granularity=req.granularity).to_dict()
 
     @app.get("/v1/plans/{plan_id}")
     def get_plan(plan_id: str, store: StoreDep) -> dict[str, Any]:

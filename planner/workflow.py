@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bitplan.db.store import Store, profile_id
-from bitplan.db.types import Budget, Evaluation, InvalidInput, NotFound, Plan, Profile, parse_options
-from bitplan.planner.plan import allocate
+from bitplan.db.types import (Budget, Evaluation, InfeasibleBudget, InvalidInput, NotFound, Plan, Profile,
+                               parse_options)
+from bitplan.planner.plan import allocate, lookup_allocator, unit_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = "3.5bpw"
 DEFAULT_ALLOCATOR = "ilp"
+DEFAULT_GRANULARITY = "module"
 EVAL_TOKENS = 8192
 EVAL_WINDOW = 512
 
@@ -65,16 +69,81 @@ def read_profile_file(path: str | Path) -> Profile:
 
 def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
              allocator: str = DEFAULT_ALLOCATOR, *, pins: list[str] | tuple = (), seed: int = 0,
-             time_limit: float | None = None) -> Plan:
+             time_limit: float | None = None, granularity: str = DEFAULT_GRANULARITY) -> Plan:
     """Plan a stored profile (by id) or a profile object for `budget`; store the profile and the plan."""
     Budget.parse(budget)  # a bad budget fails before anything is read
-    if isinstance(profile, str):
-        profile = store.get_profile(profile)
-    elif not profile.id:  # a profile file without an id gets its content id, so the plan can refer to it
-        profile = profile.model_copy(update={"id": profile_id(profile)})
-    plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit)
+    profile = _with_id(store, profile)
+    plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit,
+                    granularity=granularity)
     store.save_profile(profile)
     return store.save_plan(plan)
+
+
+def _with_id(store: Store, profile: Profile | str) -> Profile:
+    """A stored profile by id, or the object itself; a profile file without an id gets its content id."""
+    if isinstance(profile, str):
+        return store.get_profile(profile)
+    if not profile.id:  # so that its plans can refer to it
+        return profile.model_copy(update={"id": profile_id(profile)})
+    return profile
+
+
+def parse_budgets(spec: str | Sequence[str]) -> list[str]:
+    """`"2.5:4.5:0.25"` (a bpw range, both ends included) or `"3bpw,3.5bpw,900MiB"`, or a mix -> budgets."""
+    items = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else [str(x).strip() for x in spec]
+    budgets = []
+    for item in filter(None, items):
+        if ":" not in item:
+            budgets.append(str(Budget.parse(item)))
+            continue
+        try:
+            start, stop, step = (float(x) for x in item.split(":"))
+        except ValueError as e:
+            raise InvalidInput(f"bad budget range {item!r}: write START:STOP:STEP in bits per weight, "
+                               "e.g. 2.5:4.5:0.25") from e
+        if step <= 0 or stop < start or start <= 0:
+            raise InvalidInput(f"bad budget range {item!r}: need 0 < START <= STOP and STEP > 0")
+        n = math.floor((stop - start) / step + 1e-9) + 1  # the tolerance keeps STOP when it is on the grid
+        budgets += [str(Budget.parse(f"{round(start + i * step, 10):g}bpw")) for i in range(n)]
+    if not budgets:
+        raise InvalidInput("no budgets given: write e.g. 2.5:4.5:0.25 or 3bpw,3.5bpw,900MiB")
+    return list(dict.fromkeys(budgets))  # each budget once, in the order given
+
+
+def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[str],
+                allocators: Sequence[str] = ("ilp", "closed_form", "greedy", "uniform"), *,
+                pins: list[str] | tuple = (), seed: int = 0, time_limit: float | None = None,
+                granularity: str = DEFAULT_GRANULARITY) -> list[dict]:
+    """Solve every (budget, allocator) pair on one profile and store every plan; one row per pair.
+
+    An infeasible pair keeps its row, with the message under `error` and no plan; any other bad input
+    (an unknown allocator or granularity, a bad budget or pin) fails before anything is solved.
+    """
+    budgets = parse_budgets(budgets)
+    if not allocators:
+        raise InvalidInput("no allocators given")
+    for a in allocators:
+        lookup_allocator(a)
+    profile = _with_id(store, profile)
+    unit_of(profile.modules, granularity)  # an unknown granularity fails here, before any solve
+    store.save_profile(profile)
+    rows = []
+    for budget in budgets:
+        for allocator in allocators:
+            row = {"budget": budget, "allocator": allocator, "granularity": granularity, "plan_id": None,
+                   "predicted_error": None, "bits_per_weight": None, "size_mib": None, "solve_seconds": None,
+                   "status": None, "error": None}
+            try:
+                plan = store.save_plan(allocate(profile, budget, allocator, pins=list(pins), seed=seed,
+                                                time_limit=time_limit, granularity=granularity))
+            except InfeasibleBudget as e:
+                row.update(status="infeasible", error=str(e))
+            else:
+                row.update(plan_id=plan.id, predicted_error=plan.predicted_error,
+                           bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
+                           solve_seconds=plan.solve_seconds, status=plan.status)
+            rows.append(row)
+    return rows
 
 
 def write_json(obj: dict, path: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama saved as a real Hugging Face checkpoint, with its own tokenizer.
+"""Shared fixtures: a tiny random Llama saved as a real Hugging Face checkpoint, with its own tokenizer;
+synthetic profiles; small random allocation problems.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on generated text.
 """
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from bitplan.db.types import ModelRef, Module, Profile, parse_options
+from bitplan.planner.problem import AllocationProblem
 
 WORDS = ("the king queen lord lady speak love death night day sword crown heart grief honour fair foul "
          "thou thee thy art doth hath shall will come go now here there what why when where how").split()
@@ -96,3 +98,47 @@ def synthetic_profile(options: str = "2,3,4,8", seed: int = 0) -> Profile:
 def make_profile():
     """The builder of a synthetic SmolLM2-shaped profile (no model needed)."""
     return synthetic_profile
+
+
+# ------------------------------------------------------------------------ random allocation problems
+
+
+def make_random_problem(seed: int, budget: int | None = None) -> AllocationProblem:
+    """2-8 units, 2-5 options, small integer sizes (ties included), a random mask on most seeds,
+    errors decreasing with size on even seeds and arbitrary on odd ones; budget in [smallest, largest]."""
+    rng = np.random.default_rng(seed)
+    U, O = int(rng.integers(2, 9)), int(rng.integers(2, 6))
+    size = np.sort(rng.integers(1, 25, (U, O)), axis=1)
+    error = rng.random((U, O))
+    if seed % 2 == 0:
+        error = -np.sort(-error, axis=1)
+    allowed = np.ones((U, O), dtype=bool)
+    if seed % 3:
+        allowed = rng.random((U, O)) < 0.7
+        allowed[np.arange(U), rng.integers(0, O, U)] = True  # every unit keeps an option
+    p = AllocationProblem(error, size, allowed, 0)
+    if budget is None:
+        budget = int(rng.integers(p.smallest(), p.largest() + 1))
+    return AllocationProblem(error, size, allowed, budget)
+
+
+def make_convex_problem(seed: int, U: int = 6, O: int = 5) -> AllocationProblem:
+    """Every unit's (size, error) strictly convex and decreasing, all allowed: each option is on the hull."""
+    rng = np.random.default_rng(seed)
+    d_size = rng.integers(1, 10, (U, O - 1))
+    gain = -np.sort(-rng.random((U, O - 1)), axis=1)  # error removed per bit, decreasing: convex
+    size = np.concatenate([rng.integers(5, 20, (U, 1)), d_size], axis=1).cumsum(axis=1)
+    error = np.concatenate([rng.random((U, 1)) + 10, -gain * d_size], axis=1).cumsum(axis=1)
+    return AllocationProblem(error, size, np.ones((U, O), dtype=bool), int(size[:, 0].sum()))
+
+
+@pytest.fixture(scope="session")
+def random_problem():
+    """The builder of a small random allocation problem (`make_random_problem`)."""
+    return make_random_problem
+
+
+@pytest.fixture(scope="session")
+def convex_problem():
+    """The builder of a small strictly convex allocation problem (`make_convex_problem`)."""
+    return make_convex_problem

@@ -1,80 +1,91 @@
-"""ILP: the multiple-choice knapsack solved exactly by CBC through PuLP, warm-started from greedy.
+"""ILP: the multiple-choice knapsack solved exactly, on a choice of solver stacks (`backend`).
 
-Coefficients are normalised before CBC sees them: errors minus each unit's least error, divided by
-the largest (objective terms in [0, 1]); sizes as steps above each unit's smallest option divided
-by their gcd (small exact integers). CBC's tolerances are absolute, so raw bits (~1e9) and raw
-errors (~1e-6) would make it stop early or misjudge feasibility.
+Every backend solves the same model (`planner/solvers/mck.py`): greedy's plan and its LP /
+Lagrangian bound first, then reduced-cost fixing drops every option that cannot be in a plan better
+than greedy's, and the solver proves the few units left. Backends:
+
+- `cbc` (default): PuLP + CBC, warm-started with greedy's plan. Params `gap_rel`, `threads`.
+- `cpsat`: OR-Tools CP-SAT on integer-scaled errors, greedy's plan as a hint. Params `num_workers`
+  (default 2), `rounding_rel` (objective resolution relative to greedy's error, default 1e-10).
+- `highs`: HiGHS inside `scipy.optimize.milp`, sparse rows. Param `gap_rel`.
+
+`reduce=False` hands the solver the whole model (for benchmarks; slower, same optimum). Status:
+`optimal` when the solver proved it (on CP-SAT: on scaled errors, within a rounding bound ≤ 1e-9
+of the error, else the status says how much); otherwise `feasible (gap ≤ x%)` (with `time limit; `
+when that stopped it), the gap from the better of the solver's bound and greedy's LP bound.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pulp
+import importlib
+import time
 
+import numpy as np
+
+from bitplan.db.types import InvalidInput
 from bitplan.planner.allocators import greedy
 from bitplan.planner.problem import AllocationProblem, Assignment, format_gap, relative_gap, require_feasible
+from bitplan.planner.solvers import mck
+
+BACKENDS = ("cbc", "cpsat", "highs")
+OPTIMAL_GAP = 1e-9  # relative; a proven optimum within this of its bound is "optimal"
+PARAMS = {"gap_rel": ("cbc", "highs"), "threads": ("cbc",), "num_workers": ("cpsat",),
+          "rounding_rel": ("cpsat",)}
 
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None,
-          gap_rel: float = 1e-9, threads: int = 1) -> Assignment:
-    """CBC optimum (or best found within `time_limit` s, with its gap to greedy's Lagrangian bound)."""
+          backend: str = "cbc", reduce: bool = True, gap_rel: float | None = None,
+          threads: int | None = None, num_workers: int | None = None,
+          rounding_rel: float | None = None) -> Assignment:
+    """Optimum on `backend` (or the best plan within `time_limit` s, with an honest gap)."""
+    t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise InvalidInput(f"ilp has no backend {backend!r}; known: {list(BACKENDS)}")
+    given = {"gap_rel": gap_rel, "threads": threads, "num_workers": num_workers, "rounding_rel": rounding_rel}
+    wrong = sorted(k for k, v in given.items() if v is not None and backend not in PARAMS[k])
+    if wrong:
+        raise InvalidInput(f"ilp backend {backend!r} takes no parameter {wrong}")
     require_feasible(problem)
+
+    # Greedy's plan and bound, then the reduced model (mck's docstring).
     start = greedy.solve(problem)
+    model = mck.build(problem, start, reduce=reduce)
+    info = {"backend": backend, **model.info, "lp_bound": model.lp_bound, "greedy_error": model.incumbent}
+    if model.n_free == 0:
+        # no option left that could beat greedy's plan: the bound proves it optimal
+        return Assignment(start.choice, "optimal", {**info, "bound": model.incumbent, "gap": 0.0,
+                                                    "solver_seconds": 0.0})
 
-    # Data: normalised errors and integer size steps (see the module docstring).
-    allowed = problem.allowed
-    e_min = np.where(allowed, problem.error, np.inf).min(axis=1, keepdims=True)
-    cost = np.where(allowed, problem.error - e_min, 0.0)
-    cost /= cost.max() or 1.0
-    q = problem.quantum()
-    step = (problem.size - problem.min_size()[:, None]) // q
-    cap = (problem.budget - problem.smallest()) // q
-    pairs = [tuple(p) for p in np.argwhere(allowed).tolist()]
+    # Solve the free units on the chosen stack, within what is left of the time limit.
+    left = None if time_limit is None else max(time_limit - (time.perf_counter() - t0), 0.01)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if backend == "cpsat":
+        kwargs["seed"] = seed
+    t1 = time.perf_counter()
+    out = importlib.import_module(f"bitplan.planner.solvers.{backend}").solve(model, time_limit=left, **kwargs)
+    info.update(out.info, solver_seconds=time.perf_counter() - t1)
 
-    # Model and variables: x[u, o] = 1 when unit u takes option o.
-    prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-    x = {(u, o): pulp.LpVariable(f"x_{u}_{o}", cat=pulp.LpBinary) for u, o in pairs}
+    # The better of the solver's plan and greedy's; the better of the solver's bound and greedy's.
+    choice, value = start.choice, model.incumbent
+    if out.sub is not None:
+        cand = mck.expand(model, start.choice, out.sub)
+        if problem.total_size(cand) > problem.budget:  # solver tolerance: never trust, check
+            raise RuntimeError(f"ilp backend {backend!r} returned a plan over budget")
+        if problem.total_error(cand) <= value:
+            choice, value = cand, problem.total_error(cand)
+    bound = model.lp_bound
+    if out.bound is not None:
+        bound = max(bound, min(out.bound, model.incumbent))  # the optimum is this, or greedy's plan
+    elif out.optimal:
+        bound = value
+    gap = relative_gap(value, bound)
+    info.update(bound=bound, gap=gap)
 
-    # Constraint: each unit takes exactly one option.
-    by_unit: dict[int, list] = {}
-    for (u, o), var in x.items():
-        by_unit.setdefault(u, []).append(var)
-    for u, vars_u in by_unit.items():
-        prob += pulp.lpSum(vars_u) == 1, f"one_option_{u}"
-
-    # Constraint: the chosen sizes fit the budget (in steps of q bits above the smallest plan).
-    used = [(x[u, o], int(step[u, o])) for u, o in pairs if step[u, o]]
-    if used:
-        prob += pulp.LpAffineExpression(used) <= int(cap), "budget"
-
-    # Objective: least total (normalised) error.
-    prob += pulp.LpAffineExpression([(x[u, o], float(cost[u, o])) for u, o in pairs if cost[u, o]])
-
-    # Warm start: greedy's plan, always feasible.
-    for (u, o), var in x.items():
-        var.setInitialValue(int(start.choice[u] == o))
-
-    # Solve (single-threaded by default: CBC's search is then deterministic).
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=threads,
-                               warmStart=True)
-    prob.solve(solver)
-
-    # Check status: PuLP says "Optimal" for a run stopped by its time limit too; sol_status tells them apart.
-    info = {"bound": start.info["bound"], "sol_status": pulp.LpSolution[prob.sol_status]}
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        gap = relative_gap(problem.total_error(start.choice), start.info["bound"])
-        return Assignment(start.choice, f"feasible (time limit; greedy start; gap ≤ {format_gap(gap)})",
-                          {**info, "gap": gap})
-
-    # Read values: round x to 0/1; each unit's 1 is its option.
-    choice = np.full(problem.n_units, -1, dtype=np.int64)
-    for (u, o), var in x.items():
-        if round(var.value() or 0.0) == 1:
-            choice[u] = o
-    if np.any(choice < 0):
-        raise RuntimeError(f"CBC returned no option for units {np.flatnonzero(choice < 0)[:5].tolist()}")
-    if prob.sol_status == pulp.LpSolutionOptimal:
-        status = "optimal" if gap_rel <= 1e-9 else f"feasible (gap ≤ {format_gap(gap_rel)})"
-        return Assignment(choice, status, {**info, "gap": 0.0 if status == "optimal" else gap_rel})
-    gap = relative_gap(problem.total_error(choice), start.info["bound"])
-    return Assignment(choice, f"feasible (time limit; gap ≤ {format_gap(gap)})", {**info, "gap": gap})
+    # Status in words (the module docstring).
+    if out.optimal and gap <= OPTIMAL_GAP:
+        status = "optimal"
+    elif out.optimal and backend == "cpsat":
+        status = f"optimal on integer-scaled errors (rounding gap ≤ {format_gap(gap)})"
+    else:
+        status = f"feasible ({'time limit; ' if out.timed_out else ''}gap ≤ {format_gap(gap)})"
+    return Assignment(np.asarray(choice, dtype=np.int64), status, info)

@@ -10,35 +10,6 @@ from bitplan.planner.problem import AllocationProblem
 NAMES = sorted(ALLOCATORS)
 
 
-def random_problem(seed: int, budget: int | None = None) -> AllocationProblem:
-    """2-8 units, 2-5 options, small integer sizes (ties included), a random mask on most seeds,
-    errors decreasing with size on even seeds and arbitrary on odd ones; budget in [smallest, largest]."""
-    rng = np.random.default_rng(seed)
-    U, O = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-    size = np.sort(rng.integers(1, 25, (U, O)), axis=1)
-    error = rng.random((U, O))
-    if seed % 2 == 0:
-        error = -np.sort(-error, axis=1)
-    allowed = np.ones((U, O), dtype=bool)
-    if seed % 3:
-        allowed = rng.random((U, O)) < 0.7
-        allowed[np.arange(U), rng.integers(0, O, U)] = True  # every unit keeps an option
-    p = AllocationProblem(error, size, allowed, 0)
-    if budget is None:
-        budget = int(rng.integers(p.smallest(), p.largest() + 1))
-    return AllocationProblem(error, size, allowed, budget)
-
-
-def convex_problem(seed: int, U: int = 6, O: int = 5) -> AllocationProblem:
-    """Every unit's (size, error) strictly convex and decreasing, all allowed: each option is on the hull."""
-    rng = np.random.default_rng(seed)
-    d_size = rng.integers(1, 10, (U, O - 1))
-    gain = -np.sort(-rng.random((U, O - 1)), axis=1)  # error removed per bit, decreasing: convex
-    size = np.concatenate([rng.integers(5, 20, (U, 1)), d_size], axis=1).cumsum(axis=1)
-    error = np.concatenate([rng.random((U, 1)) + 10, -gain * d_size], axis=1).cumsum(axis=1)
-    return AllocationProblem(error, size, np.ones((U, O), dtype=bool), int(size[:, 0].sum()))
-
-
 def with_budget(p: AllocationProblem, budget: int) -> AllocationProblem:
     return AllocationProblem(p.error, p.size, p.allowed, budget)
 
@@ -60,7 +31,7 @@ def brute_force(p: AllocationProblem) -> float:
 
 
 @pytest.mark.parametrize("seed", range(30), ids=lambda s: f"seed{s}")
-def test_dp_matches_brute_force(seed):
+def test_dp_matches_brute_force(seed, random_problem):
     p = random_problem(seed)
     if p.n_options ** p.n_units > 20_000:
         p = AllocationProblem(p.error[:4], p.size[:4], p.allowed[:4], p.budget)
@@ -72,7 +43,7 @@ def test_dp_matches_brute_force(seed):
 
 
 @pytest.mark.parametrize("seed", range(200), ids=lambda s: f"seed{s}")
-def test_ilp_equals_dp(seed):
+def test_ilp_equals_dp(seed, random_problem):
     p = random_problem(seed)
     exact, found = dp.solve(p), ilp.solve(p)
     assert found.status == "optimal"
@@ -82,7 +53,7 @@ def test_ilp_equals_dp(seed):
 
 
 @pytest.mark.parametrize("seed", range(40), ids=lambda s: f"seed{s}")
-def test_greedy_exact_at_lagrangian_points(seed):
+def test_greedy_exact_at_lagrangian_points(seed, convex_problem):
     """At a budget that ends exactly on a segment boundary (in greedy order) greedy is the optimum."""
     p = convex_problem(seed)
     # segments, independently of the hull code: consecutive options, best error removed per bit first
@@ -99,7 +70,7 @@ def test_greedy_exact_at_lagrangian_points(seed):
 
 
 @pytest.mark.parametrize("seed", range(60), ids=lambda s: f"seed{s}")
-def test_greedy_bounds_the_optimum_from_both_sides(seed):
+def test_greedy_bounds_the_optimum_from_both_sides(seed, random_problem, convex_problem):
     """At any budget: bound <= optimum <= greedy, and greedy within budget."""
     p = random_problem(seed) if seed % 2 else convex_problem(seed)
     if seed % 2 == 0:
@@ -114,7 +85,7 @@ def test_greedy_bounds_the_optimum_from_both_sides(seed):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("seed", range(25), ids=lambda s: f"seed{s}")
-def test_every_allocator_within_budget_and_allowed(name, seed):
+def test_every_allocator_within_budget_and_allowed(name, seed, random_problem):
     p = random_problem(1000 + seed)
     a = ALLOCATORS[name](p, seed=seed)
     assert_valid(p, a.choice)
@@ -123,7 +94,7 @@ def test_every_allocator_within_budget_and_allowed(name, seed):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("seed", range(10), ids=lambda s: f"seed{s}")
-def test_infeasible_budget_names_the_smallest(name, seed):
+def test_infeasible_budget_names_the_smallest(name, seed, random_problem):
     p = random_problem(seed)
     p = with_budget(p, p.smallest() - 1)
     with pytest.raises(InfeasibleBudget) as e:
@@ -133,7 +104,7 @@ def test_infeasible_budget_names_the_smallest(name, seed):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_budget_exactly_smallest_is_feasible(name):
+def test_budget_exactly_smallest_is_feasible(name, random_problem):
     p = random_problem(7)
     p = with_budget(p, p.smallest())
     a = ALLOCATORS[name](p)
@@ -141,7 +112,7 @@ def test_budget_exactly_smallest_is_feasible(name):
 
 
 @pytest.mark.parametrize("seed", range(20), ids=lambda s: f"seed{s}")
-def test_uniform_is_the_best_fitting_column(seed):
+def test_uniform_is_the_best_fitting_column(seed, random_problem):
     rng = np.random.default_rng(seed)
     p = random_problem(3 * seed)  # seeds divisible by 3: everything allowed
     bits, err = p.size.sum(axis=0), p.error.sum(axis=0)
@@ -161,7 +132,7 @@ def test_uniform_pinned_unit_takes_the_nearest_option_preferring_the_larger():
 
 
 @pytest.mark.parametrize("seed", range(10), ids=lambda s: f"seed{s}")
-def test_dp_discretised_stays_within_budget(seed):
+def test_dp_discretised_stays_within_budget(seed, random_problem):
     p = random_problem(seed)
     jitter = np.random.default_rng(seed).integers(0, 7, p.size.shape)
     p = AllocationProblem(p.error, p.size * 1000 + jitter, p.allowed, 0)  # gcd 1: many exact cells
@@ -172,11 +143,12 @@ def test_dp_discretised_stays_within_budget(seed):
     assert p.total_error(coarse.choice) >= p.total_error(dp.solve(p).choice) - 1e-12
 
 
-def test_ilp_with_a_loose_gap_says_so():
+def test_ilp_with_a_loose_gap_says_so(random_problem):
     p = random_problem(4)
     a = ilp.solve(p, gap_rel=0.05)
     assert_valid(p, a.choice)
-    assert a.status in ("feasible (gap ≤ 5%)",)
+    # CBC proved 5% on its objective; the status reports the tighter gap the bounds give (greedy's LP too)
+    assert a.status.startswith("feasible (gap ≤ ") and a.info["gap"] <= 0.05
 
 
 def test_greedy_at_scale():

@@ -97,7 +97,7 @@ def test_an_allocators_own_infeasibility_is_reported_in_the_budget_unit(profile,
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['dp', 'greedy'"),
+    ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['closed_form', 'dp', 'greedy'"),
     ({"budget": "3.5 parsecs"}, InvalidInput, "bad budget"),
     ({"budget": "-2bpw"}, InvalidInput, "bad budget"),
     ({"pins": ["lm_head~8"]}, InvalidInput, "bad pin"),
