@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Plan, UnknownModule
 from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import rtn
+from bitplan.executor.quantize import QUANTIZERS, quantize
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,41 @@ MAX_SHARD_BYTES = 2 * 2**30
 
 
 def quantized_linears(
-    planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False
+    planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False, quantizer: str = "rtn",
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
     """Quantize one planned linear at a time, in model order (so one block is in flight at a time).
 
     Yields `(name, linear, QuantLinear)`, or `None` in place of the QuantLinear for a 16-bit option.
+    `quantizer="gptq"` needs `hessians[name] = Σ xxᵀ` of every quantized module's inputs (the profiler's
+    `bitplan.profiler.stream.collect_hessians`), the same statistics the profile's GPTQ ΔW came from.
     """
     check_plan_matches(planned, plan)
-    for module, linear in tqdm(planned, desc="quantizing", unit="module", disable=not progress):
+    check_quantizer(planned, plan, quantizer, hessians)
+    bar = tqdm(planned, desc=f"quantizing ({quantizer})", unit="module", disable=not progress)
+    for module, linear in bar:
         option = plan.assignment[module.name]
         if not option.quantized:
             yield module.name, linear, None
             continue
         bias = linear.bias.detach() if linear.bias is not None else None
-        yield module.name, linear, QuantLinear.from_quantized(rtn(linear.weight, option), bias)
+        H = hessians[module.name] if quantizer == "gptq" else None
+        qw = quantize(linear.weight, option, quantizer, H)
+        yield module.name, linear, QuantLinear.from_quantized(qw, bias)
+
+
+def check_quantizer(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
+                    hessians: Mapping[str, torch.Tensor] | None) -> None:
+    """An unknown quantizer, or GPTQ without every quantized module's `H`, fails before any work."""
+    if quantizer not in QUANTIZERS:
+        raise InvalidInput(f"unknown quantizer {quantizer!r}; choose one of {list(QUANTIZERS)}")
+    if quantizer != "gptq":
+        return
+    need = [m.name for m, _ in planned if plan.assignment[m.name].quantized]
+    missing = [n for n in need if hessians is None or n not in hessians]
+    if missing:
+        raise InvalidInput(f"the gptq quantizer needs the input statistics H of every quantized module; "
+                           f"{len(missing)} are missing, e.g. {missing[:3]}")
 
 
 def check_plan_matches(planned: list[tuple[Module, nn.Linear]], plan: Plan) -> None:
@@ -62,12 +83,14 @@ def check_plan_matches(planned: list[tuple[Module, nn.Linear]], plan: Plan) -> N
 
 
 def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
-                   storage_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+                   storage_dtype: torch.dtype = torch.bfloat16, quantizer: str = "rtn",
+                   hessians: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """In place: swap planned linears for QuantLinear and round the rest through `storage_dtype`.
 
     The result computes exactly what the written checkpoint computes once reloaded.
     """
-    for name, linear, qlinear in list(quantized_linears(planned, plan)):
+    quantized = list(quantized_linears(planned, plan, quantizer=quantizer, hessians=hessians))
+    for name, linear, qlinear in quantized:
         if qlinear is not None:
             model.set_submodule(name, qlinear.to(linear.weight.device))
     for key, t in model.state_dict(keep_vars=True).items():
@@ -77,7 +100,8 @@ def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], pl
 
 
 def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
-                         storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> dict:
+                         storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+                         quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None) -> dict:
     """What the checkpoint stores, without modifying `model`."""
     state, seen = {}, set()
     for key, t in model.state_dict(keep_vars=True).items():
@@ -85,7 +109,7 @@ def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear
             continue
         seen.add(id(t))
         state[key] = t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()
-    for name, _, qlinear in quantized_linears(planned, plan, progress=progress):
+    for name, _, qlinear in quantized_linears(planned, plan, progress, quantizer, hessians):
         if qlinear is None:
             continue
         state.pop(f"{name}.weight")
@@ -95,34 +119,43 @@ def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def quantization_config(plan: Plan, storage_dtype: torch.dtype) -> dict:
-    return {
+def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: str = "rtn") -> dict:
+    config = {
         "quant_method": QUANT_METHOD,
         "format": CHECKPOINT_FORMAT,
         "plan_id": plan.id,
         "storage_dtype": str(storage_dtype).removeprefix("torch."),
         "modules": {name: opt.model_dump() for name, opt in sorted(plan.assignment.items())},
     }
+    if quantizer != "rtn":  # recorded only when not RTN, so RTN checkpoints stay what they were
+        config["quantizer"] = quantizer
+    return config
 
 
 def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
                out_dir: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
-               overwrite: bool = False, progress: bool = True) -> Path:
-    """Write the quantized checkpoint of `model` under `plan` to `out_dir`, atomically."""
+               overwrite: bool = False, progress: bool = True, quantizer: str = "rtn",
+               hessians: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the quantized checkpoint of `model` under `plan` to `out_dir`, atomically.
+
+    `quantizer`: `rtn` (default), or `gptq` with `hessians[name] = Σ xxᵀ` for every quantized module
+    (`bitplan.profiler.stream.collect_hessians`); the format is the same either way.
+    """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
         raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
     check_plan_matches(planned, plan)
+    check_quantizer(planned, plan, quantizer, hessians)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = quantized_state_dict(model, planned, plan, storage_dtype, progress=progress)
+        state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians)
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
         config = model.config.to_dict()
-        config["quantization_config"] = quantization_config(plan, storage_dtype)
+        config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer)
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / "bitplan_plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,9 +1,11 @@
 """Quantizers: what `apply` writes and what the profiler measures ΔW with (one implementation, shared).
 
-Round-to-nearest (RTN), groupwise along the input dimension.  A group size that does not divide
-`in_features` leaves a shorter last group (SmolLM2: 576 = 4.5 x 128); its range is computed over the
-real columns only.  Scales are rounded to fp16 *before* codes are chosen, so the codes, the error the
-profiler predicts and the checkpoint `apply` writes all agree with what is stored.
+Two quantizers share one storage grid: round-to-nearest (`rtn`) and GPTQ (`gptq`, which needs the
+module's input statistics `H = Σ xxᵀ`).  Both are groupwise along the input dimension.  A group
+size that does not divide `in_features` leaves a shorter last group (SmolLM2: 576 = 4.5 x 128);
+its range is computed over the real columns only.  Scales are rounded to fp16 *before* codes are
+chosen, so the codes, the error the profiler predicts and the checkpoint `apply` writes all agree
+with what is stored.
 """
 
 from __future__ import annotations
@@ -44,6 +46,29 @@ def _grouped(W: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
     return torch.nn.functional.pad(W, (0, G * group_size - K), value=fill).view(N, G, group_size)
 
 
+def _grid(Wg: torch.Tensor, option: Option) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float) integer zero of groups `Wg: [N, G, n]`; NaN entries (padding) are ignored.
+
+    Scales are rounded to fp16 here, before any code is chosen.  Returns `[N, G]` each.
+    """
+    qmax = 2**option.bits - 1
+    pad = Wg.isnan()
+    if option.symmetric:
+        amax = Wg.abs().masked_fill(pad, 0.0).amax(dim=2)
+        scale = (2 * amax / qmax).half().float().clamp(min=MIN_SCALE)
+        return scale, torch.full_like(scale, 2 ** (option.bits - 1))
+    # the integer zero lies in [0, qmax], so the grid always contains 0: widen the range to include it
+    lo = Wg.masked_fill(pad, float("inf")).amin(dim=2).clamp(max=0)
+    hi = Wg.masked_fill(pad, float("-inf")).amax(dim=2).clamp(min=0)
+    scale = ((hi - lo) / qmax).half().float().clamp(min=MIN_SCALE)
+    return scale, torch.round(-lo / scale).clamp(0, qmax)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float codes of `w` on the grid `(scale, z)` (all broadcastable), clamped to `[0, 2**bits - 1]`."""
+    return torch.clamp(torch.round(w / scale) + z, 0, 2**bits - 1)
+
+
 def rtn(W: torch.Tensor, option: Option) -> QuantizedWeight:
     """Round-to-nearest groupwise quantization of `W: [N, K]`."""
     if not option.quantized:
@@ -51,26 +76,118 @@ def rtn(W: torch.Tensor, option: Option) -> QuantizedWeight:
     W = W.detach().float()
     N, K = W.shape
     gs = option.group_size or K
-    qmax = 2**option.bits - 1
-    if option.symmetric:
-        amax = _grouped(W.abs(), gs, 0.0).amax(dim=2)
-        scale = (2 * amax / qmax).half().float().clamp(min=MIN_SCALE)
-        zero = None
-        z = torch.full_like(scale, 2 ** (option.bits - 1))
-    else:
-        # the integer zero lies in [0, qmax], so the grid always contains 0: widen the range to include it
-        lo = _grouped(W, gs, float("inf")).amin(dim=2).clamp(max=0)
-        hi = _grouped(W, gs, float("-inf")).amax(dim=2).clamp(min=0)
-        scale = ((hi - lo) / qmax).half().float().clamp(min=MIN_SCALE)
-        z = torch.round(-lo / scale).clamp(0, qmax)
-        zero = z.to(torch.int32)
+    scale, z = _grid(_grouped(W, gs, float("nan")), option)  # padding is NaN: no group's range sees it
     g = torch.arange(K) // gs
-    q = torch.clamp(torch.round(W / scale[:, g]) + z[:, g], 0, qmax).to(torch.int32)
-    return QuantizedWeight(q=q, scales=scale.half(), zeros=zero, option=option)
+    q = _codes(W, scale[:, g], z[:, g], option.bits).to(torch.int32)
+    return QuantizedWeight(q=q, scales=scale.half(), zeros=None if option.symmetric else z.to(torch.int32),
+                           option=option)
 
 
-def quantize_dequantize(W: torch.Tensor, option: Option) -> torch.Tensor:
+def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = False) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) of `W: [N, K]` given its inputs' `H = Σ xxᵀ: [K, K]`, on `rtn`'s grid.
+
+    Quantizes one column at a time and spreads each column's error over the columns not yet quantized
+    through the Cholesky factor of the damped inverse Hessian, with lazy updates in blocks of
+    `block_size` columns; minimizes the layer-output error `tr(ΔW H ΔWᵀ)` (the scale of `H` does not
+    matter).  What the caller must know:
+
+    - The grid is `rtn`'s (fp16-rounded scale, integer zero, 0 on the grid, short last group), so the
+      result is stored, packed and loaded exactly like RTN's.  Each group's scale and zero are computed,
+      as GPTQ does, from the error-updated weights of the group's columns at the moment the quantizer
+      reaches the group's first column.  With a diagonal `H` nothing spreads and the result is `rtn`'s.
+    - `damp`: `damp · mean(diag H)` is added to the diagonal before inverting.
+    - Dead inputs (`H[i, i] == 0`, never non-zero in calibration) are handled as GPTQ does: their weights
+      are set to 0 (exactly on the grid) and their diagonal to 1.
+    - `act_order`: columns are visited by decreasing `diag(H)` and the codes un-permuted afterwards.
+      Groups stay those of the ORIGINAL columns (`k // group_size`, what the packed format stores, no
+      `g_idx`): a group's scale and zero are computed when the quantizer first reaches ANY of its
+      columns, from the current (error-updated) values of all its columns, none of which is quantized
+      yet at that moment (a lazy form of GPTQModel's "static groups").
+    """
+    if not option.quantized:
+        raise ValueError("a 16-bit option is stored as is, not quantized")
+    W = W.detach().float().clone()  # [N, K]
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
+    H = H.detach().to(torch.float64).clone()
+    gs = option.group_size or K
+    G = -(-K // gs)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    group = perm // gs  # [K] original group of each (permuted) column
+
+    H[range(K), range(K)] += damp * torch.mean(torch.diag(H))
+    # Hinv: upper Cholesky factor of H⁻¹ (row i holds the update of column i on the columns after it)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+    scale, z = torch.zeros(N, G), torch.zeros(N, G)
+    ready = torch.zeros(G, dtype=torch.bool)
+    Q = torch.zeros(N, K)  # float codes, permuted order
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()  # [N, B], kept up to date with the block's own errors
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(group[i1 + i])
+            if not ready[g]:
+                cols = torch.nonzero(group == g).flatten()  # permuted positions, all >= i1 + i
+                current = _current(W, W1, Err1, Hinv, i1, i, cols)
+                s, zz = _grid(current.unsqueeze(1), option)
+                scale[:, g], z[:, g], ready[g] = s[:, 0], zz[:, 0], True
+            w, d = W1[:, i], Hinv1[i, i]
+            q = _codes(w, scale[:, g], z[:, g], option.bits)
+            Q[:, i1 + i] = q
+            err1 = (w - (q - z[:, g]) * scale[:, g]) / d
+            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update
+
+    q = torch.empty_like(Q)
+    q[:, perm] = Q
+    return QuantizedWeight(q=q.to(torch.int32), scales=scale.half(),
+                           zeros=None if option.symmetric else z.to(torch.int32), option=option)
+
+
+def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int,
+             cols: torch.Tensor) -> torch.Tensor:
+    """Error-updated values `[N, len(cols)]` of not-yet-quantized permuted columns `cols` (all >= i1 + i).
+
+    Inside the block they are in `W1`; after it, `W` still lacks the block's pending lazy update from
+    the first `i` columns' errors, which is applied here to the requested columns only.
+    """
+    i2 = i1 + W1.shape[1]
+    inside, after = cols[cols < i2], cols[cols >= i2]
+    out = torch.empty(W.shape[0], len(cols))
+    out[:, : len(inside)] = W1[:, inside - i1]
+    out[:, len(inside):] = W[:, after] - Err1[:, :i] @ Hinv[i1:i1 + i, after]
+    return out
+
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.Tensor | None = None,
+             **gptq_params) -> QuantizedWeight:
+    """`rtn(W, option)` or `gptq(W, H, option, **gptq_params)`; GPTQ needs `H`."""
+    if quantizer == "rtn":
+        return rtn(W, option)
+    if quantizer == "gptq":
+        if H is None:
+            raise ValueError("the gptq quantizer needs the module's input statistics H")
+        return gptq(W, H, option, **gptq_params)
+    raise ValueError(f"unknown quantizer {quantizer!r}; choose one of {QUANTIZERS}")
+
+
+def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
+                        H: torch.Tensor | None = None, **gptq_params) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype."""
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
-    return rtn(W, option).dequantize(W.dtype)
+    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype)

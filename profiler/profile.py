@@ -7,15 +7,17 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.types import InvalidInput, Option, Profile, content_id
-from bitplan.executor.quantize import quantize_dequantize
+from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
+from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize
 from bitplan.profiler import estimators
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.fisher import fisher_diagonal
+from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
 from bitplan.profiler.model import LoadedModel, fixed_bits, planned_linears
-from bitplan.profiler.stream import stream_blocks
+from bitplan.profiler.stream import outside_hessians, stream_blocks
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ DEFAULT_ESTIMATOR = "fisher"  # measured on the embedded model: README, "Choosin
 DEFAULT_OPTIONS = "2,3,4,8"
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
+ESTIMATOR_NAMES = (*estimators.ESTIMATORS, "kl")  # kl: measured, not estimated (profiler/kl.py)
 
 
 def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
@@ -32,48 +35,65 @@ def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list
                       device, prefix="prof-")
 
 
+def estimator_name(estimator: str, quantizer: str = "rtn") -> str:
+    """The profile's `estimator` field: `"fisher"` for RTN (the spine's ids stay), `"fisher/gptq"` for GPTQ.
+
+    The quantizer that produced ΔW is part of what a profile means (and of its id), so it is recorded
+    here until `Profile` gets a field of its own.
+    """
+    # TODO(db): a `quantizer: str = "rtn"` field on Profile would hold this instead of the suffix
+    return estimator if quantizer == "rtn" else f"{estimator}/{quantizer}"
+
+
+def parse_estimator_name(name: str) -> tuple[str, str]:
+    """`"fisher/gptq"` -> `("fisher", "gptq")`; `"fisher"` -> `("fisher", "rtn")`."""
+    estimator, _, quantizer = name.partition("/")
+    return estimator, quantizer or "rtn"
+
+
 def profile_model(
     loaded: LoadedModel,
     options: list[Option],
     *,
     estimator: str = DEFAULT_ESTIMATOR,
+    quantizer: str = "rtn",
     calib: str = CALIB,
-    n_tokens: int = DEFAULT_TOKENS,
+    n_tokens: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     device: str = "cpu",
     progress: bool = True,
 ) -> Profile:
-    """Measure `error[module, option]` with `estimator` on `n_tokens` of `calib`; sizes are exact."""
-    if estimator not in estimators.ESTIMATORS:
-        raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(estimators.ESTIMATORS)}")
+    """Measure `error[module, option]` with `estimator` on `n_tokens` of `calib`; sizes are exact.
+
+    `quantizer` is what ΔW comes from, the quantizer `apply` will use: `rtn`, or `gptq` (with each
+    module's `H = Σ xxᵀ` from the calibration text, collected by streaming the blocks; for `fisher`
+    that is one extra forward pass).  `n_tokens` defaults to DEFAULT_TOKENS, or DEFAULT_KL_TOKENS for
+    `kl` (modules x options forward passes over them).
+    """
+    if estimator not in ESTIMATOR_NAMES:
+        raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATOR_NAMES)}")
+    if quantizer not in QUANTIZERS:
+        raise InvalidInput(f"unknown quantizer {quantizer!r}; choose one of {list(QUANTIZERS)}")
+    if n_tokens is None:
+        n_tokens = DEFAULT_KL_TOKENS if estimator == "kl" else DEFAULT_TOKENS
     t0 = time.perf_counter()
     model = loaded.model
     batches, calib_ref = token_batches(loaded.tokenizer, calib, n_tokens, seq_len)
     planned = planned_linears(model)
-    index = {m.name: i for i, (m, _) in enumerate(planned)}
-    error = np.zeros((len(planned), len(options)))
-    estimate = estimators.ESTIMATORS[estimator]
-
-    def fill(mods, stats, n):
-        for m, lin in mods:
-            W = lin.weight.detach()
-            for j, opt in enumerate(options):
-                error[index[m.name], j] = estimate(quantize_dequantize(W, opt) - W, stats[m.name].cpu(), n)
-
-    log.info("profiling %d modules x %d options with %s on %d tokens", len(planned), len(options), estimator,
-             batches.numel())
-    if estimator == "hessian":
-        stream_blocks(model, batches, planned, lambda i, mods, H, n: fill(mods, H, n), device, progress)
+    log.info("profiling %d modules x %d options with %s (%s) on %d tokens", len(planned), len(options),
+             estimator, quantizer, batches.numel())
+    if estimator == "kl":
+        error = kl_table(model, planned, options, batches, quantizer=quantizer, device=device,
+                         progress=progress)
     else:
-        F = fisher_diagonal(model, batches, planned, device, progress)
-        for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
-            fill([(m, lin)], F, batches.numel())
+        error = error_table(model, planned, options, batches, estimator, quantizer, device, progress)
     size = np.array([[o.size_bits(*m.shape) for o in options] for m, _ in planned], dtype=np.int64)
+    name = estimator_name(estimator, quantizer)
     return Profile(
-        id=profile_id(loaded, calib_ref.fingerprint, estimator, options, seq_len, device),
+        id=profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device),
         model=loaded.ref,
         calibration=calib_ref,
-        estimator=estimator,
+        estimator=name,
         device=device,
         options=options,
         modules=[m for m, _ in planned],
@@ -82,6 +102,41 @@ def profile_model(
         fixed_bits=fixed_bits(model, planned),
         seconds=time.perf_counter() - t0,
     )
+
+
+def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
+                estimator: str, quantizer: str = "rtn", device: str = "cpu",
+                progress: bool = True) -> np.ndarray:
+    """`[modules, options]` error of a cheap estimator (`hessian`, `fisher`), ΔW from `quantizer`."""
+    index = {m.name: i for i, (m, _) in enumerate(planned)}
+    error = np.zeros((len(planned), len(options)))
+    estimate = estimators.ESTIMATORS[estimator]
+    n = batches.numel()
+
+    def fill(mods, stats, H=None):
+        for m, lin in mods:
+            W = lin.weight.detach()
+            Hm = None if H is None else H[m.name].cpu()
+            for j, opt in enumerate(options):
+                dW = quantize_dequantize(W, opt, quantizer, Hm) - W
+                error[index[m.name], j] = estimate(dW, stats[m.name].cpu(), n)
+
+    outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head: not in any block
+    if estimator == "hessian":
+        stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, H, H), device, progress)
+        if outside:
+            H = outside_hessians(model, batches, outside, device)
+            fill(outside, H, H)
+        return error
+    F = fisher_diagonal(model, batches, planned, device, progress)
+    if quantizer == "rtn":
+        for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
+            fill([(m, lin)], F)
+        return error
+    stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, F, H), device, progress)
+    if outside:
+        fill(outside, F, outside_hessians(model, batches, outside, device))
+    return error
 
 
 def default_device() -> str:

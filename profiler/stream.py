@@ -107,6 +107,49 @@ def stream_blocks(
             on_block(i, mine, H, n_tokens)
 
 
+def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tuple[Module, nn.Linear]],
+                     device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """`H = Σ xxᵀ` of every planned linear (on the CPU, in `dtype`), for `apply_plan(quantizer="gptq")`.
+
+    Statistics of the unquantized model, as the profile's GPTQ ΔW uses.  Holds every `H` at once:
+    `Σ K²` values (SmolLM2-135M: 0.5 GiB in float32).
+    """
+    H: dict[str, torch.Tensor] = {}
+
+    def keep(_i, _mods, Hb, _n):
+        H.update({k: v.to("cpu", dtype) for k, v in Hb.items()})
+
+    stream_blocks(model, batches, planned, keep, device, progress)
+    outside = [(m, lin) for m, lin in planned if m.layer is None]
+    H.update({k: v.to("cpu", dtype) for k, v in outside_hessians(model, batches, outside, device).items()})
+    return H
+
+
+@torch.no_grad()
+def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[Module, nn.Linear]],
+                     device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`H = Σ xxᵀ` of planned linears outside the blocks (an untied `lm_head`): one whole-model pass.
+
+    `stream_blocks` sees only the blocks' linears; the head's inputs are the final norm's outputs,
+    which come out of an ordinary forward pass.
+    """
+    H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
+         for m, lin in mods}
+    if not mods:
+        return H
+    hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
+    model.to(device)
+    try:
+        for row in batches:
+            model(row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.to("cpu")
+    return H
+
+
 def _accumulate(H: torch.Tensor):
     def hook(_mod, args, _out):
         x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)  # [tokens, K]

@@ -1,0 +1,61 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from bitplan.db.types import InvalidInput, ModelRef, Option, Plan
+from bitplan.executor.apply import apply_plan, quantize_model
+from bitplan.executor.load import load_quantized
+from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.stream import collect_hessians
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint))
+
+
+def plan_for(planned, bits=3) -> Plan:
+    return Plan(id="plan-gptq", profile_id="prof-test", model=ModelRef(name="tiny"), budget="3bpw",
+                budget_bits=1,
+                allocator="manual", assignment={m.name: Option(bits=bits) for m, _ in planned}, total_bits=1,
+                n_params=1, bits_per_weight=1.0, predicted_error=0.0, status="manual", solve_seconds=0.0)
+
+
+def test_apply_with_gptq(loaded, tmp_path):
+    """GPTQ checkpoints load like RTN ones, record their quantizer, and are closer to the base model."""
+    model = loaded.model
+    planned = planned_linears(model)
+    plan = plan_for(planned, bits=2)
+    calib = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    H = collect_hessians(model, calib, planned, progress=False)
+    assert set(H) == {m.name for m, _ in planned}
+    out = apply_plan(plan, model, None, planned, tmp_path / "gptq", progress=False, quantizer="gptq",
+                     hessians=H)
+    rtn_out = apply_plan(plan, model, None, planned, tmp_path / "rtn", progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quantizer"] == "gptq"
+    assert "quantizer" not in json.loads((rtn_out / "config.json").read_text())["quantization_config"]
+    reloaded, _, _ = load_quantized(out)
+    in_memory = copy.deepcopy(model)
+    quantize_model(in_memory, planned_linears(in_memory), plan, quantizer="gptq", hessians=H)
+    rtn_model, _, _ = load_quantized(rtn_out)
+    with torch.no_grad():
+        base = torch.log_softmax(model(calib).logits, -1)
+        got = reloaded(calib).logits
+        torch.testing.assert_close(got, in_memory(calib).logits, rtol=0, atol=1e-5)
+
+        def kl(logits):
+            return float((base.exp() * (base - torch.log_softmax(logits, -1))).sum(-1).mean())
+
+        assert kl(got) < kl(rtn_model(calib).logits)
+
+
+def test_gptq_without_hessians_fails_before_writing(loaded, tmp_path):
+    planned = planned_linears(loaded.model)
+    plan = plan_for(planned)
+    with pytest.raises(InvalidInput, match="needs the input statistics"):
+        apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False, quantizer="gptq")
+    with pytest.raises(InvalidInput, match="unknown quantizer"):
+        apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False, quantizer="awq")
+    assert not (tmp_path / "q").exists()
