@@ -23,20 +23,9 @@ import numpy as np
 
 
 def random_problem(seed: int):
-    from bitplan.planner.problem import AllocationProblem
-
-    rng = np.random.default_rng(seed)
-    U, O = int(rng.integers(2, 13)), int(rng.integers(2, 8))
-    size = np.sort(rng.integers(1, 41, (U, O)), axis=1)
-    error = rng.random((U, O))
-    if seed % 2 == 0:
-        error = -np.sort(-error, axis=1)
-    allowed = np.ones((U, O), dtype=bool)
-    if seed % 3:
-        allowed = rng.random((U, O)) < 0.7
-        allowed[np.arange(U), rng.integers(0, O, U)] = True
-    p = AllocationProblem(error, size, allowed, 0)
-    return AllocationProblem(error, size, allowed, int(rng.integers(p.smallest(), p.largest() + 1)))
+    """Somewhat larger than the tests' problems: up to 12 units, 7 options, sizes up to 40."""
+    from bitplan.planner.synthetic import random_problem as make
+    return make(seed, max_units=12, max_options=7, max_size=40)
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ Where the data come from, first that applies:
 1. `BITPLAN_PROFILE_FILE`: a `bitplan.profile/1` JSON file;
 2. a stored profile in the database (`BITPLAN_DB`, else the default one): `BITPLAN_PROFILE_ID`
    (an id or a unique prefix), else the newest;
-3. a synthetic SmolLM2-135M-shaped profile (`_synthetic.py`, seeded).
+3. a synthetic SmolLM2-135M-shaped profile (`bitplan.planner.synthetic`, seeded).
 
 Plans go to the database when one was chosen (`BITPLAN_DB` set, or the profile came from it), else to
 a temporary one. `BITPLAN_NOTEBOOK_SMALL=1` shrinks the sweep (3 budgets, smaller solve-time problems):
@@ -72,9 +72,7 @@ from bitplan.db.types import InvalidInput
 from bitplan.planner.plan import allocate, summarize
 from bitplan.planner.workflow import read_profile_file, run_compare
 
-HERE = next(p for p in (Path.cwd(), Path.cwd() / "notebooks") if (p / "_synthetic.py").is_file())
-sys.path.insert(0, str(HERE))  # also under PYTHONSAFEPATH=1, which `make test` sets
-from _synthetic import profile_with_modules, synthetic_profile
+from bitplan.planner.synthetic import profile_with_modules, synthetic_profile
 
 SMALL = os.environ.get("BITPLAN_NOTEBOOK_SMALL", "") not in ("", "0")
 BUDGETS = "3bpw,3.5bpw,4bpw" if SMALL else "2.5:4.5:0.25"
@@ -114,7 +112,7 @@ elif db is not None and (os.environ.get("BITPLAN_PROFILE_ID") or db.list_profile
         profile = db.list_profiles()[0]  # newest first
     source = "stored profile"
 else:
-    profile, source = synthetic_profile(), "synthetic SmolLM2-135M-shaped profile (_synthetic.py)"
+    profile, source = synthetic_profile(), "synthetic SmolLM2-135M-shaped profile (bitplan.planner.synthetic)"
 
 chosen = os.environ.get("BITPLAN_DB") or source == "stored profile"
 store = db if chosen else Store(str(Path(tempfile.mkdtemp(prefix="bitplan-nb-")) / "notebook.db"))

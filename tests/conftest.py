@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
-from bitplan.db.types import ModelRef, Module, Profile, parse_options
-from bitplan.planner.problem import AllocationProblem
+from bitplan.planner import synthetic
 
 WORDS = ("the king queen lord lady speak love death night day sword crown heart grief honour fair foul "
          "thou thee thy art doth hath shall will come go now here there what why when where how").split()
@@ -71,74 +69,22 @@ def text_file(tmp_path_factory):
     return p
 
 
-ROLES = {  # role -> [out_features, in_features], as in nn.Linear
-    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
-    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
-    "mlp.down_proj": (576, 1536),
-}
-PROFILE_FIXED_BITS = 8 * 2**20 * 8  # 8 MiB of embeddings and norms, counted only in size budgets
-
-
-def synthetic_profile(options: str = "2,3,4,8", seed: int = 0) -> Profile:
-    """30 layers x 7 roles + lm_head; error = sensitivity x numel x 4^-bits (more bits, less error)."""
-    rng = np.random.default_rng(seed)
-    modules = [Module(name=f"model.layers.{i}.{role}", shape=shape, layer=i, role=role.split(".")[1])
-               for i in range(30) for role, shape in ROLES.items()]
-    modules.append(Module(name="lm_head", shape=(4096, 576), role="lm_head"))
-    opts = parse_options(options)
-    bits = np.array([o.bits for o in opts], dtype=float)
-    numel = np.array([m.numel for m in modules], dtype=float)[:, None]
-    error = rng.lognormal(0, 1, (len(modules), 1)) * numel * 4.0 ** -bits * 1e-6
-    size = [[o.size_bits(*m.shape) for o in opts] for m in modules]
-    return Profile(id="prof-synthetic", model=ModelRef(name="synthetic"), estimator="synthetic", options=opts,
-                   modules=modules, error=error, size_bits=size, fixed_bits=PROFILE_FIXED_BITS)
-
-
 @pytest.fixture(scope="session")
 def make_profile():
     """The builder of a synthetic SmolLM2-shaped profile (no model needed)."""
-    return synthetic_profile
+    return synthetic.synthetic_profile
 
 
 # ------------------------------------------------------------------------ random allocation problems
 
 
-def make_random_problem(seed: int, budget: int | None = None) -> AllocationProblem:
-    """2-8 units, 2-5 options, small integer sizes (ties included), a random mask on most seeds,
-    errors decreasing with size on even seeds and arbitrary on odd ones; budget in [smallest, largest]."""
-    rng = np.random.default_rng(seed)
-    U, O = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-    size = np.sort(rng.integers(1, 25, (U, O)), axis=1)
-    error = rng.random((U, O))
-    if seed % 2 == 0:
-        error = -np.sort(-error, axis=1)
-    allowed = np.ones((U, O), dtype=bool)
-    if seed % 3:
-        allowed = rng.random((U, O)) < 0.7
-        allowed[np.arange(U), rng.integers(0, O, U)] = True  # every unit keeps an option
-    p = AllocationProblem(error, size, allowed, 0)
-    if budget is None:
-        budget = int(rng.integers(p.smallest(), p.largest() + 1))
-    return AllocationProblem(error, size, allowed, budget)
-
-
-def make_convex_problem(seed: int, U: int = 6, O: int = 5) -> AllocationProblem:
-    """Every unit's (size, error) strictly convex and decreasing, all allowed: each option is on the hull."""
-    rng = np.random.default_rng(seed)
-    d_size = rng.integers(1, 10, (U, O - 1))
-    gain = -np.sort(-rng.random((U, O - 1)), axis=1)  # error removed per bit, decreasing: convex
-    size = np.concatenate([rng.integers(5, 20, (U, 1)), d_size], axis=1).cumsum(axis=1)
-    error = np.concatenate([rng.random((U, 1)) + 10, -gain * d_size], axis=1).cumsum(axis=1)
-    return AllocationProblem(error, size, np.ones((U, O), dtype=bool), int(size[:, 0].sum()))
-
-
 @pytest.fixture(scope="session")
 def random_problem():
-    """The builder of a small random allocation problem (`make_random_problem`)."""
-    return make_random_problem
+    """The builder of a small random allocation problem (`bitplan.planner.synthetic.random_problem`)."""
+    return synthetic.random_problem
 
 
 @pytest.fixture(scope="session")
 def convex_problem():
-    """The builder of a small strictly convex allocation problem (`make_convex_problem`)."""
-    return make_convex_problem
+    """The builder of a small strictly convex allocation problem (`bitplan.planner.synthetic.convex_problem`)."""
+    return synthetic.convex_problem

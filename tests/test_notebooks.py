@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 
 from bitplan.db.store import Store  # noqa: E402
 from bitplan.db.types import Evaluation  # noqa: E402
+from bitplan.planner import synthetic  # noqa: E402
 from bitplan.planner.workflow import run_plan  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -33,7 +34,6 @@ def _load(name: str):
 
 
 builder = _load("build_compare_allocators")
-synthetic = _load("_synthetic")
 
 
 def _outputs(nb):

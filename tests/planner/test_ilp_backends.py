@@ -9,24 +9,9 @@ import pytest
 from bitplan.db.types import InvalidInput
 from bitplan.planner.allocators import dp, ilp
 from bitplan.planner.problem import AllocationProblem
+from bitplan.planner.synthetic import random_problem
 
 BACKENDS = ilp.BACKENDS
-
-
-def random_problem(seed: int) -> AllocationProblem:
-    """2-8 units, 2-5 options, small integer sizes (ties), random masks, monotone or arbitrary errors."""
-    rng = np.random.default_rng(seed)
-    U, O = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-    size = np.sort(rng.integers(1, 25, (U, O)), axis=1)
-    error = rng.random((U, O))
-    if seed % 2 == 0:
-        error = -np.sort(-error, axis=1)
-    allowed = np.ones((U, O), dtype=bool)
-    if seed % 3:
-        allowed = rng.random((U, O)) < 0.7
-        allowed[np.arange(U), rng.integers(0, O, U)] = True
-    p = AllocationProblem(error, size, allowed, 0)
-    return AllocationProblem(error, size, allowed, int(rng.integers(p.smallest(), p.largest() + 1)))
 
 
 def moe_problem(U: int, seed: int = 0) -> AllocationProblem:

@@ -1,9 +1,9 @@
-"""Synthetic profiles for the notebooks: no model, no database, seeded.
+"""Synthetic inputs for tests, benchmarks and notebooks: seeded profiles and allocation problems, no model.
 
-`synthetic_profile()` with its defaults is the SmolLM2-135M-shaped profile of tests/conftest.py
-(30 layers x 7 roles + lm_head, same seed, same errors); kept here as a copy so that a notebook never
-imports from tests/.  `n_layers` scales it (7 modules per layer) and `n_experts` gives every layer an
-MoE block instead of one MLP (3 matrices per expert, `expert` set), for the solve-time and heat-map cells.
+`synthetic_profile()` is SmolLM2-135M-shaped (30 layers x 7 roles + an untied lm_head; error =
+sensitivity x numel x 4^-bits); `n_layers` scales it and `n_experts` swaps each MLP for an MoE block
+(3 matrices per expert, `expert` set).  `random_problem` and `convex_problem` are small knapsacks for
+checking allocators against `dp`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitplan.db.types import ModelRef, Module, Profile, parse_options
+from bitplan.planner.problem import AllocationProblem
 
 ATTN = {  # role -> [out_features, in_features], as in nn.Linear
     "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
@@ -47,10 +48,41 @@ def synthetic_profile(options: str = "2,3,4,8", seed: int = 0, n_layers: int = 3
     error = rng.lognormal(0, 1, (len(modules), 1)) * numel * 4.0 ** -bits * 1e-6
     size = [[o.size_bits(*m.shape) for o in opts] for m in modules]
     name = "synthetic" if not n_experts else f"synthetic-moe{n_experts}"
-    return Profile(id=f"prof-{name}-{n_layers}l", model=ModelRef(name=name), estimator="synthetic",
+    pid = f"prof-{name}" if n_layers == 30 else f"prof-{name}-{n_layers}l"
+    return Profile(id=pid, model=ModelRef(name=name), estimator="synthetic",
                    options=opts, modules=modules, error=error, size_bits=size, fixed_bits=FIXED_BITS)
 
 
 def profile_with_modules(n_modules: int, seed: int = 0) -> Profile:
     """A dense synthetic profile of about `n_modules` modules (7 per layer, + lm_head)."""
     return synthetic_profile(seed=seed, n_layers=max(1, round((n_modules - 1) / 7)))
+
+
+def random_problem(seed: int, budget: int | None = None, *, max_units: int = 8, max_options: int = 5,
+                   max_size: int = 24) -> AllocationProblem:
+    """2..max_units units, 2..max_options options, integer sizes up to max_size (ties included), a random mask on most seeds,
+    errors decreasing with size on even seeds and arbitrary on odd ones; budget in [smallest, largest]."""
+    rng = np.random.default_rng(seed)
+    U, O = int(rng.integers(2, max_units + 1)), int(rng.integers(2, max_options + 1))
+    size = np.sort(rng.integers(1, max_size + 1, (U, O)), axis=1)
+    error = rng.random((U, O))
+    if seed % 2 == 0:
+        error = -np.sort(-error, axis=1)
+    allowed = np.ones((U, O), dtype=bool)
+    if seed % 3:
+        allowed = rng.random((U, O)) < 0.7
+        allowed[np.arange(U), rng.integers(0, O, U)] = True  # every unit keeps an option
+    p = AllocationProblem(error, size, allowed, 0)
+    if budget is None:
+        budget = int(rng.integers(p.smallest(), p.largest() + 1))
+    return AllocationProblem(error, size, allowed, budget)
+
+
+def convex_problem(seed: int, U: int = 6, O: int = 5) -> AllocationProblem:
+    """Every unit's (size, error) strictly convex and decreasing, all allowed: each option is on the hull."""
+    rng = np.random.default_rng(seed)
+    d_size = rng.integers(1, 10, (U, O - 1))
+    gain = -np.sort(-rng.random((U, O - 1)), axis=1)  # error removed per bit, decreasing: convex
+    size = np.concatenate([rng.integers(5, 20, (U, 1)), d_size], axis=1).cumsum(axis=1)
+    error = np.concatenate([rng.random((U, 1)) + 10, -gain * d_size], axis=1).cumsum(axis=1)
+    return AllocationProblem(error, size, np.ones((U, O), dtype=bool), int(size[:, 0].sum()))
