@@ -85,8 +85,10 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Config plus a strided sample of every tensor: stable across loads, cheap for any size."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """Config plus a strided sample of every tensor: stable across loads and install locations, cheap for any size."""
+    # where the model was loaded from, and by which transformers, is not what the model is
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 65536)

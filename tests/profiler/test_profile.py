@@ -88,3 +88,10 @@ def test_bad_sources_fail_before_loading(tmp_path):
 def test_too_few_tokens_is_a_clear_error(loaded, text_file):
     with pytest.raises(InvalidInput, match="at least 64"):
         profile_model(loaded, parse_options("4"), calib=str(text_file), n_tokens=10, seq_len=64, progress=False)
+
+
+def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_checkpoint, tmp_path):
+    import shutil
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_checkpoint, copy)
+    assert load_model(str(copy)).ref.fingerprint == load_model(str(tiny_checkpoint)).ref.fingerprint
