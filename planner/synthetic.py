@@ -86,3 +86,13 @@ def convex_problem(seed: int, U: int = 6, O: int = 5) -> AllocationProblem:
     size = np.concatenate([rng.integers(5, 20, (U, 1)), d_size], axis=1).cumsum(axis=1)
     error = np.concatenate([rng.random((U, 1)) + 10, -gain * d_size], axis=1).cumsum(axis=1)
     return AllocationProblem(error, size, np.ones((U, O), dtype=bool), int(size[:, 0].sum()))
+
+
+def large_problem(U: int = 45_000, seed: int = 0, bpw: float = 3.5) -> AllocationProblem:
+    """A large-MoE-sized knapsack: U units x 7 options (2..8, 16 bits, g64), noisy exponential curves."""
+    rng = np.random.default_rng(seed)
+    bits = np.array([2, 3, 4, 5, 6, 8, 16])
+    numel = rng.choice([576 * 576, 192 * 576, 1536 * 576], U)
+    size = numel[:, None] * bits + numel[:, None] // 64 * (16 + bits) * (bits < 16)
+    error = rng.lognormal(0, 2, (U, 1)) * 4.0 ** -bits * (1 + 0.1 * rng.random((U, 7)))
+    return AllocationProblem(error, size, np.ones((U, 7), dtype=bool), int(bpw * numel.sum()), numel)

@@ -5,6 +5,7 @@ import pytest
 
 from bitplan.db.types import InfeasibleBudget
 from bitplan.planner.allocators import ALLOCATORS, dp, greedy, ilp, uniform
+from bitplan.planner.synthetic import large_problem
 from bitplan.planner.problem import AllocationProblem
 
 NAMES = sorted(ALLOCATORS)
@@ -153,12 +154,7 @@ def test_ilp_with_a_loose_gap_says_so(random_problem):
 
 def test_greedy_at_scale():
     """45,000 units x 7 options (a large MoE): runs (well under a second here) and fits."""
-    rng = np.random.default_rng(0)
-    U, bits = 45_000, np.array([2, 3, 4, 5, 6, 8, 16])
-    numel = rng.choice([576 * 576, 192 * 576, 1536 * 576], U)
-    size = numel[:, None] * bits + numel[:, None] // 64 * (16 + bits) * (bits < 16)
-    error = rng.lognormal(0, 2, (U, 1)) * 4.0 ** -bits * (1 + 0.1 * rng.random((U, 7)))
-    p = AllocationProblem(error, size, np.ones((U, 7), dtype=bool), int(3.5 * numel.sum()))
+    p = large_problem()
     a = greedy.solve(p)
     assert_valid(p, a.choice)
     assert a.info["bound"] <= p.total_error(a.choice)

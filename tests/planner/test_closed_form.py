@@ -1,12 +1,12 @@
 """`closed_form`: fitted curves, water-filling, rounding and repair; checked against `dp`, `ilp` and `uniform`."""
 
-import time
 
 import numpy as np
 import pytest
 
 from bitplan.planner.allocators import closed_form, dp, ilp, uniform
 from bitplan.planner.plan import allocate
+from bitplan.planner.synthetic import large_problem
 from bitplan.planner.problem import AllocationProblem
 
 BITS = np.array([2, 3, 4, 5, 6, 8])
@@ -122,20 +122,11 @@ def test_units_without_a_curve():
         assert a.choice[0] == 1 and a.choice[1] == 0 and a.choice[2] == 0
 
 
-def test_at_scale_under_a_second():
-    """45,000 units x 7 options (a large MoE), noisy exponential curves: under a second, gap under 1%."""
-    rng = np.random.default_rng(0)
-    U, bits = 45_000, np.array([2, 3, 4, 5, 6, 8, 16])
-    numel = rng.choice([576 * 576, 192 * 576, 1536 * 576], U)
-    size = numel[:, None] * bits + numel[:, None] // 64 * (16 + bits) * (bits < 16)
-    error = rng.lognormal(0, 2, (U, 1)) * 4.0 ** -bits * (1 + 0.1 * rng.random((U, 7)))
-    p = AllocationProblem(error, size, np.ones((U, 7), dtype=bool), int(3.5 * numel.sum()), numel)
-    seconds = []
-    for _ in range(2):  # the better of two: a busy machine should not fail the test
-        t0 = time.perf_counter()
-        a = closed_form.solve(p)
-        seconds.append(time.perf_counter() - t0)
-    assert min(seconds) < 1.0
+def test_at_scale():
+    """45,000 units x 7 options (a large MoE), noisy exponential curves: gap under 1% (its time is
+    measured by bench/scale.py, not asserted here)."""
+    p = large_problem()
+    a = closed_form.solve(p)
     assert_valid(p, a.choice)
     assert a.info["gap"] < 0.01
     assert 1.9 < a.info["theta_median"] < 2.1  # 4^-bits, bits per weight with the overheads
