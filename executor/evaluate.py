@@ -20,3 +20,33 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: str = "cpu", pro
         nll += float(nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: int = 128, vocab: int | None = None,
+                 device: str = "cuda", seed: int = 0) -> dict:
+    """Greedy generation of `new_tokens` after a `prompt`-token random prompt, `batch` sequences at once.
+
+    Returns decode tokens/s (new tokens of all sequences over the time after the first one, so prefill
+    is not counted), prefill seconds and peak GPU memory.  Random prompts: speed does not depend on the text.
+    """
+    import time
+
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up: kernels compiled and tuned, allocator primed
+    torch.cuda.reset_peak_memory_stats()
+    prefill = timed(1)
+    total = timed(new_tokens)
+    return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill,
+                decode_tokens_per_s=batch * (new_tokens - 1) / max(total - prefill, 1e-9),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -34,7 +34,7 @@ class QuantizedWeight:
         return self.option.group_size or self.q.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = torch.arange(self.q.shape[1]) // self.group_size
+        g = torch.arange(self.q.shape[1], device=self.q.device) // self.group_size
         z = 2 ** (self.option.bits - 1) if self.zeros is None else self.zeros[:, g].float()
         return ((self.q.float() - z) * self.scales[:, g].float()).to(dtype)
 
@@ -77,7 +77,7 @@ def rtn(W: torch.Tensor, option: Option) -> QuantizedWeight:
     N, K = W.shape
     gs = option.group_size or K
     scale, z = _grid(_grouped(W, gs, float("nan")), option)  # padding is NaN: no group's range sees it
-    g = torch.arange(K) // gs
+    g = torch.arange(K, device=W.device) // gs
     q = _codes(W, scale[:, g], z[:, g], option.bits).to(torch.int32)
     return QuantizedWeight(q=q, scales=scale.half(), zeros=None if option.symmetric else z.to(torch.int32),
                            option=option)

@@ -47,7 +47,7 @@ def pack(q: torch.Tensor, bits: int) -> list[torch.Tensor]:
         shift -= w
         v = (q >> shift) & ((1 << w) - 1)  # this shard's bits of every code
         per = WORD // w
-        v = v.view(-1, per, N) << (torch.arange(per, dtype=torch.int64) * w).view(1, per, 1)
+        v = v.view(-1, per, N) << (torch.arange(per, dtype=torch.int64, device=q.device) * w).view(1, per, 1)
         word = v.sum(dim=1)  # disjoint bit fields: sum == bitwise or
         # int32 storage with wrap-around, as GPTQ stores it
         out.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous())
@@ -61,7 +61,8 @@ def unpack(packed: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
         shift -= w
         per = WORD // w
         word = word.to(torch.int64) & 0xFFFFFFFF
-        v = (word.unsqueeze(1) >> (torch.arange(per, dtype=torch.int64) * w).view(1, per, 1)) & ((1 << w) - 1)
+        v = (word.unsqueeze(1) >> (torch.arange(per, dtype=torch.int64, device=word.device) * w).view(1, per, 1)) \
+            & ((1 << w) - 1)
         v = v.reshape(-1, word.shape[-1]) << shift
         q = v if q is None else q | v
     return q[:k].to(torch.int32)
@@ -78,7 +79,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Weights transposed, `[K, N]`, from packed codes, `scales: [G, N]` and integer `zeros: [G, N]`."""
     q = unpack(packed, bits, k).to(torch.float32)
-    g = torch.arange(k) // group_size  # group of every input row
+    g = torch.arange(k, device=scales.device) // group_size  # group of every input row
     z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
     return ((q - z[g]) * scales.float()[g]).to(dtype)
 

@@ -1,4 +1,5 @@
-"""The Triton kernel against the torch reference, on CPU through Triton's interpreter (no GPU in CI)."""
+"""The Triton kernels against the torch reference: on CPU through Triton's interpreter (CI has no GPU),
+on the GPU when run there with `TRITON_INTERPRET=0`."""
 
 import os
 
@@ -11,6 +12,7 @@ triton = pytest.importorskip("triton")
 from bitplan.kernels import reference  # noqa: E402
 from bitplan.kernels.matmul import matmul  # noqa: E402
 
+DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 CASES = [  # (M, K, N, group): K = 576 is SmolLM2's hidden size, not a multiple of 128
     (1, 576, 40, 64), (3, 576, 24, 128), (17, 96, 33, 32), (1, 200, 16, 64),
 ]
@@ -25,26 +27,57 @@ def packed_weight(K, N, bits, group, symmetric, seed=0):
     return reference.pack(q, bits), scales, zeros
 
 
+def run(x, packed, scales, zeros, bits, group, K, **kw):
+    """The kernel on DEVICE, result back on the CPU."""
+    pz = None if zeros is None else [t.to(DEVICE) for t in reference.pack(zeros, bits)]
+    got = matmul(x.to(DEVICE), [t.to(DEVICE) for t in packed], scales.to(DEVICE), pz, bits, group, K, **kw)
+    return got.cpu()
+
+
+def check(got, want):
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}K{}N{}g{}".format(*c))
-def test_matches_reference(case, bits, symmetric, dtype):
+@pytest.mark.parametrize("regime", ["gemv", "tiled"])
+def test_matches_reference(case, bits, symmetric, dtype, regime):
     M, K, N, group = case
     packed, scales, zeros = packed_weight(K, N, bits, group, symmetric)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype)
-    pz = None if zeros is None else reference.pack(zeros, bits)
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
-    got = matmul(x, packed, scales, pz, bits, group, K)
+    got = run(x, packed, scales, zeros, bits, group, K, regime=regime)
     assert got.dtype == dtype and got.shape == (M, N)
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    check(got, want)
 
 
-def test_split_k_sums_every_slice():
-    K, N, bits, group = 576, 24, 4, 64
+@pytest.mark.parametrize("regime", ["gemv", "tiled"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_split_k_sums_every_slice(regime, bits):
+    K, N, group = 576, 24, 64
     packed, scales, zeros = packed_weight(K, N, bits, group, False)
     x = torch.randn(2, K).half()
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
-    for split in (1, 3, 9):
-        got = matmul(x, packed, scales, reference.pack(zeros, bits), bits, group, K, config={"SPLIT_K": split})
-        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    for split in (1, 2, 3):
+        check(run(x, packed, scales, zeros, bits, group, K, regime=regime, config={"SPLIT_K": split}), want)
+
+
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_dispatcher_and_per_channel_group(M):
+    """Default path (no regime, no config): per-channel scales (group = K) and a batch on each side of 16."""
+    K, N, bits = 256, 48, 4
+    packed, scales, zeros = packed_weight(K, N, bits, K, False)
+    x = torch.randn(M, 2, K).half()[:, 0]  # a non-contiguous view, as a sliced activation would be
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, K, K)
+    check(run(x, packed, scales, zeros, bits, K, K), want)
+
+
+def test_three_dim_input_keeps_leading_dims():
+    K, N, bits, group = 96, 16, 2, 32
+    packed, scales, zeros = packed_weight(K, N, bits, group, True)
+    x = torch.randn(2, 3, K).half()
+    got = run(x, packed, scales, zeros, bits, group, K)
+    assert got.shape == (2, 3, N)
+    check(got, reference.matmul(x.float(), packed, scales, zeros, bits, group, K))
