@@ -67,9 +67,12 @@ def profile_id(p: Profile) -> str:
     digest = hashlib.sha256()
     for a in (p.error, p.size_bits):
         digest.update(np.ascontiguousarray(a).tobytes())
+    # A latency table is content too; without one the id is what it always was.
+    extra = () if p.latency is None else (
+        p.latency_source, list(p.latency_batches), hashlib.sha256(np.ascontiguousarray(p.latency).tobytes()).hexdigest())
     return content_id(p.model.model_dump(), p.calibration.model_dump(), p.estimator, p.device,
                       [o.model_dump() for o in p.options], [m.model_dump() for m in p.modules],
-                      p.fixed_bits, digest.hexdigest(), prefix="prof-")
+                      p.fixed_bits, digest.hexdigest(), *extra, prefix="prof-")
 
 
 # ---------------------------------------------------------------------------------- row <-> type
@@ -84,6 +87,8 @@ def _profile_row(p: Profile) -> ProfileRow:
         # float errors barely compress; the int sizes repeat per shape and shrink ~10x.
         error=pack_array(p.error), size_bits=pack_array(p.size_bits, compress=True),
         fixed_bits=p.fixed_bits, seconds=p.seconds, created_at=p.created_at,
+        latency=None if p.latency is None else pack_array(p.latency),
+        latency_batches=list(p.latency_batches) or None, latency_source=p.latency_source or None,
     )
 
 
@@ -94,6 +99,8 @@ def _profile(r: ProfileRow) -> Profile:
         modules=[Module(**m) for m in _unpack_json(r.modules)],
         error=unpack_array(r.error), size_bits=unpack_array(r.size_bits),
         fixed_bits=r.fixed_bits, seconds=r.seconds, created_at=r.created_at,
+        latency=None if r.latency is None else unpack_array(r.latency),
+        latency_batches=r.latency_batches or [], latency_source=r.latency_source or "",
     )
 
 

@@ -100,6 +100,10 @@ class ProfileRow(Base):
     fixed_bits: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Double, default=0.0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Optional [M, O, B] latency seconds (np.save format), its batch sizes and source (migration 0002).
+    latency: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    latency_batches: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    latency_source: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class PlanRow(Base):
@@ -122,6 +126,8 @@ class PlanRow(Base):
     solve_seconds: Mapped[float] = mapped_column(Double)
     assignment: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON)  # module name -> Option dict
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    predicted_latency: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # batch -> s
+    latency_source: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class EvaluationRow(Base):

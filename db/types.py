@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 PROFILE_FORMAT = "bitplan.profile/1"
 PLAN_FORMAT = "bitplan.plan/1"
@@ -137,6 +138,22 @@ class Module(BaseModel):
     layer: int | None = None
     role: str = ""
     expert: int | None = None
+    # MoE routing statistics of a routed expert's matrix on the calibration text (profiler/moe.py):
+    # (token, slot) pairs routed to the expert, the mean and total routing weight its output was
+    # multiplied by, and whether its error is the fallback for an expert that got no tokens.
+    tokens_routed: int | None = None
+    routing_weight: float | None = None
+    routing_weight_total: float | None = None
+    fallback: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # Routing fields only where measured: a dense module serialises, stores and hashes as before.
+        d = handler(self)
+        for k in ("tokens_routed", "routing_weight", "routing_weight_total", "fallback"):
+            if d.get(k) is None or d.get(k) is False:
+                d.pop(k, None)
+        return d
 
     @property
     def numel(self) -> int:
@@ -191,6 +208,11 @@ class Profile(BaseModel):
     fixed_bits: int = 0  # everything not planned (embeddings, norms), counted in a ...MiB budget
     seconds: float = 0.0
     created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    # Optional: seconds of one call of module m with option o at batch latency_batches[b], [M, O, B],
+    # from `latency_source` ("roofline:H100" or "measured:<device name>"; profiler/latency.py).
+    latency: np.ndarray | None = None
+    latency_batches: list[int] = []
+    latency_source: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +223,8 @@ class Profile(BaseModel):
                 data["error"] = _as_matrix(data["error"], np.float64)
             if "size_bits" in data:
                 data["size_bits"] = _as_matrix(data["size_bits"], np.int64)
+            if data.get("latency") is not None:
+                data["latency"] = _as_matrix(data["latency"], np.float64)
         return data
 
     @model_validator(mode="after")
@@ -215,18 +239,38 @@ class Profile(BaseModel):
             raise ValueError("error must be finite and >= 0")
         if np.any(self.size_bits <= 0):
             raise ValueError("size_bits must be > 0")
+        self._check_latency(M, O)
         names = [m.name for m in self.modules]
         if len(set(names)) != M:
             dup = sorted({n for n in names if names.count(n) > 1})[:3]
             raise ValueError(f"duplicate module names: {dup}")
         return self
 
+    def _check_latency(self, M: int, O: int) -> None:
+        if self.latency is None:
+            if self.latency_batches or self.latency_source:
+                raise ValueError("latency_batches and latency_source come only with a latency table")
+            return
+        B = len(self.latency_batches)
+        if B == 0 or any(b <= 0 for b in self.latency_batches) or self.latency_batches != sorted(
+                set(self.latency_batches)):
+            raise ValueError(f"latency_batches must be increasing positive batch sizes, got {self.latency_batches}")
+        if self.latency.shape != (M, O, B):
+            raise ValueError(f"latency has shape {self.latency.shape}, expected [modules={M}, options={O}, "
+                             f"batches={B}]")
+        if not np.all(np.isfinite(self.latency)) or np.any(self.latency <= 0):
+            raise ValueError("latency must be finite and > 0 seconds")
+        if not self.latency_source:
+            raise ValueError("a latency table needs its latency_source, e.g. 'roofline:H100'")
+
     def __eq__(self, other: object) -> bool:
         # pydantic's field-wise == would ask numpy arrays for a truth value
         if not isinstance(other, Profile):
             return NotImplemented
-        skip = {"error", "size_bits"}
-        return (self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+        skip = {"error", "size_bits", "latency"}
+        same_latency = (self.latency is None and other.latency is None) or (
+            self.latency is not None and other.latency is not None and np.array_equal(self.latency, other.latency))
+        return (self.model_dump(exclude=skip) == other.model_dump(exclude=skip) and same_latency
                 and np.array_equal(self.error, other.error) and np.array_equal(self.size_bits, other.size_bits))
 
     __hash__ = None  # arrays inside: not hashable
@@ -237,8 +281,9 @@ class Profile(BaseModel):
         return sum(m.numel for m in self.modules)
 
     def to_dict(self) -> dict:
-        """The interchange format `bitplan.profile/1` (README)."""
-        return {
+        """The interchange format `bitplan.profile/1` (README); latency keys only when there is a table,
+        so files without one read and write as they always did."""
+        d = {
             "format": PROFILE_FORMAT,
             "id": self.id,
             "model": self.model.model_dump(),
@@ -255,6 +300,11 @@ class Profile(BaseModel):
             "seconds": self.seconds,
             "created_at": self.created_at.isoformat(),
         }
+        if self.latency is not None:
+            d["latency_source"], d["latency_batches"] = self.latency_source, list(self.latency_batches)
+            for i, m in enumerate(d["modules"]):
+                m["latency"] = self.latency[i].tolist()  # [option][batch], seconds
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "Profile":
@@ -268,9 +318,11 @@ class Profile(BaseModel):
             if not isinstance(mods, list):
                 raise TypeError("modules must be a list")
             fields = {k: v for k, v in d.items() if k not in ("format", "modules")}
-            fields["modules"] = [{k: m[k] for k in m if k not in ("error", "size_bits")} for m in mods]
+            fields["modules"] = [{k: m[k] for k in m if k not in ("error", "size_bits", "latency")} for m in mods]
             fields["error"] = [m["error"] for m in mods]
             fields["size_bits"] = [m["size_bits"] for m in mods]
+            if any("latency" in m for m in mods):
+                fields["latency"] = [m["latency"] for m in mods]
             fields.setdefault("model", {"name": "unknown"})
             return cls.model_validate(fields)
         except (KeyError, TypeError, ValueError) as e:
@@ -355,6 +407,10 @@ class Plan(BaseModel):
     status: str  # "optimal" | "feasible (gap g)" | "heuristic" | ...
     solve_seconds: float
     created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    # Seconds per forward pass of the planned modules at each batch of the profile's latency table
+    # (None: the profile has none), and where that table came from.
+    predicted_latency: dict[int, float] | None = None
+    latency_source: str | None = None
 
     @property
     def size_mib(self) -> float:

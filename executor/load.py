@@ -1,7 +1,8 @@
 """Load a checkpoint written by `apply`: build the model skeleton, swap in `QuantLinear`, load the buffers.
 
-Built gpt-fast style: skeleton without weight initialisation, quantized modules swapped in by name
-from `quantization_config`, then the state dict loaded; tied weights are tied again afterwards.
+Built gpt-fast style: skeleton without weight initialisation, fused MoE experts un-fused into per-expert
+linears (the names `apply` wrote), quantized modules swapped in by name from `quantization_config`,
+then the state dict loaded; tied weights are tied again afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
 from bitplan.executor.apply import QUANT_METHOD
 from bitplan.executor.quant_linear import QuantLinear
+from bitplan.profiler.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     del config.quantization_config  # ours, not transformers': it must not try to load it
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # `apply` wrote MoE experts under their un-fused names (profiler/moe.py); the skeleton must match
+    unfuse_experts(model)
     for name, spec in qc["modules"].items():
         option = Option(**spec)
         if not option.quantized:

@@ -72,12 +72,32 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
     c.add_argument("--output", help="also write the profile as bitplan.profile/1 JSON to this file")
+    c.add_argument("--latency", metavar="SOURCE",
+                   help="also fill the latency table (seconds per module, option and batch), which "
+                        "`plan --latency-budget` needs: roofline:GPU for GPU in H100, H200, A100, L40S, RTX4090 "
+                        "(datasheet bandwidth and bf16 FLOP/s, no GPU needed), or measured (not yet: issue 5)")
+    c.add_argument("--latency-batches", default="1,16,256", metavar="B,B,...",
+                   help="batch sizes of the latency table (default 1,16,256)")
 
     c = cmd("plan", cmd_plan, "choose an option for every module under a memory budget; stores a Plan")
     c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
     c.add_argument("--profile-file", help="plan from a bitplan.profile/1 JSON file instead (no model needed)")
     c.add_argument("--budget", default="3.5bpw", help="3.5bpw (overheads included), 900MiB, 0.9GiB, ...")
-    c.add_argument("--allocator", default="ilp", help="ilp (default), closed_form, greedy, dp, uniform")
+    c.add_argument("--allocator", default="ilp",
+                   help="ilp (default), closed_form, greedy, dp, uniform, or evolutionary (loads the profile's "
+                        "model and searches on measured KL, starting from ilp's plan)")
+    c.add_argument("--generations", type=int, help="evolutionary: generations (default 20)")
+    c.add_argument("--offspring", type=int, help="evolutionary: offspring per generation (default 16)")
+    c.add_argument("--search-state", metavar="PATH",
+                   help="evolutionary: keep the search state in this JSON file and resume from it if it exists")
+    c.add_argument("--latency-budget", metavar="TIME@batchB",
+                   help="also at most this latency per forward pass at batch B, e.g. 8ms@batch1 or 250us@batch16 "
+                        "(units s, ms, us; B one of the profile's latency batches; ilp only)")
+    c.add_argument("--objective", default="error", metavar="error|latency|error+λ*latency",
+                   help="what ilp minimises: predicted error (default), latency, or error+λ*latency with λ in "
+                        "nats per millisecond (λ nats of predicted loss increase per token weigh as much as "
+                        "1 ms at the --latency-budget's batch, else the profile's smallest), "
+                        "e.g. error+0.5*latency")
     plan_options(c)
     c.add_argument("--output", help="also write the plan as JSON to this file")
 
@@ -96,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("plan", help="stored plan id (or unique prefix), or a plan JSON file")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--format", default="bitplan", choices=["bitplan", "gptqmodel", "compressed-tensors", "llamacpp"],
+                   help="bitplan (default, our kernels), gptqmodel (GPTQ with per-module dynamic rules: GPTQModel, "
+                        "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
+                        "llama-quantize command line)")
 
     c = cmd("eval", cmd_eval, "measure perplexity of a checkpoint on held-out text; stores an Evaluation")
     c.add_argument("checkpoint", help="checkpoint written by apply, any HF directory, .gguf, or smollm2-135m")
@@ -130,6 +154,10 @@ def plan_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--granularity", default="module",
                    help="units that share one option: each module (default), all matrices of one MoE "
                         "expert, or all modules of one decoder layer")
+    c.add_argument("--engine", default="bitplan", choices=["bitplan", "vllm", "llamacpp"],
+                   help="what will run the plan: bitplan (default: any option per module), vllm (q/k/v and "
+                        "gate/up tied, all experts of a layer tied, GPTQ widths), llamacpp (experts tied per "
+                        "matrix kind, GGUF types and their exact sizes)")
     c.add_argument("--pin", action="append", default=[], metavar="PATTERN(=|>=|<=)BITS",
                    help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
     c.add_argument("--seed", type=int, default=0)
@@ -152,7 +180,8 @@ def cmd_profile(args):
     from bitplan.planner.workflow import run_profile, write_json
     profile = run_profile(_store(args), args.model, options=args.options, group_size=args.group_size,
                           estimator=args.estimator, calib=args.calib, tokens=args.tokens, seq_len=args.seq_len,
-                          device=args.device, force=args.force, progress=not args.quiet)
+                          device=args.device, force=args.force, progress=not args.quiet, latency=args.latency,
+                          latency_batches=args.latency_batches)
     if args.output:
         write_json(profile.to_dict(), args.output)
     _emit(args, profile.to_dict(), format_profile(profile))
@@ -163,10 +192,19 @@ def cmd_plan(args):
     store = _store(args)
     profile = _profile_arg(store, args)
     plan = run_plan(store, profile, args.budget, args.allocator, pins=args.pin, seed=args.seed,
-                    time_limit=args.time_limit, granularity=args.granularity)
+                    time_limit=args.time_limit, granularity=args.granularity,
+                    latency_budget=args.latency_budget, objective=args.objective,
+                    params=_search_params(args), search_state=args.search_state, progress=not args.quiet,
+                    engine=args.engine)
     if args.output:
         write_json(plan.to_dict(), args.output)
     _emit(args, plan.to_dict(), format_plan(plan, profile))
+
+
+def _search_params(args) -> dict | None:
+    """--generations / --offspring: the evolutionary allocator's parameters (any other allocator refuses them)."""
+    given = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
+    return given or None
 
 
 def cmd_compare(args):
@@ -174,7 +212,8 @@ def cmd_compare(args):
     budgets = parse_budgets(args.budgets)  # a bad budget fails before the profile is read
     store = _store(args)
     rows = run_compare(store, _profile_arg(store, args), budgets, _csv(args.allocators), pins=args.pin,
-                       seed=args.seed, time_limit=args.time_limit, granularity=args.granularity)
+                       seed=args.seed, time_limit=args.time_limit, granularity=args.granularity,
+                       engine=args.engine)
     if args.output:
         write_json({"rows": rows}, args.output)
     _emit(args, {"rows": rows}, format_compare(rows))
@@ -195,7 +234,7 @@ def cmd_apply(args):
         plan = Plan.from_dict(_read_json(args.plan))
     else:
         plan = _find(store, args.plan, "plan")
-    out = run_apply(store, plan, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    out = run_apply(store, plan, args.out, overwrite=args.overwrite, progress=not args.quiet, fmt=args.format)
     _emit(args, {"id": plan.id, "checkpoint": str(out)}, f"wrote {out} (plan {plan.id}, "
           f"{plan.bits_per_weight:.3f} bpw, {plan.size_mib:.1f} MiB)")
 
@@ -226,7 +265,9 @@ def cmd_show(args):
     if kind == "profile":
         _emit(args, obj.to_dict(), format_profile(obj))
     elif kind == "plan":
-        _emit(args, obj.to_dict(), format_plan(obj, _maybe_profile(store, obj.profile_id)))
+        from bitplan.planner.heatmap import expert_heatmap
+        profile = _maybe_profile(store, obj.profile_id)
+        _emit(args, obj.to_dict(), "\n".join(filter(None, [format_plan(obj, profile), expert_heatmap(obj, profile)])))
     else:
         _emit(args, obj.model_dump(mode="json"), format_evaluation(obj))
 
@@ -252,7 +293,9 @@ def cmd_demo(args):
 def format_profile(p: Profile) -> str:
     return (f"profile {p.id}: {p.model.name}, estimator {p.estimator}, {len(p.modules)} modules x "
             f"{len(p.options)} options ({', '.join(o.label for o in p.options)}), "
-            f"{p.calibration.n_tokens} tokens of {p.calibration.name or '?'}, {p.seconds:.0f} s")
+            f"{p.calibration.n_tokens} tokens of {p.calibration.name or '?'}, {p.seconds:.0f} s"
+            + (f", latency {p.latency_source} at batches {','.join(map(str, p.latency_batches))}"
+               if p.latency is not None else ""))
 
 
 def format_plan(plan: Plan, profile: Profile | None = None) -> str:
@@ -266,8 +309,14 @@ def format_plan(plan: Plan, profile: Profile | None = None) -> str:
     lines += [f"  bits/weight      {plan.bits_per_weight:.4f}",
               f"  size             {plan.size_mib:.2f} MiB (planned {plan.total_bits / 8 / 2**20:.2f} MiB "
               f"+ fixed {plan.fixed_bits / 8 / 2**20:.2f} MiB)",
-              f"  predicted error  {plan.predicted_error:.6g}",
-              f"  solver           {plan.status}, {plan.solve_seconds:.3f} s"]
+              f"  predicted error  {plan.predicted_error:.6g}"]
+    if plan.predicted_latency:
+        from bitplan.planner.latency import format_seconds
+        lines.append(f"  latency          " + ", ".join(f"{format_seconds(t)} at batch {b}"
+                                                         for b, t in sorted(plan.predicted_latency.items()))
+                     + f" ({plan.latency_source}" + (f", budget {plan.params['latency_budget']})"
+                                                     if "latency_budget" in plan.params else ")"))
+    lines.append(f"  solver           {plan.status}, {plan.solve_seconds:.3f} s")
     return "\n".join(lines)
 
 

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Module, Plan, Profile, content_id
-from bitplan.planner.allocators import ALLOCATORS
+from bitplan.planner.allocators import ALLOCATORS, needs_context
+from bitplan.planner.engines import constrain, tie_keys
 from bitplan.planner.pins import apply_pins, parse_pin
-from bitplan.planner.problem import AllocationProblem
+from bitplan.planner.latency import LatencyBudget, Objective, batch_index, plan_latency, planning_terms
+from bitplan.planner.problem import AllocationProblem, InfeasibleLatency
 
 
 class AllocatorBug(RuntimeError):
@@ -27,11 +29,12 @@ class AllocatorBug(RuntimeError):
 GRANULARITIES = ("module", "expert", "layer")
 
 
-def unit_of(modules: Sequence[Module], granularity: str = "module") -> np.ndarray:
+def unit_of(modules: Sequence[Module], granularity: str = "module", engine: str = "bitplan") -> np.ndarray:
     """[M] the unit of each module, numbered in order of first appearance.
 
     `expert`: all matrices of one (layer, expert); `layer`: all modules of one layer. A module
-    without an expert (or without a layer) stays a unit of its own.
+    without an expert (or without a layer) stays a unit of its own. `engine` adds that engine's ties
+    (planner/engines.py); a unit is then a connected component of both partitions.
     """
     if granularity not in GRANULARITIES:
         raise InvalidInput(f"unknown granularity {granularity!r}; known: {list(GRANULARITIES)}")
@@ -44,35 +47,69 @@ def unit_of(modules: Sequence[Module], granularity: str = "module") -> np.ndarra
         return ("module", i)
 
     ids: dict = {}
-    return np.array([ids.setdefault(key(i, m), len(ids)) for i, m in enumerate(modules)], dtype=np.int64)
+    unit = np.array([ids.setdefault(key(i, m), len(ids)) for i, m in enumerate(modules)], dtype=np.int64)
+    return unit if engine == "bitplan" else _join(unit, tie_keys(modules, engine))
+
+
+def _join(unit: np.ndarray, keys: list) -> np.ndarray:
+    """Units merged wherever two modules share a key (union-find), renumbered in order of first appearance."""
+    parent = list(range(int(unit.max()) + 1))
+
+    def root(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    first: dict = {}
+    for u, k in zip(unit.tolist(), keys):
+        a, b = root(u), root(first.setdefault(k, u))
+        parent[max(a, b)] = min(a, b)
+    ids: dict = {}
+    return np.array([ids.setdefault(root(u), len(ids)) for u in unit.tolist()], dtype=np.int64)
 
 
 def problem_from_profile(profile: Profile, budget_bits: int, allowed: np.ndarray | None = None,
-                         granularity: str = "module") -> tuple[AllocationProblem, np.ndarray]:
+                         granularity: str = "module", *, latency_batch: int | None = None,
+                         latency_budget: float | None = None,
+                         objective: Objective | None = None,
+                         engine: str = "bitplan") -> tuple[AllocationProblem, np.ndarray]:
     """The knapsack of a profile at `granularity`, and `unit [M]`: module m takes the option of unit[m].
 
-    A unit's error and size (bits) at an option are its modules' sums; it may take an option only
-    where every member may (`allowed` per module, e.g. from pins).
+    A unit's error, size (bits) and latency at an option are its modules' sums; it may take an option
+    only where every member may (`allowed` per module, e.g. from pins). With `latency_batch`, the
+    problem carries the profile's latencies at that batch (and `latency_budget`, seconds); `objective`
+    replaces the error the allocator minimises (planner/latency.py).
     """
     if allowed is None:
         allowed = np.ones(profile.error.shape, dtype=bool)
     numel = np.array([m.numel for m in profile.modules], dtype=np.int64)
-    unit = unit_of(profile.modules, granularity)
+    unit = unit_of(profile.modules, granularity, engine)
     U = int(unit.max()) + 1
+    lat = None if latency_batch is None else profile.latency[:, :, batch_index(profile, latency_batch)]
+    objective = objective or Objective()
+    timing = dict(latency_budget=latency_budget, objective=str(objective))
     if U == len(unit):  # one module per unit: the profile's own matrices
-        return AllocationProblem(profile.error, profile.size_bits, allowed, budget_bits, numel), unit
+        return AllocationProblem(objective.matrix(profile.error, lat), profile.size_bits, allowed, budget_bits,
+                                 numel, latency=lat, **timing), unit
     error = np.zeros((U, profile.error.shape[1]))
     size = np.zeros((U, profile.error.shape[1]), dtype=np.int64)
     banned = np.zeros((U, profile.error.shape[1]), dtype=np.int64)
     np.add.at(error, unit, profile.error)
     np.add.at(size, unit, profile.size_bits)
+    if lat is not None:
+        unit_lat = np.zeros((U, profile.error.shape[1]))
+        np.add.at(unit_lat, unit, lat)
+        error, lat = objective.matrix(error, unit_lat), unit_lat
     np.add.at(banned, unit, ~allowed)
     empty = np.flatnonzero((banned > 0).all(axis=1))
     if empty.size:
         names = [m.name for m, u in zip(profile.modules, unit.tolist()) if u == empty[0]]
-        raise InvalidInput(f"the pins leave no option every module of one {granularity} may take: "
+        tied = granularity if engine == "bitplan" else f"{granularity} tied for the {engine} engine"
+        raise InvalidInput(f"the pins leave no option every module of one {tied} may take: "
                            f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
-    return AllocationProblem(error, size, banned == 0, budget_bits, np.bincount(unit, numel, U)), unit
+    return AllocationProblem(error, size, banned == 0, budget_bits, np.bincount(unit, numel, U), latency=lat,
+                             **timing), unit
 
 
 def lookup_allocator(name: str):
@@ -99,7 +136,7 @@ def _infeasible(budget: Budget, profile: Profile, smallest_bits: int, what: str)
 def _check_params(name: str, solve, params: dict) -> None:
     """Unknown allocator parameters are the user's mistake: say which ones exist."""
     known = [p for p, v in inspect.signature(solve).parameters.items()
-             if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("seed", "time_limit")]
+             if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("seed", "time_limit", "context", "unit")]
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise InvalidInput(f"allocator {name!r} has no parameter {unknown}; it takes {known or 'none'}")
@@ -120,19 +157,32 @@ def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.nda
     total = problem.total_size(choice)
     if total > problem.budget:
         raise AllocatorBug(f"allocator {name!r} returned {total} bits for a budget of {problem.budget} bits")
+    if problem.latency_budget_ps is not None and problem.total_latency_ps(choice) > problem.latency_budget_ps:
+        raise AllocatorBug(f"allocator {name!r} returned {problem.total_latency_ps(choice)} ps for a latency "
+                           f"budget of {problem.latency_budget_ps} ps")
     return choice
 
 
 def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, pins: Sequence[str] = (),
              seed: int = 0, time_limit: float | None = None, params: dict | None = None,
-             granularity: str = "module") -> Plan:
+             granularity: str = "module", context=None, latency_budget: str | LatencyBudget | None = None,
+             objective: str | Objective | None = None, engine: str = "bitplan") -> Plan:
     """Plan every module of `profile` within `budget` with the named allocator.
 
     `granularity` ties modules into units that share one option (`unit_of`); a coarser one than
     "module" is recorded in the plan's `params` and id (a module plan's id is as it always was).
+    `context` goes to allocators that measure the model (`needs_context`, e.g. `evolutionary`: a
+    `SearchContext` holding a fitness oracle over the profile's modules), with the module -> unit map;
+    its `describe()` is recorded in `params["fitness"]`, so it is part of the plan's id.
+    `latency_budget` (`8ms@batch1`) and `objective` (`error|latency|error+λ*latency`) need a profile
+    with a latency table and the `ilp` allocator; they are recorded in `params` (and the id) when given.
+    `engine` (`bitplan`, `vllm`, `llamacpp`: planner/engines.py) adds that engine's ties, allowed options
+    and exact sizes; any but `bitplan` is recorded in `params["engine"]` (and the id).
+    Every plan of a profile with a latency table records its latency at each of the table's batches.
 
     Raises InvalidInput (unknown allocator or parameter, bad budget or pin), UnknownModule (a pin
-    matching nothing) or InfeasibleBudget (naming the smallest feasible budget in the budget's unit).
+    matching nothing) or InfeasibleBudget (naming the smallest feasible budget in the budget's unit;
+    InfeasibleLatency, a kind of it, for a latency budget below the fastest plan within the memory budget).
     """
     # Look up the allocator and its parameters.
     solve = lookup_allocator(allocator)
@@ -145,7 +195,14 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     parsed = sorted(parse_pin(p) for p in pins)
     pin_texts = [f"{pattern}{op}{bits}" for pattern, op, bits in parsed]  # normalised: same pins, same id
     allowed = apply_pins(profile.modules, profile.options, parsed)
-    problem, unit = problem_from_profile(profile, budget_bits, allowed, granularity)
+    # the engine's exact sizes (GGUF types) and allowed options; the error stays the profile's
+    profile, engine_allowed, _ = constrain(profile, engine)
+    allowed &= engine_allowed
+    latency_budget, objective, batch = planning_terms(profile, latency_budget, objective)
+    problem, unit = problem_from_profile(profile, budget_bits, allowed, granularity, engine=engine,
+                                         latency_batch=batch,
+                                         latency_budget=latency_budget and latency_budget.seconds,
+                                         objective=objective)
 
     # Feasible at all? Checked here once, so every allocator gets the same message.
     if budget_bits < problem.smallest():
@@ -154,7 +211,12 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     # Solve, timed; an allocator's own infeasibility (e.g. uniform's) gets the same kind of message.
     t0 = time.perf_counter()
     try:
-        result = solve(problem, seed=seed, time_limit=time_limit, **params)
+        extra = {"context": context, "unit": unit} if needs_context(allocator) else {}
+        result = solve(problem, seed=seed, time_limit=time_limit, **params, **extra)
+    except InfeasibleLatency as e:
+        raise InfeasibleLatency(f"latency budget {latency_budget} is below the fastest plan within {budget}: "
+                                f"{latency_budget.describe(e.smallest_seconds)} at batch {latency_budget.batch}; "
+                                "ask for at least that", e.smallest_seconds) from e
     except InfeasibleBudget as e:
         raise _infeasible(budget, profile, e.smallest_bits, f"the smallest plan {allocator} can make") from e
     seconds = time.perf_counter() - t0
@@ -164,6 +226,15 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     total_bits = problem.total_size(choice)
     if granularity != "module":
         params["granularity"] = granularity
+    if engine != "bitplan":  # recorded only when constrained, so bitplan plans keep their ids
+        params["engine"] = engine
+    if extra and hasattr(context, "describe"):
+        params["fitness"] = context.describe()
+    if latency_budget is not None:
+        params["latency_budget"] = str(latency_budget)
+    if objective.uses_latency:
+        params.update(objective=str(objective), objective_batch=batch)
+    module_choice = choice[unit]
     return Plan(
         id=content_id(profile.id, str(budget), allocator, params, pin_texts, seed, prefix="plan-"),
         profile_id=profile.id,
@@ -178,9 +249,12 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
         fixed_bits=profile.fixed_bits,
         n_params=profile.n_params,
         bits_per_weight=total_bits / profile.n_params,
-        predicted_error=problem.total_error(choice),
+        predicted_error=(float(profile.error[np.arange(len(unit)), module_choice].sum()) if objective.uses_latency
+                         else problem.total_error(choice)),
         status=result.status,
         solve_seconds=seconds,
+        predicted_latency=plan_latency(profile, module_choice),
+        latency_source=profile.latency_source or None,
     )
 
 

@@ -29,6 +29,8 @@ class PlanRequest(BaseModel):
     pins: list[str] = Field(default_factory=list, description="e.g. ['model.layers.0.*>=4']")
     seed: int = 0
     time_limit: float | None = Field(None, gt=0, description="solver time limit, seconds")
+    latency_budget: str | None = Field(None, description="e.g. 8ms@batch1 (needs a profile with a latency table; ilp)")
+    objective: str = Field("error", description="error, latency, or error+λ*latency (λ in nats per millisecond)")
 
 
 def profile_summary(p: Profile) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def create_app(db_url: str | None = None, token: str | None = None) -> FastAPI:
     def create_plan(req: PlanRequest, store: StoreDep) -> dict[str, Any]:
         """Plan a stored profile for a memory budget with one allocator; the plan is stored."""
         return run_plan(store, req.profile_id, req.budget, req.allocator, pins=req.pins, seed=req.seed,
-                        time_limit=req.time_limit, granularity=req.granularity).to_dict()
+                        time_limit=req.time_limit, granularity=req.granularity, latency_budget=req.latency_budget,
+                        objective=req.objective).to_dict()
 
     @app.get("/v1/plans/{plan_id}")
     def get_plan(plan_id: str, store: StoreDep) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from bitplan.db.store import Store, profile_id
 from bitplan.db.types import (Budget, Evaluation, InfeasibleBudget, InvalidInput, NotFound, Plan, Profile,
                                parse_options)
+from bitplan.planner.allocators import needs_context
 from bitplan.planner.plan import allocate, lookup_allocator, unit_of
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,28 @@ EVAL_WINDOW = 512
 def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_size: int | None = 64,
                 estimator: str | None = None, calib: str | None = None, tokens: int | None = None,
                 seq_len: int | None = None, device: str | None = None, force: bool = False,
-                loaded=None, progress: bool = True) -> Profile:
-    """Profile `source` (or reuse the stored profile of the same model, text and settings)."""
+                loaded=None, progress: bool = True, latency: str | None = None,
+                latency_batches: str | Sequence[int] | None = None) -> Profile:
+    """Profile `source` (or reuse the stored profile of the same model, text and settings).
+
+    `latency` (`roofline:GPU` or `measured`) also fills the latency table at `latency_batches`
+    (default 1,16,256): the result is the error profile with that table, stored under its own id.
+    """
     from bitplan.profiler import profile as prof
     from bitplan.profiler.calibration import CALIB, token_batches
     from bitplan.profiler.model import check_causal_lm, load_model
+
+    if latency:
+        from bitplan.profiler.latency import DEFAULT_BATCHES, parse_batches, parse_spec
+        parse_spec(latency)  # a bad spec or batch list fails before a model loads
+        batches = parse_batches(latency_batches or DEFAULT_BATCHES)
+        if loaded is None:
+            check_causal_lm(source)
+            loaded = load_model(source)
+        base = run_profile(store, source, options=options, group_size=group_size, estimator=estimator, calib=calib,
+                           tokens=tokens, seq_len=seq_len, device=device, force=force, loaded=loaded,
+                           progress=progress)
+        return add_latency(store, base, latency, batches, loaded=loaded, force=force)
 
     opts = parse_options(options, group_size)
     estimator = estimator or prof.DEFAULT_ESTIMATOR
@@ -59,6 +77,25 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
     return store.save_profile(profile)
 
 
+def add_latency(store: Store, profile: Profile, spec: str, batches: Sequence[int], *, loaded=None,
+                force: bool = False) -> Profile:
+    """`profile` with the latency table `spec` names, stored (a roofline one already stored is reused)."""
+    from bitplan.profiler.latency import latency_profile_id, latency_table, parse_spec, with_latency
+
+    device = parse_spec(spec)
+    if device is not None and not force:
+        try:
+            return store.get_profile(latency_profile_id(profile.id, device.source, batches))
+        except NotFound:
+            pass
+    planned = None
+    if device is None:  # measured: the model's own linears
+        from bitplan.profiler.model import planned_linears
+        planned = planned_linears(loaded.model)
+    table = latency_table(spec, profile.modules, profile.options, batches, planned)
+    return store.save_profile(with_latency(profile, table))
+
+
 def read_profile_file(path: str | Path) -> Profile:
     """A `bitplan.profile/1` JSON file (README), validated."""
     p = Path(path).expanduser()
@@ -69,14 +106,50 @@ def read_profile_file(path: str | Path) -> Profile:
 
 def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
              allocator: str = DEFAULT_ALLOCATOR, *, pins: list[str] | tuple = (), seed: int = 0,
-             time_limit: float | None = None, granularity: str = DEFAULT_GRANULARITY) -> Plan:
-    """Plan a stored profile (by id) or a profile object for `budget`; store the profile and the plan."""
+             time_limit: float | None = None, granularity: str = DEFAULT_GRANULARITY,
+             latency_budget: str | None = None, objective: str | None = None, params: dict | None = None,
+             search_state: str | Path | None = None, loaded=None, progress: bool = True,
+             engine: str = "bitplan") -> Plan:
+    """Plan a stored profile (by id) or a profile object for `budget` (and `latency_budget`, `objective`:
+    planner/latency.py); store the profile and the plan.
+
+    An allocator that measures the model (`evolutionary`) gets it from `loaded`, or loads the profile's
+    model source, with fitness text from the profile's calibration text (`model_context`);
+    `search_state` is where its resumable state goes."""
+    from bitplan.planner.latency import LatencyBudget, Objective
+
     Budget.parse(budget)  # a bad budget fails before anything is read
+    if latency_budget:
+        LatencyBudget.parse(latency_budget)
+    Objective.parse(objective)
     profile = _with_id(store, profile)
-    plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit,
-                    granularity=granularity)
+    context = None
+    if needs_context(allocator):
+        context = model_context(profile, loaded=loaded, state_path=search_state, progress=progress)
+    try:
+        plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit,
+                        granularity=granularity, latency_budget=latency_budget or None, objective=objective,
+                        params=params, context=context, engine=engine)
+    finally:
+        if context is not None:
+            context.oracle.close()  # the loaded model gets its own weights back
     store.save_profile(profile)
     return store.save_plan(plan)
+
+
+def model_context(profile: Profile, *, loaded=None, state_path: str | Path | None = None, progress: bool = True):
+    """The evolutionary allocator's SearchContext: a KL oracle on the profile's model and calibration text."""
+    from bitplan.planner.allocators.evolutionary import SearchContext
+    from bitplan.profiler.fitness import kl_fitness_for_profile
+    from bitplan.profiler.model import check_causal_lm, load_model
+
+    if loaded is None:
+        if not profile.model.source:
+            raise InvalidInput(f"profile {profile.id} records no model source; the evolutionary allocator needs "
+                               f"the model: plan a profile made by `bitplan profile`")
+        check_causal_lm(profile.model.source)
+        loaded = load_model(profile.model.source)
+    return SearchContext(kl_fitness_for_profile(loaded, profile), state_path=state_path, progress=progress)
 
 
 def _with_id(store: Store, profile: Profile | str) -> Profile:
@@ -113,7 +186,7 @@ def parse_budgets(spec: str | Sequence[str]) -> list[str]:
 def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[str],
                 allocators: Sequence[str] = ("ilp", "closed_form", "greedy", "uniform"), *,
                 pins: list[str] | tuple = (), seed: int = 0, time_limit: float | None = None,
-                granularity: str = DEFAULT_GRANULARITY) -> list[dict]:
+                granularity: str = DEFAULT_GRANULARITY, engine: str = "bitplan") -> list[dict]:
     """Solve every (budget, allocator) pair on one profile and store every plan; one row per pair.
 
     An infeasible pair keeps its row, with the message under `error` and no plan; any other bad input
@@ -125,7 +198,7 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
     for a in allocators:
         lookup_allocator(a)
     profile = _with_id(store, profile)
-    unit_of(profile.modules, granularity)  # an unknown granularity fails here, before any solve
+    unit_of(profile.modules, granularity, engine)  # an unknown granularity or engine fails here, before any solve
     store.save_profile(profile)
     rows = []
     for budget in budgets:
@@ -135,7 +208,8 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
                    "status": None, "error": None}
             try:
                 plan = store.save_plan(allocate(profile, budget, allocator, pins=list(pins), seed=seed,
-                                                time_limit=time_limit, granularity=granularity))
+                                                time_limit=time_limit, granularity=granularity,
+                                                engine=engine))
             except InfeasibleBudget as e:
                 row.update(status="infeasible", error=str(e))
             else:
@@ -156,11 +230,13 @@ def write_json(obj: dict, path: str | Path) -> Path:
 
 
 def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: bool = False, loaded=None,
-              progress: bool = True) -> Path:
-    """Write the quantized checkpoint of a stored plan."""
-    from bitplan.executor.apply import apply_plan
+              progress: bool = True, fmt: str = "bitplan") -> Path:
+    """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:
+    executor/export.py)."""
+    from bitplan.executor.export import check_format, export_plan
     from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
 
+    check_format(fmt)
     if isinstance(plan, str):
         plan = store.get_plan(plan)
     out = Path(out).expanduser().resolve()
@@ -169,8 +245,8 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
     if loaded is None:
         check_causal_lm(plan.model.source)
         loaded = load_model(plan.model.source)
-    return apply_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), out,
-                      overwrite=overwrite, progress=progress)
+    return export_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), out, fmt,
+                       overwrite=overwrite, progress=progress)
 
 
 @dataclass

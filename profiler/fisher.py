@@ -29,8 +29,10 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor, planned: list[tuple
             ids = row.unsqueeze(0).to(device)
             logits = model(ids, use_cache=False).logits[0, :-1].float()
             loss = nn.functional.cross_entropy(logits, ids[0, 1:])
-            for f, g in zip(F, torch.autograd.grad(loss, weights)):
-                f.addcmul_(g.float(), g.float())
+            # a routed expert that no token of this sequence reaches takes no part in the graph
+            for f, g in zip(F, torch.autograd.grad(loss, weights, allow_unused=True)):
+                if g is not None:
+                    f.addcmul_(g.float(), g.float())
     finally:
         model.to("cpu")
         for p, r in was.items():

@@ -17,6 +17,9 @@ Two things keep it affordable:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -62,32 +65,45 @@ def mean_kl(base_logprobs: torch.Tensor, logits: torch.Tensor, chunk: int = 128)
     return total, logits.shape[0]
 
 
-class _Replayer:
-    """Caches the base model's block inputs and log-probs; runs the model from block `l` on each sequence."""
+class Replayer:
+    """Caches the base model's log-probs and block inputs per sequence; runs the model from block `l` on them.
+
+    The base log-probs never change.  The block inputs start as the base model's and can be re-recorded
+    for the model's current weights (`capture`): the evolutionary search records its parent once, then
+    runs each offspring only from the first block where it differs from the parent.
+    """
 
     def __init__(self, model: nn.Module, batches: torch.Tensor, device: str):
         self.model, self.batches, self.device = model, batches, device
         self.layers = decoder_layers(model)
         n = len(self.layers)
         # [l][seq]: input of block l, [1, T, d]; entry n: the last block's output
-        self.hidden: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]
+        self.hidden: list[list[torch.Tensor | None]] = [[None] * len(batches) for _ in range(n + 1)]
         self.base: list[torch.Tensor] = []  # [seq]: [T, V] float32 log-probs
         self.as_tuple = False
+        with self._recording() as record:
+            for s, row in enumerate(batches):
+                record(s)
+                self.base.append(torch.log_softmax(self._logits(row), dim=-1))
+
+    @contextmanager
+    def _recording(self):
+        """Hooks that store every block's input (and the last block's output) of sequence `record(s)`."""
+        n, current = len(self.layers), [0]
 
         def catch(l):
             def hook(_mod, args, kwargs):
-                self.hidden[l].append((args[0] if args else kwargs["hidden_states"]).detach())
+                self.hidden[l][current[0]] = (args[0] if args else kwargs["hidden_states"]).detach()
             return hook
 
         def last(_mod, _args, out):
             self.as_tuple = isinstance(out, tuple)
-            self.hidden[n].append((out[0] if self.as_tuple else out).detach())
+            self.hidden[n][current[0]] = (out[0] if self.as_tuple else out).detach()
 
         hooks = [b.register_forward_pre_hook(catch(l), with_kwargs=True) for l, b in enumerate(self.layers)]
         hooks.append(self.layers[-1].register_forward_hook(last))
         try:
-            for row in batches:
-                self.base.append(torch.log_softmax(self._logits(row), dim=-1))
+            yield lambda s: current.__setitem__(0, s)
         finally:
             for h in hooks:
                 h.remove()
@@ -95,22 +111,36 @@ class _Replayer:
     def _logits(self, row: torch.Tensor) -> torch.Tensor:
         return self.model(row.unsqueeze(0).to(self.device), use_cache=False).logits[0].float()
 
-    def kl_from(self, l: int, chunk: int = 128) -> float:
-        """Mean KL(base ‖ current model) per token, running only blocks `l..` on the cached inputs."""
+    def capture(self, rows: Sequence[int], chunk: int = 128) -> list[float]:
+        """Re-record the block inputs of sequences `rows` for the current weights; their summed KL each."""
+        out = []
+        with self._recording() as record:
+            for s in rows:
+                record(s)
+                out.append(mean_kl(self.base[s], self._logits(self.batches[s]), chunk)[0])
+        return out
+
+    def kl_sums(self, l: int, rows: Sequence[int], chunk: int = 128) -> list[float]:
+        """Summed KL(base ‖ current model) of each sequence in `rows`, running only blocks `l..` on the
+        recorded inputs of block `l` (exact only if blocks `..l-1` are as they were when recorded)."""
         originals = [self.layers[j] for j in range(l)]
-        total, count = 0.0, 0
+        out = []
         try:
             for j in range(l - 1):
                 self.layers[j] = _Skip(self.as_tuple)
-            for s, row in enumerate(self.batches):
+            for s in rows:
                 if l > 0:
                     self.layers[l - 1] = _Replay(self.hidden[l][s], self.as_tuple)
-                kl, n = mean_kl(self.base[s], self._logits(row), chunk)
-                total, count = total + kl, count + n
+                out.append(mean_kl(self.base[s], self._logits(self.batches[s]), chunk)[0])
         finally:
             for j, block in enumerate(originals):
                 self.layers[j] = block
-        return max(total / count, 0.0)
+        return out
+
+    def kl_from(self, l: int, chunk: int = 128) -> float:
+        """Mean KL(base ‖ current model) per token over every sequence, running only blocks `l..`."""
+        total = sum(self.kl_sums(l, range(len(self.batches)), chunk))
+        return max(total / self.batches.numel(), 0.0)
 
 
 @torch.no_grad()
@@ -124,7 +154,7 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
     model.to(device)
-    replayer = _Replayer(model, batches, device)
+    replayer = Replayer(model, batches, device)
     bar = tqdm(total=len(planned) * len(options), desc="kl (module x option)", unit="fwd",
                disable=not progress)
 

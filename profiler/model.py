@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bitplan.db.types import InvalidInput, ModelRef, Module, NotACausalLM
+from bitplan.profiler.moe import classify_linears, unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
     log.info("loading %s", source)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
     model.eval()
+    # fused MoE experts -> per-expert nn.Linears, before anything names, hooks or fingerprints a module
+    unfuse_experts(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
     name = source if source in EMBEDDED else Path(source).name
     return LoadedModel(model, tokenizer, ModelRef(name=name, fingerprint=fingerprint(model), source=str(
@@ -107,17 +110,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def planned_linears(model: nn.Module) -> list[tuple[Module, nn.Linear]]:
-    """Every quantizable matrix: the linears of the decoder blocks, and an untied `lm_head`."""
+    """Every quantizable matrix: the linears of the decoder blocks, and an untied `lm_head`.
+
+    In an MoE block (experts un-fused by `load_model`) a routed expert's matrices carry their `expert`
+    index and role `gate_proj`/`up_proj`/`down_proj`, a shared expert's have role `shared_<role>`, and
+    routers and gates are left out (16 bits; `bitplan.profiler.moe.classify_linears` says why).
+    """
     layers = decoder_layers(model)
     index = {id(layer): i for i, layer in enumerate(layers)}
     prefix = next(name for name, mod in model.named_modules() if mod is layers)
     out = []
     for i, layer in enumerate(layers):
+        moe = classify_linears(layer)
         for sub, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                name = f"{prefix}.{i}.{sub}"
-                out.append((Module(name=name, shape=tuple(mod.weight.shape), layer=index[id(layer)],
-                                   role=sub.rsplit(".", 1)[-1]), mod))
+            if not isinstance(mod, nn.Linear):
+                continue
+            if id(mod) in moe and moe[id(mod)] is None:
+                continue  # a router or gate
+            role, expert = moe.get(id(mod)) or (sub.rsplit(".", 1)[-1], None)
+            out.append((Module(name=f"{prefix}.{i}.{sub}", shape=tuple(mod.weight.shape), layer=index[id(layer)],
+                               role=role, expert=expert), mod))
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     if isinstance(head, nn.Linear) and not tied:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
 from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize
-from bitplan.profiler import estimators
+from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.fisher import fisher_diagonal
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
@@ -69,6 +69,9 @@ def profile_model(
     module's `H = Σ xxᵀ` from the calibration text, collected by streaming the blocks; for `fisher`
     that is one extra forward pass).  `n_tokens` defaults to DEFAULT_TOKENS, or DEFAULT_KL_TOKENS for
     `kl` (modules x options forward passes over them).
+
+    An MoE model's expert matrices also get their routing statistics (one more streamed pass), and
+    an expert no calibration token reaches gets the fallback error, never zero (profiler/moe.py).
     """
     if estimator not in ESTIMATOR_NAMES:
         raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATOR_NAMES)}")
@@ -87,7 +90,11 @@ def profile_model(
                          progress=progress)
     else:
         error = error_table(model, planned, options, batches, estimator, quantizer, device, progress)
-    size = np.array([[o.size_bits(*m.shape) for o in options] for m, _ in planned], dtype=np.int64)
+    modules = [m for m, _ in planned]
+    if any(m.expert is not None for m in modules):
+        modules = moe.with_routing(modules, routing_stats(model, batches, device))
+        error, modules = moe.fill_unrouted(error, modules)
+    size = np.array([[o.size_bits(*m.shape) for o in options] for m in modules], dtype=np.int64)
     name = estimator_name(estimator, quantizer)
     return Profile(
         id=profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device),
@@ -96,12 +103,23 @@ def profile_model(
         estimator=name,
         device=device,
         options=options,
-        modules=[m for m, _ in planned],
+        modules=modules,
         error=error,
         size_bits=size,
         fixed_bits=fixed_bits(model, planned),
         seconds=time.perf_counter() - t0,
     )
+
+
+def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu") -> dict[str, moe.RoutingRecord]:
+    """Per MoE block, tokens and routing weight per expert over `batches`: one streamed forward pass.
+
+    A pass of its own, rather than counted inside an estimator's passes: those differ in number
+    (`kl` runs the model once per module and option; GPTQ and an untied head add passes).
+    """
+    with moe.record_routing(model) as records:
+        stream_blocks(model, batches, [], lambda *_: None, device, progress=False)
+    return records
 
 
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,

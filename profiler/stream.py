@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import Module
 from bitplan.profiler.model import decoder_layers
+from bitplan.profiler.moe import ExpertMLP
 
 
 class _Caught(Exception):
@@ -78,7 +79,8 @@ def stream_blocks(
 ) -> None:
     """Run the model one block at a time; after each block call `on_block(i, its planned linears, H, n_tokens)`.
 
-    `H[name]: [K, K]` float64 is `Σ xxᵀ` over every calibration token's input to that linear.
+    `H[name]: [K, K]` float64 is `Σ xxᵀ` over every calibration token's input to that linear; for a
+    routed expert's linear, over the tokens routed to it, each weighted by its routing weight squared.
     """
     layers = decoder_layers(model)
     inputs = block_inputs(model, batches, device)
@@ -93,7 +95,7 @@ def stream_blocks(
             mine = by_layer.get(i, [])
             H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
                  for m, lin in mine}
-            hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mine]
+            hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
             try:
                 outputs = []
                 for hidden, kwargs in inputs:
@@ -112,7 +114,8 @@ def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tupl
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """`H = Σ xxᵀ` of every planned linear (on the CPU, in `dtype`), for `apply_plan(quantizer="gptq")`.
 
-    Statistics of the unquantized model, as the profile's GPTQ ΔW uses.  Holds every `H` at once:
+    Statistics of the unquantized model, as the profile's GPTQ ΔW uses (a routed expert's weighted by
+    `w²`, so GPTQ minimises the error the block output sees).  Holds every `H` at once:
     `Σ K²` values (SmolLM2-135M: 0.5 GiB in float32).
     """
     H: dict[str, torch.Tensor] = {}
@@ -150,8 +153,19 @@ def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[M
     return H
 
 
-def _accumulate(H: torch.Tensor):
+def _expert_of(model: nn.Module, m: Module) -> ExpertMLP | None:
+    """The routed expert that owns module `m`'s linear, or None for a dense module."""
+    if m.expert is None:
+        return None
+    owner = model.get_submodule(m.name.rsplit(".", 1)[0])
+    return owner if isinstance(owner, ExpertMLP) else None
+
+
+def _accumulate(H: torch.Tensor, expert: ExpertMLP | None = None):
+    """`H += Σ xxᵀ`; in a routed expert `Σ w² xxᵀ`, `w` the tokens' routing weights (profiler/moe.py: why)."""
     def hook(_mod, args, _out):
         x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)  # [tokens, K]
+        if expert is not None and expert.routing_weight is not None:
+            x = x * expert.routing_weight.reshape(-1, 1).to(torch.float64)
         H.addmm_(x.T, x)
     return hook

@@ -88,3 +88,44 @@ def random_problem():
 def convex_problem():
     """The builder of a small strictly convex allocation problem (`bitplan.planner.synthetic.convex_problem`)."""
     return synthetic.convex_problem
+
+
+# ------------------------------------------------------------------------------- tiny MoE models
+
+
+def make_moe(kind: str, vocab_size: int, seed: int = 0):
+    """A tiny random MoE causal LM (fused experts, as transformers 5 builds them): `mixtral` (5 experts,
+    top-2) or `qwen2_moe` (4 experts, top-2, a shared expert and its sigmoid gate)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=64, num_local_experts=5, **common)).eval()
+    if kind == "qwen2_moe":
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=64,
+                                                   shared_expert_intermediate_size=96, num_experts=4,
+                                                   tie_word_embeddings=False, **common)).eval()
+        # a wider router than init's std 0.02: decisive routing, uneven loads, distinct routing weights
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.mlp.gate.weight, std=0.5)
+        return model
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory):
+    """`moe_checkpoint(kind)`: a saved tiny MoE checkpoint directory with tokenizer (built once per kind)."""
+    made = {}
+
+    def build(kind: str):
+        if kind not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{kind}")
+            tok = make_tokenizer()
+            make_moe(kind, len(tok)).save_pretrained(d)
+            tok.save_pretrained(d)
+            made[kind] = d
+        return made[kind]
+    return build

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitplan.planner.allocators import greedy
-from bitplan.planner.problem import AllocationProblem, Assignment, format_gap, relative_gap, require_feasible
+from bitplan.planner.problem import (AllocationProblem, Assignment, format_gap, refuse_latency, relative_gap,
+                                     require_feasible)
 
 OPTIMAL_GAP = 1e-12  # relative, as greedy's: below this the bound and the value agree up to rounding
 BISECT_STEPS = 100  # halvings of the log2 λ bracket; each is one O(U) pass
@@ -156,6 +157,7 @@ def improve(problem: AllocationProblem, choice: np.ndarray) -> tuple[np.ndarray,
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None) -> Assignment:
     """Fitted water-filling, rounded and repaired to the exact budget; deterministic (seed unused)."""
+    refuse_latency(problem, "closed_form")
     require_feasible(problem)
 
     # Data: every unit's curve, in bits per weight, and its range of allowed sizes.

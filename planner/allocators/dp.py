@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitplan.planner.problem import AllocationProblem, Assignment, require_feasible
+from bitplan.planner.problem import AllocationProblem, Assignment, refuse_latency, require_feasible
 
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None,
           max_cells: float = 2e8) -> Assignment:
     """Exact DP (discretised above `max_cells` table cells); deterministic: seed and time_limit unused."""
+    refuse_latency(problem, "dp")
     require_feasible(problem)
 
     # Data: size steps above each unit's smallest option, in bits, then in cells of q bits.

@@ -11,13 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 from bitplan.planner.hull import lower_hull
-from bitplan.planner.problem import AllocationProblem, Assignment, format_gap, relative_gap, require_feasible
+from bitplan.planner.problem import (AllocationProblem, Assignment, format_gap, refuse_latency, relative_gap,
+                                     require_feasible)
 
 OPTIMAL_GAP = 1e-12  # relative; below this the bound and the value agree up to float rounding
 
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None) -> Assignment:
     """Hull greedy with the Lagrangian lower bound in `info`; deterministic (no randomness: seed unused)."""
+    refuse_latency(problem, "greedy")
     require_feasible(problem)
 
     # Data: every hull segment, as flat arrays in Lagrangian order.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitplan.db.types import InfeasibleBudget
-from bitplan.planner.problem import AllocationProblem, Assignment
+from bitplan.planner.problem import AllocationProblem, Assignment, refuse_latency
 
 
 def candidates(problem: AllocationProblem) -> np.ndarray:
@@ -28,6 +28,7 @@ def candidates(problem: AllocationProblem) -> np.ndarray:
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None) -> Assignment:
     """Best uniform candidate within budget; raises InfeasibleBudget naming the smallest uniform size."""
+    refuse_latency(problem, "uniform")
     # Data: every candidate's total size (bits) and total error.
     choices = candidates(problem)
     rows = np.arange(problem.n_units)

@@ -34,6 +34,13 @@ def solve(model: Model, *, time_limit: float | None = None, gap_rel: float = 1e-
     if used:
         prob += pulp.LpAffineExpression(used) <= model.cap, "budget"
 
+    # Constraint (with a latency budget): the free units' latencies fit what is left of it, in
+    # picoseconds scaled to [0, 1] for CBC's tolerances; `ilp` re-checks the plan in exact integers.
+    if model.lw is not None and model.lw.any():
+        scale = float(model.lw.max())
+        prob += pulp.LpAffineExpression([(x[p], w / scale) for p, w in enumerate(model.lw.tolist()) if w]) \
+            <= model.lcap / scale, "latency"
+
     # Objective: least total normalised error above each unit's least remaining option.
     prob += pulp.LpAffineExpression([(x[p], c) for p, c in enumerate(model.c.tolist()) if c])
 

@@ -1,6 +1,7 @@
 """Backend `cpsat`: the reduced knapsack for OR-Tools CP-SAT, on integer-scaled errors.
 
-CP-SAT takes integer coefficients only. Sizes already are (steps of q bits, exact). Errors become
+CP-SAT takes integer coefficients only. Sizes already are (steps of q bits, exact), and so are
+latencies (whole picoseconds, the problem's own rounding: nothing more is rounded here). Errors become
 `round(cost / resolution)`: `resolution` is error units per integer step of the objective; by
 default `rounding_rel · UB / F` (UB: greedy's error, F: free units), capped from below so the
 largest possible objective stays under 2**53. Each plan's scaled objective is then off its true
@@ -50,6 +51,11 @@ def solve(model: Model, *, time_limit: float | None = None, num_workers: int = 2
 
     # Constraint: the free units' sizes fit what the fixed units leave of the budget (steps of q bits).
     m.add(cp_model.LinearExpr.weighted_sum(x, model.w.tolist()) <= model.cap)
+
+    # Constraint (with a latency budget): integer picoseconds already, so no rounding here either; the
+    # only rounding of latency is the problem's own (up, to whole picoseconds: planner/problem.py).
+    if model.lw is not None:
+        m.add(cp_model.LinearExpr.weighted_sum(x, model.lw.tolist()) <= model.lcap)
 
     # Objective: least total scaled error above each unit's least remaining option.
     m.minimize(cp_model.LinearExpr.weighted_sum(x, coef.tolist()))

@@ -34,12 +34,20 @@ def solve(model: Model, *, time_limit: float | None = None, gap_rel: float = 1e-
 
     # Constraint: the free units' sizes fit what the fixed units leave of the budget (steps of q bits).
     budget = LinearConstraint(csr_array(model.w.astype(float)[None, :]), -np.inf, model.cap)
+    rows = [one, budget]
+
+    # Constraint (with a latency budget): the free units' latencies fit what is left of it, in
+    # picoseconds scaled to [0, 1] for HiGHS's tolerances; `ilp` re-checks the plan in exact integers.
+    if model.lw is not None and model.lw.any():
+        scale = float(model.lw.max())
+        rows.append(LinearConstraint(csr_array(model.lw.astype(float)[None, :] / scale), -np.inf,
+                                     model.lcap / scale))
 
     # Objective (least total cost) and solve.
     options = {"disp": False, "mip_rel_gap": gap_rel, "presolve": True}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    res = milp(cost, integrality=integrality, bounds=bounds, constraints=[one, budget], options=options)
+    res = milp(cost, integrality=integrality, bounds=bounds, constraints=rows, options=options)
 
     # Check status: 0 optimal (within gap_rel), 1 time/iteration limit (x may still hold a plan).
     info = {"milp_status": int(res.status), "message": res.message}

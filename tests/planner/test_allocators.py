@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from bitplan.db.types import InfeasibleBudget
-from bitplan.planner.allocators import ALLOCATORS, dp, greedy, ilp, uniform
+from bitplan.planner.allocators import ALLOCATORS, dp, greedy, ilp, needs_context, uniform
 from bitplan.planner.synthetic import large_problem
 from bitplan.planner.problem import AllocationProblem
 
-NAMES = sorted(ALLOCATORS)
+NAMES = sorted(n for n in ALLOCATORS if not needs_context(n))  # evolutionary: test_evolutionary.py
 
 
 def with_budget(p: AllocationProblem, budget: int) -> AllocationProblem:

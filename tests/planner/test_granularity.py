@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bitplan.db.types import InvalidInput, ModelRef, Module, Profile, parse_options
-from bitplan.planner.allocators import ALLOCATORS, dp
+from bitplan.planner.allocators import ALLOCATORS, dp, needs_context
 from bitplan.planner.plan import allocate, problem_from_profile, unit_of
 from bitplan.planner.problem import AllocationProblem
 
@@ -79,7 +79,7 @@ def test_unit_problem_sums_errors_sizes_and_weights(make_profile):
     assert unit.shape == (len(profile.modules),)
 
 
-@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
+@pytest.mark.parametrize("allocator", sorted(a for a in ALLOCATORS if not needs_context(a)))
 @pytest.mark.parametrize("granularity,budget", [("layer", "3.2bpw"), ("expert", "3.5bpw"), ("expert", "2.9bpw")])
 def test_every_allocator_shares_options_within_units(allocator, granularity, budget):
     profile = moe_profile()

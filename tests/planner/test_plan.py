@@ -5,7 +5,9 @@ import pytest
 
 from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Plan, Profile, UnknownModule
 from bitplan.planner import plan as plan_mod
-from bitplan.planner.allocators import ALLOCATORS
+from bitplan.planner.allocators import ALLOCATORS, needs_context
+
+PROFILE_ONLY = sorted(a for a in ALLOCATORS if not needs_context(a))  # evolutionary: test_evolutionary.py
 from bitplan.planner.plan import AllocatorBug, allocate, summarize
 from bitplan.planner.problem import Assignment
 
@@ -14,7 +16,7 @@ def profile(make_profile) -> Profile:
     return make_profile()
 
 
-@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
+@pytest.mark.parametrize("allocator", PROFILE_ONLY)
 @pytest.mark.parametrize("budget", ["3.5bpw", "60MiB"])
 def test_budget_honoured(profile, allocator, budget):
     # dp's exact table for this MiB budget is large; a coarse one keeps the test fast (and checks that path)
@@ -32,7 +34,7 @@ def test_budget_honoured(profile, allocator, budget):
 
 
 def test_exact_allocators_agree_and_beat_the_baselines(profile):
-    plans = {a: allocate(profile, "3.5bpw", a) for a in ALLOCATORS}
+    plans = {a: allocate(profile, "3.5bpw", a) for a in PROFILE_ONLY}
     assert plans["ilp"].status == "optimal"
     assert plans["ilp"].predicted_error == pytest.approx(plans["dp"].predicted_error, rel=1e-9)
     assert plans["ilp"].predicted_error <= plans["greedy"].predicted_error <= plans["uniform"].predicted_error
@@ -97,7 +99,7 @@ def test_an_allocators_own_infeasibility_is_reported_in_the_budget_unit(profile,
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['closed_form', 'dp', 'greedy'"),
+    ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['closed_form', 'dp', 'evolutionary', 'greedy'"),
     ({"budget": "3.5 parsecs"}, InvalidInput, "bad budget"),
     ({"budget": "-2bpw"}, InvalidInput, "bad budget"),
     ({"pins": ["lm_head~8"]}, InvalidInput, "bad pin"),

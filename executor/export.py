@@ -1,0 +1,396 @@
+"""Exports of a plan to what other engines read: GPTQModel/vLLM, compressed-tensors, llama.cpp.
+
+`bitplan apply PLAN --out DIR --format bitplan|gptqmodel|compressed-tensors|llamacpp`.  Every format is
+written atomically (a temporary folder, then a rename: `apply._replace_dir`), quantizes with the same
+quantizer as our own format (`executor/quantize.py`), and carries the plan as `bitplan_plan.json`.
+`bitplan.executor.foreign.load_foreign` reads the first two back into `QuantLinear`s.
+
+**gptqmodel** — GPTQ's packed layout, read by GPTQModel, transformers and vLLM:
+`qweight` int32 `[in·b/32, out]` (code k of a column at bits `[k·b, (k+1)·b)` of the column's
+little-endian bit stream, so 3-bit codes straddle words), `qzeros` int32 `[groups, out·b/32]` packed the
+same way along the outputs, fp16 `scales [groups, out]`, `g_idx` int32 `[in]` = `k // group_size`
+(`desc_act: false`).  Symmetric plans are GPTQ v1 (`checkpoint_format: "gptq"`, zeros stored as
+zero−1, `sym: true`); a plan with any asymmetric option is written as `gptq_v2` (zeros stored as they
+are, `sym` per rule), because v1 cannot store a zero of 0 (its loaders add 1 back after masking) —
+transformers calls v1 symmetric-only for the same reason.  `bits`, `group_size`, `sym` at the top are
+the most common option; every group of modules at another option gets one anchored `dynamic` rule
+(`+:^...$`, or `-:^...$` for 16 bits) whose pattern matches both the Hugging Face names and vLLM's
+fused name of the group (`qkv_proj`, `gate_up_proj`, the layer's `experts`).  GPTQModel
+(`dynamic_get`) and vLLM (`get_dynamic_override`) both walk the rules in order, `re.match` each pattern
+(without its `+:`/`-:`) and take the first match, a `-:` one meaning "not quantized"; the rules here
+never overlap, so order cannot matter.  `group_size` -1 is per-channel.
+
+**compressed-tensors** — `pack-quantized`, one config group per distinct (bits, group size, symmetry)
+whose `targets` are the exact module names; `weight_packed` int32 `[out, ⌈in/(32//b)⌉]` (32//b codes a
+word, none straddling, code j at bits `(j % (32//b))·b`), `weight_scale [out, groups]` (fp16),
+`weight_zero_point` int32 `[⌈out/(32//b)⌉, groups]` packed along the outputs (asymmetric only),
+`weight_shape` int32 `[2]`.  compressed-tensors stores signed values offset by 2^(b−1) before packing,
+which is exactly our unsigned code and zero.
+
+**llamacpp** — `tensor_types.txt` for `llama-quantize --tensor-type-file`: one line
+`^blk\\.7\\.attn_q\\.weight$=q4_k` per planned GGUF tensor (lower case, fully anchored, so no two lines
+match one tensor: llama.cpp `regex_search`es every line and takes the first match), the types of
+`executor/formats.py` (K-quant where `in_features % 256 == 0`, else Q4_0/Q5_0/Q8_0), and
+`llama-quantize.sh` with the command line.  Converting the checkpoint to an F16 GGUF
+(`convert_hf_to_gguf.py`) is the user's step; nothing here runs llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitplan.db.types import InvalidInput, Module, Option, Plan
+from bitplan.executor.apply import (_replace_dir, _write_shards, apply_plan, check_plan_matches, check_quantizer)
+from bitplan.executor.quantize import QuantizedWeight, quantize
+from bitplan.executor.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
+                                      vllm_group)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp")
+WORD = 32
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise InvalidInput(f"unknown --format {fmt!r}; choose one of {list(FORMATS)}")
+    return fmt
+
+
+# ------------------------------------------------------------------------------------- packing
+
+
+def pack_bitstream(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes `[K, N]` -> int32 `[K·bits/32, N]`: code k of a column at bits `[k·bits, (k+1)·bits)` of the
+    column's little-endian stream (GPTQ's layout; a 3-bit code may straddle two words)."""
+    K, N = q.shape
+    if K * bits % WORD:
+        raise ValueError(f"{K} rows of {bits}-bit codes do not fill whole 32-bit words")
+    q = q.to(torch.int64)
+    offset = torch.arange(K, device=q.device) * bits
+    word, shift = offset // WORD, offset % WORD
+    out = torch.zeros(K * bits // WORD, N, dtype=torch.int64, device=q.device)
+    out.index_add_(0, word, (q << shift[:, None]) & 0xFFFFFFFF)  # disjoint bit fields: add == or
+    spill = shift + bits > WORD
+    if spill.any():
+        out.index_add_(0, word[spill] + 1, q[spill] >> (WORD - shift[spill])[:, None])
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_bitstream(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_bitstream`: int32 `[k, N]` codes."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    offset = torch.arange(k, device=packed.device) * bits
+    word, shift = offset // WORD, offset % WORD
+    v = words[word] >> shift[:, None]
+    spill = shift + bits > WORD
+    if spill.any():
+        v[spill] |= words[word[spill] + 1] << (WORD - shift[spill])[:, None]
+    return (v & ((1 << bits) - 1)).to(torch.int32)
+
+
+def pack_words(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """compressed-tensors' packing: `32 // bits` codes a word along `dim` (padded with 0), none straddling."""
+    per = WORD // bits
+    q = q.to(torch.int64).movedim(dim, 0)
+    n = q.shape[0]
+    q = torch.nn.functional.pad(q, (0, 0, 0, -n % per))
+    q = q.reshape(-1, per, *q.shape[1:]) << (torch.arange(per, device=q.device) * bits).view(1, per, 1)
+    word = q.sum(dim=1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).movedim(0, dim).contiguous()
+
+
+def unpack_words(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
+    """Inverse of `pack_words`: int32 codes with `n` entries along `dim`."""
+    per = WORD // bits
+    w = packed.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
+    v = (w.unsqueeze(1) >> (torch.arange(per, device=w.device) * bits).view(1, per, 1)) & ((1 << bits) - 1)
+    return v.reshape(-1, *w.shape[1:])[:n].movedim(0, dim).to(torch.int32).contiguous()
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
+                out_dir: str | Path, fmt: str = "bitplan", *, overwrite: bool = False, progress: bool = True,
+                quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                storage_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `plan` applied to `model` in format `fmt` to `out_dir`, atomically; returns the folder."""
+    check_format(fmt)
+    if fmt == "bitplan":
+        return apply_plan(plan, model, tokenizer, planned, out_dir, storage_dtype=storage_dtype,
+                          overwrite=overwrite, progress=progress, quantizer=quantizer, hessians=hessians)
+    check_plan_matches(planned, plan)
+    check_quantizer(planned, plan, quantizer, hessians)
+    modules = [m for m, _ in planned]
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        if fmt == "llamacpp":
+            _write_llamacpp(plan, modules, tmp)
+        else:
+            writer = partial(_gptq_tensors, v2=gptq_v2(plan)) if fmt == "gptqmodel" else _ct_tensors
+            state = _base_state(model, planned, storage_dtype)
+            for module, linear, qw in _quantized(planned, plan, quantizer, hessians, progress):
+                prefix = module.name
+                if qw is None:  # 16 bits: stored as in our own format
+                    continue
+                state.pop(f"{prefix}.weight")
+                state.update({f"{prefix}.{k}": v.contiguous() for k, v in writer(module, qw).items()})
+            _write_shards(state, tmp, {"format": "pt"})
+            config = model.config.to_dict()
+            qc = gptq_config(plan, modules) if fmt == "gptqmodel" else compressed_tensors_config(plan, modules)
+            config["quantization_config"] = qc
+            config["dtype"] = str(storage_dtype).removeprefix("torch.")
+            _write_json(tmp / "config.json", config)
+            if fmt == "gptqmodel":  # GPTQModel and AutoGPTQ also read the config from here
+                _write_json(tmp / "quantize_config.json", qc)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        _write_json(tmp / "bitplan_plan.json", plan.to_dict())
+    return Path(out_dir).expanduser().resolve()
+
+
+@contextmanager
+def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _base_state(model: nn.Module, planned, storage_dtype: torch.dtype) -> dict:
+    """Every tensor of the model at `storage_dtype` (tied ones once), as our own format stores them."""
+    state, seen = {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            state[key] = (t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()).contiguous()
+    return state
+
+
+def _quantized(planned, plan: Plan, quantizer: str, hessians, progress: bool):
+    """`(module, linear, QuantizedWeight or None)` one at a time, with the quantizer `apply` uses."""
+    for module, linear in tqdm(planned, desc=f"quantizing ({quantizer})", unit="module", disable=not progress):
+        option = plan.assignment[module.name]
+        if not option.quantized:
+            yield module, linear, None
+            continue
+        H = hessians[module.name] if quantizer == "gptq" else None
+        yield module, linear, quantize(linear.weight, option, quantizer, H)
+
+
+def _zeros(qw: QuantizedWeight) -> torch.Tensor:
+    """`[N, G]` integer zeros, symmetric ones included (2^(b−1))."""
+    if qw.zeros is not None:
+        return qw.zeros
+    return torch.full(qw.scales.shape, 2 ** (qw.option.bits - 1), dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------------ gptqmodel
+
+
+def gptq_v2(plan: Plan) -> bool:
+    """Any asymmetric quantized option makes the checkpoint `gptq_v2` (module docstring says why)."""
+    return any(o.quantized and not o.symmetric for o in plan.assignment.values())
+
+
+def _gptq_tensors(module: Module, qw: QuantizedWeight, *, v2: bool) -> dict[str, torch.Tensor]:
+    N, K = qw.q.shape
+    b = qw.option.bits
+    if K * b % WORD or N * b % WORD:
+        raise InvalidInput(f"GPTQ packs {b}-bit codes of the inputs and zeros of the outputs into whole 32-bit "
+                           f"words: {module.name} is {N}x{K}; "
+                           f"keep it at 16 bits (a pin '{module.name}=16') or plan with --engine vllm")
+    zeros = _zeros(qw)
+    stored = zeros if v2 else (zeros - 1) & ((1 << b) - 1)
+    return {"qweight": pack_bitstream(qw.q.T, b), "qzeros": pack_bitstream(stored, b).T.contiguous(),
+            "scales": qw.scales.T.contiguous(), "g_idx": (torch.arange(K) // qw.group_size).to(torch.int32)}
+
+
+def _group_pattern(key: tuple, names: list[str]) -> str:
+    """One anchored pattern matching exactly `names` and, for a whole vLLM group, vLLM's fused name."""
+    if key[0] == "fused":
+        _, parent, fused = key
+        leaves = [n.rsplit(".", 1)[1] for n in names]
+        alts = [s for s in VLLM_FUSED[fused] if s in leaves] + [fused]
+        return rf"^{re.escape(parent)}\.(?:{'|'.join(alts)})$"
+    if key[0] == "experts":
+        roles = [r for r in EXPERT_ROLES if any(n.endswith("." + r) for n in names)]
+        return rf"^{re.escape(key[1])}(?:\.\d+\.(?:{'|'.join(roles)}))?$"
+    return rf"^{re.escape(names[0])}$"
+
+
+def dynamic_groups(plan: Plan, modules: list[Module]) -> tuple[list[tuple[str, Option]], list[str]]:
+    """`[(pattern, option)]` covering every planned module exactly once, and warnings for vLLM groups
+    whose members differ (vLLM would run them at one option: plan with --engine vllm)."""
+    groups: dict[tuple, list[Module]] = {}
+    for m in modules:
+        groups.setdefault(vllm_group(m), []).append(m)
+    out, warnings = [], []
+    for key, members in groups.items():
+        options = {plan.assignment[m.name] for m in members}
+        if len(options) == 1:
+            out.append((_group_pattern(key, [m.name for m in members]), options.pop()))
+            continue
+        if key[0] != "module":
+            warnings.append(f"{key[1]}{'.' + key[2] if key[0] == 'fused' else ''}: vLLM runs these as one "
+                            f"fused layer but the plan gives them {len(options)} options; plan with --engine vllm")
+        by_role: dict[str, list[Module]] = {}
+        for m in members:
+            by_role.setdefault(m.name.rsplit(".", 1)[1] if key[0] == "experts" else m.name, []).append(m)
+        for role, ms in by_role.items():
+            opts = {plan.assignment[m.name] for m in ms}
+            if key[0] == "experts" and len(opts) == 1:
+                out.append((rf"^{re.escape(key[1])}\.\d+\.{role}$", opts.pop()))
+            else:
+                out += [(rf"^{re.escape(m.name)}$", plan.assignment[m.name]) for m in ms]
+    return out, warnings
+
+
+def base_option(plan: Plan) -> Option:
+    """The most common quantized option (by modules; the first seen on a tie)."""
+    counts = Counter(o for o in plan.assignment.values() if o.quantized)
+    if not counts:
+        raise InvalidInput("the plan quantizes no module; there is nothing to export as GPTQ or compressed-tensors")
+    return counts.most_common(1)[0][0]
+
+
+def _gptq_fields(o: Option) -> dict:
+    return {"bits": o.bits, "group_size": o.group_size or -1, "sym": o.symmetric, "desc_act": False}
+
+
+def gptq_config(plan: Plan, modules: list[Module]) -> dict:
+    """GPTQModel's `quantization_config`: the most common option at the top, one `dynamic` rule per other group."""
+    base = base_option(plan)
+    rules, warnings = dynamic_groups(plan, modules)
+    dynamic = {}
+    for pattern, option in rules:
+        if not option.quantized:
+            dynamic[f"-:{pattern}"] = {}
+        elif option != base:
+            dynamic[f"+:{pattern}"] = _gptq_fields(option)
+    off_marlin = sorted({o.label for o in plan.assignment.values() if o.quantized and (
+        o.bits not in (4, 8) or not o.symmetric or o.group_size not in (None, 32, 64, 128))})
+    if off_marlin:
+        warnings.append(f"options {off_marlin} are not GPTQ-Marlin's (4/8-bit symmetric): vLLM picks Marlin from "
+                        f"the top-level config and then refuses them; serve with --quantization gptq (exllama kernels)")
+    for w in warnings:
+        log.warning("gptqmodel export: %s", w)
+    lm_head = plan.assignment.get("lm_head")
+    return {"quant_method": "gptq", "checkpoint_format": "gptq_v2" if gptq_v2(plan) else "gptq",
+            **_gptq_fields(base), "static_groups": False, "true_sequential": True,
+            "lm_head": bool(lm_head and lm_head.quantized), "pack_dtype": "int32", "dynamic": dynamic,
+            "meta": {"quantizer": ["bitplan"], "bitplan_plan_id": plan.id}}
+
+
+# ---------------------------------------------------------------------------- compressed-tensors
+
+CT_FORMAT = "pack-quantized"
+
+
+def _ct_tensors(module: Module, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    b = qw.option.bits
+    out = {"weight_packed": pack_words(qw.q, b, dim=1), "weight_scale": qw.scales.contiguous(),
+           "weight_shape": torch.tensor(qw.q.shape, dtype=torch.int32)}
+    if not qw.option.symmetric:
+        out["weight_zero_point"] = pack_words(qw.zeros, b, dim=0)
+    return out
+
+
+def ct_weights(o: Option) -> dict:
+    """compressed-tensors' QuantizationArgs of an option."""
+    return {"num_bits": o.bits, "type": "int", "symmetric": o.symmetric,
+            "strategy": "channel" if o.group_size is None else "group", "group_size": o.group_size,
+            "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+            "block_structure": None}
+
+
+def compressed_tensors_config(plan: Plan, modules: list[Module]) -> dict:
+    """One config group per distinct quantized option, exact module names as targets; 16-bit ones ignored."""
+    by_option: dict[Option, list[str]] = {}
+    for m in modules:
+        by_option.setdefault(plan.assignment[m.name], []).append(m.name)
+    quantized = sorted((o for o in by_option if o.quantized), key=lambda o: (o.bits, o.group_size or 0, o.symmetric))
+    groups = {f"group_{i}": {"targets": sorted(by_option[o]), "weights": ct_weights(o), "input_activations": None,
+                             "output_activations": None, "format": CT_FORMAT}
+              for i, o in enumerate(quantized)}
+    _, warnings = dynamic_groups(plan, modules)
+    narrow = sorted({o.label for o in quantized if o.bits not in (4, 8)})
+    if narrow:
+        warnings.append(f"options {narrow}: vLLM's compressed-tensors path (WNA16) runs 4- and 8-bit weights only")
+    for w in warnings:
+        log.warning("compressed-tensors export: %s", w)
+    return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": sorted(n for o, ns in by_option.items() if not o.quantized for n in ns),
+            "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None,
+            "bitplan_plan_id": plan.id}
+
+
+# ------------------------------------------------------------------------------------- llama.cpp
+
+
+def llamacpp_types(plan: Plan, modules: list[Module]) -> dict[str, str]:
+    """GGUF tensor name -> lower-case type for every planned module; InvalidInput for a plan llama.cpp
+    cannot run (experts of one tensor at different options, or a width with no GGUF type for the shape)."""
+    types: dict[str, str] = {}
+    for m in modules:
+        option = plan.assignment[m.name]
+        t = gguf_type(m.shape, option)
+        if t is None:
+            raise InvalidInput(f"llama.cpp has no type of {option.bits} bits for {m.name} (in_features "
+                               f"{m.shape[1]}: K-quants need a multiple of 256); plan with --engine llamacpp")
+        tensor = gguf_tensor_name(m.name)
+        if types.setdefault(tensor, t.name) != t.name:
+            raise InvalidInput(f"{tensor} holds every expert of its layer, but the plan gives them {types[tensor]} "
+                               f"and {t.name}; plan with --engine llamacpp")
+    return types
+
+
+def llamacpp_lines(types: Mapping[str, str]) -> list[str]:
+    return [f"^{re.escape(tensor)}$={t}" for tensor, t in types.items()]
+
+
+def llamacpp_command(plan: Plan, types: Mapping[str, str]) -> str:
+    base = LLAMA_FTYPE[Counter(t for t in types.values() if t != "f16").most_common(1)[0][0]
+                       if any(t != "f16" for t in types.values()) else "f16"]
+    # the embedding (and an unplanned output) stay 16-bit: the plan's fixed bits count them so
+    extra = [] if "output.weight" in types else ["--output-tensor-type", "f16"]
+    return shlex.join(["llama-quantize", "--tensor-type-file", "tensor_types.txt", "--token-embedding-type", "f16",
+                       *extra, "MODEL-F16.gguf", f"{plan.model.name}-{plan.id}.gguf", base])
+
+
+def _write_llamacpp(plan: Plan, modules: list[Module], tmp: Path) -> None:
+    types = llamacpp_types(plan, modules)
+    (tmp / "tensor_types.txt").write_text("\n".join(llamacpp_lines(types)) + "\n")
+    cmd = llamacpp_command(plan, types)
+    (tmp / "llama-quantize.sh").write_text(
+        "#!/bin/sh\n# Convert the model to an F16 GGUF first (llama.cpp's convert_hf_to_gguf.py --outtype f16\n"
+        f"# --outfile MODEL-F16.gguf), then, from this folder, plan {plan.id}:\n{cmd}\n")
+    (tmp / "llama-quantize.sh").chmod(0o755)

@@ -1,0 +1,121 @@
+"""Engines a plan is made for: what each can run, as unit ties, allowed options and exact sizes.
+
+`bitplan plan --engine bitplan|vllm|llamacpp`.  An engine turns the profile's problem into the one its
+runtime can serve, so the plan is exactly what the engine will run:
+
+- `bitplan` (our own kernels): every option, every module on its own (per expert included).
+- `vllm` (GPTQ through `--format gptqmodel`, or `--format compressed-tensors`): vLLM loads q/k/v of a
+  layer as one fused `qkv_proj` and gate/up as one `gate_up_proj` (also in a shared expert), and runs all
+  routed experts of a layer as one `FusedMoE` whose quantization method is chosen once, from the
+  experts' prefix (`model.layers.L.mlp.experts`): one option for every expert *and* every matrix kind
+  (w13 = gate|up and w2 = down share it).  So those are ties.  Allowed options: GPTQ's 2/3/4/8 bits,
+  group size per-channel, 32, 64 or 128 dividing `in_features`, `in_features·bits` and `out_features·bits`
+  multiples of 32 (GPTQ packs codes along the inputs and zeros along the outputs into whole int32 words); routed experts
+  only 4 or 8 bits (vLLM's MoE kernels, Marlin MoE and MoeWNA16, run no other width).  Symmetric and
+  asymmetric options are both allowed: an asymmetric one exports as `gptq_v2` (`sym: false`), which
+  vLLM serves on its `gptq` (exllama) kernel, not Marlin; `--format gptqmodel` warns about that.
+  Sizes are the profile's (`Option.size_bits`: codes, fp16 scales, packed zeros), what Marlin holds in
+  memory; the GPTQ file adds `g_idx` (32 bits per input) and, for symmetric options, constant zeros.
+- `llamacpp` (`--format llamacpp`, a `--tensor-type-file` for `llama-quantize`): the routed experts of a
+  layer are one 3-D tensor per matrix kind (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`): ties.  The
+  options are GGUF types with their exact sizes (`GGUF_TYPES`).  A K-quant (super-blocks of 256) needs
+  `in_features % 256 == 0`; other modules get the legacy types (blocks of 32), which have no 2- or
+  3-bit type, so they take Q4_0 at least.
+
+**Errors of engine options.**  The profile measured our RTN options, not GGUF types: a GGUF type takes
+the error of the profile's option with the same number of code bits (Q4_K and Q4_0 that of `4b/g64`,
+Q2_K that of `2b/g64`, Q8_0 that of `8b/g64`), and is not offered where the profile has no option with
+its bits (no 5/6-bit option profiled: no Q5_K, Q6_K); `constrain` returns notes saying so.  The
+executor applies such a plan with our quantizer at those bits (`bitplan apply`), which is how its
+perplexity is measured here; llama.cpp's own K-quants differ (sub-block scales, and mins for Q2_K/Q4_K).
+
+Ties compose with `--granularity` ties and with pins: a unit is a connected component of both
+partitions (`planner/plan.py:unit_of`), and may take only an option every member may.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from bitplan.db.types import InvalidInput, Module, Option, Profile
+from bitplan.executor.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("bitplan", "vllm", "llamacpp")
+
+VLLM_BITS = (2, 3, 4, 8)
+VLLM_MOE_BITS = (4, 8)
+VLLM_GROUP_SIZES = (None, 32, 64, 128)
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise InvalidInput(f"unknown engine {engine!r}; known: {list(ENGINES)}")
+    return engine
+
+
+def tie_keys(modules: Sequence[Module], engine: str) -> list[tuple]:
+    """One key per module; modules with equal keys must share one option under `engine`."""
+    check_engine(engine)
+    if engine == "vllm":
+        return [vllm_group(m) for m in modules]
+    if engine == "llamacpp":
+        return [llamacpp_group(m) for m in modules]
+    return [("module", m.name) for m in modules]
+
+
+def _vllm_allows(m: Module, o: Option) -> bool:
+    if not o.quantized:
+        return True
+    out_f, in_f = m.shape
+    bits = VLLM_MOE_BITS if m.expert is not None else VLLM_BITS
+    # GPTQ packs codes along the inputs and zeros along the outputs into whole int32 words
+    return (o.bits in bits and o.group_size in VLLM_GROUP_SIZES and in_f * o.bits % 32 == 0
+            and out_f * o.bits % 32 == 0 and (o.group_size is None or in_f % o.group_size == 0))
+
+
+def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[str]]:
+    """`(profile with the engine's exact sizes, allowed [M, O], notes)`; InvalidInput for a module the
+    engine can run at none of the profile's options."""
+    check_engine(engine)
+    M, O = profile.error.shape
+    allowed = np.ones((M, O), dtype=bool)
+    notes: list[str] = []
+    if engine == "bitplan":
+        return profile, allowed, notes
+    if engine == "vllm":
+        for i, m in enumerate(profile.modules):
+            allowed[i] = [_vllm_allows(m, o) for o in profile.options]
+        _check_some(profile, allowed, engine, "GPTQ 2/3/4/8 bits (routed experts 4/8), group size "
+                                              "32/64/128/per-channel dividing in_features, dimensions x bits multiples of 32")
+        return profile, allowed, notes
+    size = profile.size_bits.copy()
+    for i, m in enumerate(profile.modules):
+        for j, o in enumerate(profile.options):
+            t = gguf_type(m.shape, o)
+            allowed[i, j] = t is not None
+            if t is not None:
+                size[i, j] = t.size_bits(*m.shape)
+    _check_some(profile, allowed, engine, "GGUF types Q2_K..Q6_K, Q8_0 (in_features % 256 == 0) or Q4_0/Q5_0/Q8_0 "
+                                          "(in_features % 32 == 0)")
+    profiled = {o.bits for o in profile.options}
+    missing = sorted(name for name, t in GGUF_TYPES.items() if t.code_bits not in profiled and t.code_bits != 16)
+    if missing:
+        notes.append(f"the profile measures no option with the bits of {', '.join(missing)}: the plan cannot use "
+                     f"them (profile with --options including {sorted({GGUF_TYPES[n].code_bits for n in missing})})")
+    for n in notes:
+        log.info("llamacpp engine: %s", n)
+    return profile.model_copy(update={"size_bits": size}), allowed, notes
+
+
+def _check_some(profile: Profile, allowed: np.ndarray, engine: str, rule: str) -> None:
+    none = np.flatnonzero(~allowed.any(axis=1))
+    if none.size:
+        m = profile.modules[int(none[0])]
+        raise InvalidInput(f"the {engine} engine can run module {m.name} {list(m.shape)} at none of the profile's "
+                           f"options {[o.label for o in profile.options]} ({rule}); profile with --options "
+                           f"including 8 or 16, or plan with --engine bitplan")

@@ -1,0 +1,171 @@
+"""Latency tables: seconds of one call of every planned module at every option and batch size.
+
+A table is `latency [M, O, B]` (module, option, batch) in seconds with its `batches` and a `source`;
+two sources fill the same `LatencyTable`, so the planner never cares which:
+
+- `roofline:GPU` (`roofline_latency`, here, numpy only): the time a memory- or compute-bound kernel
+  cannot beat on that GPU's datasheet figures (`GPUS`), for a linear y = x·Wᵀ, x [batch, in],
+  W [out, in] stored with option o:
+
+      time = max(bytes / bandwidth, 2·batch·out·in / flops) + LAUNCH_OVERHEAD_S
+      bytes = ⌈o.size_bits(out, in) / 8⌉ + 2·batch·(in + out)
+
+  i.e. the packed weights with their scales and zeros (`Option.size_bits`, the one place for that
+  fact), plus bf16 activations read and written. It depends on the module's shape only, so it is
+  computed once per (shape, option) and shared by every module of that shape.
+- `measured:<device name>` (`measured_latency`, issue 5): the project's Triton kernels timed on the GPU.
+
+Where the roofline is optimistic: it assumes peak bandwidth and peak tensor throughput at once, no
+dequantization cost, and no fusion across modules (each module is one launch).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
+
+DEFAULT_BATCHES = (1, 16, 256)  # decode of one sequence, a small serving batch, prefill-sized
+ACTIVATION_BYTES = 2  # bf16 activations, in and out
+# The fixed cost of one kernel launch, on every GPU: DESIGN.md's H100 measurement of an empty kernel
+# timed with L2 flushed (≈ 4.5 µs). Launch cost is set by the driver and host, not the GPU's size.
+LAUNCH_OVERHEAD_S = 4.5e-6
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU's roofline: peak memory bandwidth (bytes/s) and dense bf16 tensor-core throughput (FLOP/s)."""
+
+    name: str
+    bandwidth: float
+    flops: float
+    description: str
+
+    @property
+    def source(self) -> str:
+        """The `latency_source` of its roofline tables."""
+        return f"roofline:{self.name}"
+
+
+# Vendor datasheet figures. NVIDIA quotes tensor throughput "with sparsity" (2:4 structured); the dense
+# figure used here is half of that.
+GPUS = {g.name: g for g in (
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 3.35 TB/s HBM3; BF16 Tensor Core
+    # 1,979 TFLOPS with sparsity -> 989.4 dense.
+    GPU("H100", 3.35e12, 989.4e12, "H100 SXM 80GB"),
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: 4.8 TB/s HBM3e; BF16 Tensor Core
+    # 1,979 TFLOPS with sparsity -> 989.4 dense (the H100's compute, more and faster memory).
+    GPU("H200", 4.8e12, 989.4e12, "H200 SXM 141GB"),
+    # NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column: 2,039 GB/s HBM2e; BF16 Tensor
+    # Core 312 TFLOPS dense (624 with sparsity).
+    GPU("A100", 2.039e12, 312e12, "A100 SXM 80GB"),
+    # NVIDIA L40S datasheet: 864 GB/s GDDR6; BF16 Tensor Core 362.05 TFLOPS dense (733 with sparsity).
+    GPU("L40S", 864e9, 362.05e12, "L40S 48GB"),
+    # NVIDIA Ada Lovelace GPU architecture whitepaper, GeForce RTX 4090 column: 1,008 GB/s GDDR6X;
+    # peak BF16 Tensor TFLOPS with FP32 accumulate 165.2 dense (330.4 with sparsity).
+    GPU("RTX4090", 1.008e12, 165.2e12, "GeForce RTX 4090 24GB"),
+)}
+_ALIASES = {"H100SXM": "H100", "H100SXM5": "H100", "H200SXM": "H200", "A10080GB": "A100", "A100SXM": "A100",
+            "A10080GBSXM": "A100", "A100SXM80GB": "A100", "4090": "RTX4090", "GEFORCERTX4090": "RTX4090"}
+
+
+class LatencyTable(NamedTuple):
+    """What both sources return: `latency [M, O, B]` seconds, the `batches`, and the `source` string."""
+
+    latency: np.ndarray
+    batches: list[int]
+    source: str
+
+
+def gpu(name: str) -> GPU:
+    """A GPU of `GPUS` by name, case and punctuation ignored ('h100', 'H100-SXM', 'rtx 4090')."""
+    key = re.sub(r"[^A-Z0-9]", "", name.upper())
+    key = _ALIASES.get(key, key)
+    if key not in GPUS:
+        raise InvalidInput(f"no roofline for GPU {name!r}; known: {', '.join(GPUS)}")
+    return GPUS[key]
+
+
+def parse_batches(spec: str | Sequence[int]) -> list[int]:
+    """`"1,16,256"` -> [1, 16, 256] (sorted, each once); InvalidInput for anything but positive integers."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        batches = sorted({int(str(b).strip()) for b in items if str(b).strip()})
+    except ValueError:
+        batches = []
+    if not batches or batches[0] <= 0:
+        raise InvalidInput(f"bad --latency-batches {spec!r}: give positive batch sizes like 1,16,256")
+    return batches
+
+
+def roofline_latency(modules: Sequence[Module], options: Sequence[Option], batches: Sequence[int],
+                     device: GPU | str) -> LatencyTable:
+    """The roofline table (module docstring) of `modules` x `options` x `batches` on `device`."""
+    device = gpu(device) if isinstance(device, str) else device
+    batches = parse_batches(batches)
+    b = np.asarray(batches, dtype=np.float64)
+    shapes, inverse = np.unique(np.array([m.shape for m in modules], dtype=np.int64).reshape(-1, 2), axis=0,
+                                return_inverse=True)
+    table = np.empty((len(shapes), len(options), len(b)))
+    for s, (out, inp) in enumerate(shapes.tolist()):
+        for o, option in enumerate(options):
+            moved = math.ceil(option.size_bits(out, inp) / 8) + ACTIVATION_BYTES * b * (inp + out)
+            table[s, o] = np.maximum(moved / device.bandwidth, 2 * b * out * inp / device.flops) + LAUNCH_OVERHEAD_S
+    return LatencyTable(table[inverse.reshape(-1)], batches, device.source)
+
+
+def measured_latency(planned, options: Sequence[Option], batches: Sequence[int], *, device: str = "cuda",
+                     warmup: int = 10, repeats: int = 50) -> LatencyTable:
+    """The measured table: every (shape, option, batch) of `planned` (`profiler.model.planned_linears`:
+    (Module, nn.Linear) pairs) timed with the project's Triton kernels on `device`.
+
+    To be written with the real kernels (issue 5). The contract: time one call of the fused
+    dequantize+matmul on random codes of each distinct (shape, option), at each batch, L2 flushed,
+    median of `repeats` after `warmup`; bits=16 options time torch's bf16 matmul; return
+    `LatencyTable(latency [M, O, B] seconds, sorted batches, f"measured:{torch.cuda.get_device_name()}")`,
+    the roofline's format exactly.
+    """
+    raise NotImplementedError("measured latency needs the Triton kernel timings of issue 5; "
+                              "use a roofline (--latency roofline:GPU) until then")
+
+
+def parse_spec(spec: str) -> GPU | None:
+    """`roofline:GPU` -> that GPU; `measured` -> None; anything else InvalidInput saying what to write."""
+    kind, _, name = spec.strip().partition(":")
+    if kind == "roofline" and name:
+        return gpu(name)
+    if kind == "measured":
+        return None
+    raise InvalidInput(f"bad --latency {spec!r}: write roofline:GPU (GPU one of {', '.join(GPUS)}) or measured")
+
+
+def latency_table(spec: str, modules: Sequence[Module], options: Sequence[Option],
+                  batches: Sequence[int] = DEFAULT_BATCHES, planned=None) -> LatencyTable:
+    """The table `spec` names: `roofline:GPU` (modules' shapes suffice) or `measured` (needs `planned`)."""
+    device = parse_spec(spec)
+    if device is not None:
+        return roofline_latency(modules, options, batches, device)
+    try:
+        return measured_latency(planned, options, parse_batches(batches))
+    except NotImplementedError as e:
+        raise InvalidInput(f"--latency {spec}: {e}") from e
+
+
+def with_latency(profile: Profile, table: LatencyTable) -> Profile:
+    """`profile` with `table` attached; a new id (derived from the old one and the table's source and
+    batches), since the table is part of what the profile says."""
+    fields = {k: getattr(profile, k) for k in Profile.model_fields}
+    fields.update(latency=table.latency, latency_batches=list(table.batches), latency_source=table.source,
+                  id=latency_profile_id(profile.id, table.source, table.batches) if profile.id else "")
+    return Profile(**fields)
+
+
+def latency_profile_id(base_id: str, source: str, batches: Sequence[int]) -> str:
+    """The id of profile `base_id` with the latency table of `source` at `batches`: same inputs, same id."""
+    return content_id(base_id, source, list(batches), prefix="prof-")

@@ -1,0 +1,72 @@
+"""MoE end to end: profile -> plan (one option per expert) -> apply -> load gives the in-memory quantized
+model's logits, with every expert's QuantLinear tensors under the un-fused names."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bitplan.db.store import Store
+from bitplan.db.types import parse_options
+from bitplan.executor.apply import apply_plan, quantize_model
+from bitplan.executor.load import load_quantized
+from bitplan.executor.quant_linear import QuantLinear
+from bitplan.planner.cli import main
+from bitplan.planner.heatmap import expert_heatmap
+from bitplan.planner.plan import allocate
+from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.moe import ExpertLinears
+from bitplan.profiler.profile import profile_model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_profile_plan_apply_load_round_trip(kind, moe_checkpoint, text_file, tmp_path, capsys):
+    loaded = load_model(str(moe_checkpoint(kind)))
+    profile = profile_model(loaded, parse_options("2,3,4,8"), estimator="hessian", calib=str(text_file),
+                            n_tokens=256, seq_len=64, progress=False)
+    plan = allocate(profile, "3.5bpw", "ilp", granularity="expert")
+    assert plan.total_bits <= plan.budget_bits and plan.bits_per_weight <= 3.5
+    experts = [m for m in profile.modules if m.expert is not None]
+    for m in experts:  # one option per expert: its three matrices agree
+        siblings = {plan.assignment[f"{m.name.rsplit('.', 1)[0]}.{r}"] for r in ("gate_proj", "up_proj", "down_proj")}
+        assert len(siblings) == 1
+
+    planned = planned_linears(loaded.model)
+    out = apply_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path / "q", progress=False)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    quantized = next(m.name for m in experts if plan.assignment[m.name].quantized)
+    assert f"{quantized}.qweight_s0" in keys and f"{quantized}.scales" in keys
+    assert not any("gate_up_proj" in k for k in keys)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qc["modules"]) == {m.name for m in profile.modules}
+
+    reloaded, _, _ = load_quantized(out)
+    assert isinstance(reloaded.get_submodule(quantized), QuantLinear)
+    assert isinstance(reloaded.model.layers[0].mlp.experts, ExpertLinears)
+    in_memory = copy.deepcopy(loaded.model)
+    quantize_model(in_memory, planned_linears(in_memory), plan)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, base = reloaded(ids).logits, in_memory(ids).logits, loaded.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the quantization did something
+
+    # `bitplan show PLAN` prints the layer x expert heat map under the plan's summary
+    db = str(tmp_path / "bitplan.db")
+    with Store(db) as store:
+        store.save_profile(profile)
+        store.save_plan(plan)
+    assert main(["show", plan.id, "--db", db, "-q"]) == 0
+    text = capsys.readouterr().out
+    assert expert_heatmap(plan, profile) in text and f"plan {plan.id}" in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("L")]
+    n_experts = len(reloaded.model.layers[0].mlp.experts)
+    assert [r[0] for r in rows] == [f"L{l}" for l in range(loaded.model.config.num_hidden_layers)]
+    assert all(len(r) == n_experts + 1 + 1 for r in rows)  # label, one cell per expert, the layer mean
+    for e in range(n_experts):
+        assert f"e{e}" in text
+    # without the profile (a plan file alone) the experts come from the names
+    assert expert_heatmap(plan).splitlines()[2:] == expert_heatmap(plan, profile).splitlines()[2:]

@@ -1,0 +1,92 @@
+"""Engine-aware planning (planner/engines.py): ties, allowed options and exact sizes of vLLM and llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitplan.db.types import InvalidInput
+from bitplan.executor.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
+from bitplan.planner.plan import allocate, unit_of
+from bitplan.planner.synthetic import synthetic_profile
+
+
+def groups_share_option(plan, profile, key):
+    seen = {}
+    for m in profile.modules:
+        assert seen.setdefault(key(m), plan.assignment[m.name]) == plan.assignment[m.name], m.name
+
+
+def test_gguf_sizes_are_exact():
+    bpw = {n: t.bits_per_weight for n, t in GGUF_TYPES.items()}
+    assert (bpw["q2_k"], bpw["q3_k"], bpw["q4_k"], bpw["q5_k"], bpw["q6_k"]) == (2.625, 3.4375, 4.5, 5.5, 6.5625)
+    assert (bpw["q4_0"], bpw["q5_0"], bpw["q8_0"], bpw["f16"]) == (4.5, 5.5, 8.5, 16)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llamacpp"])
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_engine_plans_satisfy_ties_and_budget(engine, n_experts):
+    profile = synthetic_profile(n_layers=4, n_experts=n_experts)
+    plan = allocate(profile, "4.5bpw", "ilp", engine=engine)  # SmolLM2 rows of 576: Q4_0 at least
+    assert plan.params["engine"] == engine and plan.total_bits <= plan.budget_bits
+    groups_share_option(plan, profile, vllm_group if engine == "vllm" else llamacpp_group)
+    sizes = []
+    for m in profile.modules:
+        o = plan.assignment[m.name]
+        if engine == "llamacpp":
+            t = gguf_type(m.shape, o)
+            assert t is not None, m.name
+            assert t.name.endswith("_k") == (m.shape[1] % 256 == 0) or t.name in ("q8_0", "f16")
+            sizes.append(t.size_bits(*m.shape))
+        else:
+            assert o.bits in ((4, 8) if m.expert is not None else (2, 3, 4, 8))
+            sizes.append(o.size_bits(*m.shape))
+    assert sum(sizes) == plan.total_bits  # the plan's size is the engine's, to the bit
+    unconstrained = allocate(profile, "4.5bpw", "ilp")
+    assert unconstrained.predicted_error <= plan.predicted_error + 1e-12 and unconstrained.id != plan.id
+
+
+def test_vllm_ties_all_experts_of_a_layer_and_llamacpp_per_matrix_kind():
+    mods = synthetic_profile(n_layers=2, n_experts=3).modules
+    vllm, cpp = unit_of(mods, engine="vllm"), unit_of(mods, engine="llamacpp")
+    experts0 = [i for i, m in enumerate(mods) if m.layer == 0 and m.expert is not None]
+    assert len({vllm[i] for i in experts0}) == 1
+    assert len({cpp[i] for i in experts0}) == 3
+    qkv = [i for i, m in enumerate(mods) if m.layer == 1 and m.role in ("q_proj", "k_proj", "v_proj")]
+    assert len({vllm[i] for i in qkv}) == 1 and len({cpp[i] for i in qkv}) == 3
+
+
+def test_ties_compose_with_granularity_and_pins():
+    profile = synthetic_profile(n_layers=3, n_experts=2)
+    units = unit_of(profile.modules, "expert", "llamacpp")
+    # expert granularity ties an expert's three matrices, llama.cpp ties each kind across experts: one unit
+    assert len({units[i] for i, m in enumerate(profile.modules) if m.layer == 2 and m.expert is not None}) == 1
+    # layer ties with vLLM's 4/8-bit experts put every layer at 4 bits at least; the pin puts layer 0 at 8
+    plan = allocate(profile, "6bpw", "ilp", engine="vllm", granularity="layer",
+                    pins=["model.layers.0.self_attn.q_proj>=8"])
+    assert plan.assignment["model.layers.0.self_attn.k_proj"].bits == 8  # tied to q by vLLM
+    assert plan.assignment["model.layers.0.mlp.experts.1.down_proj"].bits == 8  # and to its layer
+    assert plan.params == {"granularity": "layer", "engine": "vllm"}
+
+
+def test_llamacpp_rows_off_super_blocks_get_no_2_or_3_bits():
+    profile = synthetic_profile(n_layers=2)
+    plan = allocate(profile, "4.3bpw", "greedy", engine="llamacpp")
+    for m in profile.modules:
+        if m.shape[1] % 256:
+            assert plan.assignment[m.name].bits >= 4, m.name
+
+
+def test_engine_errors_are_one_line():
+    profile = synthetic_profile(n_layers=2)
+    with pytest.raises(InvalidInput, match="unknown engine 'tgi'"):
+        allocate(profile, "4bpw", engine="tgi")
+    narrow = synthetic_profile(options="2,3", n_layers=2)
+    with pytest.raises(InvalidInput, match="llamacpp engine can run module .* none of the profile's options"):
+        allocate(narrow, "4bpw", engine="llamacpp")
+
+
+def test_bitplan_engine_keeps_plan_ids():
+    profile = synthetic_profile(n_layers=2)
+    assert allocate(profile, "3.5bpw").id == allocate(profile, "3.5bpw", engine="bitplan").id
+    assert np.array_equal(unit_of(profile.modules), unit_of(profile.modules, engine="bitplan"))
