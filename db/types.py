@@ -174,6 +174,7 @@ class CalibrationRef(BaseModel):
     name: str = ""
     fingerprint: str = ""
     n_tokens: int = 0
+    seq_len: int = 0  # tokens per sequence; 0 in profiles made before it was recorded
 
 
 # ------------------------------------------------------------------------------------- profiles

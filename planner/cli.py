@@ -68,7 +68,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
     c.add_argument("--options", default="2,3,4,8", help="bit widths to consider (default 2,3,4,8)")
     c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
-    c.add_argument("--estimator", choices=["fisher", "hessian"], help="error estimator (default fisher)")
+    estimator_args(c)
+    c.add_argument("--validate", action="store_true",
+                   help="instead of storing a profile: rank-correlate hessian and fisher against measured KL "
+                        "(single-module KL on --validate-layers) and print the table")
+    c.add_argument("--validate-layers", default="0,8,16,24", metavar="L,L,...",
+                   help="decoder layers whose modules get measured KL for --validate (default 0,8,16,24)")
     c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
     c.add_argument("--output", help="also write the profile as bitplan.profile/1 JSON to this file")
@@ -142,11 +147,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="smollm2-135m", help="model to run on (default: the embedded SmolLM2)")
     c.add_argument("--budgets", default="3.0bpw,3.5bpw,4.0bpw", help="comma-separated budgets")
     c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
-    c.add_argument("--estimator", choices=["fisher", "hessian"], help="error estimator (default fisher)")
+    estimator_args(c)
     c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
     c.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
     return p
+
+
+def estimator_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--estimator", choices=["fisher", "hessian", "kl", "calibrated"],
+                   help="error estimator (default fisher): fisher (Fisher-weighted ΔW², one backward pass), "
+                        "hessian (layer-output error, forward only), kl (measured: quantize one module at a "
+                        "time and measure KL to the base model; modules x options forward passes, 512 tokens), "
+                        "calibrated (fisher, each module's row rescaled to KL measured at its two lowest "
+                        "bit widths: 2 forward passes per module)")
+    c.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="where each option's ΔW comes from; apply uses the same one (default rtn)")
 
 
 def plan_options(c: argparse.ArgumentParser) -> None:
@@ -178,13 +194,36 @@ def _emit(args, obj: dict, human: str) -> None:
 
 def cmd_profile(args):
     from bitplan.planner.workflow import run_profile, write_json
+    if args.validate:
+        return cmd_validate(args)
     profile = run_profile(_store(args), args.model, options=args.options, group_size=args.group_size,
-                          estimator=args.estimator, calib=args.calib, tokens=args.tokens, seq_len=args.seq_len,
-                          device=args.device, force=args.force, progress=not args.quiet, latency=args.latency,
-                          latency_batches=args.latency_batches)
+                          estimator=args.estimator, quantizer=args.quantizer, calib=args.calib, tokens=args.tokens,
+                          seq_len=args.seq_len, device=args.device, force=args.force, progress=not args.quiet,
+                          latency=args.latency, latency_batches=args.latency_batches)
     if args.output:
         write_json(profile.to_dict(), args.output)
     _emit(args, profile.to_dict(), format_profile(profile))
+
+
+def cmd_validate(args):
+    from bitplan.planner.workflow import run_validate
+    layers = [int(x) for x in args.validate_layers.split(",") if x.strip()]
+    result = run_validate(args.model, options=args.options, group_size=args.group_size, quantizer=args.quantizer,
+                          calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, device=args.device, layers=layers,
+                          progress=not args.quiet)
+    _emit(args, result, format_validation(result))
+
+
+def format_validation(r: dict) -> str:
+    lines = [f"Spearman ρ against measured KL ({r['quantizer']}; {r['n_modules']} modules x "
+             f"{len(r['options'])} options, KL on {r['tokens']['kl']} tokens, estimators on "
+             f"{r['tokens']['estimators']}):",
+             f"  {'estimator':<10} {'pooled':>7}  " + "  ".join(f"{o:>8}" for o in r["options"]) + "  seconds"]
+    for e, rho in r["spearman"].items():
+        per = "  ".join(f"{x:>8.3f}" for x in r["per_option"][e])
+        lines.append(f"  {e:<10} {rho:>7.3f}  {per}  {r['seconds'][e]:7.0f}")
+    lines.append(f"  (kl itself: {r['seconds']['kl']:.0f} s)")
+    return "\n".join(lines)
 
 
 def cmd_plan(args):
@@ -282,8 +321,8 @@ def cmd_serve(args):
 def cmd_demo(args):
     from bitplan.planner.workflow import run_demo
     rows = run_demo(_store(args), source=args.model, budgets=_csv(args.budgets), allocators=_csv(args.allocators),
-                    estimator=args.estimator, tokens=args.tokens, eval_tokens=args.eval_tokens, out_dir=args.out,
-                    progress=not args.quiet)
+                    estimator=args.estimator, quantizer=args.quantizer, tokens=args.tokens,
+                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet)
     _emit(args, {"rows": rows}, format_rows(rows))
 
 

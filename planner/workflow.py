@@ -31,11 +31,14 @@ EVAL_WINDOW = 512
 
 
 def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_size: int | None = 64,
-                estimator: str | None = None, calib: str | None = None, tokens: int | None = None,
-                seq_len: int | None = None, device: str | None = None, force: bool = False,
-                loaded=None, progress: bool = True, latency: str | None = None,
+                estimator: str | None = None, quantizer: str = "rtn", calib: str | None = None,
+                tokens: int | None = None, seq_len: int | None = None, device: str | None = None,
+                force: bool = False, loaded=None, progress: bool = True, latency: str | None = None,
                 latency_batches: str | Sequence[int] | None = None) -> Profile:
     """Profile `source` (or reuse the stored profile of the same model, text and settings).
+
+    `quantizer` (`rtn`, `gptq`) is where each option's ΔW comes from; `apply` uses the same one for
+    plans of this profile.
 
     `latency` (`roofline:GPU` or `measured`) also fills the latency table at `latency_batches`
     (default 1,16,256): the result is the error profile with that table, stored under its own id.
@@ -51,9 +54,9 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
         if loaded is None:
             check_causal_lm(source)
             loaded = load_model(source)
-        base = run_profile(store, source, options=options, group_size=group_size, estimator=estimator, calib=calib,
-                           tokens=tokens, seq_len=seq_len, device=device, force=force, loaded=loaded,
-                           progress=progress)
+        base = run_profile(store, source, options=options, group_size=group_size, estimator=estimator,
+                           quantizer=quantizer, calib=calib, tokens=tokens, seq_len=seq_len, device=device,
+                           force=force, loaded=loaded, progress=progress)
         return add_latency(store, base, latency, batches, loaded=loaded, force=force)
 
     opts = parse_options(options, group_size)
@@ -64,7 +67,8 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
         check_causal_lm(source)
         loaded = load_model(source)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
-    pid = prof.profile_id(loaded, calib_ref.fingerprint, estimator, opts, seq_len, device)
+    pid = prof.profile_id(loaded, calib_ref.fingerprint, prof.estimator_name(estimator, quantizer), opts, seq_len,
+                          device)
     if not force:
         try:
             stored = store.get_profile(pid)
@@ -72,9 +76,33 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             return stored
         except NotFound:
             pass
-    profile = prof.profile_model(loaded, opts, estimator=estimator, calib=calib, n_tokens=tokens,
+    profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib, n_tokens=tokens,
                                  seq_len=seq_len, device=device, progress=progress)
     return store.save_profile(profile)
+
+
+def run_validate(source: str, *, options: str = "2,3,4,8", group_size: int | None = 64, quantizer: str = "rtn",
+                 calib: str | None = None, tokens: int | None = None, seq_len: int | None = None,
+                 device: str | None = None, layers: Sequence[int] | None = None, progress: bool = True) -> dict:
+    """`bitplan profile --validate`: each cheap estimator's Spearman ρ against measured single-module KL.
+
+    JSON-ready: the tables are left out, the module names and figures stay.
+    """
+    from bitplan.profiler.model import check_causal_lm, load_model
+    from bitplan.profiler.kl import DEFAULT_KL_TOKENS
+    from bitplan.profiler.profile import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, default_device
+    from bitplan.profiler.validate import validate
+
+    check_causal_lm(source)
+    loaded = load_model(source)
+    kw = {"calib": calib} if calib else {}
+    tokens = tokens or DEFAULT_TOKENS
+    result = validate(loaded, parse_options(options, group_size), quantizer=quantizer, n_tokens=tokens,
+                      kl_tokens=min(DEFAULT_KL_TOKENS, tokens), seq_len=seq_len or DEFAULT_SEQ_LEN, layers=layers,
+                      device=device or default_device(), progress=progress, **kw)
+    result.pop("tables")
+    result["n_modules"] = len(result["modules"])
+    return result
 
 
 def add_latency(store: Store, profile: Profile, spec: str, batches: Sequence[int], *, loaded=None,
@@ -245,8 +273,39 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
     if loaded is None:
         check_causal_lm(plan.model.source)
         loaded = load_model(plan.model.source)
-    return export_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), out, fmt,
-                       overwrite=overwrite, progress=progress)
+    planned = planned_linears(loaded.model)
+    quantizer, hessians = plan_quantizer(store, plan), None
+    if quantizer == "gptq":
+        hessians = gptq_hessians(loaded, store.get_profile(plan.profile_id), planned, progress=progress)
+    return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
+                       progress=progress, quantizer=quantizer, hessians=hessians)
+
+
+def plan_quantizer(store: Store, plan: Plan) -> str:
+    """The quantizer the plan's profile measured ΔW with (`rtn` when the profile is not in this store)."""
+    from bitplan.profiler.profile import parse_estimator_name
+
+    try:
+        return parse_estimator_name(store.get_profile(plan.profile_id).estimator)[1]
+    except NotFound:
+        log.warning("profile %s of plan %s is not in %s: applying with rtn", plan.profile_id, plan.id, store.url)
+        return "rtn"
+
+
+def gptq_hessians(loaded, profile: Profile, planned, *, device: str | None = None, progress: bool = True):
+    """`H` of every planned module on the profile's own calibration tokens, for GPTQ at apply time.
+
+    A profile made before its sequence length was recorded gets sequences of the default length (H
+    sums over tokens; only attention context differs).
+    """
+    from bitplan.profiler.calibration import token_batches
+    from bitplan.profiler.profile import DEFAULT_SEQ_LEN, default_device
+    from bitplan.profiler.stream import collect_hessians
+
+    calib = profile.calibration
+    seq_len = calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens)
+    batches, _ = token_batches(loaded.tokenizer, calib.name, calib.n_tokens, seq_len)
+    return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
 
 @dataclass
@@ -308,8 +367,9 @@ def _stored_plan_id(store: Store, plan_id: str | None) -> str | None:
 
 
 def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
-             allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, tokens: int | None = None,
-             eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs", progress: bool = True) -> list[dict]:
+             allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, quantizer: str = "rtn",
+             tokens: int | None = None, eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs",
+             progress: bool = True) -> list[dict]:
     """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
 
     Returns one row per (budget, allocator) plus the unquantized baseline, each with its stored ids.
@@ -324,7 +384,8 @@ def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] =
     loaded = load_model(source)
     log.info("loaded %s in %.0f s", source, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    profile = run_profile(store, source, estimator=estimator, tokens=tokens, loaded=loaded, progress=progress)
+    profile = run_profile(store, source, estimator=estimator, quantizer=quantizer, tokens=tokens, loaded=loaded,
+                          progress=progress)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
     windows = eval_windows(loaded.tokenizer, tokens=eval_tokens)
     t0 = time.perf_counter()

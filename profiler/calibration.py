@@ -69,4 +69,4 @@ def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int) -> tuple[to
                            f"or fewer")
     ids = torch.tensor(ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
     fp = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
-    return ids, CalibrationRef(name=name, fingerprint=fp, n_tokens=ids.numel())
+    return ids, CalibrationRef(name=name, fingerprint=fp, n_tokens=ids.numel(), seq_len=ids.shape[1])

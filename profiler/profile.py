@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
 from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize
 from bitplan.profiler import estimators, moe
+from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.fisher import fisher_diagonal
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
@@ -25,7 +26,8 @@ DEFAULT_ESTIMATOR = "fisher"  # measured on the embedded model: README, "Choosin
 DEFAULT_OPTIONS = "2,3,4,8"
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
-ESTIMATOR_NAMES = (*estimators.ESTIMATORS, "kl")  # kl: measured, not estimated (profiler/kl.py)
+# kl: measured, not estimated (profiler/kl.py); calibrated: fisher rescaled to measured KL (profiler/calibrate.py)
+ESTIMATOR_NAMES = (*estimators.ESTIMATORS, "kl", "calibrated")
 
 
 def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
@@ -88,6 +90,12 @@ def profile_model(
     if estimator == "kl":
         error = kl_table(model, planned, options, batches, quantizer=quantizer, device=device,
                          progress=progress)
+    elif estimator == "calibrated":
+        error = error_table(model, planned, options, batches, "fisher", quantizer, device, progress)
+        # the KL points on the first sequences of the same text, as many as `kl` would measure on
+        rows = max(1, DEFAULT_KL_TOKENS // batches.shape[1])
+        error, _ = calibrate(model, planned, options, error, batches[:rows], quantizer=quantizer, device=device,
+                             progress=progress)
     else:
         error = error_table(model, planned, options, batches, estimator, quantizer, device, progress)
     modules = [m for m, _ in planned]
