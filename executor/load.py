@@ -31,6 +31,21 @@ def read_quantization_config(path: str | Path) -> dict | None:
     return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
 
 
+def is_quantized(path: str | Path) -> bool:
+    """A checkpoint `load_quantized` reads: ours, or a GPTQ / compressed-tensors one."""
+    from bitplan.executor.foreign import read_foreign_config
+    return read_quantization_config(path) is not None or read_foreign_config(path) is not None
+
+
+def checkpoint_plan_id(path: str | Path) -> str | None:
+    """The plan a checkpoint was written from: our config's `plan_id`, or an export's `bitplan_plan.json`."""
+    qc = read_quantization_config(path)
+    if qc is not None:
+        return qc.get("plan_id")
+    plan_file = Path(path) / "bitplan_plan.json"
+    return json.loads(plan_file.read_text()).get("id") if plan_file.is_file() else None
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """`(model, tokenizer, quantization_config)` from a bitplan checkpoint directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -42,8 +57,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     path = Path(path).expanduser()
     qc = read_quantization_config(path)
     if qc is None:
-        raise NotACausalLM(f"{path} is not a bitplan checkpoint (no quantization_config with quant_method "
-                           f"{QUANT_METHOD!r} in config.json)")
+        from bitplan.executor.foreign import load_foreign, read_foreign_config
+        if read_foreign_config(path) is not None:  # our gptqmodel / compressed-tensors exports, and theirs
+            return load_foreign(path, dtype, device)
+        raise NotACausalLM(f"{path} is not a bitplan, GPTQ or compressed-tensors checkpoint (no quantization_config "
+                           f"with quant_method {QUANT_METHOD!r}, gptq or compressed-tensors in config.json)")
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # ours, not transformers': it must not try to load it
     with no_init_weights():

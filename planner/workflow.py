@@ -329,14 +329,13 @@ def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: 
     """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name)."""
     from bitplan.executor.apply import checkpoint_bytes
     from bitplan.executor.evaluate import perplexity
-    from bitplan.executor.load import load_quantized, read_quantization_config
+    from bitplan.executor.load import checkpoint_plan_id, is_quantized, load_quantized
     from bitplan.profiler.model import check_causal_lm, load_model
 
     t0 = time.perf_counter()
     if model is None:
-        qc = read_quantization_config(checkpoint)
-        if qc is not None:
-            plan_id = plan_id or _stored_plan_id(store, qc.get("plan_id"))
+        if is_quantized(checkpoint):
+            plan_id = plan_id or _stored_plan_id(store, checkpoint_plan_id(checkpoint))
             model, tokenizer, _ = load_quantized(checkpoint)
         else:
             check_causal_lm(checkpoint)

@@ -1,0 +1,35 @@
+"""`bitplan apply --format` then `bitplan eval` on the export: same perplexity as our own format, plan linked."""
+
+import json
+
+import pytest
+
+from bitplan.planner.cli import main
+
+
+@pytest.fixture()
+def db(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_exports_evaluate_like_our_format(db, tiny_checkpoint, text_file, tmp_path, capsys):
+    profile = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
+                      "--seq-len", "64", "--group-size", "32", "--json", "-q")
+    plan = run_cli(capsys, "plan", profile["id"], "--budget", "4bpw", "--engine", "vllm", "--json", "-q")
+    ppl = {}
+    for fmt in ("bitplan", "gptqmodel", "compressed-tensors"):
+        out = tmp_path / fmt
+        run_cli(capsys, "apply", plan["id"], "--out", str(out), "--format", fmt, "--json", "-q")
+        ev = run_cli(capsys, "eval", str(out), "--text", str(text_file), "--tokens", "128", "--window", "64",
+                     "--json", "-q")
+        assert ev["plan_id"] == plan["id"]
+        ppl[fmt] = ev["perplexity"]
+    assert ppl["gptqmodel"] == pytest.approx(ppl["bitplan"], rel=1e-5)
+    assert ppl["compressed-tensors"] == pytest.approx(ppl["bitplan"], rel=1e-5)
