@@ -50,3 +50,42 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill,
                 decode_tokens_per_s=batch * (new_tokens - 1) / max(total - prefill, 1e-9),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+@torch.no_grad()
+def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: torch.Tensor, *,
+                   quantizer: str = "rtn", hessians=None, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Perplexity and mean per-token KL(base ‖ plan) of each assignment (module name -> Option) on `windows`.
+
+    In memory, one plan after another: each planned weight is replaced by its quantized-dequantized
+    value (the values `apply` stores), everything else stays as loaded, and the original weights are
+    restored at the end.  The base model's log-probabilities are computed once (`windows.numel() x
+    vocab` float32: keep the windows few).
+    """
+    from bitplan.executor.quantize import quantize_dequantize
+    from bitplan.profiler.kl import mean_kl
+
+    model.to(device)
+    originals = {m.name: lin.weight.data for m, lin in planned}
+    base = [torch.log_softmax(model(row.unsqueeze(0).to(device), use_cache=False).logits[0].float(), -1)
+            for row in windows]
+    out = []
+    try:
+        for assignment in tqdm(assignments, desc="evaluating plans", unit="plan", disable=not progress):
+            for m, lin in planned:
+                W = originals[m.name]
+                opt = assignment[m.name]
+                H = hessians[m.name] if hessians is not None and opt.quantized else None
+                lin.weight.data = quantize_dequantize(W, opt, quantizer, H)
+            nll, kl, count = 0.0, 0.0, 0
+            for row, logp in zip(windows, base):
+                ids = row.unsqueeze(0).to(device)
+                logits = model(ids, use_cache=False).logits[0].float()
+                nll += float(nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+                kl += mean_kl(logp, logits)[0]
+                count += ids.shape[1]
+            out.append(dict(perplexity=math.exp(nll / (count - len(windows))), kl=kl / count))
+    finally:
+        for m, lin in planned:
+            lin.weight.data = originals[m.name]
+    return out

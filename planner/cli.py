@@ -115,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
                    help="START:STOP:STEP in bits per weight (both ends included), or a list like "
                         "3bpw,3.5bpw,900MiB (default 2.5:4.5:0.25)")
     plan_options(c)
+    c.add_argument("--evaluate", action="store_true",
+                   help="also measure each plan on the profile's model, in memory: held-out perplexity and KL "
+                        "to the unquantized model")
+    c.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens for --evaluate (default 2048)")
     c.add_argument("--output", help="also write the table as JSON to this file")
 
     c = cmd("apply", cmd_apply, "quantize the model with a stored plan and write the checkpoint")
@@ -252,7 +256,8 @@ def cmd_compare(args):
     store = _store(args)
     rows = run_compare(store, _profile_arg(store, args), budgets, _csv(args.allocators), pins=args.pin,
                        seed=args.seed, time_limit=args.time_limit, granularity=args.granularity,
-                       engine=args.engine)
+                       engine=args.engine, evaluate=args.evaluate, eval_tokens=args.eval_tokens,
+                       progress=not args.quiet)
     if args.output:
         write_json({"rows": rows}, args.output)
     _emit(args, {"rows": rows}, format_compare(rows))
@@ -375,15 +380,17 @@ def format_rows(rows: list[dict]) -> str:
 
 def format_compare(rows: list[dict]) -> str:
     """The sweep as a table, one row per (budget, allocator); an infeasible pair shows its message."""
+    measured = any("perplexity" in r for r in rows)
     head = (f"{'budget':>9} {'allocator':>12} {'pred.err':>10} {'bits/w':>7} {'MiB':>9} {'time s':>8}  "
-            f"{'status':<28} plan")
+            + (f"{'ppl':>9} {'KL':>8}  " if measured else "") + f"{'status':<28} plan")
     out = [head, "-" * len(head)]
     for r in rows:
         if r["error"]:
             out.append(f"{r['budget']:>9} {r['allocator']:>12}  {r['error']}")
             continue
+        m = f"{r['perplexity']:>9.3f} {r['kl']:>8.4f}  " if measured else ""
         out.append(f"{r['budget']:>9} {r['allocator']:>12} {r['predicted_error']:>10.5g} {r['bits_per_weight']:>7.3f} "
-                   f"{r['size_mib']:>9.2f} {r['solve_seconds']:>8.3f}  {r['status']:<28} {r['plan_id']}")
+                   f"{r['size_mib']:>9.2f} {r['solve_seconds']:>8.3f}  {m}{r['status']:<28} {r['plan_id']}")
     return "\n".join(out)
 
 

@@ -211,11 +211,18 @@ def parse_budgets(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(budgets))  # each budget once, in the order given
 
 
+COMPARE_EVAL_TOKENS = 2048  # base log-probs of all of them are held at once (2,048 x 49,152 floats: 400 MB)
+
+
 def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[str],
                 allocators: Sequence[str] = ("ilp", "closed_form", "greedy", "uniform"), *,
                 pins: list[str] | tuple = (), seed: int = 0, time_limit: float | None = None,
-                granularity: str = DEFAULT_GRANULARITY, engine: str = "bitplan") -> list[dict]:
+                granularity: str = DEFAULT_GRANULARITY, engine: str = "bitplan", evaluate: bool = False,
+                eval_tokens: int = COMPARE_EVAL_TOKENS, loaded=None, progress: bool = True) -> list[dict]:
     """Solve every (budget, allocator) pair on one profile and store every plan; one row per pair.
+
+    `evaluate` also measures each plan on the profile's model, in memory: held-out perplexity and mean
+    per-token KL(base ‖ plan) on `eval_tokens` of the evaluation text (`executor.evaluate.evaluate_plans`).
 
     An infeasible pair keeps its row, with the message under `error` and no plan; any other bad input
     (an unknown allocator or granularity, a bad budget or pin) fails before anything is solved.
@@ -245,7 +252,33 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
                            bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
                            solve_seconds=plan.solve_seconds, status=plan.status)
             rows.append(row)
+    if evaluate:
+        _evaluate_rows(store, profile, rows, eval_tokens, loaded, progress)
     return rows
+
+
+def _evaluate_rows(store: Store, profile: Profile, rows: list[dict], tokens: int, loaded, progress: bool) -> None:
+    from bitplan.executor.evaluate import evaluate_plans
+    from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
+
+    done = [r for r in rows if r["plan_id"]]
+    if not done:
+        return
+    if loaded is None:
+        if not profile.model.source:
+            raise InvalidInput(f"profile {profile.id} records no model to evaluate plans on")
+        check_causal_lm(profile.model.source)
+        loaded = load_model(profile.model.source)
+    planned = planned_linears(loaded.model)
+    plans = [store.get_plan(r["plan_id"]) for r in done]
+    quantizer, hessians = plan_quantizer(store, plans[0]), None
+    if quantizer == "gptq":
+        hessians = gptq_hessians(loaded, profile, planned, progress=progress)
+    windows = eval_windows(loaded.tokenizer, tokens=tokens, window=min(EVAL_WINDOW, tokens))
+    measured = evaluate_plans(loaded.model, planned, [p.assignment for p in plans], windows.ids, quantizer=quantizer,
+                              hessians=hessians, progress=progress)
+    for row, m in zip(done, measured):
+        row.update(m)
 
 
 def write_json(obj: dict, path: str | Path) -> Path:

@@ -33,3 +33,20 @@ def test_exports_evaluate_like_our_format(db, tiny_checkpoint, text_file, tmp_pa
         ppl[fmt] = ev["perplexity"]
     assert ppl["gptqmodel"] == pytest.approx(ppl["bitplan"], rel=1e-5)
     assert ppl["compressed-tensors"] == pytest.approx(ppl["bitplan"], rel=1e-5)
+
+
+def test_compare_evaluate_measures_every_plan(db, tiny_checkpoint, text_file, tmp_path, capsys):
+    """`compare --evaluate`: perplexity and KL of every plan, equal to what its applied checkpoint measures."""
+    profile = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
+                      "--seq-len", "64", "--json", "-q")
+    rows = run_cli(capsys, "compare", profile["id"], "--budgets", "3bpw,4.5bpw", "--allocators", "ilp,uniform",
+                   "--evaluate", "--eval-tokens", "128", "--json", "-q")["rows"]
+    assert len(rows) == 4 and all(r["kl"] > 0 and 1 < r["perplexity"] < 1e6 for r in rows)
+    by = {(r["budget"], r["allocator"]): r for r in rows}
+    assert by["4.5bpw", "ilp"]["kl"] < by["3bpw", "ilp"]["kl"]
+    # the in-memory measurement is what the applied checkpoint gives (same quantized weights)
+    plan_id = by["3bpw", "ilp"]["plan_id"]
+    run_cli(capsys, "apply", plan_id, "--out", str(tmp_path / "q"), "--json", "-q")
+    ev = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", "shakespeare:eval", "--tokens", "128",
+                 "--window", "128", "--json", "-q")
+    assert ev["perplexity"] == pytest.approx(by["3bpw", "ilp"]["perplexity"], rel=2e-2)
