@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
 from bitplan.executor.export import unpack_bitstream, unpack_words
@@ -135,30 +134,15 @@ def decode_ct(state: dict, name: str, option: Option) -> QuantizedWeight:
 
 def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """`(model, tokenizer, quantization_config)` from a GPTQ or compressed-tensors checkpoint folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
-
-    from bitplan.executor.load import _is_tied
-    from bitplan.profiler.moe import unfuse_experts
+    from bitplan.executor.load import finish, read_weights, skeleton, tokenizer_of
 
     path = Path(path).expanduser()
     qc = read_foreign_config(path)
     if qc is None:
         raise NotACausalLM(f"{path} is not a GPTQ or compressed-tensors checkpoint (quant_method not in "
                            f"{list(FOREIGN_METHODS)} in config.json)")
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config  # read here, not by transformers' own quantizer integrations
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unfuse_experts(model)  # the exports name experts as per-expert linears
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    if not state:
-        raise InvalidInput(f"{path} has no .safetensors weights")
+    model = skeleton(path, dtype)
+    state = read_weights(path)
     gptq = qc["quant_method"] == "gptq"
     suffix = ".qweight" if gptq else ".weight_packed"
     v2 = qc.get("checkpoint_format") == "gptq_v2"
@@ -170,14 +154,5 @@ def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         qw = decode_gptq(state, name, option, v2) if gptq else decode_ct(state, name, option)
         bias = state.pop(f"{name}.bias", None)
         model.set_submodule(name, QuantLinear.from_quantized(qw, None if bias is None else bias.to(dtype)))
-    state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    model.tie_weights()
     filled = tuple(f"{name}." for name in quantized)  # QuantLinears were built whole above
-    missing = {k for k in result.missing_keys if not _is_tied(model, k) and not k.startswith(filled)}
-    if missing or result.unexpected_keys:
-        raise InvalidInput(f"{path}: checkpoint does not match its config: missing {sorted(missing)[:3]}, "
-                           f"unexpected {result.unexpected_keys[:3]}")
-    model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return model, tokenizer, qc
+    return finish(model, state, path, dtype, device, filled), tokenizer_of(path), qc

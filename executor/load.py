@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
@@ -47,13 +48,8 @@ def checkpoint_plan_id(path: str | Path) -> str | None:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """`(model, tokenizer, quantization_config)` from a bitplan checkpoint directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
-
+    """`(model, tokenizer, quantization_config)` from a bitplan checkpoint directory (or a GPTQ /
+    compressed-tensors one: `executor/foreign.py`)."""
     path = Path(path).expanduser()
     qc = read_quantization_config(path)
     if qc is None:
@@ -62,12 +58,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
             return load_foreign(path, dtype, device)
         raise NotACausalLM(f"{path} is not a bitplan, GPTQ or compressed-tensors checkpoint (no quantization_config "
                            f"with quant_method {QUANT_METHOD!r}, gptq or compressed-tensors in config.json)")
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config  # ours, not transformers': it must not try to load it
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # `apply` wrote MoE experts under their un-fused names (profiler/moe.py); the skeleton must match
-    unfuse_experts(model)
+    model = skeleton(path, dtype)
     for name, spec in qc["modules"].items():
         option = Option(**spec)
         if not option.quantized:
@@ -75,23 +66,54 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         linear = model.get_submodule(name)
         model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, option,
                                               bias=linear.bias is not None, dtype=dtype))
+    return finish(model, read_weights(path), path, dtype, device), tokenizer_of(path), qc
+
+
+def skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model with uninitialised weights, experts un-fused as `apply` names them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config  # read by us, not by transformers' own quantizer integrations
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # `apply` and the exports write MoE experts under their un-fused names (profiler/moe.py)
+    unfuse_experts(model)
+    return model
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
     if not state:
         raise InvalidInput(f"{path} has no .safetensors weights")
+    return state
+
+
+def finish(model: nn.Module, state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, device: str,
+           filled: tuple[str, ...] = ()) -> nn.Module:
+    """Load `state` into the skeleton; every key must match, except tied ones and modules under `filled`
+    (prefixes of modules already built whole)."""
     # float tensors were stored at 16 bits; compute in `dtype` (scales stay fp16)
     state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
              for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    tied = {k for k in result.missing_keys if _is_tied(model, k)}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise InvalidInput(f"{path}: checkpoint does not match its config: missing "
-                           f"{sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]}")
-    model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return model, tokenizer, qc
+    missing = sorted(k for k in result.missing_keys if not _is_tied(model, k) and not k.startswith(filled))
+    if missing or result.unexpected_keys:
+        raise InvalidInput(f"{path}: checkpoint does not match its config: missing {missing[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}")
+    return model.eval().to(device)
+
+
+def tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
 
 
 def _is_tied(model, key: str) -> bool:
