@@ -282,15 +282,19 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     z0 = qzeros[0] if qzeros else scales
     z1 = (qzeros[1] if len(widths) > 1 else qzeros[0]) if qzeros else scales
     args = (x2, q0, q1, scales, z0, z1, M, N, k, bits, group_size, symmetric)
-    candidates = CONFIGS[regime](M, N, k, bits, group_size, _sm_count(x2.device))
+
+    def candidates() -> list[dict]:  # only on a cache miss: decode calls this function per layer per token
+        return CONFIGS[regime](M, N, k, bits, group_size, _sm_count(x2.device))
+
     if config is not None:
-        config = dict(candidates[0], **config)
+        config = dict(candidates()[0], **config)
     else:
         bucket = M if M <= 16 else min(triton.next_power_of_2(M), 1024)
         key = (regime, bucket, N, k, bits, group_size, symmetric, x2.dtype, x2.device.index)
         config = _TUNED.get(key)
         if config is None:
-            config = candidates[0] if INTERPRET or not x2.is_cuda else _fastest(regime, args, candidates)
+            found = candidates()
+            config = found[0] if INTERPRET or not x2.is_cuda else _fastest(regime, args, found)
             _TUNED[key] = config
     return _launch(regime, *args, config).reshape(*lead, N)
 
