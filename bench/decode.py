@@ -1,13 +1,16 @@
-"""Decode speed and memory of a quantized Llama-shaped model beside its bf16 original, in one process, on a GPU.
+"""Decode speed and memory of a quantized Llama-shaped model beside its bf16 twin, in one process, on a GPU.
 
 Random weights serve for speed (the kernels do not look at values).  For each bit width the planned
-linears are RTN-quantized and swapped for `QuantLinear` (the fused Triton kernels); the GPU logits are
-checked against the same quantized model's CPU reference path on a short input.  Measures greedy decode
-of 128 new tokens after a 512-token prompt at batch 1 and 16 (Hugging Face `generate`, eager: at batch 1
-the per-token launch overhead of eager PyTorch is part of what is measured) and peak GPU memory.
+linears are RTN-quantized and swapped for `QuantLinear` (the fused Triton kernels); the quantized
+model's logits are checked against its bf16 twin (`executor.evaluate.dense_twin`: the same weights
+dequantized, torch matmuls).  Measures greedy decode of 128 new tokens after a 512-token prompt at
+batch 1 and 16, one token step captured in a CUDA graph (`executor.evaluate.decode_speed`), and peak
+GPU memory, for the quantized model and the twin alternately (`executor.evaluate.speed_report`).
 
-    python bench/decode.py                      # Llama-3.2-1B-shaped model, 4 and 2 bits
-    python bench/decode.py --hidden 4096 --layers 8 --intermediate 14336 --bits 4
+    python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
+    python bench/decode.py --layers 32 --bits 4
+
+Prints a table and writes JSON (`--output`, default bench/results/decode.json).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bitplan.db.types import Option
-from bitplan.executor.evaluate import decode_speed
+from bitplan.executor.evaluate import dense_twin, speed_report
 from bitplan.executor.quant_linear import QuantLinear
 from bitplan.executor.quantize import quantize
 from bitplan.profiler.model import planned_linears
@@ -48,8 +51,8 @@ def quantize_all(model: torch.nn.Module, option: Option) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -63,38 +66,40 @@ def main():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1))
-    for bits in [16] + [int(b) for b in args.bits.split(",")]:
+    probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    for bits in [int(b) for b in args.bits.split(",")]:
         model = build(args)
-        if bits < 16:
-            quantize_all(model, Option(bits=bits, group_size=args.group_size))
-            gpu = model(probe.cuda()).logits.float().cpu()
-            cpu = model.to("cpu")(probe).logits.float()  # QuantLinear's CPU path: the torch reference
-            model.to("cuda")
-            rel = float((gpu - cpu).norm() / cpu.norm())
-        else:
-            rel = 0.0
-        weights = sum(b.numel() * b.element_size() for b in model.state_dict().values()) / 2**30
-        for batch in batches:
-            r = decode_speed(model, batch)
-            rows.append(dict(bits=bits, weights_gib=weights, logits_rel_err_vs_cpu=rel, **r))
-            print(f"{bits:>2} bits batch {batch:>3}: {r['decode_tokens_per_s']:8.1f} tok/s  prefill "
-                  f"{r['prefill_s'] * 1e3:7.1f} ms  peak {r['peak_gib']:.2f} GiB  weights {weights:.2f} GiB  "
-                  f"logits vs CPU reference {rel:.1e}", flush=True)
+        quantize_all(model, Option(bits=bits, group_size=args.group_size))
+        twin = dense_twin(model)
+        with torch.no_grad():
+            got, want = model(probe).logits.float(), twin(probe).logits.float()
+        rel = float((got - want).norm() / want.norm())
+        del twin
+        report = speed_report(model, batches)
+        for b, r in report["batches"].items():
+            rows.append(dict(bits=bits, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
+                             weights_gib=report["weights_gib"]["model"], bf16_weights_gib=report["weights_gib"]["bf16"],
+                             tokens_per_s=r["model"]["decode_tokens_per_s"],
+                             bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
+                             peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
+                             cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"]))
+            x = rows[-1]
+            print(f"{bits} bits batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 {x['bf16_tokens_per_s']:8.1f} "
+                  f"(x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs {x['bf16_peak_gib']:.2f} GiB  "
+                  f"graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}", flush=True)
         del model
         torch.cuda.empty_cache()
-    base = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["bits"] == 16}
+    print(f"\n{'bits':>4} {'batch':>5} {'tok/s':>8} {'bf16 tok/s':>10} {'vs bf16':>7} {'peak GiB':>8} {'bf16 GiB':>8}")
     for r in rows:
-        r["speedup_vs_bf16"] = r["decode_tokens_per_s"] / base[r["batch"]]
-    print(f"\n{'bits':>4} {'batch':>5} {'tok/s':>8} {'vs bf16':>7} {'peak GiB':>8}")
-    for r in rows:
-        print(f"{r['bits']:>4} {r['batch']:>5} {r['decode_tokens_per_s']:>8.1f} {r['speedup_vs_bf16']:>7.2f} "
-              f"{r['peak_gib']:>8.2f}")
+        print(f"{r['bits']:>4} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {r['bf16_tokens_per_s']:>10.1f} "
+              f"{r['speedup_vs_bf16']:>7.2f} {r['peak_gib']:>8.2f} {r['bf16_peak_gib']:>8.2f}")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
                 config={k: v for k, v in vars(args).items() if k != "output"})
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp.replace(out)
     print(f"wrote {out}")
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import GEMV_MAX_M, matmul
+from bitplan.kernels.matmul import matmul
+from bitplan.kernels.timing import cold_time_us, copies_for, copy_bandwidth, floor_us
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
     "llama3-8b.qkv": (6144, 4096),
@@ -42,52 +41,6 @@ SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
     "deepseek-v3.w2": (7168, 2048),
     "smollm2.gate": (1536, 576),
 }
-
-
-@triton.jit
-def _stream_kernel(ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Reads `n` int32 words and writes one sum per program: the least work that touches every byte."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(ptr + offs, mask=offs < n, other=0), axis=0))
-
-
-def stream(buf: torch.Tensor, out: torch.Tensor) -> None:
-    block = 4096
-    _stream_kernel[(triton.cdiv(buf.numel(), block),)](buf, out, buf.numel(), BLOCK=block, num_warps=8)
-
-
-def cold_time_us(calls: list, replays: int = 10) -> float:
-    """Median microseconds per call of `calls` (closures over distinct weight copies), run in a CUDA graph."""
-    for c in calls:  # compile, tune and allocate outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
-
-
-def copies_for(nbytes: int, l2: int) -> int:
-    return max(2, -(-4 * l2 // max(nbytes, 1)))
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def packed_copies(N: int, K: int, bits: int, group: int, n: int):
@@ -114,9 +67,7 @@ def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
                             + sum(reference.padded(-(-K // group)) * w // 32 for w in reference.shards(bits)) * N * 4)
             n = copies_for(weight_bytes, l2)
             copies, q, zeros = packed_copies(N, K, bits, group, n)
-            flat = [torch.empty(weight_bytes // 4, dtype=torch.int32, device="cuda") for _ in range(n)]
-            sink = torch.empty(triton.cdiv(weight_bytes // 4, 4096), dtype=torch.int32, device="cuda")
-            t_floor = cold_time_us([lambda b=b: stream(b, sink) for b in flat])
+            t_floor = floor_us(weight_bytes)
             p0, s0, z0 = copies[0]
             zq = reference.unpack([z.cpu() for z in zeros], bits, -(-K // group))
             w_ref = reference.dequantize([p.cpu() for p in p0], s0.cpu(), zq, bits, group, K).cuda()  # [K, N]
@@ -125,8 +76,8 @@ def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
                 ref = x.float() @ w_ref
                 rel = float((matmul(x, p0, s0, z0, bits, group, K, regime=regime).float() - ref).norm() / ref.norm())
                 t = {r: cold_time_us([lambda c=c, r=r: matmul(x, c[0], c[1], c[2], bits, group, K, regime=r)
-                                      for c in copies]) for r in ("gemv", "tiled")}
-                t_ours = t[regime or ("gemv" if M <= GEMV_MAX_M else "tiled")]
+                                      for c in copies]) for r in ("gemv", "tiled", regime)}
+                t_ours = t[regime]  # None: the dispatcher's choice (tuned between both at skinny batches)
                 if (name, M) not in bf16:
                     bf16[name, M] = cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in w_bf16])
                 t_bf16 = bf16[name, M]
@@ -139,7 +90,7 @@ def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
                 print(f"{name:>18} {bits}b M={M:<4} ours {t_ours:8.1f} us (gemv {t['gemv']:7.1f}, tiled "
                       f"{t['tiled']:7.1f})  floor {t_floor:7.1f} us ({r['of_floor']:4.2f})  bf16 {t_bf16:8.1f} us "
                       f"(x{r['vs_bf16']:5.2f})  {r['ours_GBps']:6.0f} GB/s  err {rel:.1e}", flush=True)
-            del copies, flat
+            del copies
             save(rows)  # after every shape and width: a run cut short still leaves its rows
         del w_bf16
         torch.cuda.empty_cache()

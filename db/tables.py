@@ -143,6 +143,7 @@ class EvaluationRow(Base):
     bytes_on_disk: Mapped[int] = mapped_column(BigInteger, default=0)
     device: Mapped[str] = mapped_column(String(64), default="cpu")
     seconds: Mapped[float] = mapped_column(Double, default=0.0)
+    speed: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 

@@ -451,6 +451,9 @@ class Evaluation(BaseModel):
     bytes_on_disk: int = 0
     device: str = "cpu"
     seconds: float = 0.0
+    # on a GPU: decode tokens/s and peak memory per batch size, the bf16 baseline's beside them
+    # (`executor.evaluate.decode_speed`); None where not measured
+    speed: dict[str, Any] | None = None
     created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 

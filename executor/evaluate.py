@@ -24,32 +24,110 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: str = "cpu", pro
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: int = 128, vocab: int | None = None,
-                 device: str = "cuda", seed: int = 0) -> dict:
-    """Greedy generation of `new_tokens` after a `prompt`-token random prompt, `batch` sequences at once.
+                 device: str = "cuda", seed: int = 0, graph: bool = True) -> dict:
+    """Greedy decoding of `new_tokens` after a `prompt`-token random prompt, `batch` sequences at once.
 
-    Returns decode tokens/s (new tokens of all sequences over the time after the first one, so prefill
-    is not counted), prefill seconds and peak GPU memory.  Random prompts: speed does not depend on the text.
+    One token step is captured in a CUDA graph (a static KV cache, the step's input ids and position
+    updated in place), so what is timed is the GPU's work, not the Python and launch overhead of eager
+    PyTorch, which at batch 1 on a small model exceeds the kernels' time (`graph=False` times eager
+    steps).  Returns decode tokens/s, prefill seconds, peak GPU memory, and whether the graph was used
+    (a model whose step cannot be captured falls back to eager and says so).
     """
     import time
 
+    from transformers import StaticCache
+
     vocab = vocab or model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-
-    def timed(n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    timed(2)  # warm-up: kernels compiled and tuned, allocator primed
+    warm = 3
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + warm + 1)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    prefill = timed(1)
-    total = timed(new_tokens)
-    return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill,
-                decode_tokens_per_s=batch * (new_tokens - 1) / max(total - prefill, 1e-9),
+    t0 = time.perf_counter()
+    logits = model(ids, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(prompt, device=device)).logits
+    step_ids = logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - t0
+    pos = torch.tensor([prompt], device=device)
+
+    def step():
+        out = model(step_ids, past_key_values=cache, use_cache=True, cache_position=pos).logits
+        step_ids.copy_(out[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    for _ in range(warm):  # kernels compiled and tuned, allocator primed, before any capture
+        step()
+    used_graph = False
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            run, used_graph = g.replay, True
+        except Exception:  # noqa: BLE001 - a model whose step syncs with the host: timed eagerly instead
+            run = step
+        pos.fill_(prompt + warm)  # the capture only recorded the step; eager steps before it ran for real
+    else:
+        run = step
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        run()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
+                decode_tokens_per_s=batch * new_tokens / seconds,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of `model` with every `QuantLinear` replaced by an `nn.Linear` holding its dequantized
+    weights in `dtype`: the unquantized model of the same architecture, the baseline of a speed test."""
+    import copy
+
+    from bitplan.executor.quant_linear import QuantLinear
+
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=dtype,
+                            device=mod.scales.device)
+            lin.weight.data.copy_(mod.dequantized_weight(torch.float32))
+            if mod.bias is not None:
+                lin.bias.data.copy_(mod.bias)
+            twin.set_submodule(name, lin)
+    return twin.to(dtype)
+
+
+def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_tokens: int = 128,
+                 device: str = "cuda") -> dict:
+    """Decode speed and peak memory of `model` (in the dtype it runs in) and of its bf16 `dense_twin`,
+    measured in the same process, one model on the GPU at a time.
+
+    Returns `{"batches": {"1": {"model": {...}, "bf16": {...}, "speedup": x}, ...}, "weights_gib": {...}}`.
+    """
+    model = model.to(device).eval()
+    out = {"prompt": prompt, "new_tokens": new_tokens, "batches": {},
+           "weights_gib": {"model": _weight_gib(model)}}
+    twin = dense_twin(model).cpu()
+    out["weights_gib"]["bf16"] = _weight_gib(twin)
+    for b in batches:
+        mine = decode_speed(model, b, prompt, new_tokens, device=device)
+        model.cpu()  # only the model being timed on the GPU, so that peak memory is its own
+        twin.to(device)
+        base = decode_speed(twin, b, prompt, new_tokens, device=device)
+        twin.cpu()
+        model.to(device)
+        out["batches"][str(b)] = {"model": mine, "bf16": base,
+                                  "speedup": mine["decode_tokens_per_s"] / base["decode_tokens_per_s"]}
+    del twin
+    torch.cuda.empty_cache()
+    return out
+
+
+def _weight_gib(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
 
 
 @torch.no_grad()

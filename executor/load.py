@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
 from bitplan.executor.apply import QUANT_METHOD
-from bitplan.executor.quant_linear import QuantLinear
+from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
 from bitplan.profiler.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def finish(model: nn.Module, state: dict[str, torch.Tensor], path: Path, dtype: 
     if missing or result.unexpected_keys:
         raise InvalidInput(f"{path}: checkpoint does not match its config: missing {missing[:3]}, "
                            f"unexpected {result.unexpected_keys[:3]}")
+    fuse_quantized_experts(model)  # on CUDA, one launch per projection over all active experts
     return model.eval().to(device)
 
 

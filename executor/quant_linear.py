@@ -8,6 +8,7 @@ from torch import nn
 from bitplan.db.types import Option
 from bitplan.executor.quantize import QuantizedWeight
 from bitplan.kernels import reference
+from bitplan.profiler.moe import ExpertLinears
 
 
 class QuantLinear(nn.Module):
@@ -69,3 +70,78 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, option={self.option.label}"
+
+
+class QuantExpertLinears(ExpertLinears):
+    """Routed experts whose linears are all `QuantLinear`s.  On CUDA each projection of every active
+    expert runs as one launch whatever the experts' widths (`kernels/moe.py`); on the CPU, and while
+    routing is recorded, the per-expert loop of `ExpertLinears`.
+
+    The first CUDA call packs each projection's experts into flat buffers and re-points the experts'
+    buffers at views of them, so the weights are held once.
+    """
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if not hidden_states.is_cuda or self.record is not None or self._packs() is None \
+                or bool((top_k_index >= len(self)).any()):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        return self.fused(hidden_states, top_k_index, top_k_weights)
+
+    def fused(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+              top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The one-launch-per-projection path (on the CPU only under `TRITON_INTERPRET=1`, for tests)."""
+        from bitplan.kernels.moe import moe_matmul, route
+
+        packs = self._packs()
+
+        order, seg_expert, seg_start = route(top_k_index)
+        token = order // top_k_index.shape[1]
+        x = hidden_states[token]
+        rows = hidden_states.shape[0]  # an expert sees each token at most once
+        gate, up, down = (packs[p] for p in self.PROJECTIONS)
+        h = self[0].act_fn(moe_matmul(x, gate, seg_expert, seg_start, max_rows=rows)) \
+            * moe_matmul(x, up, seg_expert, seg_start, max_rows=rows)
+        out = moe_matmul(h, down, seg_expert, seg_start, max_rows=rows) * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
+
+    def _packs(self):
+        from bitplan.kernels.moe import SUPPORTED_BITS, ExpertWeights
+
+        first = self[0].gate_proj.qweight_s0
+        cached = getattr(self, "_packed_experts", None)
+        if cached is not None and cached[0] == first.data_ptr():
+            return cached[1]
+        linears = {p: [getattr(e, p) for e in self] for p in self.PROJECTIONS}
+        if any(lin.option.bits not in SUPPORTED_BITS or lin.option.symmetric != ls[0].option.symmetric
+               or lin.group_size != ls[0].group_size for ls in linears.values() for lin in ls):
+            self._packed_experts = (first.data_ptr(), None)
+            return None
+        packs = {}
+        for p, ls in linears.items():
+            w = ExpertWeights.pack([(lin._packed("qweight"), lin.scales,
+                                     None if lin.option.symmetric else lin._packed("qzeros"), lin.option.bits)
+                                    for lin in ls], ls[0].in_features, ls[0].group_size)
+            for e, lin in enumerate(ls):  # the experts' buffers become views of the packed ones
+                q, z = w.expert(e)
+                for i, t in enumerate(q):
+                    setattr(lin, f"qweight_s{i}", t)
+                for i, t in enumerate(z or []):
+                    setattr(lin, f"qzeros_s{i}", t)
+                lin.scales = w.scales[e]
+            packs[p] = w
+        self._packed_experts = (self[0].gate_proj.qweight_s0.data_ptr(), packs)
+        return packs
+
+
+def fuse_quantized_experts(model: nn.Module) -> int:
+    """Swap every `ExpertLinears` whose linears are all `QuantLinear`s for a `QuantExpertLinears`; returns how many."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is ExpertLinears and all(isinstance(getattr(e, p), QuantLinear)
+                                              for e in mod for p in QuantExpertLinears.PROJECTIONS):
+            model.set_submodule(name, QuantExpertLinears(list(mod)))
+            n += 1
+    return n

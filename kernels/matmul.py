@@ -37,7 +37,7 @@ import triton.language as tl
 from bitplan.kernels.reference import shards
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_MAX_M = 4
+GEMV_MAX_M = 4  # above, the tiled kernel: a gemv program per 16 rows measured 3x slower (bench/kernels.py)
 
 
 @triton.jit
@@ -61,30 +61,41 @@ def _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
-    GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-):
+def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_m, mask_n, K, pid_k,
+               stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
+               GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
+               PREFETCH: tl.constexpr):
+    """`[BLOCK_M, BLOCK_N]` partial product of rows `rm`, outputs `rn` over split `pid_k` of K.
+
+    `rm`, `rn` are 3-D (`[BLOCK_M, 1, 1]`, `[1, 1, BLOCK_N]`): everything lives in one 3-D
+    `[BLOCK_M, ROWS, BLOCK_N]` layout built from 3-D pointers, since a 2-D tensor broadcast into it
+    would cost a layout conversion (a shared-memory round trip) per code position.  The one body of
+    the dense and the MoE gemv kernels.
+    """
     P: tl.constexpr = 32 // W0  # codes per word of the first shard: K rows per word row
     BLOCK_K: tl.constexpr = ROWS * P
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # everything lives in one 3-D [BLOCK_M, ROWS, BLOCK_N] layout, built from 3-D pointers: a 2-D tensor
-    # broadcast into it would cost a layout conversion (a shared-memory round trip) per code position
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
-    mask_m = rm < M
-    mask_n = rn < N
     acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
     n_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, n_tiles)):
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    if PREFETCH:
+        # the next tile's words are requested before this tile's arithmetic: twice the loads in flight
+        # per warp, where Nsight Compute shows the kernel waiting on memory at low occupancy
+        first = (t_lo * ROWS + tl.arange(0, ROWS))[None, :, None]
+        ahead = tl.load(q0_ptr + first * stride_q0 + rn, mask=(first * P < K) & mask_n & (first < t_hi * ROWS),
+                        other=0)
+    for t in range(t_lo, t_hi):
         wrow = (t * ROWS + tl.arange(0, ROWS))[None, :, None]
         k_first = wrow * P  # K row of each word's code 0
         mask_w = (k_first < K) & mask_n
-        words0 = tl.load(q0_ptr + wrow * stride_q0 + rn, mask=mask_w, other=0)
+        if PREFETCH:
+            words0 = ahead
+            ahead = tl.load(q0_ptr + (wrow + ROWS) * stride_q0 + rn,
+                            mask=((wrow + ROWS) * P < K) & mask_n & (wrow + ROWS < t_hi * ROWS), other=0)
+        else:
+            words0 = tl.load(q0_ptr + wrow * stride_q0 + rn, mask=mask_w, other=0)
         if W1 > 0:
             PER1: tl.constexpr = 32 // W1
             words1 = tl.load(q1_ptr + (k_first // PER1) * stride_q1 + rn, mask=mask_w, other=0)
@@ -112,15 +123,36 @@ def _gemv_kernel(
                 z = (z << W1) | ((tl.load(z1_ptr + (g // PER1) * stride_z1 + rn, mask=mask_w, other=0)
                                   >> ((g % PER1) * W1)) & ((1 << W1) - 1))
         acc += scale * (xq - xs * z.to(tl.float32))
-    y = tl.sum(acc, axis=1)
-    rm2 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
-    rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K: tl.constexpr):
     out = y_ptr + rm2 * stride_ym + rn2
-    mask_out = (rm2 < M) & (rn2 < N)
     if SPLIT_K == 1:
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_out)
     else:
         tl.atomic_add(out, y, mask=mask_out)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
+    GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
+    y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, rm < M, rn < N, K, pid_k,
+                   stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
+                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+    rm2 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    _store(y_ptr, y, rm2, rn2, (rm2 < M) & (rn2 < N), stride_ym, SPLIT_K)
 
 
 @triton.jit
@@ -139,6 +171,7 @@ def _tiled_kernel(
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATHER: tl.constexpr = False,
 ):
     P0: tl.constexpr = 32 // W0
     # a tile inside one group takes its scale and zero after the dot, once per output instead of per weight
@@ -156,14 +189,22 @@ def _tiled_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
                     other=0.0)
-        r0 = k0 // P0 + tl.arange(0, BLOCK_K // P0)
-        c = _expand(tl.load(q0_ptr + r0[:, None] * stride_q0 + rn[None, :],
-                            mask=(r0 * P0 < K)[:, None] & mask_n[None, :], other=0), W0)
-        if W1 > 0:
-            P1: tl.constexpr = 32 // W1
-            r1 = k0 // P1 + tl.arange(0, BLOCK_K // P1)
-            c = (c << W1) | _expand(tl.load(q1_ptr + r1[:, None] * stride_q1 + rn[None, :],
-                                            mask=(r1 * P1 < K)[:, None] & mask_n[None, :], other=0), W1)
+        if GATHER:
+            # every K row loads its own word (P rows share one: served by L1) and shifts out its code:
+            # no reshape of the expanded words, whose layout conversion can cost more than the loads
+            mask_kn = (rk < K)[:, None] & mask_n[None, :]
+            c = _unpack(q0_ptr, rk, rn, stride_q0, mask_kn, W0)
+            if W1 > 0:
+                c = (c << W1) | _unpack(q1_ptr, rk, rn, stride_q1, mask_kn, W1)
+        else:
+            r0 = k0 // P0 + tl.arange(0, BLOCK_K // P0)
+            c = _expand(tl.load(q0_ptr + r0[:, None] * stride_q0 + rn[None, :],
+                                mask=(r0 * P0 < K)[:, None] & mask_n[None, :], other=0), W0)
+            if W1 > 0:
+                P1: tl.constexpr = 32 // W1
+                r1 = k0 // P1 + tl.arange(0, BLOCK_K // P1)
+                c = (c << W1) | _expand(tl.load(q1_ptr + r1[:, None] * stride_q1 + rn[None, :],
+                                                mask=(r1 * P1 < K)[:, None] & mask_n[None, :], other=0), W1)
         if ONE_GROUP:
             g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
             mask_g = mask_n[None, :]
@@ -171,6 +212,14 @@ def _tiled_kernel(
             z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_g, W0, W1, SYMMETRIC).to(tl.float32)
             if DOT_FP32:
                 d = tl.dot(x.to(tl.float32), c.to(tl.float32))
+            elif x.dtype == tl.float16:
+                # magic number in 16 bits: 0x6400 | c is the fp16 value 1024 + c (c < 1024), no int->float
+                # conversion; the 1024 goes into the zero, subtracted once per output
+                d = tl.dot(x, (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))
+                z += 1024.0
+            elif W0 + W1 <= 7:
+                d = tl.dot(x, (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True))  # bf16: 128 + c, c < 128
+                z += 128.0
             else:
                 d = tl.dot(x, c.to(x.dtype))  # codes < 256 are exact in fp16 and bf16
             xs = tl.sum(x.to(tl.float32), axis=1)
@@ -185,32 +234,33 @@ def _tiled_kernel(
                 acc += tl.dot(x.to(tl.float32), w)
             else:
                 acc += tl.dot(x, w.to(x.dtype))
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        tl.atomic_add(out, acc, mask=mask_out)
+    _store(y_ptr, acc, rm[:, None], rn[None, :], mask_m[:, None] & mask_n[None, :], stride_ym, SPLIT_K)
 
 
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _split(tiles: int, programs: int, sms: int) -> int:
-    """Split K so that there are about two programs per SM, never more slices than K tiles."""
-    return max(1, min(tiles, -(-2 * sms // programs)))
+def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
+    """Split K so that there are about `per_sm` programs per SM, never more slices than K tiles."""
+    return max(1, min(tiles, -(-per_sm * sms // programs)))
 
 
 def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> list[dict]:
     P = 32 // shards(bits)[0]
     block_m = min(triton.next_power_of_2(M), GEMV_MAX_M)
     out = []
-    for block_n, rows, warps in ((128, 8, 4), (256, 8, 4), (128, 16, 4), (256, 16, 8)):
+    # Loads in flight hide HBM latency: more programs per SM (`per_sm`) and more word rows per
+    # iteration (`ROWS`) are the two ways to get them, since Triton does not pipeline these loads.
+    tiles = ((128, 8, 4, 2, False), (256, 8, 4, 2, False), (128, 16, 4, 2, False), (256, 16, 8, 2, False),
+             (128, 8, 4, 8, False), (128, 16, 4, 8, False), (64, 32, 4, 8, False), (256, 8, 8, 16, False),
+             (128, 16, 4, 16, False), (128, 8, 4, 8, True), (128, 8, 4, 16, True), (256, 8, 8, 8, True))
+    for block_n, rows, warps, per_sm, prefetch in tiles:
         if block_m * rows * block_n > 8192:  # accumulator registers per program
             continue
-        split = _split(-(-K // (rows * P)), -(-N // block_n), sms)
-        out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split, num_warps=warps, num_stages=2))
+        split = _split(-(-K // (rows * P)), -(-N // block_n), sms, per_sm)
+        out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split, PREFETCH=prefetch,
+                        num_warps=warps, num_stages=2))
     return out
 
 
@@ -221,11 +271,13 @@ def tiled_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> li
         shapes = ((16, 64, block_k, 4, 3), (16, 128, block_k, 4, 3), (16, 256, block_k, 8, 3))
     else:
         shapes = ((64, 64, block_k, 4, 3), (64, 128, block_k, 4, 3), (128, 128, block_k, 8, 3),
-                  (128, 256, min(block_k, 64), 8, 3))
+                  (128, 256, min(block_k, 64), 8, 3), (128, 128, min(block_k, 64), 4, 4))
     out = []
     for bm, bn, bk, warps, stages in shapes:
         split = _split(-(-K // bk), -(-M // bm) * -(-N // bn), sms) if M <= 64 else 1
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages))
+        for gather in (False, True):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GATHER=gather,
+                            num_warps=warps, num_stages=stages))
     return out
 
 
@@ -272,9 +324,9 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], scales.shape[1]
+    # the gemv kernel needs each word row inside one group: P | group (true for groups of 32 and up,
+    # and for per-channel groups of a K that is a multiple of 32)
     if regime is None:
-        # the gemv kernel needs each word row inside one group: P | group (true for groups of 32 and up,
-        # and for per-channel groups of a K that is a multiple of 32)
         regime = "gemv" if M <= GEMV_MAX_M and group_size % (32 // widths[0]) == 0 else "tiled"
     q0 = qweight[0]
     q1 = qweight[1] if len(widths) > 1 else q0

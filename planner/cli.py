@@ -70,17 +70,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     estimator_args(c)
     c.add_argument("--validate", action="store_true",
-                   help="instead of storing a profile: rank-correlate hessian and fisher against measured KL "
+                   help="instead of storing a profile: rank-correlate --validate-estimators against measured KL "
                         "(single-module KL on --validate-layers) and print the table")
+    c.add_argument("--validate-estimators", default="hessian,fisher", metavar="E,E,...",
+                   help="estimators --validate compares (default hessian,fisher; also hutchinson, imatrix with "
+                        "--imatrix, calibrated)")
     c.add_argument("--validate-layers", default="0,8,16,24", metavar="L,L,...",
                    help="decoder layers whose modules get measured KL for --validate (default 0,8,16,24)")
     c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted profile of the same model and settings where it stopped: "
+                        "hessian and GPTQ statistics from the block after the last finished one, fisher from "
+                        "its last saved accumulators (saved every 5 min); kl and calibrated's KL points restart")
     c.add_argument("--output", help="also write the profile as bitplan.profile/1 JSON to this file")
     c.add_argument("--latency", metavar="SOURCE",
                    help="also fill the latency table (seconds per module, option and batch), which "
                         "`plan --latency-budget` needs: roofline:GPU for GPU in H100, H200, A100, L40S, RTX4090 "
-                        "(datasheet bandwidth and bf16 FLOP/s, no GPU needed), or measured (not yet: issue 5)")
+                        "(datasheet bandwidth and bf16 FLOP/s, no GPU needed), or measured (this machine's GPU, the "
+                        "project's kernels timed cold in L2; cached per GPU)")
     c.add_argument("--latency-batches", default="1,16,256", metavar="B,B,...",
                    help="batch sizes of the latency table (default 1,16,256)")
 
@@ -104,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
                         "1 ms at the --latency-budget's batch, else the profile's smallest), "
                         "e.g. error+0.5*latency")
     plan_options(c)
+    c.add_argument("--budget-split", default="model", choices=["model", "block"],
+                   help="model (default): one budget for the whole model; block: every decoder block gets the "
+                        "same bits per weight, solved block by block (MC-MoE's allocation, a baseline)")
     c.add_argument("--output", help="also write the plan as JSON to this file")
 
     c = cmd("compare", cmd_compare, "plan every budget with every allocator; stores every plan, prints a table")
@@ -135,7 +146,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--text", help="evaluation text: a file, a glob, or shakespeare:eval (default)")
     c.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu",
+                   help="cpu, or cuda: the fused kernels, plus decode tokens/s and peak memory beside bf16")
+    c.add_argument("--speed-batches", default="1,16", metavar="B,B,...",
+                   help="on cuda: batch sizes of the decode-speed test (128 new tokens after 512); '' for none")
 
     c = cmd("ls", cmd_ls, "list stored profiles, plans and evaluations")
     c.add_argument("kind", nargs="?", choices=["profiles", "plans", "evaluations"], help="only this kind")
@@ -159,12 +173,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def estimator_args(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--estimator", choices=["fisher", "hessian", "kl", "calibrated"],
+    c.add_argument("--estimator", choices=["fisher", "hessian", "kl", "calibrated", "hutchinson", "imatrix"],
                    help="error estimator (default fisher): fisher (Fisher-weighted ΔW², one backward pass), "
                         "hessian (layer-output error, forward only), kl (measured: quantize one module at a "
                         "time and measure KL to the base model; modules x options forward passes, 512 tokens), "
                         "calibrated (fisher, each module's row rescaled to KL measured at its two lowest "
-                        "bit widths: 2 forward passes per module)")
+                        "bit widths: 2 forward passes per module), hutchinson (HAWQ-V2: ½·mean Hessian diagonal·"
+                        "||ΔW||², the Hessian trace from Rademacher probes through double backward; 4 probes per "
+                        "sequence, about 3 backward passes each), imatrix (hessian with diagonal H read from "
+                        "a llama.cpp importance matrix: --imatrix)")
+    c.add_argument("--imatrix", metavar="PATH",
+                   help="a llama.cpp imatrix.gguf (or legacy .dat) of this model, for --estimator imatrix (implied): "
+                        "each module's H diagonal is its in_sum2/counts; the file's hash goes into the profile id")
     c.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
                    help="where each option's ΔW comes from; apply uses the same one (default rtn)")
 
@@ -172,8 +192,9 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
 def plan_options(c: argparse.ArgumentParser) -> None:
     """The options `plan` and `compare` share."""
     c.add_argument("--granularity", default="module",
-                   help="units that share one option: each module (default), all matrices of one MoE "
-                        "expert, or all modules of one decoder layer")
+                   help="units that share one option: module (default), expert (all matrices of one MoE "
+                        "expert), layer (all modules of one decoder layer), layer_experts (all routed experts "
+                        "of a layer, as vLLM and llama.cpp run them; attention free)")
     c.add_argument("--engine", default="bitplan", choices=["bitplan", "vllm", "llamacpp"],
                    help="what will run the plan: bitplan (default: any option per module), vllm (q/k/v and "
                         "gate/up tied, all experts of a layer tied, GPTQ widths), llamacpp (experts tied per "
@@ -203,7 +224,8 @@ def cmd_profile(args):
     profile = run_profile(_store(args), args.model, options=args.options, group_size=args.group_size,
                           estimator=args.estimator, quantizer=args.quantizer, calib=args.calib, tokens=args.tokens,
                           seq_len=args.seq_len, device=args.device, force=args.force, progress=not args.quiet,
-                          latency=args.latency, latency_batches=args.latency_batches)
+                          latency=args.latency, latency_batches=args.latency_batches, resume=args.resume,
+                          imatrix=args.imatrix)
     if args.output:
         write_json(profile.to_dict(), args.output)
     _emit(args, profile.to_dict(), format_profile(profile))
@@ -214,7 +236,7 @@ def cmd_validate(args):
     layers = [int(x) for x in args.validate_layers.split(",") if x.strip()]
     result = run_validate(args.model, options=args.options, group_size=args.group_size, quantizer=args.quantizer,
                           calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, device=args.device, layers=layers,
-                          progress=not args.quiet)
+                          progress=not args.quiet, estimators=_csv(args.validate_estimators), imatrix=args.imatrix)
     _emit(args, result, format_validation(result))
 
 
@@ -238,7 +260,7 @@ def cmd_plan(args):
                     time_limit=args.time_limit, granularity=args.granularity,
                     latency_budget=args.latency_budget, objective=args.objective,
                     params=_search_params(args), search_state=args.search_state, progress=not args.quiet,
-                    engine=args.engine)
+                    engine=args.engine, budget_split=args.budget_split)
     if args.output:
         write_json(plan.to_dict(), args.output)
     _emit(args, plan.to_dict(), format_plan(plan, profile))
@@ -285,8 +307,9 @@ def cmd_apply(args):
 
 def cmd_eval(args):
     from bitplan.planner.workflow import run_eval
+    batches = [int(b) for b in args.speed_batches.split(",") if b.strip()]
     ev = run_eval(_store(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, speed_batches=batches, progress=not args.quiet)
     _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))
 
 
@@ -327,7 +350,7 @@ def cmd_demo(args):
     from bitplan.planner.workflow import run_demo
     rows = run_demo(_store(args), source=args.model, budgets=_csv(args.budgets), allocators=_csv(args.allocators),
                     estimator=args.estimator, quantizer=args.quantizer, tokens=args.tokens,
-                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet)
+                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet, imatrix=args.imatrix)
     _emit(args, {"rows": rows}, format_rows(rows))
 
 
@@ -365,8 +388,18 @@ def format_plan(plan: Plan, profile: Profile | None = None) -> str:
 
 
 def format_evaluation(ev: Evaluation) -> str:
-    return (f"evaluation {ev.id}: perplexity {ev.perplexity:.3f} on {ev.n_tokens} tokens of {ev.corpus} "
-            f"(window {ev.window}), {ev.bytes_on_disk / 2**20:.1f} MiB on disk, {ev.seconds:.0f} s")
+    out = (f"evaluation {ev.id}: perplexity {ev.perplexity:.3f} on {ev.n_tokens} tokens of {ev.corpus} "
+           f"(window {ev.window}), {ev.bytes_on_disk / 2**20:.1f} MiB on disk, {ev.seconds:.0f} s")
+    if ev.speed:
+        s = ev.speed
+        out += (f"\ndecode, {s['new_tokens']} new tokens after {s['prompt']} (weights {s['weights_gib']['model']:.2f} "
+                f"GiB, bf16 {s['weights_gib']['bf16']:.2f} GiB):")
+        for b, r in s["batches"].items():
+            m, f = r["model"], r["bf16"]
+            out += (f"\n  batch {b:>3}: {m['decode_tokens_per_s']:9.1f} tok/s, peak {m['peak_gib']:.2f} GiB  |  bf16 "
+                    f"{f['decode_tokens_per_s']:9.1f} tok/s, peak {f['peak_gib']:.2f} GiB  |  x{r['speedup']:.2f}"
+                    + ("" if m["cuda_graph"] else "  (eager: step not capturable)"))
+    return out
 
 
 def format_rows(rows: list[dict]) -> str:

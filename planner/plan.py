@@ -16,6 +16,7 @@ import numpy as np
 
 from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Module, Plan, Profile, content_id
 from bitplan.planner.allocators import ALLOCATORS, needs_context
+from bitplan.planner.blocks import block_of_units, check_split, solve_per_block
 from bitplan.planner.engines import constrain, tie_keys
 from bitplan.planner.pins import apply_pins, parse_pin
 from bitplan.planner.latency import LatencyBudget, Objective, batch_index, plan_latency, planning_terms
@@ -26,14 +27,16 @@ class AllocatorBug(RuntimeError):
     """An allocator returned a choice that breaks the problem: our bug, never the user's input."""
 
 
-GRANULARITIES = ("module", "expert", "layer")
+GRANULARITIES = ("module", "expert", "layer", "layer_experts")
 
 
 def unit_of(modules: Sequence[Module], granularity: str = "module", engine: str = "bitplan") -> np.ndarray:
     """[M] the unit of each module, numbered in order of first appearance.
 
-    `expert`: all matrices of one (layer, expert); `layer`: all modules of one layer. A module
-    without an expert (or without a layer) stays a unit of its own. `engine` adds that engine's ties
+    `expert`: all matrices of one (layer, expert); `layer`: all modules of one layer; `layer_experts`:
+    all routed experts of one layer, every matrix kind (what vLLM's fused MoE, exllamav3 and ModelOpt
+    run: one setting per layer's experts), other modules on their own. A module without an expert (or
+    without a layer) stays a unit of its own. `engine` adds that engine's ties
     (planner/engines.py); a unit is then a connected component of both partitions.
     """
     if granularity not in GRANULARITIES:
@@ -44,6 +47,8 @@ def unit_of(modules: Sequence[Module], granularity: str = "module", engine: str 
             return ("expert", m.layer, m.expert)
         if granularity == "layer" and m.layer is not None:
             return ("layer", m.layer)
+        if granularity == "layer_experts" and m.expert is not None:
+            return ("layer_experts", m.layer)
         return ("module", i)
 
     ids: dict = {}
@@ -166,7 +171,8 @@ def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.nda
 def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, pins: Sequence[str] = (),
              seed: int = 0, time_limit: float | None = None, params: dict | None = None,
              granularity: str = "module", context=None, latency_budget: str | LatencyBudget | None = None,
-             objective: str | Objective | None = None, engine: str = "bitplan") -> Plan:
+             objective: str | Objective | None = None, engine: str = "bitplan",
+             budget_split: str = "model") -> Plan:
     """Plan every module of `profile` within `budget` with the named allocator.
 
     `granularity` ties modules into units that share one option (`unit_of`); a coarser one than
@@ -178,6 +184,8 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     with a latency table and the `ilp` allocator; they are recorded in `params` (and the id) when given.
     `engine` (`bitplan`, `vllm`, `llamacpp`: planner/engines.py) adds that engine's ties, allowed options
     and exact sizes; any but `bitplan` is recorded in `params["engine"]` (and the id).
+    `budget_split="block"` gives every decoder block the same bits per weight, each solved on its own
+    (MC-MoE's equal budgets per block: planner/blocks.py); recorded in `params` (and the id).
     Every plan of a profile with a latency table records its latency at each of the table's batches.
 
     Raises InvalidInput (unknown allocator or parameter, bad budget or pin), UnknownModule (a pin
@@ -188,6 +196,9 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     solve = lookup_allocator(allocator)
     params = dict(params or {})
     _check_params(allocator, solve, params)
+    check_split(budget_split)
+    if budget_split != "model" and needs_context(allocator):
+        raise InvalidInput(f"allocator {allocator!r} searches the whole model: it takes no per-block budget")
 
     # The problem: budget in bits for the planned modules, pins as the allowed mask.
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
@@ -212,13 +223,19 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     t0 = time.perf_counter()
     try:
         extra = {"context": context, "unit": unit} if needs_context(allocator) else {}
-        result = solve(problem, seed=seed, time_limit=time_limit, **params, **extra)
+        if budget_split == "block":
+            result = solve_per_block(problem, block_of_units(profile.modules, unit), solve, seed=seed,
+                                     time_limit=time_limit, **params)
+        else:
+            result = solve(problem, seed=seed, time_limit=time_limit, **params, **extra)
     except InfeasibleLatency as e:
         raise InfeasibleLatency(f"latency budget {latency_budget} is below the fastest plan within {budget}: "
                                 f"{latency_budget.describe(e.smallest_seconds)} at batch {latency_budget.batch}; "
                                 "ask for at least that", e.smallest_seconds) from e
     except InfeasibleBudget as e:
-        raise _infeasible(budget, profile, e.smallest_bits, f"the smallest plan {allocator} can make") from e
+        what = "equal bits per weight in every block" if budget_split == "block" else ""
+        raise _infeasible(budget, profile, e.smallest_bits,
+                          what or f"the smallest plan {allocator} can make") from e
     seconds = time.perf_counter() - t0
     choice = _verify(allocator, problem, result.choice)
 
@@ -228,6 +245,8 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
         params["granularity"] = granularity
     if engine != "bitplan":  # recorded only when constrained, so bitplan plans keep their ids
         params["engine"] = engine
+    if budget_split != "model":
+        params["budget_split"] = budget_split
     if extra and hasattr(context, "describe"):
         params["fitness"] = context.describe()
     if latency_budget is not None:

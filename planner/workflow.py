@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +35,19 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
                 estimator: str | None = None, quantizer: str = "rtn", calib: str | None = None,
                 tokens: int | None = None, seq_len: int | None = None, device: str | None = None,
                 force: bool = False, loaded=None, progress: bool = True, latency: str | None = None,
-                latency_batches: str | Sequence[int] | None = None) -> Profile:
+                latency_batches: str | Sequence[int] | None = None, resume: bool = False,
+                imatrix: str | None = None) -> Profile:
     """Profile `source` (or reuse the stored profile of the same model, text and settings).
+
+    What is finished is kept in `profile_work_dir` until the profile is stored; `resume` continues
+    from there (profiler/profile.py `error_table` says what each estimator resumes), otherwise an
+    earlier run's unfinished work is discarded.
 
     `quantizer` (`rtn`, `gptq`) is where each option's ΔW comes from; `apply` uses the same one for
     plans of this profile.
+
+    `imatrix`: a llama.cpp importance matrix for `estimator="imatrix"` (implied when no estimator is
+    given); its content hash is part of the profile's estimator name and id.
 
     `latency` (`roofline:GPU` or `measured`) also fills the latency table at `latency_batches`
     (default 1,16,256): the result is the error profile with that table, stored under its own id.
@@ -56,19 +65,21 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             loaded = load_model(source)
         base = run_profile(store, source, options=options, group_size=group_size, estimator=estimator,
                            quantizer=quantizer, calib=calib, tokens=tokens, seq_len=seq_len, device=device,
-                           force=force, loaded=loaded, progress=progress)
-        return add_latency(store, base, latency, batches, loaded=loaded, force=force)
+                           force=force, loaded=loaded, progress=progress, resume=resume, imatrix=imatrix)
+        return add_latency(store, base, latency, batches, force=force)
 
     opts = parse_options(options, group_size)
-    estimator = estimator or prof.DEFAULT_ESTIMATOR
+    if imatrix and estimator not in (None, "imatrix"):
+        raise InvalidInput(f"--imatrix is read by --estimator imatrix only, not {estimator}")
+    estimator = estimator or ("imatrix" if imatrix else prof.DEFAULT_ESTIMATOR)
+    name = prof.estimator_name(estimator, quantizer, imatrix)  # a missing imatrix fails before the model loads
     calib, tokens = calib or CALIB, tokens or prof.DEFAULT_TOKENS
     seq_len, device = seq_len or prof.DEFAULT_SEQ_LEN, device or prof.default_device()
     if loaded is None:
         check_causal_lm(source)
         loaded = load_model(source)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
-    pid = prof.profile_id(loaded, calib_ref.fingerprint, prof.estimator_name(estimator, quantizer), opts, seq_len,
-                          device)
+    pid = prof.profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device)
     if not force:
         try:
             stored = store.get_profile(pid)
@@ -76,36 +87,64 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             return stored
         except NotFound:
             pass
+    work = profile_work_dir(store, pid)
+    if work.exists():
+        if resume:
+            log.info("resuming %s from %s", pid, work)
+        else:
+            log.info("discarding the unfinished work in %s (--resume continues it)", work)
+            shutil.rmtree(work)
     profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib, n_tokens=tokens,
-                                 seq_len=seq_len, device=device, progress=progress)
-    return store.save_profile(profile)
+                                 seq_len=seq_len, device=device, progress=progress, work_dir=work, imatrix=imatrix)
+    saved = store.save_profile(profile)
+    shutil.rmtree(work, ignore_errors=True)
+    return saved
+
+
+def profile_work_dir(store: Store, pid: str) -> Path:
+    """Where an unfinished profile keeps its finished blocks: `<db file>.work/<id>` beside a SQLite file,
+    else under the user data dir (keyed by the profile id, which names everything the work depends on)."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db = Path(url.database)
+        return db.with_name(db.name + ".work") / pid
+    import platformdirs
+    return Path(platformdirs.user_data_dir("bitplan")) / "work" / pid
 
 
 def run_validate(source: str, *, options: str = "2,3,4,8", group_size: int | None = 64, quantizer: str = "rtn",
                  calib: str | None = None, tokens: int | None = None, seq_len: int | None = None,
-                 device: str | None = None, layers: Sequence[int] | None = None, progress: bool = True) -> dict:
+                 device: str | None = None, layers: Sequence[int] | None = None, progress: bool = True,
+                 estimators: Sequence[str] = ("hessian", "fisher"), imatrix: str | None = None) -> dict:
     """`bitplan profile --validate`: each cheap estimator's Spearman ρ against measured single-module KL.
 
+    `estimators` may include `imatrix` (then read from `imatrix`) and `hutchinson`.
     JSON-ready: the tables are left out, the module names and figures stay.
     """
     from bitplan.profiler.model import check_causal_lm, load_model
     from bitplan.profiler.kl import DEFAULT_KL_TOKENS
-    from bitplan.profiler.profile import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, default_device
+    from bitplan.profiler.profile import (DEFAULT_SEQ_LEN, DEFAULT_TOKENS, ESTIMATOR_NAMES, default_device,
+                                          estimator_name)
     from bitplan.profiler.validate import validate
 
+    for e in estimators:  # an unknown name or a missing imatrix fails before the model loads
+        if e not in ESTIMATOR_NAMES:
+            raise InvalidInput(f"unknown estimator {e!r} to validate; choose from {sorted(ESTIMATOR_NAMES)}")
+        estimator_name(e, quantizer, imatrix)
     check_causal_lm(source)
     loaded = load_model(source)
     kw = {"calib": calib} if calib else {}
     tokens = tokens or DEFAULT_TOKENS
     result = validate(loaded, parse_options(options, group_size), quantizer=quantizer, n_tokens=tokens,
                       kl_tokens=min(DEFAULT_KL_TOKENS, tokens), seq_len=seq_len or DEFAULT_SEQ_LEN, layers=layers,
-                      device=device or default_device(), progress=progress, **kw)
+                      device=device or default_device(), progress=progress, estimators=tuple(estimators),
+                      imatrix=imatrix, **kw)
     result.pop("tables")
     result["n_modules"] = len(result["modules"])
     return result
 
 
-def add_latency(store: Store, profile: Profile, spec: str, batches: Sequence[int], *, loaded=None,
+def add_latency(store: Store, profile: Profile, spec: str, batches: Sequence[int], *,
                 force: bool = False) -> Profile:
     """`profile` with the latency table `spec` names, stored (a roofline one already stored is reused)."""
     from bitplan.profiler.latency import latency_profile_id, latency_table, parse_spec, with_latency
@@ -116,11 +155,7 @@ def add_latency(store: Store, profile: Profile, spec: str, batches: Sequence[int
             return store.get_profile(latency_profile_id(profile.id, device.source, batches))
         except NotFound:
             pass
-    planned = None
-    if device is None:  # measured: the model's own linears
-        from bitplan.profiler.model import planned_linears
-        planned = planned_linears(loaded.model)
-    table = latency_table(spec, profile.modules, profile.options, batches, planned)
+    table = latency_table(spec, profile.modules, profile.options, batches)
     return store.save_profile(with_latency(profile, table))
 
 
@@ -137,9 +172,10 @@ def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
              time_limit: float | None = None, granularity: str = DEFAULT_GRANULARITY,
              latency_budget: str | None = None, objective: str | None = None, params: dict | None = None,
              search_state: str | Path | None = None, loaded=None, progress: bool = True,
-             engine: str = "bitplan") -> Plan:
+             engine: str = "bitplan", budget_split: str = "model") -> Plan:
     """Plan a stored profile (by id) or a profile object for `budget` (and `latency_budget`, `objective`:
-    planner/latency.py); store the profile and the plan.
+    planner/latency.py); store the profile and the plan.  `budget_split="block"`: the same bits per
+    weight in every decoder block (planner/blocks.py).
 
     An allocator that measures the model (`evolutionary`) gets it from `loaded`, or loads the profile's
     model source, with fitness text from the profile's calibration text (`model_context`);
@@ -157,7 +193,7 @@ def run_plan(store: Store, profile: Profile | str, budget: str = DEFAULT_BUDGET,
     try:
         plan = allocate(profile, budget, allocator, pins=list(pins), seed=seed, time_limit=time_limit,
                         granularity=granularity, latency_budget=latency_budget or None, objective=objective,
-                        params=params, context=context, engine=engine)
+                        params=params, context=context, engine=engine, budget_split=budget_split)
     finally:
         if context is not None:
             context.oracle.close()  # the loaded model gets its own weights back
@@ -358,18 +394,29 @@ def eval_windows(tokenizer, text: str | None = None, tokens: int = EVAL_TOKENS, 
 
 def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: int = EVAL_TOKENS,
              window: int = EVAL_WINDOW, device: str = "cpu", plan_id: str | None = None, model=None,
-             tokenizer=None, windows: Windows | None = None, progress: bool = True) -> Evaluation:
-    """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name)."""
+             tokenizer=None, windows: Windows | None = None, speed_batches: Sequence[int] | None = None,
+             progress: bool = True) -> Evaluation:
+    """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name).
+
+    On a GPU, also decode tokens/s and peak memory at each of `speed_batches` (default 1 and 16;
+    `()` for none), beside the bf16 model of the same architecture (`executor.evaluate.speed_report`).
+    """
+    import torch
+
     from bitplan.executor.apply import checkpoint_bytes
-    from bitplan.executor.evaluate import perplexity
+    from bitplan.executor.evaluate import perplexity, speed_report
     from bitplan.executor.load import checkpoint_plan_id, is_quantized, load_quantized
     from bitplan.profiler.model import check_causal_lm, load_model
 
     t0 = time.perf_counter()
+    on_gpu = device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise InvalidInput(f"--device {device}: this machine has no CUDA GPU; evaluate with --device cpu")
     if model is None:
         if is_quantized(checkpoint):
             plan_id = plan_id or _stored_plan_id(store, checkpoint_plan_id(checkpoint))
-            model, tokenizer, _ = load_quantized(checkpoint)
+            # bf16 on the GPU, where the kernels run; float32 on the CPU reference path
+            model, tokenizer, _ = load_quantized(checkpoint, dtype=torch.bfloat16 if on_gpu else torch.float32)
         else:
             check_causal_lm(checkpoint)
             loaded = load_model(checkpoint)
@@ -379,11 +426,15 @@ def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: 
             raise InvalidInput(f"{checkpoint} has no tokenizer to read the evaluation text with")
         windows = eval_windows(tokenizer, text, tokens, window)
     ppl = perplexity(model, windows.ids, device=device, progress=progress)
+    speed = None
+    if on_gpu and (speed_batches is None or speed_batches):
+        log.info("decode speed at batch %s beside the bf16 model", ", ".join(map(str, speed_batches or (1, 16))))
+        speed = speed_report(model, speed_batches or (1, 16), device=device)
     path = Path(checkpoint)
     ev = Evaluation(plan_id=plan_id, checkpoint=str(path.resolve()) if path.exists() else checkpoint,
                     corpus=windows.corpus, n_tokens=int(windows.ids.numel()), window=int(windows.ids.shape[1]),
                     perplexity=ppl, bytes_on_disk=checkpoint_bytes(path) if path.is_dir() else 0,
-                    device=device, seconds=time.perf_counter() - t0)
+                    device=device, seconds=time.perf_counter() - t0, speed=speed)
     return store.save_evaluation(ev)
 
 
@@ -401,7 +452,7 @@ def _stored_plan_id(store: Store, plan_id: str | None) -> str | None:
 def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
              allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, quantizer: str = "rtn",
              tokens: int | None = None, eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs",
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, imatrix: str | None = None) -> list[dict]:
     """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
 
     Returns one row per (budget, allocator) plus the unquantized baseline, each with its stored ids.
@@ -417,7 +468,7 @@ def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] =
     log.info("loaded %s in %.0f s", source, time.perf_counter() - t0)
     t0 = time.perf_counter()
     profile = run_profile(store, source, estimator=estimator, quantizer=quantizer, tokens=tokens, loaded=loaded,
-                          progress=progress)
+                          progress=progress, imatrix=imatrix)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
     windows = eval_windows(loaded.tokenizer, tokens=eval_tokens)
     t0 = time.perf_counter()

@@ -8,6 +8,10 @@ quantizer `apply` uses and `stats` is what the estimator collected on calibratio
 - `fisher`: second-order loss increase `½ Σ F ⊙ ΔW²` with the empirical Fisher diagonal
   `F = E[(∂ℓ/∂W)²]: [N, K]` (per calibration sequence, loss in nats per token): it sees the whole
   network downstream, at the price of one backward pass.
+- `imatrix`: `hessian` with `H` replaced by its diagonal, `Σ ΔW² · d` with `d = diag(H) / n_tokens: [K]`
+  already divided by the tokens (read from a llama.cpp importance matrix: profiler/imatrix.py).
+- `hutchinson`: HAWQ-V2's `½ · (tr(∇²_W L) / numel) · ||ΔW||²`, the Hessian's mean diagonal from
+  Hutchinson's trace estimate (a scalar; profiler/hutchinson.py), loss in nats per token.
 """
 
 from __future__ import annotations
@@ -24,4 +28,12 @@ def fisher(dW: torch.Tensor, F: torch.Tensor, n_tokens: int) -> float:
     return 0.5 * float((F * dW.to(F.dtype) ** 2).sum())
 
 
-ESTIMATORS = {"hessian": hessian, "fisher": fisher}
+def imatrix(dW: torch.Tensor, d: torch.Tensor, n_tokens: int) -> float:
+    return float((dW.to(d.dtype) ** 2 * d).sum())
+
+
+def hutchinson(dW: torch.Tensor, t: torch.Tensor, n_tokens: int) -> float:
+    return 0.5 * float(t) * float((dW.double() ** 2).sum())
+
+
+ESTIMATORS = {"hessian": hessian, "fisher": fisher, "imatrix": imatrix, "hutchinson": hutchinson}

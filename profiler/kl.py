@@ -28,31 +28,9 @@ from tqdm.auto import tqdm
 from bitplan.db.types import Module, Option
 from bitplan.executor.quantize import quantize_dequantize
 from bitplan.profiler.model import decoder_layers
-from bitplan.profiler.stream import outside_hessians, stream_blocks
+from bitplan.profiler.stream import _Replay, _Skip, outside_hessians, stream_blocks
 
 DEFAULT_KL_TOKENS = 512
-
-
-class _Replay(nn.Module):
-    """Stands in for block `l - 1`: returns the cached input of block `l` for the current sequence."""
-
-    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
-        super().__init__()
-        self.hidden, self.as_tuple = hidden, as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (self.hidden,) if self.as_tuple else self.hidden
-
-
-class _Skip(nn.Module):
-    """Stands in for the blocks before `l - 1`: passes its input through."""
-
-    def __init__(self, as_tuple: bool):
-        super().__init__()
-        self.as_tuple = as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 def mean_kl(base_logprobs: torch.Tensor, logits: torch.Tensor, chunk: int = 128) -> tuple[float, int]:

@@ -13,7 +13,7 @@ two sources fill the same `LatencyTable`, so the planner never cares which:
   i.e. the packed weights with their scales and zeros (`Option.size_bits`, the one place for that
   fact), plus bf16 activations read and written. It depends on the module's shape only, so it is
   computed once per (shape, option) and shared by every module of that shape.
-- `measured:<device name>` (`measured_latency`, issue 5): the project's Triton kernels timed on the GPU.
+- `measured:<device name>` (`measured_latency`): the project's Triton kernels timed on this machine's GPU.
 
 Where the roofline is optimistic: it assumes peak bandwidth and peak tensor throughput at once, no
 dequantization cost, and no fusion across modules (each module is one launch).
@@ -21,10 +21,12 @@ dequantization cost, and no fusion across modules (each module is one launch).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -120,19 +122,82 @@ def roofline_latency(modules: Sequence[Module], options: Sequence[Option], batch
     return LatencyTable(table[inverse.reshape(-1)], batches, device.source)
 
 
-def measured_latency(planned, options: Sequence[Option], batches: Sequence[int], *, device: str = "cuda",
-                     warmup: int = 10, repeats: int = 50) -> LatencyTable:
-    """The measured table: every (shape, option, batch) of `planned` (`profiler.model.planned_linears`:
-    (Module, nn.Linear) pairs) timed with the project's Triton kernels on `device`.
+MAX_COPIES = 64
+KERNEL_VERSION = "2"  # part of the measured cache's key: bump when kernels/matmul.py changes speed
 
-    To be written with the real kernels (issue 5). The contract: time one call of the fused
-    dequantize+matmul on random codes of each distinct (shape, option), at each batch, L2 flushed,
-    median of `repeats` after `warmup`; bits=16 options time torch's bf16 matmul; return
-    `LatencyTable(latency [M, O, B] seconds, sorted batches, f"measured:{torch.cuda.get_device_name()}")`,
-    the roofline's format exactly.
+
+def measured_latency(modules: Sequence[Module], options: Sequence[Option], batches: Sequence[int], *,
+                     cache: str | Path | None = None, progress: bool = True) -> LatencyTable:
+    """The measured table: every distinct (shape, option, batch) of `modules` timed with the project's
+    Triton kernels (`kernels/matmul.py`) on this machine's GPU, weights cold in L2, in a CUDA graph
+    (`kernels/timing.py`), median over replays; 16-bit options time torch's bf16 `x @ W.T` the same way.
+
+    Times depend on the GPU, the shape and the option only, so they are cached per GPU name in a JSON
+    file (`cache`, default in the user cache dir) and a second profile on the same GPU measures
+    nothing it has measured before.
     """
-    raise NotImplementedError("measured latency needs the Triton kernel timings of issue 5; "
-                              "use a roofline (--latency roofline:GPU) until then")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InvalidInput("--latency measured times the kernels on a CUDA GPU and this machine has none; "
+                           f"use a roofline estimate instead: --latency roofline:GPU ({', '.join(GPUS)})")
+    from tqdm.auto import tqdm
+
+    batches = parse_batches(batches)
+    name = torch.cuda.get_device_name()
+    path = Path(cache) if cache else _cache_path(name)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    shapes, inverse = np.unique(np.array([m.shape for m in modules], dtype=np.int64).reshape(-1, 2), axis=0,
+                                return_inverse=True)
+    table = np.empty((len(shapes), len(options), len(batches)))
+    work = [(s, o, b) for s in range(len(shapes)) for o in range(len(options)) for b in range(len(batches))]
+    for s, o, b in tqdm(work, desc="timing kernels", unit="case", disable=not progress):
+        (out, inp), option, batch = shapes[s].tolist(), options[o], batches[b]
+        key = f"{KERNEL_VERSION}:{out}x{inp}:{option.label}:b{batch}"
+        if key not in known:
+            known[key] = _time_linear(out, inp, option, batch) * 1e-6
+            _write_json_atomic(path, known)  # a run cut short keeps what it measured
+        table[s, o, b] = known[key]
+    return LatencyTable(table[inverse.reshape(-1)], batches, f"measured:{name}")
+
+
+def _cache_path(gpu_name: str) -> Path:
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("bitplan")) / f"latency-{re.sub(r'[^A-Za-z0-9]+', '-', gpu_name)}.json"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _time_linear(out: int, inp: int, option: Option, batch: int) -> float:
+    """Microseconds of one `x [batch, inp] @ W.T` with W `[out, inp]` stored as `option`, cold in L2."""
+    import torch
+
+    from bitplan.kernels import reference
+    from bitplan.kernels.matmul import matmul
+    from bitplan.kernels.timing import cold_time_us, copies_for
+
+    x = torch.randn(batch, inp, device="cuda", dtype=torch.bfloat16)
+    if not option.quantized:
+        ws = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
+              for _ in range(min(copies_for(out * inp * 2), MAX_COPIES))]
+        return cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
+    group = option.group_size or inp
+    G = option.n_groups(inp)
+    packed = [t.cuda() for t in reference.pack(torch.randint(0, 2**option.bits, (inp, out)), option.bits)]
+    zeros = None if option.symmetric else \
+        [t.cuda() for t in reference.pack(torch.randint(0, 2**option.bits, (G, out)), option.bits)]
+    scales = (torch.rand(G, out, device="cuda") * 0.01 + 0.001).half()
+    # at most MAX_COPIES: a layer so small that more would be needed to overflow L2 is launch-bound anyway,
+    # and thousands of copies cost more to capture than to time (measured: ~30 s a case on tiny-mixtral)
+    n = min(copies_for(-(-option.size_bits(out, inp) // 8)), MAX_COPIES)
+    copies = [([p.clone() for p in packed], scales.clone(), None if zeros is None else [z.clone() for z in zeros])
+              for _ in range(n)]
+    return cold_time_us([lambda c=c: matmul(x, c[0], c[1], c[2], option.bits, group, inp) for c in copies])
 
 
 def parse_spec(spec: str) -> GPU | None:
@@ -146,15 +211,12 @@ def parse_spec(spec: str) -> GPU | None:
 
 
 def latency_table(spec: str, modules: Sequence[Module], options: Sequence[Option],
-                  batches: Sequence[int] = DEFAULT_BATCHES, planned=None) -> LatencyTable:
-    """The table `spec` names: `roofline:GPU` (modules' shapes suffice) or `measured` (needs `planned`)."""
+                  batches: Sequence[int] = DEFAULT_BATCHES) -> LatencyTable:
+    """The table `spec` names: `roofline:GPU` or `measured` (this machine's GPU); the modules' shapes suffice."""
     device = parse_spec(spec)
     if device is not None:
         return roofline_latency(modules, options, batches, device)
-    try:
-        return measured_latency(planned, options, parse_batches(batches))
-    except NotImplementedError as e:
-        raise InvalidInput(f"--latency {spec}: {e}") from e
+    return measured_latency(modules, options, parse_batches(batches))
 
 
 def with_latency(profile: Profile, table: LatencyTable) -> Profile:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,9 +17,11 @@ from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.fisher import fisher_diagonal
+from bitplan.profiler.hutchinson import hutchinson_traces
+from bitplan.profiler.imatrix import estimator_tag, imatrix_diagonals, read_imatrix
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
 from bitplan.profiler.model import LoadedModel, fixed_bits, planned_linears
-from bitplan.profiler.stream import outside_hessians, stream_blocks
+from bitplan.profiler.stream import BlockCheckpoint, outside_hessians, stream_blocks
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,15 @@ def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list
                       device, prefix="prof-")
 
 
-def estimator_name(estimator: str, quantizer: str = "rtn") -> str:
+def estimator_name(estimator: str, quantizer: str = "rtn", imatrix: str | Path | None = None) -> str:
     """The profile's `estimator` field: `"fisher"` for RTN (the spine's ids stay), `"fisher/gptq"` for GPTQ.
 
     The quantizer that produced ΔW is part of what a profile means (and of its id), so it is recorded
     here until `Profile` gets a field of its own.
     """
     # TODO(db): a `quantizer: str = "rtn"` field on Profile would hold this instead of the suffix
+    if estimator == "imatrix":  # the file read is part of what the profile means: `imatrix:<sha256 prefix>`
+        estimator = estimator_tag(imatrix)
     return estimator if quantizer == "rtn" else f"{estimator}/{quantizer}"
 
 
@@ -64,6 +69,8 @@ def profile_model(
     seq_len: int = DEFAULT_SEQ_LEN,
     device: str = "cpu",
     progress: bool = True,
+    work_dir: str | Path | None = None,
+    imatrix: str | Path | None = None,
 ) -> Profile:
     """Measure `error[module, option]` with `estimator` on `n_tokens` of `calib`; sizes are exact.
 
@@ -74,6 +81,11 @@ def profile_model(
 
     An MoE model's expert matrices also get their routing statistics (one more streamed pass), and
     an expert no calibration token reaches gets the fallback error, never zero (profiler/moe.py).
+
+    `imatrix` (for `estimator="imatrix"`): a llama.cpp importance matrix, read into each module's
+    `diag(H)` (profiler/imatrix.py); the calibration text then gives only ΔW's GPTQ `H` and MoE routing.
+
+    `work_dir` keeps what is finished so that a rerun with the same folder resumes (`error_table`).
     """
     if estimator not in ESTIMATOR_NAMES:
         raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATOR_NAMES)}")
@@ -87,23 +99,30 @@ def profile_model(
     planned = planned_linears(model)
     log.info("profiling %d modules x %d options with %s (%s) on %d tokens", len(planned), len(options),
              estimator, quantizer, batches.numel())
+    stats, fallback = None, []  # what `imatrix` and `hutchinson` collect; error_table uses it as fisher's F
+    if estimator == "imatrix":
+        stats, fallback = imatrix_diagonals(read_imatrix(imatrix), [m for m, _ in planned])
+    elif estimator == "hutchinson":
+        stats = hutchinson_traces(model, batches, planned, device, progress)
     if estimator == "kl":
         error = kl_table(model, planned, options, batches, quantizer=quantizer, device=device,
                          progress=progress)
     elif estimator == "calibrated":
-        error = error_table(model, planned, options, batches, "fisher", quantizer, device, progress)
+        error = error_table(model, planned, options, batches, "fisher", quantizer, device, progress,
+                            work_dir=work_dir)
         # the KL points on the first sequences of the same text, as many as `kl` would measure on
         rows = max(1, DEFAULT_KL_TOKENS // batches.shape[1])
         error, _ = calibrate(model, planned, options, error, batches[:rows], quantizer=quantizer, device=device,
                              progress=progress)
     else:
-        error = error_table(model, planned, options, batches, estimator, quantizer, device, progress)
-    modules = [m for m, _ in planned]
+        error = error_table(model, planned, options, batches, estimator, quantizer, device, progress,
+                            work_dir=work_dir, stats=stats)
+    modules = [m if m.name not in fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
-        modules = moe.with_routing(modules, routing_stats(model, batches, device))
+        modules = moe.with_routing(modules, routing_stats(model, batches, device, progress))
         error, modules = moe.fill_unrouted(error, modules)
     size = np.array([[o.size_bits(*m.shape) for o in options] for m in modules], dtype=np.int64)
-    name = estimator_name(estimator, quantizer)
+    name = estimator_name(estimator, quantizer, imatrix)
     return Profile(
         id=profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device),
         model=loaded.ref,
@@ -119,28 +138,41 @@ def profile_model(
     )
 
 
-def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu") -> dict[str, moe.RoutingRecord]:
+def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu",
+                  progress: bool = False) -> dict[str, moe.RoutingRecord]:
     """Per MoE block, tokens and routing weight per expert over `batches`: one streamed forward pass.
 
     A pass of its own, rather than counted inside an estimator's passes: those differ in number
     (`kl` runs the model once per module and option; GPTQ and an untied head add passes).
     """
     with moe.record_routing(model) as records:
-        stream_blocks(model, batches, [], lambda *_: None, device, progress=False)
+        stream_blocks(model, batches, [], lambda *_: None, device, progress, desc="routing statistics")
     return records
 
 
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
                 estimator: str, quantizer: str = "rtn", device: str = "cpu",
-                progress: bool = True) -> np.ndarray:
-    """`[modules, options]` error of a cheap estimator (`hessian`, `fisher`), ΔW from `quantizer`."""
+                progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None) -> np.ndarray:
+    """`[modules, options]` error of a cheap estimator (`hessian`, `fisher`), ΔW from `quantizer`.
+
+    With `work_dir` an interrupted table resumes: a streamed pass (`hessian`; the GPTQ `H` of any
+    estimator) at the block after its last finished one, with the rows finished so far; the `fisher`
+    pass after the last sequence whose accumulators it saved (`fisher.CHECKPOINT_SECONDS`).  The
+    other passes (an untied head's `H`, RTN rows from `F`) are short and run again.
+
+    `stats`: the per-module statistics of an estimator that collects its own (`imatrix`, `hutchinson`),
+    used as `fisher`'s `F` is.
+    """
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
+    ckpt = None if work_dir is None else BlockCheckpoint(Path(work_dir) / "blocks", {"error": error})
     estimate = estimators.ESTIMATORS[estimator]
     n = batches.numel()
 
     def fill(mods, stats, H=None):
-        for m, lin in mods:
+        # a block's modules x options (an MoE block: hundreds of matrices), under the blocks' bar
+        for m, lin in tqdm(mods, desc="error table", unit="module", leave=False,
+                           disable=not progress or len(mods) < 2):
             W = lin.weight.detach()
             Hm = None if H is None else H[m.name].cpu()
             for j, opt in enumerate(options):
@@ -149,19 +181,22 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
 
     outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head: not in any block
     if estimator == "hessian":
-        stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, H, H), device, progress)
+        stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, H, H), device, progress,
+                      checkpoint=ckpt)
         if outside:
-            H = outside_hessians(model, batches, outside, device)
+            H = outside_hessians(model, batches, outside, device, progress)
             fill(outside, H, H)
         return error
-    F = fisher_diagonal(model, batches, planned, device, progress)
+    F = stats if stats is not None else fisher_diagonal(model, batches, planned, device, progress,
+                        checkpoint=None if work_dir is None else Path(work_dir) / "fisher.pt")
     if quantizer == "rtn":
         for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
             fill([(m, lin)], F)
         return error
-    stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, F, H), device, progress)
+    stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, F, H), device, progress,
+                  checkpoint=ckpt)
     if outside:
-        fill(outside, F, outside_hessians(model, batches, outside, device))
+        fill(outside, F, outside_hessians(model, batches, outside, device, progress))
     return error
 
 

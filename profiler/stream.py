@@ -4,12 +4,22 @@ A catcher in place of block 0 records the hidden states and keyword arguments (a
 rotary tables, ...) that the model feeds its blocks; then each block in turn is moved to the device,
 runs on every calibration batch with hooks feeding its linears' inputs to `H += Xᵀ X`, and its
 outputs become the next block's inputs.
+
+The hidden states carried from block to block (`Carry`) stay in memory while they fit under an
+activation budget, else go to disk, one file per batch.  A `BlockCheckpoint` keeps them, with the
+caller's results so far, after every block, so an interrupted pass resumes at its next block.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,6 +27,8 @@ from tqdm.auto import tqdm
 from bitplan.db.types import Module
 from bitplan.profiler.model import decoder_layers
 from bitplan.profiler.moe import ExpertMLP
+
+log = logging.getLogger(__name__)
 
 
 class _Caught(Exception):
@@ -36,23 +48,33 @@ class _Catcher(nn.Module):
         raise _Caught
 
 
-def block_inputs(model: nn.Module, batches: torch.Tensor, device: str) -> list[tuple[torch.Tensor, dict]]:
-    """Inputs of decoder block 0 for each batch row: `[(hidden [1, T, d], kwargs)]`."""
+def block_inputs(model: nn.Module, batches: torch.Tensor, device: str,
+                 put: Callable[[int, torch.Tensor], None] | None = None) -> list[dict]:
+    """Keyword arguments of decoder block 0 for each batch row; its hidden states `[1, T, d]` go to `put(row, h)`.
+
+    `put=None` drops them: a resumed pass takes its hidden states from the checkpoint and needs only
+    the keyword arguments, which every block shares.
+    """
     layers = decoder_layers(model)
     catcher = _Catcher(layers[0])
     layers[0] = catcher
     # embeddings, rotary tables and the like run on the device; the blocks stay where they are
     _move_outside(model, layers, device)
+    kwargs = []
     try:
-        for row in batches:
+        for s, row in enumerate(batches):
             try:
                 model(row.unsqueeze(0).to(device), use_cache=False)
             except _Caught:
                 pass
+            hidden, kw = catcher.inputs.pop()
+            kwargs.append(kw)
+            if put is not None:
+                put(s, hidden)
     finally:
         layers[0] = catcher.block
         _move_outside(model, layers, "cpu")
-    return catcher.inputs
+    return kwargs
 
 
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device: str) -> None:
@@ -69,6 +91,127 @@ def _move_outside(model: nn.Module, layers: nn.ModuleList, device: str) -> None:
                 m._buffers[k] = b.to(device)
 
 
+def available_ram() -> int:
+    """Bytes of host memory available now (psutil if installed, else /proc/meminfo, else a guess of 4 GiB)."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def default_activation_budget(device: str) -> int:
+    """Half the available RAM; on a GPU also at most a quarter of its free memory (the block, its `H`
+    and the forward pass's temporaries need the rest)."""
+    budget = available_ram() // 2
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = min(budget, free // 4)
+    return budget
+
+
+def atomic_save(obj, path: Path) -> None:
+    """`torch.save` to a temporary name, then rename: a crashed process leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Carry:
+    """The hidden states entering the current block, one `[1, T, d]` tensor per calibration batch.
+
+    In memory (`root=None`, on the compute device): a block reads batch `s` once, so its output takes
+    the input's place and the activations are held once, not twice.  On disk: the inputs of block `b`
+    are `root/in-<b>/<s>.pt`; the next block's are written into `in-<b+1>.partial/` (each file under a
+    temporary name, then renamed) and the folder renamed whole once every batch is there, so an
+    interrupted pass finds either a complete set of a block's inputs or none.
+    """
+
+    def __init__(self, n: int, device: str, root: Path | None = None, block: int = -1):
+        self.n, self.device, self.root, self.block = n, device, root, block
+        self._mem: list[torch.Tensor | None] | None = [None] * n if root is None else None
+
+    def _dir(self, block: int) -> Path:
+        return self.root / f"in-{block:05d}"
+
+    def has(self, block: int) -> bool:
+        return self.root is not None and len(list(self._dir(block).glob("*.pt"))) == self.n
+
+    def get(self, s: int) -> torch.Tensor:
+        if self._mem is not None:
+            return self._mem[s]
+        return torch.load(self._dir(self.block) / f"{s:06d}.pt", map_location=self.device, weights_only=True)
+
+    def put(self, s: int, hidden: torch.Tensor) -> None:
+        """Batch `s`'s input of the next block (its output of the current one)."""
+        if self._mem is not None:
+            self._mem[s] = hidden
+            return
+        # clone: a view would save its whole storage
+        part = self._dir(self.block + 1).with_suffix(".partial")
+        atomic_save(hidden.detach().to("cpu").clone(), part / f"{s:06d}.pt")
+
+    def advance(self) -> None:
+        """Every batch has been put: the outputs become the inputs of the next block."""
+        self.block += 1
+        if self.root is not None:
+            final = self._dir(self.block)
+            if final.exists():  # left by a run interrupted after this rename but before its checkpoint
+                shutil.rmtree(final)
+            final.with_suffix(".partial").rename(final)
+
+    def drop_others(self) -> None:
+        """Remove every other block's inputs (called once the caller's checkpoint has moved past them)."""
+        if self.root is not None and self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.name != self._dir(self.block).name:
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+class BlockCheckpoint:
+    """What a streamed pass has finished, under `path`, so that an interrupted pass resumes at its next block.
+
+    `arrays` are the caller's results, filled block by block by its `on_block` (the rows of an error
+    table): they are saved after every block with the number of finished blocks (`state.npz`, written
+    to a temporary name and renamed), and restored into the same arrays, in place, on open.  The
+    activations entering the next block live in `path/activations` (`Carry` on disk).  The caller
+    keys `path` by everything its results depend on (the profile id).
+    """
+
+    def __init__(self, path: str | Path, arrays: dict[str, np.ndarray]):
+        self.path, self.arrays, self.next_block = Path(path), arrays, 0
+        state = self.path / "state.npz"
+        if not state.exists():
+            return
+        with np.load(state) as z:
+            if all(k in z and z[k].shape == a.shape for k, a in arrays.items()):
+                for k, a in arrays.items():
+                    a[...] = z[k]
+                self.next_block = int(z["next_block"])
+            else:
+                log.warning("ignoring the checkpoint in %s: its arrays do not match this pass", self.path)
+
+    @property
+    def activations(self) -> Path:
+        return self.path / "activations"
+
+    def commit(self, next_block: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / ".state.tmp.npz"
+        np.savez(tmp, next_block=np.int64(next_block), **self.arrays)
+        os.replace(tmp, self.path / "state.npz")
+        self.next_block = next_block
+
+
 def stream_blocks(
     model: nn.Module,
     batches: torch.Tensor,
@@ -76,37 +219,84 @@ def stream_blocks(
     on_block: Callable[[int, list[tuple[Module, nn.Linear]], dict[str, torch.Tensor], int], None],
     device: str = "cpu",
     progress: bool = True,
+    *,
+    activation_budget: int | None = None,
+    checkpoint: BlockCheckpoint | None = None,
+    desc: str = "profiling blocks",
 ) -> None:
     """Run the model one block at a time; after each block call `on_block(i, its planned linears, H, n_tokens)`.
 
     `H[name]: [K, K]` float64 is `Σ xxᵀ` over every calibration token's input to that linear; for a
     routed expert's linear, over the tokens routed to it, each weighted by its routing weight squared.
+
+    The carried hidden states (`tokens x hidden` values of the model's dtype) stay on the device while
+    they fit in `activation_budget` bytes (default: `default_activation_budget`), else go to a
+    temporary folder (under `$TMPDIR`), removed at the end.  With a `checkpoint` they always go to its
+    folder, the checkpoint is committed after every block, and blocks it has finished are skipped:
+    `on_block` is called only for the blocks run now.
     """
     layers = decoder_layers(model)
-    inputs = block_inputs(model, batches, device)
+    start = checkpoint.next_block if checkpoint is not None else 0
+    if start >= len(layers):
+        return
     n_tokens = batches.numel()
+    spill = None
+    if checkpoint is not None:
+        root = checkpoint.activations
+    else:
+        if activation_budget is None:
+            activation_budget = default_activation_budget(device)
+        emb = model.get_input_embeddings().weight
+        need = n_tokens * emb.shape[1] * emb.element_size()
+        root = spill = None if need <= activation_budget else Path(tempfile.mkdtemp(prefix="bitplan-activations-"))
+        if spill is not None:
+            log.info("carrying %.2f GiB of activations on disk in %s (budget %.2f GiB)", need / 2**30, spill,
+                     activation_budget / 2**30)
+    carry = Carry(len(batches), device, root)
+    if start > 0 and not carry.has(start):
+        log.warning("checkpoint %s lacks the inputs of block %d: starting over", checkpoint.path, start)
+        start = 0
     by_layer: dict[int, list[tuple[Module, nn.Linear]]] = {}
     for m, lin in planned:
         if m.layer is not None:
             by_layer.setdefault(m.layer, []).append((m, lin))
-    with torch.no_grad():
-        for i, block in enumerate(tqdm(layers, desc="profiling blocks", unit="block", disable=not progress)):
-            block.to(device)
-            mine = by_layer.get(i, [])
-            H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-                 for m, lin in mine}
-            hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
-            try:
-                outputs = []
-                for hidden, kwargs in inputs:
-                    out = block(hidden, **kwargs)
-                    outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-                inputs = outputs
-            finally:
-                for h in hooks:
-                    h.remove()
-                block.to("cpu")
-            on_block(i, mine, H, n_tokens)
+    try:
+        with torch.no_grad():
+            if start == 0:
+                kwargs = block_inputs(model, batches, device, carry.put)
+                carry.advance()
+            else:
+                kwargs = block_inputs(model, batches, device)
+                carry.block = start
+            for i in tqdm(range(start, len(layers)), desc=desc, unit="block", initial=start, total=len(layers),
+                          disable=not progress):
+                block = layers[i]
+                block.to(device)
+                mine = by_layer.get(i, [])
+                H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
+                     for m, lin in mine}
+                hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
+                last = i == len(layers) - 1  # its outputs feed nothing
+                try:
+                    for s in range(len(batches)):
+                        out = block(carry.get(s), **kwargs[s])
+                        if not last:
+                            carry.put(s, out[0] if isinstance(out, tuple) else out)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                    block.to("cpu")
+                if not last:
+                    carry.advance()
+                on_block(i, mine, H, n_tokens)
+                if checkpoint is not None:
+                    checkpoint.commit(i + 1)
+                carry.drop_others()
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.activations, ignore_errors=True)  # every block is done: nothing reads them
 
 
 def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tuple[Module, nn.Linear]],
@@ -125,31 +315,75 @@ def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tupl
 
     stream_blocks(model, batches, planned, keep, device, progress)
     outside = [(m, lin) for m, lin in planned if m.layer is None]
-    H.update({k: v.to("cpu", dtype) for k, v in outside_hessians(model, batches, outside, device).items()})
+    head = outside_hessians(model, batches, outside, device, progress)
+    H.update({k: v.to("cpu", dtype) for k, v in head.items()})
     return H
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns a recorded output (its input is ignored)."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+class _Skip(nn.Module):
+    """Stands in for a block: passes its input through."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @torch.no_grad()
 def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[Module, nn.Linear]],
-                     device: str = "cpu") -> dict[str, torch.Tensor]:
-    """`H = Σ xxᵀ` of planned linears outside the blocks (an untied `lm_head`): one whole-model pass.
+                     device: str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+    """`H = Σ xxᵀ` of planned linears outside the blocks (an untied `lm_head`), streamed too.
 
-    `stream_blocks` sees only the blocks' linears; the head's inputs are the final norm's outputs,
-    which come out of an ordinary forward pass.
+    Their inputs come after the last block (the final norm's outputs), which `stream_blocks` does not
+    reach: the blocks are streamed once more, keeping the last block's outputs (on the CPU), then the
+    model runs with every block replaced by a stand-in, the last one replaying its recorded output.
+    So only the parts outside the blocks (embeddings, final norm, head) are ever on the device.
     """
     H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
          for m, lin in mods}
     if not mods:
         return H
-    hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
-    model.to(device)
+    layers = decoder_layers(model)
+    last: list[torch.Tensor] = []
+    as_tuple = [False]
+
+    def keep(_mod, _args, out):
+        as_tuple[0] = isinstance(out, tuple)
+        last.append((out[0] if as_tuple[0] else out).to("cpu"))
+
+    h = layers[-1].register_forward_hook(keep)
     try:
-        for row in batches:
+        stream_blocks(model, batches, [], lambda *_: None, device, progress, desc="head inputs")
+    finally:
+        h.remove()
+    blocks = list(layers)
+    hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
+    try:
+        for j in range(len(layers) - 1):
+            layers[j] = _Skip(as_tuple[0])
+        _move_outside(model, layers, device)
+        for s, row in enumerate(batches):
+            layers[-1] = _Replay(last[s].to(device), as_tuple[0])
             model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-        model.to("cpu")
+        _move_outside(model, layers, "cpu")
+        for j, b in enumerate(blocks):
+            layers[j] = b
     return H
 
 

@@ -29,12 +29,13 @@ def spearman(predicted: np.ndarray, measured: np.ndarray) -> float:
 def validate(loaded: LoadedModel, options: list[Option], estimators=("hessian", "fisher"), *,
              quantizer: str = "rtn", n_tokens: int = DEFAULT_TOKENS, kl_tokens: int = DEFAULT_KL_TOKENS,
              calib: str = CALIB, seq_len: int = DEFAULT_SEQ_LEN, layers: Sequence[int] | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True, imatrix: str | None = None) -> dict:
     """Measure the `kl` table on `kl_tokens`, each estimator's on `n_tokens`, and rank-correlate them.
 
     `layers`: measure KL only for the modules of these decoder layers (KL costs one forward pass per
     module and option); the estimators run on the whole model and their rows are selected to match.
     Both use the start of the same text, so the KL tokens are a prefix of the estimators' tokens.
+    `imatrix`: the llama.cpp importance matrix the `imatrix` estimator reads.
 
     Returns `{"spearman": {estimator: rho}, "per_option": {estimator: [rho per option]}, "tables":
     {name: [M, O]}, "seconds": {name: s}, "modules": [...], ...}`.  `per_option` ranks modules within one
@@ -55,7 +56,8 @@ def validate(loaded: LoadedModel, options: list[Option], estimators=("hessian", 
     for e in estimators:
         t0 = time.perf_counter()
         p = profile_model(loaded, options, estimator=e, quantizer=quantizer, calib=calib, n_tokens=n_tokens,
-                          seq_len=seq_len, device=device, progress=progress)
+                          seq_len=seq_len, device=device, progress=progress,
+                          imatrix=imatrix if e == "imatrix" else None)
         tables[e], seconds[e] = p.error[keep], time.perf_counter() - t0
         log.info("%s (%s): %.0f s", e, quantizer, seconds[e])
     kl = tables["kl"]

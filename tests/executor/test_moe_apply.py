@@ -70,3 +70,42 @@ def test_profile_plan_apply_load_round_trip(kind, moe_checkpoint, text_file, tmp
         assert f"e{e}" in text
     # without the profile (a plan file alone) the experts come from the names
     assert expert_heatmap(plan).splitlines()[2:] == expert_heatmap(plan, profile).splitlines()[2:]
+
+
+def test_quantized_experts_in_one_launch_equal_the_per_expert_loop(moe_checkpoint, text_file, tmp_path):
+    """The loaded checkpoint's experts, mixed widths, through the MoE kernel (Triton's interpreter on the
+    CPU) give the per-expert loop's output, with the experts' weights held once (views of the packs)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused path runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
+    from bitplan.executor.quant_linear import QuantExpertLinears
+
+    loaded = load_model(str(moe_checkpoint("mixtral")))
+    profile = profile_model(loaded, parse_options("2,3,4,8"), estimator="hessian", calib=str(text_file),
+                            n_tokens=256, seq_len=64, progress=False)
+    plan = allocate(profile, "3.5bpw", "ilp", granularity="expert")
+    options = {o.bits: o for o in profile.options}
+    assignment = dict(plan.assignment)
+    for name in assignment:  # every width in one layer: expert e of layer 0 at 2, 3, 4, 8, 2 bits
+        if ".layers.0.mlp.experts." in name:
+            assignment[name] = options[(2, 3, 4, 8)[int(name.split(".experts.")[1].split(".")[0]) % 4]]
+    plan = plan.model_copy(update={"assignment": assignment})
+    out = apply_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), tmp_path / "q",
+                     progress=False)
+    experts = load_quantized(out)[0].model.layers[0].mlp.experts
+    assert isinstance(experts, QuantExpertLinears)
+    assert len({e.gate_proj.option.bits for e in experts}) > 1  # mixed widths in one layer
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, experts[0].gate_proj.in_features, generator=g)
+    top_k_index = torch.stack([torch.randperm(len(experts), generator=g)[:2] for _ in range(7)])
+    top_k_weights = torch.softmax(torch.randn(7, 2, generator=g), -1)
+    want = ExpertLinears.forward(experts, hidden, top_k_index, top_k_weights)
+    got = experts.fused(hidden, top_k_index, top_k_weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    packs = experts._packed_experts[1]
+    q0 = packs["down_proj"].q0
+    for e in experts:
+        ptr = e.down_proj.qweight_s0.data_ptr()
+        assert q0.data_ptr() <= ptr < q0.data_ptr() + q0.numel() * 4
+    # and the loop still gives the same after the buffers were re-pointed
+    torch.testing.assert_close(ExpertLinears.forward(experts, hidden, top_k_index, top_k_weights), want)

@@ -62,6 +62,20 @@ def test_split_k_sums_every_slice(regime, bits):
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
     for split in (1, 2, 3):
         check(run(x, packed, scales, zeros, bits, group, K, regime=regime, config={"SPLIT_K": split}), want)
+        if regime == "gemv":  # the next tile's words loaded ahead, across split boundaries too
+            check(run(x, packed, scales, zeros, bits, group, K, regime=regime,
+                      config={"SPLIT_K": split, "PREFETCH": True}), want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("group", [32, 64])
+def test_tiled_gather_loads(bits, group):
+    """The tiled kernel's other way of reading codes (one word load per K row) gives the same product."""
+    M, K, N = 5, 200, 24
+    packed, scales, zeros = packed_weight(K, N, bits, group, False, seed=3)
+    x = torch.randn(M, K).half()
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
+    check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config={"GATHER": True}), want)
 
 
 @pytest.mark.parametrize("M", [1, 16, 33])

@@ -68,12 +68,38 @@ def test_gpu_names():
         latency.parse_batches("1,zero")
 
 
-def test_measured_is_issue_5_and_says_so():
+def test_measured_without_a_gpu_says_what_to_use_instead(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     p = synthetic_profile(n_layers=1)
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        latency.measured_latency([], p.options, [1])
-    with pytest.raises(InvalidInput, match="issue 5.*roofline"):
+    with pytest.raises(InvalidInput, match="roofline:GPU"):
         latency.latency_table("measured", p.modules, p.options, [1])
+
+
+def test_measured_uses_its_cache_per_gpu(monkeypatch, tmp_path):
+    """Cached times are read back, not re-measured: only the missing (shape, option, batch) cases are timed."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    p = synthetic_profile(n_layers=2)
+    timed = []
+
+    def fake(out, inp, option, batch):
+        timed.append((out, inp, option.label, batch))
+        return float(out * option.bits + batch)  # microseconds
+
+    monkeypatch.setattr(latency, "_time_linear", fake)
+    cache = tmp_path / "lat.json"
+    t = latency.measured_latency(p.modules, p.options, [1, 16], cache=cache, progress=False)
+    shapes = {m.shape for m in p.modules}
+    assert len(timed) == len(shapes) * len(p.options) * 2 and t.source == "measured:Test GPU"
+    for i, m in enumerate(p.modules):
+        for j, o in enumerate(p.options):
+            assert t.latency[i, j, 1] == pytest.approx((m.shape[0] * o.bits + 16) * 1e-6)
+    timed.clear()
+    again = latency.measured_latency(p.modules, p.options, [1, 16, 256], cache=cache, progress=False)
+    assert len(timed) == len(shapes) * len(p.options) and {b for *_, b in timed} == {256}
+    np.testing.assert_array_equal(again.latency[:, :, :2], t.latency)
 
 
 def test_with_latency_gets_its_own_id_and_validates():

@@ -37,5 +37,5 @@ def test_unknown_quantizer_or_estimator(loaded, text_file):
     with pytest.raises(InvalidInput, match="unknown quantizer"):
         profile_model(loaded, parse_options("4"), quantizer="awq", calib=str(text_file), progress=False)
     with pytest.raises(InvalidInput, match="unknown estimator"):
-        profile_model(loaded, parse_options("4"), estimator="hutchinson", calib=str(text_file),
+        profile_model(loaded, parse_options("4"), estimator="obs", calib=str(text_file),
                       progress=False)

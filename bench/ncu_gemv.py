@@ -1,0 +1,42 @@
+"""One launch of the batch-1 gemv kernel per configuration, for Nsight Compute to read (no timing here).
+
+    ncu --kernel-name regex:gemv --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        python bench/ncu_gemv.py --n 8192 --k 8192 --bits 4
+
+Each configuration is compiled by a first call and launched once more; profile with `--launch-skip`
+if only the second launches matter (`--repeat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bitplan.kernels import reference
+from bitplan.kernels.matmul import gemv_configs, matmul
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--configs", default="0,4", help="indices into matmul.gemv_configs for this shape")
+    args = ap.parse_args()
+    N, K, bits, group = args.n, args.k, args.bits, args.group_size
+    G = -(-K // group)
+    packed = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (K, N)), bits)]
+    zeros = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (G, N)), bits)]
+    scales = (torch.rand(G, N) * 0.01 + 0.001).half().cuda()
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    configs = gemv_configs(1, N, K, bits, group, torch.cuda.get_device_properties(0).multi_processor_count)
+    for i in (int(c) for c in args.configs.split(",")):
+        print(f"config {i}: {configs[i]}", flush=True)
+        matmul(x, packed, scales, zeros, bits, group, K, config=configs[i], regime="gemv")
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

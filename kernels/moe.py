@@ -1,0 +1,258 @@
+"""Mixed-width MoE: every active expert of one projection in **one** launch, each at its own bit width.
+
+A DeepSeek-sized expert (2048 x 7168) streams in about 15 µs at 4 bits, the same order as a launch, so
+launching once per expert (or once per bit width) pays the fixed cost again and again.  Here one grid
+covers all (segment, N tile, K slice) programs; a segment is the run of token rows routed to one
+expert (rows sorted by expert beforehand).  Each program reads its expert's entry of a small table:
+shard widths and offsets into flat buffers that hold every expert's packed codes, scales and zeros
+back to back, and branches once on the width to the dense gemv body (`matmul._gemv_tile`) compiled for
+that width.  The branch is uniform across the program, so no lane waits on another width's code.
+
+The packed layout is `kernels/reference.py`'s, per expert; all experts of a projection share N, K,
+group size and symmetry (they do in every MoE model: the plan varies bits, not shapes).
+
+This is the decode kernel (few rows per expert: each program walks its segment `BLOCK_M` rows at a
+time, re-reading its weight tile from L2 per step).  For prefill, where an expert sees many rows,
+`moe_matmul` launches the dense tiled kernel per expert instead (`GEMV_MAX_ROWS`), where the launch
+cost is small next to the matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from bitplan.kernels import reference
+from bitplan.kernels.matmul import INTERPRET, _gemv_tile, _sm_count, _split, _store, matmul
+
+GEMV_MAX_ROWS = 16  # rows per expert up to which one mixed-width launch beats per-expert tiled launches
+ALIGN = 16  # words: offsets into the flat buffers are multiples of this (the kernel is told so)
+TABLE = 6  # table columns: W0, W1, offset of shard 0 codes, shard 1 codes, shard 0 zeros, shard 1 zeros
+
+
+@dataclass
+class ExpertWeights:
+    """One projection of a layer's experts, packed for one launch.
+
+    `q0`/`q1`: flat int32, each expert's shard 0 (shard 1: 3-bit experts only) `[rows, N]` back to back;
+    `scales: [E, G, N]`; `z0`/`z1`: flat packed zeros (None when symmetric); `table: [E, 6]` int64.
+    """
+
+    q0: torch.Tensor
+    q1: torch.Tensor
+    scales: torch.Tensor
+    z0: torch.Tensor | None
+    z1: torch.Tensor | None
+    table: torch.Tensor
+    rows: list[list[int]]  # the table, on the host
+    bits: list[int]
+    n: int
+    k: int
+    group_size: int
+
+    @classmethod
+    def pack(cls, experts: list[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None, int]],
+             k: int, group_size: int) -> "ExpertWeights":
+        """`experts[e] = (packed shards, scales [G, N], packed zero shards or None, bits)`, as QuantLinear holds."""
+        if not experts:
+            raise ValueError("no experts to pack")
+        shapes = {tuple(s.shape) for _, s, _, _ in experts}
+        symmetric = {z is None for _, _, z, _ in experts}
+        if len(shapes) != 1 or len(symmetric) != 1:
+            raise ValueError(f"experts of one launch must share scales shape and symmetry; got {shapes}, "
+                             f"symmetric {symmetric}")
+        q0, q1, z0, z1, rows = [], [], [], [], []
+        off = [0, 0, 0, 0]
+        for packed, _, zeros, bits in experts:
+            widths = reference.shards(bits)
+            if len(widths) > 2:
+                raise ValueError(f"{bits} bits has {len(widths)} shards; the MoE kernel takes at most 2")
+            rows.append([widths[0], widths[1] if len(widths) > 1 else 0, *off])
+            for i, (buf, t) in enumerate(((q0, packed[0]), (q1, packed[1] if len(widths) > 1 else None),
+                                          (z0, zeros[0] if zeros else None),
+                                          (z1, zeros[1] if zeros and len(widths) > 1 else None))):
+                if t is not None:
+                    # every part starts on a 64-byte boundary, so that the kernel may load it in 16-byte vectors
+                    pad = -t.numel() % ALIGN
+                    buf.append(torch.nn.functional.pad(t.reshape(-1), (0, pad)))
+                    off[i] += t.numel() + pad
+        dev = experts[0][1].device
+
+        def flat(parts):
+            return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.int32, device=dev)
+
+        return cls(q0=flat(q0), q1=flat(q1), scales=torch.stack([s for _, s, _, _ in experts]).contiguous(),
+                   z0=flat(z0) if z0 else None, z1=flat(z1) if z0 else None,
+                   table=torch.tensor(rows, dtype=torch.int64, device=dev), rows=rows, bits=[b for *_, b in experts],
+                   n=experts[0][1].shape[1], k=k, group_size=group_size)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.z0 is None
+
+    def expert(self, e: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Expert `e`'s packed shards and zero shards as views into the flat buffers (no device sync)."""
+        w0, w1, o0, o1, oz0, oz1 = self.rows[e]
+        kp, gp = reference.padded(self.k), reference.padded(self.scales.shape[1])
+        q = [self.q0[o0:o0 + kp * w0 // 32 * self.n].view(-1, self.n)]
+        z = None if self.symmetric else [self.z0[oz0:oz0 + gp * w0 // 32 * self.n].view(-1, self.n)]
+        if w1:
+            q.append(self.q1[o1:o1 + kp * w1 // 32 * self.n].view(-1, self.n))
+            if z is not None:
+                z.append(self.z1[oz1:oz1 + gp * w1 // 32 * self.n].view(-1, self.n))
+        return q, z
+
+    def to(self, device) -> "ExpertWeights":
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return ExpertWeights(move(self.q0), move(self.q1), move(self.scales), move(self.z0), move(self.z1),
+                             move(self.table), self.rows, self.bits, self.n, self.k, self.group_size)
+
+
+@triton.jit
+def _moe_gemv_kernel(
+    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, table_ptr, seg_expert_ptr, seg_start_ptr,
+    N, K, G, stride_xm, stride_ym,
+    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+):
+    pid_n, pid_k, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e = tl.load(seg_expert_ptr + seg)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    row = table_ptr + e * 6
+    w0, w1 = tl.load(row), tl.load(row + 1)
+    # offsets loaded at run time: without the alignment promise the compiler must assume any address
+    # and load word by word instead of in 16-byte vectors
+    q0 = q0_ptr + tl.multiple_of(tl.load(row + 2), 16)
+    q1 = q1_ptr + tl.multiple_of(tl.load(row + 3), 16)
+    z0 = z0_ptr + tl.multiple_of(tl.load(row + 4), 16)
+    z1 = z1_ptr + tl.multiple_of(tl.load(row + 5), 16)
+    s = s_ptr + e * G * N
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
+    rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    for m0 in range(start, end, BLOCK_M):
+        rm = (m0 + tl.arange(0, BLOCK_M))[:, None, None]
+        rm2 = (m0 + tl.arange(0, BLOCK_M))[:, None]
+        mask_out = (rm2 < end) & (rn2 < N)
+        # one branch per width, uniform over the program: each compiles the dense body for its width
+        if w0 == 4:
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
+                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+        elif w0 == 8:
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
+                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+        elif w1 == 1:
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
+                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+        else:
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
+                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def moe_configs(n_segments: int, N: int, K: int, sms: int, max_rows: int = 4) -> list[dict]:
+    # rows a program holds at once: a decode step's experts see one row each, and a 4-row accumulator
+    # would spend three quarters of its FMAs on padding (the first measurement did, bench/moe_kernels.py)
+    block_m = min(triton.next_power_of_2(max(max_rows, 1)), 4)
+    out = []
+    # K tiles counted at 4 bits (8 codes a word): the split is a host-side choice for every width at once
+    for block_n, rows, warps, per_sm, prefetch in ((128, 8, 4, 4, False), (128, 16, 4, 8, False),
+                                                   (256, 8, 8, 4, False), (64, 16, 4, 8, False),
+                                                   (128, 8, 4, 8, True), (128, 8, 4, 16, True)):
+        split = _split(-(-K // (rows * 8)), n_segments * -(-N // block_n), sms, per_sm)
+        out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split, PREFETCH=prefetch,
+                        num_warps=warps))
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _launch(x, w: ExpertWeights, seg_expert, seg_start, cfg) -> torch.Tensor:
+    T, S = x.shape[0], seg_expert.numel()
+    split = cfg["SPLIT_K"]
+    y = torch.zeros(T, w.n, device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty(T, w.n, device=x.device, dtype=x.dtype)
+    z0 = w.z0 if w.z0 is not None else w.q0
+    z1 = w.z1 if w.z1 is not None else w.q0
+    grid = (triton.cdiv(w.n, cfg["BLOCK_N"]), split, S)
+    _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, w.table, seg_expert, seg_start,
+                           w.n, w.k, w.scales.shape[1], x.stride(0), y.stride(0),
+                           GROUP=w.group_size, SYMMETRIC=w.symmetric, **cfg)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_start: torch.Tensor,
+               *, max_rows: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """`y[r] = x[r] @ W_e.T` for rows `r` of segment `s`, `e = seg_expert[s]`, rows `seg_start[s]:seg_start[s+1]`.
+
+    `x: [T, K]` rows sorted by expert; `seg_expert: [S]`, `seg_start: [S + 1]` int on x's device.  One
+    launch for all segments whatever their widths, when no segment has more than `GEMV_MAX_ROWS` rows
+    (`max_rows`, if the caller knows it, saves a device-to-host read); otherwise the dense kernel per expert.
+    """
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if any(b not in SUPPORTED_BITS for b in w.bits):
+        raise ValueError(f"the MoE kernel runs {SUPPORTED_BITS} bits; got {sorted(set(w.bits))}")
+    if max_rows is None:
+        max_rows = int((seg_start[1:] - seg_start[:-1]).max()) if seg_expert.numel() else 0
+    if max_rows > GEMV_MAX_ROWS or w.group_size % 16:  # gemv needs a word row inside one group (P | group)
+        return _per_expert(x, w, seg_expert, seg_start)
+    S = seg_expert.numel()
+    if config is not None:
+        cfg = dict(moe_configs(S, w.n, w.k, _sm_count(x.device), max_rows)[0], **config)
+    else:
+        key = (S, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype, tuple(sorted(set(w.bits))))
+        cfg = _TUNED.get(key)
+        if cfg is None:
+            found = moe_configs(S, w.n, w.k, _sm_count(x.device), max_rows)
+            cfg = found[0] if INTERPRET or not x.is_cuda else _fastest(x, w, seg_expert, seg_start, found)
+            _TUNED[key] = cfg
+    if INTERPRET:
+        cfg = {k: v for k, v in cfg.items() if k != "num_stages"}
+    return _launch(x, w, seg_expert, seg_start, cfg)
+
+
+def _per_expert(x, w: ExpertWeights, seg_expert, seg_start) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w.n, device=x.device, dtype=x.dtype)
+    for e, a, b in zip(seg_expert.tolist(), seg_start[:-1].tolist(), seg_start[1:].tolist()):
+        if b > a:
+            q, z = w.expert(e)
+            y[a:b] = matmul(x[a:b], q, w.scales[e], z, w.bits[e], w.group_size, w.k)
+    return y
+
+
+def _fastest(x, w, seg_expert, seg_start, candidates: list[dict]) -> dict:
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: _launch(x, w, seg_expert, seg_start, cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 - a config the compiler rejects is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
+
+
+def route(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-slot pairs sorted by expert: `(order, seg_expert, seg_start)`.
+
+    `order[r]` is the flat (token * top_k + slot) index of sorted row `r`; segments are the runs of
+    one expert, in increasing expert order.
+    """
+    flat = top_k_index.reshape(-1)
+    experts, order = torch.sort(flat, stable=True)
+    seg_expert, counts = torch.unique_consecutive(experts, return_counts=True)
+    seg_start = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=flat.device)
+    seg_start[1:] = torch.cumsum(counts, 0)
+    return order, seg_expert.to(torch.int64), seg_start
