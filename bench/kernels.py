@@ -27,7 +27,7 @@ import triton
 
 from bitplan.kernels import reference
 from bitplan.kernels.matmul import matmul
-from bitplan.kernels.timing import cold_time_us, copies_for, copy_bandwidth, floor_us
+from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
     "llama3-8b.qkv": (6144, 4096),
@@ -43,16 +43,6 @@ SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
 }
 
 
-def packed_copies(N: int, K: int, bits: int, group: int, n: int):
-    G = -(-K // group)
-    q = torch.randint(0, 2**bits, (K, N))
-    packed = [t.cuda() for t in reference.pack(q, bits)]
-    zeros = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (G, N)), bits)]
-    scales = (torch.rand(G, N) * 0.01 + 0.001).half().cuda()
-    copies = [([p.clone() for p in packed], scales.clone(), [z.clone() for z in zeros]) for _ in range(n)]
-    return copies, q, zeros
-
-
 def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
@@ -66,10 +56,11 @@ def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
                             + -(-K // group) * N * 2
                             + sum(reference.padded(-(-K // group)) * w // 32 for w in reference.shards(bits)) * N * 4)
             n = copies_for(weight_bytes, l2)
-            copies, q, zeros = packed_copies(N, K, bits, group, n)
+            weight = random_packed(N, K, bits, group)
+            copies = [weight] + [clone_packed(weight) for _ in range(n - 1)]
             t_floor = floor_us(weight_bytes)
-            p0, s0, z0 = copies[0]
-            zq = reference.unpack([z.cpu() for z in zeros], bits, -(-K // group))
+            p0, s0, z0 = weight
+            zq = reference.unpack([z.cpu() for z in z0], bits, -(-K // group))
             w_ref = reference.dequantize([p.cpu() for p in p0], s0.cpu(), zq, bits, group, K).cuda()  # [K, N]
             for M in batches:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

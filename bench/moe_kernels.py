@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 import triton
 
-from bitplan.kernels import reference
 from bitplan.kernels.matmul import matmul
 from bitplan.kernels.moe import ExpertWeights, moe_matmul, route
-from bitplan.kernels.timing import cold_time_us, copies_for, floor_us
+from bitplan.kernels.timing import cold_time_us, copies_for, floor_us, random_packed
 
 LAYERS = {  # name: (experts, top-k, N, K) of one projection W [N, K]
     "deepseek-v3.gate": (256, 8, 2048, 7168),
@@ -37,13 +36,7 @@ MIXES = {"2+4 mixed": [2, 4], "3 uniform": [3], "2,3,4,8 mixed": [2, 3, 4, 8], "
 
 
 def expert_pack(widths: list[int], N: int, K: int, group: int) -> ExpertWeights:
-    G = -(-K // group)
-    parts = []
-    for bits in widths:
-        q = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (K, N)), bits)]
-        z = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (G, N)), bits)]
-        parts.append((q, (torch.rand(G, N) * 0.01 + 0.001).half().cuda(), z, bits))
-    return ExpertWeights.pack(parts, K, group)
+    return ExpertWeights.pack([(*random_packed(N, K, bits, group), bits) for bits in widths], K, group)
 
 
 def nbytes(w: ExpertWeights) -> int:

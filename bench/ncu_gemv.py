@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from bitplan.kernels import reference
 from bitplan.kernels.matmul import gemv_configs, matmul
+from bitplan.kernels.timing import random_packed
 
 
 def main():
@@ -26,10 +26,7 @@ def main():
     ap.add_argument("--configs", default="0,4", help="indices into matmul.gemv_configs for this shape")
     args = ap.parse_args()
     N, K, bits, group = args.n, args.k, args.bits, args.group_size
-    G = -(-K // group)
-    packed = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (K, N)), bits)]
-    zeros = [t.cuda() for t in reference.pack(torch.randint(0, 2**bits, (G, N)), bits)]
-    scales = (torch.rand(G, N) * 0.01 + 0.001).half().cuda()
+    packed, scales, zeros = random_packed(N, K, bits, group)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     configs = gemv_configs(1, N, K, bits, group, torch.cuda.get_device_properties(0).multi_processor_count)
     for i in (int(c) for c in args.configs.split(",")):

@@ -67,7 +67,6 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
             run, used_graph = g.replay, True
         except Exception:  # noqa: BLE001 - a model whose step syncs with the host: timed eagerly instead
             run = step
-        pos.fill_(prompt + warm)  # the capture only recorded the step; eager steps before it ran for real
     else:
         run = step
     torch.cuda.synchronize()

@@ -346,16 +346,18 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
         config = _TUNED.get(key)
         if config is None:
             found = candidates()
-            config = found[0] if INTERPRET or not x2.is_cuda else _fastest(regime, args, found)
+            config = found[0] if INTERPRET or not x2.is_cuda else \
+                _fastest(found, lambda cfg: _launch(regime, *args, cfg))
             _TUNED[key] = config
     return _launch(regime, *args, config).reshape(*lead, N)
 
 
-def _fastest(regime: str, args, candidates: list[dict]) -> dict:
+def _fastest(candidates: list[dict], launch) -> dict:
+    """The configuration under which `launch(config)` runs fastest (the tuner of this and `kernels/moe.py`)."""
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: _launch(regime, *args, cfg), warmup=5, rep=20)
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
         except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:

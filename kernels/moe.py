@@ -26,11 +26,10 @@ import triton
 import triton.language as tl
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import INTERPRET, _gemv_tile, _sm_count, _split, _store, matmul
+from bitplan.kernels.matmul import INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store, matmul
 
 GEMV_MAX_ROWS = 16  # rows per expert up to which one mixed-width launch beats per-expert tiled launches
 ALIGN = 16  # words: offsets into the flat buffers are multiples of this (the kernel is told so)
-TABLE = 6  # table columns: W0, W1, offset of shard 0 codes, shard 1 codes, shard 0 zeros, shard 1 zeros
 
 
 @dataclass
@@ -70,6 +69,7 @@ class ExpertWeights:
             widths = reference.shards(bits)
             if len(widths) > 2:
                 raise ValueError(f"{bits} bits has {len(widths)} shards; the MoE kernel takes at most 2")
+            # W0, W1, then offsets of shard 0 codes, shard 1 codes, shard 0 zeros, shard 1 zeros
             rows.append([widths[0], widths[1] if len(widths) > 1 else 0, *off])
             for i, (buf, t) in enumerate(((q0, packed[0]), (q1, packed[1] if len(widths) > 1 else None),
                                           (z0, zeros[0] if zeros else None),
@@ -216,7 +216,8 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
         cfg = _TUNED.get(key)
         if cfg is None:
             found = moe_configs(S, w.n, w.k, _sm_count(x.device), max_rows)
-            cfg = found[0] if INTERPRET or not x.is_cuda else _fastest(x, w, seg_expert, seg_start, found)
+            cfg = found[0] if INTERPRET or not x.is_cuda else \
+                _fastest(found, lambda c: _launch(x, w, seg_expert, seg_start, c))
             _TUNED[key] = cfg
     if INTERPRET:
         cfg = {k: v for k, v in cfg.items() if k != "num_stages"}
@@ -230,18 +231,6 @@ def _per_expert(x, w: ExpertWeights, seg_expert, seg_start) -> torch.Tensor:
             q, z = w.expert(e)
             y[a:b] = matmul(x[a:b], q, w.scales[e], z, w.bits[e], w.group_size, w.k)
     return y
-
-
-def _fastest(x, w, seg_expert, seg_start, candidates: list[dict]) -> dict:
-    best, best_ms = candidates[0], float("inf")
-    for cfg in candidates:
-        try:
-            ms = triton.testing.do_bench(lambda: _launch(x, w, seg_expert, seg_start, cfg), warmup=5, rep=20)
-        except Exception:  # noqa: BLE001 - a config the compiler rejects is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    return best
 
 
 def route(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

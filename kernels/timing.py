@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitplan.kernels import reference
+
 
 def cold_time_us(calls: list[Callable[[], object]], replays: int = 10) -> float:
     """Median microseconds per call of `calls` (closures over distinct weight copies), run in a CUDA graph."""
@@ -67,6 +69,21 @@ def floor_us(nbytes: int) -> float:
     flat = [torch.empty(words, dtype=torch.int32, device="cuda") for _ in range(n)]
     sink = torch.empty(triton.cdiv(words, 4096), dtype=torch.int32, device="cuda")
     return cold_time_us([lambda b=b: stream(b, sink) for b in flat])
+
+
+def random_packed(n: int, k: int, bits: int, group: int, symmetric: bool = False, device: str = "cuda"):
+    """Random codes of a weight `[n, k]` packed as `QuantLinear` holds them, for timing (the kernels do not
+    look at values): `(code shards, scales [G, n] fp16, zero shards or None)`."""
+    G = -(-k // group)
+    packed = [t.to(device) for t in reference.pack(torch.randint(0, 2**bits, (k, n)), bits)]
+    zeros = None if symmetric else [t.to(device) for t in reference.pack(torch.randint(0, 2**bits, (G, n)), bits)]
+    return packed, (torch.rand(G, n) * 0.01 + 0.001).half().to(device), zeros
+
+
+def clone_packed(weight):
+    """A copy of `random_packed`'s triple in fresh memory: one more weight to rotate through L2."""
+    packed, scales, zeros = weight
+    return [t.clone() for t in packed], scales.clone(), None if zeros is None else [z.clone() for z in zeros]
 
 
 def copy_bandwidth() -> float:

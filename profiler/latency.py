@@ -177,9 +177,8 @@ def _time_linear(out: int, inp: int, option: Option, batch: int) -> float:
     """Microseconds of one `x [batch, inp] @ W.T` with W `[out, inp]` stored as `option`, cold in L2."""
     import torch
 
-    from bitplan.kernels import reference
     from bitplan.kernels.matmul import matmul
-    from bitplan.kernels.timing import cold_time_us, copies_for
+    from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, random_packed
 
     x = torch.randn(batch, inp, device="cuda", dtype=torch.bfloat16)
     if not option.quantized:
@@ -187,16 +186,11 @@ def _time_linear(out: int, inp: int, option: Option, batch: int) -> float:
               for _ in range(min(copies_for(out * inp * 2), MAX_COPIES))]
         return cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
     group = option.group_size or inp
-    G = option.n_groups(inp)
-    packed = [t.cuda() for t in reference.pack(torch.randint(0, 2**option.bits, (inp, out)), option.bits)]
-    zeros = None if option.symmetric else \
-        [t.cuda() for t in reference.pack(torch.randint(0, 2**option.bits, (G, out)), option.bits)]
-    scales = (torch.rand(G, out, device="cuda") * 0.01 + 0.001).half()
+    weight = random_packed(out, inp, option.bits, group, option.symmetric)
     # at most MAX_COPIES: a layer so small that more would be needed to overflow L2 is launch-bound anyway,
     # and thousands of copies cost more to capture than to time (measured: ~30 s a case on tiny-mixtral)
     n = min(copies_for(-(-option.size_bits(out, inp) // 8)), MAX_COPIES)
-    copies = [([p.clone() for p in packed], scales.clone(), None if zeros is None else [z.clone() for z in zeros])
-              for _ in range(n)]
+    copies = [weight] + [clone_packed(weight) for _ in range(n - 1)]
     return cold_time_us([lambda c=c: matmul(x, c[0], c[1], c[2], option.bits, group, inp) for c in copies])
 
 
