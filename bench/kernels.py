@@ -43,7 +43,7 @@ SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
 }
 
 
-def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
+def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     rows, bf16 = [], {}
@@ -67,7 +67,8 @@ def run(shapes, bits_list, batches, group, regime, save) -> list[dict]:
                 ref = x.float() @ w_ref
                 rel = float((matmul(x, p0, s0, z0, bits, group, K, regime=regime).float() - ref).norm() / ref.norm())
                 t = {r: cold_time_us([lambda c=c, r=r: matmul(x, c[0], c[1], c[2], bits, group, K, regime=r)
-                                      for c in copies]) for r in ("gemv", "tiled", regime)}
+                                      for c in copies]) for r in (("gemv", "tiled") if compare else ()) + (regime,)}
+                t.setdefault("gemv", float("nan")), t.setdefault("tiled", float("nan"))
                 t_ours = t[regime]  # None: the dispatcher's choice (tuned between both at skinny batches)
                 if (name, M) not in bf16:
                     bf16[name, M] = cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in w_bf16])
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--batches", default="1,2,16,64,256")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--regime", choices=["gemv", "tiled"], default=None, help="force one kernel (default: dispatch)")
+    ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
     ap.add_argument("--output", default="bench/results/kernels.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,7 +116,7 @@ def main():
         tmp.replace(out)
 
     rows = run(shapes, [int(b) for b in args.bits.split(",")], [int(b) for b in args.batches.split(",")],
-               args.group_size, args.regime, save)
+               args.group_size, args.regime, save, not args.no_compare)
     print(f"\n{'shape':>18} {'bits':>4} {'batch':>5} {'ours us':>8} {'GB/s':>6} {'floor/ours':>10} "
           f"{'bf16/ours':>9}")
     for r in rows:

@@ -6,20 +6,19 @@ fp16 scales `[G, N]` and packed integer zeros.  The shard widths are compile-tim
 
 Two kernels, picked by `matmul` from the number of rows M (measured on an H100: bench/kernels.py):
 
-- **gemv** (M <= 4, decode: memory-bound).  The cost to beat is instructions per weight, not FLOPs,
-  so there is no `tl.dot` (its operand layout shuffles cost more than the FMAs they save at M <= 4).
-  Each packed word is loaded once and its `P = 32 / W0` codes peeled off by a static loop over the
-  bit position `j`: position `j` of a tile of word rows holds K rows `r * P + j`, so the activations
-  are gathered with the same stride.  Integer to float by the magic-number trick (OR the code into
-  the mantissa of 2^23, subtract 2^23: no slow I2F conversion).  A word row lies inside one
-  quantization group (P divides the group size), so the loop accumulates only `Σ x·q` and `Σ x`
-  per word row, and scale and zero are applied once per word row and output, after it:
-  `Σ x·(q - z)·s = s·(Σ x·q - z·Σ x)`.  About four instructions per weight (shift, mask, subtract,
-  FMA).  Split-K keeps every SM busy when N alone gives too few programs.
+- **gemv** (M <= 4, decode: memory-bound).  The cost to beat is instructions per weight and loads in
+  flight, not FLOPs, so there is no `tl.dot`.  A K tile of `BLOCK_K` rows lies inside one
+  quantization group; a thread holds all its word rows for a few adjacent outputs (their loads issue
+  together, the sum over rows stays in registers), and scale and zero are applied once per tile and
+  output: `Σ x·(q - z)·s = s·(Σ x·q - z·Σ x)`.  Codes are turned into floats where they lie in the
+  word (`_shard_dot`): about three instructions per weight.  Split-K keeps every SM busy.
 - **tiled** (M > 4).  The packed words of a `BLOCK_K x BLOCK_N` tile are loaded once and expanded
   to codes in K order, which feed `tl.dot` as exact integers in the activation dtype; when the tile
   lies inside one group, scale and zero are applied to the dot's result (same identity as above),
   else per weight.  Split-K for small M, plain output tiles for large M.
+
+Split-K partial sums meet in a workspace that the last program of each output tile drains (`_store`),
+so every product is one launch.
 
 On CUDA the first call of each (regime, shape, width, group) times a handful of configurations and
 caches the fastest in-process (`_TUNED`).  Under `TRITON_INTERPRET=1` (CPU tests) the default
@@ -61,98 +60,123 @@ def _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_m, mask_n, K, pid_k,
+def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, K,
+               W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`Σ_k x[m, k]·c[k, n]` over K rows `k0 .. k0 + BLOCK_K` of one shard of width W: `[BLOCK_M, 1, BLOCK_N]`.
+
+    The codes are read where they lie in the word: the first `L = 23 // W` codes sit below float32's
+    exponent bits, so `(word & mask_j) | 0x4B000000` is the float `2^23 + c·2^(jW)` (one LOP3), minus
+    2^23 is `c·2^(jW)` exactly, and the `2^(-jW)` goes into x, once per x value rather than per weight.
+    The remaining codes take one shift per word.  About three instructions per weight (LOP3, FADD, FFMA).
+    """
+    P: tl.constexpr = 32 // W
+    R: tl.constexpr = BLOCK_K // P  # word rows of this shard in the tile
+    L: tl.constexpr = 23 // W
+    wrow = (k0 // P + tl.arange(0, R))[None, :, None]
+    words = tl.load(q_ptr + wrow * stride_q + rn, mask=(wrow * P < K) & mask_n, other=0)
+    xq = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(L):
+        q = ((words & (((1 << W) - 1) << (j * W))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        kj = wrow * P + j
+        x = tl.load(x_ptr + rm * stride_xm + kj, mask=kj < K, other=0.0).to(tl.float32)
+        xq += (x * (1.0 / (1 << (j * W)))) * q
+    high = words >> (L * W)
+    for j in tl.static_range(P - L):
+        q = ((high & (((1 << W) - 1) << (j * W))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        kj = wrow * P + L + j
+        x = tl.load(x_ptr + rm * stride_xm + kj, mask=kj < K, other=0.0).to(tl.float32)
+        xq += (x * (1.0 / (1 << (j * W)))) * q
+    return tl.sum(xq, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, t_lo, t_hi,
                stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
                GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-               PREFETCH: tl.constexpr):
-    """`[BLOCK_M, BLOCK_N]` partial product of rows `rm`, outputs `rn` over split `pid_k` of K.
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`[BLOCK_M, BLOCK_N]` partial product of rows `rm`, outputs `rn` over K tiles `t_lo .. t_hi`.
 
-    `rm`, `rn` are 3-D (`[BLOCK_M, 1, 1]`, `[1, 1, BLOCK_N]`): everything lives in one 3-D
-    `[BLOCK_M, ROWS, BLOCK_N]` layout built from 3-D pointers, since a 2-D tensor broadcast into it
-    would cost a layout conversion (a shared-memory round trip) per code position.  The one body of
-    the dense and the MoE gemv kernels.
+    `rm`, `rn` are 3-D (`[BLOCK_M, 1, 1]`, `[1, 1, BLOCK_N]`; rows past the end repeat the last row, so
+    that x needs no row mask, and the caller masks their outputs): everything lives in one 3-D
+    `[BLOCK_M, rows, BLOCK_N]` layout built from 3-D pointers, in which a thread holds all word rows of
+    its columns, so the sum over rows stays in registers.  A tile lies inside one quantization group
+    (BLOCK_K divides GROUP), so scale and zero are loaded and applied once per tile and output:
+    `Σ x·(q - z)·s = s·(Σ x·q - z·Σ x)`.  The one body of the dense and the MoE gemv kernels.
     """
-    P: tl.constexpr = 32 // W0  # codes per word of the first shard: K rows per word row
-    BLOCK_K: tl.constexpr = ROWS * P
-    acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
-    n_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    if PREFETCH:
-        # the next tile's words are requested before this tile's arithmetic: twice the loads in flight
-        # per warp, where Nsight Compute shows the kernel waiting on memory at low occupancy
-        first = (t_lo * ROWS + tl.arange(0, ROWS))[None, :, None]
-        ahead = tl.load(q0_ptr + first * stride_q0 + rn, mask=(first * P < K) & mask_n & (first < t_hi * ROWS),
-                        other=0)
+    acc = tl.zeros((BLOCK_M, 1, BLOCK_N), dtype=tl.float32)
+    rm1 = tl.reshape(rm, (BLOCK_M,))
     for t in range(t_lo, t_hi):
-        wrow = (t * ROWS + tl.arange(0, ROWS))[None, :, None]
-        k_first = wrow * P  # K row of each word's code 0
-        mask_w = (k_first < K) & mask_n
-        if PREFETCH:
-            words0 = ahead
-            ahead = tl.load(q0_ptr + (wrow + ROWS) * stride_q0 + rn,
-                            mask=((wrow + ROWS) * P < K) & mask_n & (wrow + ROWS < t_hi * ROWS), other=0)
-        else:
-            words0 = tl.load(q0_ptr + wrow * stride_q0 + rn, mask=mask_w, other=0)
+        k0 = t * BLOCK_K
+        d = _shard_dot(q0_ptr, stride_q0, x_ptr, rm, stride_xm, k0, rn, mask_n, K, W0, BLOCK_K, BLOCK_M,
+                       BLOCK_N)
         if W1 > 0:
-            PER1: tl.constexpr = 32 // W1
-            words1 = tl.load(q1_ptr + (k_first // PER1) * stride_q1 + rn, mask=mask_w, other=0)
-            shift1 = (k_first % PER1) * W1
-        # Σ_j x·q and Σ_j x per word row; a word row lies in one group, so scale and zero wait till after
-        xq = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M, ROWS, 1), dtype=tl.float32)
-        for j in tl.static_range(P):
-            c = (words0 >> (j * W0)) & ((1 << W0) - 1)
-            if W1 > 0:
-                c = (c << W1) | ((words1 >> (shift1 + j * W1)) & ((1 << W1) - 1))
-            q = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23's mantissa holds the code
-            kj = k_first + j
-            x = tl.load(x_ptr + rm * stride_xm + kj, mask=mask_m & (kj < K), other=0.0).to(tl.float32)
-            xq += x * q
-            xs += x
-        g = k_first // GROUP  # P divides GROUP
-        scale = tl.load(s_ptr + g * stride_s + rn, mask=mask_w, other=0.0).to(tl.float32)
+            d = d * (1 << W1) + _shard_dot(q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, K, W1,
+                                           BLOCK_K, BLOCK_M, BLOCK_N)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.sum(tl.load(x_ptr + rm1[:, None] * stride_xm + rk[None, :],
+                            mask=(rk < K)[None, :], other=0.0).to(tl.float32), axis=1)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32)
         if SYMMETRIC:
             z = 1 << (W0 + W1 - 1)
         else:
-            z = (tl.load(z0_ptr + (g // P) * stride_z0 + rn, mask=mask_w, other=0) >> ((g % P) * W0)) \
+            P0: tl.constexpr = 32 // W0
+            z = (tl.load(z0_ptr + (g // P0) * stride_z0 + rn, mask=mask_n, other=0) >> ((g % P0) * W0)) \
                 & ((1 << W0) - 1)
             if W1 > 0:
-                z = (z << W1) | ((tl.load(z1_ptr + (g // PER1) * stride_z1 + rn, mask=mask_w, other=0)
-                                  >> ((g % PER1) * W1)) & ((1 << W1) - 1))
-        acc += scale * (xq - xs * z.to(tl.float32))
+                P1: tl.constexpr = 32 // W1
+                z = (z << W1) | ((tl.load(z1_ptr + (g // P1) * stride_z1 + rn, mask=mask_n, other=0)
+                                  >> ((g % P1) * W1)) & ((1 << W1) - 1))
+        acc += scale * (d - xs[:, None, None] * z.to(tl.float32))
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K: tl.constexpr):
-    out = y_ptr + rm2 * stride_ym + rn2
-    if SPLIT_K == 1:
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_out)
+def _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, stride_ws, split,
+           ATOMIC: tl.constexpr):
+    """Write a program's `y`; under split-K, the last program to finish a tile writes it for all.
+
+    Partial sums meet in an fp32 workspace through atomics; each program then counts itself in on the
+    tile's counter, and the one that arrives last reads the sum out of the workspace while zeroing it
+    (an exchange) and stores it in y's dtype.  Workspace and counters are left at zero for the next call,
+    so a split-K product is one launch: no memset before it, no conversion after it.
+    """
+    if not ATOMIC:
+        tl.store(y_ptr + rm2 * stride_ym + rn2, y.to(y_ptr.dtype.element_ty), mask=mask_out)
     else:
-        tl.atomic_add(out, y, mask=mask_out)
+        tl.atomic_add(ws_ptr + rm2 * stride_ws + rn2, y, mask=mask_out, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are issued before the program counts itself in
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == split - 1:
+            # exchanged as int32 bits (Triton's interpreter exchanges no floats): the same 32 bits either way
+            bits = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + rm2 * stride_ws + rn2,
+                                  tl.zeros(y.shape, dtype=tl.int32), mask=mask_out, sem="acquire")
+            tl.store(y_ptr + rm2 * stride_ym + rn2, bits.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty),
+                     mask=mask_out)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr,
-    M, N, K,
+    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, ws_ptr, count_ptr,
+    M, N, K, SPLIT_K,
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
-    y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, rm < M, rn < N, K, pid_k,
+    n_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, tl.minimum(rm, M - 1), rn, rn < N, K,
+                   t_lo, tl.minimum(t_lo + per_split, n_tiles),
                    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
-                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
+                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
     rm2 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    _store(y_ptr, y, rm2, rn2, (rm2 < M) & (rn2 < N), stride_ym, SPLIT_K)
+    _store(y_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, y, rm2, rn2, (rm2 < M) & (rn2 < N),
+           stride_ym, N, SPLIT_K, ATOMIC)
 
 
 @triton.jit
@@ -166,11 +190,11 @@ def _expand(words, W: tl.constexpr):
 
 @triton.jit
 def _tiled_kernel(
-    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr,
-    M, N, K,
+    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, ws_ptr, count_ptr,
+    M, N, K, SPLIT_K,
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
     GATHER: tl.constexpr = False,
 ):
     P0: tl.constexpr = 32 // W0
@@ -234,7 +258,8 @@ def _tiled_kernel(
                 acc += tl.dot(x.to(tl.float32), w)
             else:
                 acc += tl.dot(x, w.to(x.dtype))
-    _store(y_ptr, acc, rm[:, None], rn[None, :], mask_m[:, None] & mask_n[None, :], stride_ym, SPLIT_K)
+    _store(y_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, acc, rm[:, None], rn[None, :],
+           mask_m[:, None] & mask_n[None, :], stride_ym, N, SPLIT_K, ATOMIC)
 
 
 def _sm_count(device) -> int:
@@ -246,21 +271,39 @@ def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
     return max(1, min(tiles, -(-per_sm * sms // programs)))
 
 
+# (BLOCK_N, warps) of gemv programs: 4, 2 or 1 adjacent outputs a thread, fewer where more rows must fit
+GEMV_TILES = ((512, 4), (1024, 8), (256, 2), (512, 2), (256, 4), (128, 4))
+
+
+def _tiles_fitting(rows: int) -> list[tuple[int, int]]:
+    """The first two `GEMV_TILES` whose threads hold at most 64 accumulators for `rows` word rows (BLOCK_M x
+    word rows of a 32-row K tile); BLOCK_K = 64 doubles them, which the register allocator absorbs."""
+    return [(n, w) for n, w in GEMV_TILES if rows * n // (32 * w) <= 64][:2]
+
+
+def gemv_group(group: int, k: int) -> int | None:
+    """The group the gemv kernel is compiled for, or None where it cannot run (it needs K tiles of 32,
+    64 or 128 rows inside one group).  A per-channel group is one group: any tile lies inside it."""
+    if group >= k:
+        return 1 << 30
+    return group if group % 32 == 0 else None
+
+
 def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> list[dict]:
     P = 32 // shards(bits)[0]
     block_m = min(triton.next_power_of_2(M), GEMV_MAX_M)
     out = []
-    # Loads in flight hide HBM latency: more programs per SM (`per_sm`) and more word rows per
-    # iteration (`ROWS`) are the two ways to get them, since Triton does not pipeline these loads.
-    tiles = ((128, 8, 4, 2, False), (256, 8, 4, 2, False), (128, 16, 4, 2, False), (256, 16, 8, 2, False),
-             (128, 8, 4, 8, False), (128, 16, 4, 8, False), (64, 32, 4, 8, False), (256, 8, 8, 16, False),
-             (128, 16, 4, 16, False), (128, 8, 4, 8, True), (128, 8, 4, 16, True), (256, 8, 8, 8, True))
-    for block_n, rows, warps, per_sm, prefetch in tiles:
-        if block_m * rows * block_n > 8192:  # accumulator registers per program
-            continue
-        split = _split(-(-K // (rows * P)), -(-N // block_n), sms, per_sm)
-        out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split, PREFETCH=prefetch,
-                        num_warps=warps, num_stages=2))
+    # Loads in flight hide HBM latency (Nsight Compute showed the first gemv waiting on memory at 15-37 %
+    # occupancy): a thread's tile is every word row of 4 adjacent outputs, up to 16 16-byte loads issued
+    # together, and programs per SM (`per_sm`, through split-K) multiply them.
+    for block_n, warps in _tiles_fitting(block_m * 32 // P):
+        for block_k in (32, 64):  # 128 never won on the H100 (bench/results/gemv_lab.json, an M = 1 prototype)
+            if group < K and group % block_k:
+                continue
+            for per_sm in (4, 8, 16):
+                split = _split(-(-K // block_k), -(-N // block_n) * -(-M // block_m), sms, per_sm)
+                out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                                num_stages=1))
     return out
 
 
@@ -287,29 +330,48 @@ CONFIGS = {"gemv": gemv_configs, "tiled": tiled_configs}
 _TUNED: dict[tuple, dict] = {}
 
 
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums and int32 tile counters for split-K (`_store`), zero between calls.
+
+    One pair per device and stream, grown on demand: kernels of one stream run one after another, so
+    they can share it (a kernel leaves it zeroed), where kernels on two streams could not.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    ws, count = _WORKSPACE.get((device, stream), (None, None))
+    if ws is None or ws.numel() < elements or count.numel() < tiles:
+        ws = torch.zeros(max(elements, 1 << 16, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        count = torch.zeros(max(tiles, 1 << 12, 0 if count is None else count.numel()), dtype=torch.int32,
+                            device=device)
+        _WORKSPACE[device, stream] = ws, count
+    return ws, count
+
+
 def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symmetric, cfg) -> torch.Tensor:
     widths = shards(bits)
     cfg = dict(cfg)
-    split = cfg["SPLIT_K"]
-    # split-K partial sums meet through fp32 atomics; otherwise store straight into x's dtype
-    y = torch.zeros(M, N, device=x2.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    dot_fp32 = x2.dtype == torch.float32 or (INTERPRET and x2.dtype == torch.bfloat16)
-    common = dict(GROUP=group, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric,
-                  DOT_FP32=dot_fp32)
+    split = cfg.pop("SPLIT_K")
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    common = dict(W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric, ATOMIC=split > 1)
     if regime == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-        common.pop("DOT_FP32")  # no dot: fp32 FMAs
+        common["GROUP"] = gemv_group(group, K)
+        if common["GROUP"] is None:
+            raise ValueError(f"the gemv kernel needs a group of 32 rows or more (or per-channel), got {group}")
         kernel = _gemv_kernel
     else:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+        common.update(GROUP=group, DOT_FP32=x2.dtype == torch.float32 or (INTERPRET and x2.dtype == torch.bfloat16))
         kernel = _tiled_kernel
+    ws, count = workspace(x2.device, M * N, grid[0] * grid[2] if regime == "gemv" else grid[0] * grid[1])
     if INTERPRET:
         cfg.pop("num_stages", None)
-    kernel[grid](x2, q0, q1, scales, z0, z1, y, M, N, K,
+    kernel[grid](x2, q0, q1, scales, z0, z1, y, ws, count, M, N, K, split,
                  x2.stride(0), q0.stride(0), q1.stride(0), scales.stride(0), z0.stride(0), z1.stride(0), y.stride(0),
                  **common, **cfg)
-    return y if y.dtype == x2.dtype else y.to(x2.dtype)
+    return y
 
 
 def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, qzeros: list[torch.Tensor] | None,
@@ -324,10 +386,8 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], scales.shape[1]
-    # the gemv kernel needs each word row inside one group: P | group (true for groups of 32 and up,
-    # and for per-channel groups of a K that is a multiple of 32)
     if regime is None:
-        regime = "gemv" if M <= GEMV_MAX_M and group_size % (32 // widths[0]) == 0 else "tiled"
+        regime = "gemv" if M <= GEMV_MAX_M and gemv_group(group_size, k) else "tiled"
     q0 = qweight[0]
     q1 = qweight[1] if len(widths) > 1 else q0
     symmetric = not qzeros

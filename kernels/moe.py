@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store, matmul
+from bitplan.kernels.matmul import (INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store, _tiles_fitting,
+                                    gemv_group, matmul, workspace)
 
 GEMV_MAX_ROWS = 16  # rows per expert up to which one mixed-width launch beats per-expert tiled launches
 ALIGN = 16  # words: offsets into the flat buffers are multiples of this (the kernel is told so)
@@ -113,11 +114,10 @@ class ExpertWeights:
 
 @triton.jit
 def _moe_gemv_kernel(
-    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, table_ptr, seg_expert_ptr, seg_start_ptr,
-    N, K, G, stride_xm, stride_ym,
+    x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, ws_ptr, count_ptr, table_ptr, seg_expert_ptr, seg_start_ptr,
+    N, K, G, SPLIT_K, STEPS, stride_xm, stride_ym,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_n, pid_k, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(seg_expert_ptr + seg)
@@ -134,62 +134,72 @@ def _moe_gemv_kernel(
     s = s_ptr + e * G * N
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
     rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    for m0 in range(start, end, BLOCK_M):
-        rm = (m0 + tl.arange(0, BLOCK_M))[:, None, None]
+    n_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    for step in range(0, tl.cdiv(end - start, BLOCK_M)):
+        m0 = start + step * BLOCK_M
+        rm = tl.minimum(m0 + tl.arange(0, BLOCK_M), end - 1)[:, None, None]
         rm2 = (m0 + tl.arange(0, BLOCK_M))[:, None]
         mask_out = (rm2 < end) & (rn2 < N)
+        tile = (seg * STEPS + step) * tl.num_programs(0) + pid_n
         # one branch per width, uniform over the program: each compiles the dense body for its width
         if w0 == 4:
-            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
-                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
-            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
+                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w0 == 8:
-            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
-                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
-            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
+                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w1 == 1:
-            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
-            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
+                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         else:
-            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rm < end, rn < N, K, pid_k, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, ROWS, SPLIT_K, PREFETCH)
-            _store(y_ptr, y, rm2, rn2, mask_out, stride_ym, SPLIT_K)
+            y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
+                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
 
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-def moe_configs(n_segments: int, N: int, K: int, sms: int, max_rows: int = 4) -> list[dict]:
+def moe_configs(n_segments: int, N: int, K: int, group: int, sms: int, max_rows: int = 4) -> list[dict]:
     # rows a program holds at once: a decode step's experts see one row each, and a 4-row accumulator
     # would spend three quarters of its FMAs on padding (the first measurement did, bench/moe_kernels.py)
     block_m = min(triton.next_power_of_2(max(max_rows, 1)), 4)
     out = []
-    # K tiles counted at 4 bits (8 codes a word): the split is a host-side choice for every width at once
-    for block_n, rows, warps, per_sm, prefetch in ((128, 8, 4, 4, False), (128, 16, 4, 8, False),
-                                                   (256, 8, 8, 4, False), (64, 16, 4, 8, False),
-                                                   (128, 8, 4, 8, True), (128, 8, 4, 16, True)):
-        split = _split(-(-K // (rows * 8)), n_segments * -(-N // block_n), sms, per_sm)
-        out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split, PREFETCH=prefetch,
-                        num_warps=warps))
+    # one tile shape serves every width: its accumulators counted at 8 bits (4 codes a word, the most rows)
+    for block_n, warps in _tiles_fitting(block_m * 8):
+        for block_k in (32, 64):
+            if group % block_k:
+                continue
+            for per_sm in (4, 8):
+                split = _split(-(-K // block_k), n_segments * -(-N // block_n), sms, per_sm)
+                out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                                num_warps=warps, num_stages=1))
     return out
 
 
 _TUNED: dict[tuple, dict] = {}
 
 
-def _launch(x, w: ExpertWeights, seg_expert, seg_start, cfg) -> torch.Tensor:
+def _launch(x, w: ExpertWeights, seg_expert, seg_start, max_rows: int, cfg) -> torch.Tensor:
     T, S = x.shape[0], seg_expert.numel()
-    split = cfg["SPLIT_K"]
-    y = torch.zeros(T, w.n, device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(T, w.n, device=x.device, dtype=x.dtype)
+    cfg = dict(cfg)
+    split = cfg.pop("SPLIT_K")
+    y = torch.empty(T, w.n, device=x.device, dtype=x.dtype)
     z0 = w.z0 if w.z0 is not None else w.q0
     z1 = w.z1 if w.z1 is not None else w.q0
     grid = (triton.cdiv(w.n, cfg["BLOCK_N"]), split, S)
-    _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, w.table, seg_expert, seg_start,
-                           w.n, w.k, w.scales.shape[1], x.stride(0), y.stride(0),
-                           GROUP=w.group_size, SYMMETRIC=w.symmetric, **cfg)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    steps = max(1, -(-max_rows // cfg["BLOCK_M"]))  # row blocks of the longest segment: its tiles' counters
+    ws, count = workspace(x.device, T * w.n, S * steps * grid[0])
+    _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, ws, count, w.table, seg_expert, seg_start,
+                           w.n, w.k, w.scales.shape[1], split, steps, x.stride(0), y.stride(0),
+                           GROUP=gemv_group(w.group_size, w.k), SYMMETRIC=w.symmetric, ATOMIC=split > 1, **cfg)
+    return y
 
 
 def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_start: torch.Tensor,
@@ -206,22 +216,23 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
         raise ValueError(f"the MoE kernel runs {SUPPORTED_BITS} bits; got {sorted(set(w.bits))}")
     if max_rows is None:
         max_rows = int((seg_start[1:] - seg_start[:-1]).max()) if seg_expert.numel() else 0
-    if max_rows > GEMV_MAX_ROWS or w.group_size % 16:  # gemv needs a word row inside one group (P | group)
+    if max_rows > GEMV_MAX_ROWS or not gemv_group(w.group_size, w.k):
         return _per_expert(x, w, seg_expert, seg_start)
     S = seg_expert.numel()
+    group = gemv_group(w.group_size, w.k)
     if config is not None:
-        cfg = dict(moe_configs(S, w.n, w.k, _sm_count(x.device), max_rows)[0], **config)
+        cfg = dict(moe_configs(S, w.n, w.k, group, _sm_count(x.device), max_rows)[0], **config)
     else:
         key = (S, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype, tuple(sorted(set(w.bits))))
         cfg = _TUNED.get(key)
         if cfg is None:
-            found = moe_configs(S, w.n, w.k, _sm_count(x.device), max_rows)
+            found = moe_configs(S, w.n, w.k, group, _sm_count(x.device), max_rows)
             cfg = found[0] if INTERPRET or not x.is_cuda else \
-                _fastest(found, lambda c: _launch(x, w, seg_expert, seg_start, c))
+                _fastest(found, lambda c: _launch(x, w, seg_expert, seg_start, max_rows, c))
             _TUNED[key] = cfg
     if INTERPRET:
         cfg = {k: v for k, v in cfg.items() if k != "num_stages"}
-    return _launch(x, w, seg_expert, seg_start, cfg)
+    return _launch(x, w, seg_expert, seg_start, max_rows, cfg)
 
 
 def _per_expert(x, w: ExpertWeights, seg_expert, seg_start) -> torch.Tensor:

@@ -60,11 +60,8 @@ def test_split_k_sums_every_slice(regime, bits):
     packed, scales, zeros = packed_weight(K, N, bits, group, False)
     x = torch.randn(2, K).half()
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
-    for split in (1, 2, 3):
+    for split in (1, 2, 3, 3):  # twice 3: split-K leaves its workspace and counters at zero for the next call
         check(run(x, packed, scales, zeros, bits, group, K, regime=regime, config={"SPLIT_K": split}), want)
-        if regime == "gemv":  # the next tile's words loaded ahead, across split boundaries too
-            check(run(x, packed, scales, zeros, bits, group, K, regime=regime,
-                      config={"SPLIT_K": split, "PREFETCH": True}), want)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
@@ -78,10 +75,12 @@ def test_tiled_gather_loads(bits, group):
     check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config={"GATHER": True}), want)
 
 
+@pytest.mark.parametrize("K", [256, 200])
 @pytest.mark.parametrize("M", [1, 16, 33])
-def test_dispatcher_and_per_channel_group(M):
-    """Default path (no regime, no config): per-channel scales (group = K) and a batch on each side of 16."""
-    K, N, bits = 256, 48, 4
+def test_dispatcher_and_per_channel_group(M, K):
+    """Default path (no regime, no config): per-channel scales (group = K, also a K of no whole tiles) and a
+    batch on each side of 16."""
+    N, bits = 48, 4
     packed, scales, zeros = packed_weight(K, N, bits, K, False)
     x = torch.randn(M, 2, K).half()[:, 0]  # a non-contiguous view, as a sliced activation would be
     want = reference.matmul(x.float(), packed, scales, zeros, bits, K, K)

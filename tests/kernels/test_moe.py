@@ -60,9 +60,8 @@ def test_split_k_and_segments_longer_than_a_block(split):
     seg_expert, seg_start = torch.tensor([1, 0]), torch.tensor([0, 7, 9])  # 7 rows: two BLOCK_M=4 steps
     x = torch.randn(9, K, generator=torch.Generator().manual_seed(3)).half()
     want = reference_rows(x, raw, seg_expert, seg_start, K, group)
-    for prefetch in (False, True):
-        got = moe_matmul(x.to(DEVICE), w, seg_expert.to(DEVICE), seg_start.to(DEVICE),
-                         config={"SPLIT_K": split, "PREFETCH": prefetch}).cpu()
+    for _ in range(2):  # split-K leaves its workspace and counters at zero: a second call sums afresh
+        got = moe_matmul(x.to(DEVICE), w, seg_expert.to(DEVICE), seg_start.to(DEVICE), config={"SPLIT_K": split}).cpu()
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
