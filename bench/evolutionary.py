@@ -1,12 +1,20 @@
-"""The evolutionary allocator on the embedded model: fitness KL, held-out KL and perplexity vs its ilp start.
+"""The evolutionary allocator on a profiled model: fitness KL, held-out KL and perplexity vs its ilp start.
 
     python bench/evolutionary.py --db /tmp/bitplan.db --profile prof-... [--budget 3.5bpw]
-        [--generations 20] [--offspring 12] [--fitness-tokens 1024] [--heldout-tokens 1024]
-        [--row-tokens 128] [--eval-tokens 8192] [--out evolutionary.json]
+        [--granularity module|expert|layer|layer_experts] [--generations 20] [--offspring 12]
+        [--patience 8] [--time-limit S] [--fitness-tokens 1024] [--heldout-tokens 1024]
+        [--row-tokens 128] [--eval-tokens 8192] [--report-tokens N] [--also plan-a,plan-b]
+        [--out evolutionary.json]
 
-Needs a stored profile of the model (`bitplan profile smollm2-135m --db ...`).  Perplexity is measured
-on the held-out tragedies (`shakespeare:eval`) with the plan's weights swapped into the loaded model
-(the RTN dequantized values `apply` writes), for the ilp start and the evolutionary result.
+Needs a stored profile of the model (`bitplan profile smollm2-135m --db ...`).  `--granularity` ties
+modules into units exactly as `bitplan plan --granularity` does (`expert`: an expert's matrices share one
+option; `layer_experts`: all routed experts of a layer, attention free), and both the `ilp` start and the
+search work on those units.  Perplexity and mean per-token KL(base ‖ plan) are measured on the held-out
+evaluation text (`--eval-text`, default the tragedies, `shakespeare:eval`, in windows of 512) with the
+plan's weights swapped into the loaded model (the RTN dequantized values `apply` writes), for the ilp
+start, the evolutionary result and any stored plans of the same profile named by `--also`, all on the
+same windows; per-window NLL and KL sums are kept in the JSON (`windows`) for paired noise estimates,
+and `--report-tokens N` also reports every plan on the first N evaluation tokens only.
 """
 
 from __future__ import annotations
@@ -17,18 +25,63 @@ import time
 
 import numpy as np
 
+from bitplan.planner.plan import GRANULARITIES
+
+
+def evaluate_choices(oracle, model, windows, choices: dict) -> dict:
+    """Per evaluation window, for each named module choice: the NLL sum over its next-token predictions
+    and the KL(base ‖ plan) sum over its tokens (as `executor.evaluate.evaluate_plans`); the base model's
+    log-probs are computed once per window, with the oracle's weights off."""
+    import torch
+    from torch import nn
+
+    from bitplan.profiler.kl import mean_kl
+
+    out = {name: {"nll": [], "kl": []} for name in choices}
+    with torch.no_grad():
+        for row in windows:
+            ids = row.unsqueeze(0)
+            oracle.close()  # the original weights
+            base = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
+            for name, choice in choices.items():
+                oracle._install(np.asarray(choice))
+                logits = model(ids, use_cache=False).logits[0].float()
+                nll = nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+                out[name]["nll"].append(float(nll))
+                out[name]["kl"].append(mean_kl(base, logits)[0])
+    oracle.close()
+    return out
+
+
+def summarize(per_window: dict, window: int, n_windows: int | None = None) -> dict:
+    """Perplexity and mean per-token KL of each choice over its first `n_windows` windows (all: None)."""
+    res = {}
+    for name, v in per_window.items():
+        nll, kl = np.asarray(v["nll"][:n_windows]), np.asarray(v["kl"][:n_windows])
+        res[name] = {"perplexity": float(np.exp(nll.sum() / (len(nll) * (window - 1)))),
+                     "kl": float(kl.sum() / (len(kl) * window)), "tokens": int(len(nll) * window)}
+    return res
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", required=True)
     ap.add_argument("--profile", required=True)
     ap.add_argument("--budget", default="3.5bpw")
+    ap.add_argument("--granularity", default="module", choices=GRANULARITIES,
+                    help="units that share one option (default module)")
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--offspring", type=int, default=12)
     ap.add_argument("--fitness-tokens", type=int, default=1024)
     ap.add_argument("--heldout-tokens", type=int, default=1024)
     ap.add_argument("--row-tokens", type=int, default=128)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-text", default=None, help="evaluation text (default shakespeare:eval)")
+    ap.add_argument("--report-tokens", type=int, help="also report on the first N evaluation tokens")
+    ap.add_argument("--also", default="", help="stored plans of the profile to evaluate on the same windows")
+    ap.add_argument("--patience", type=int, default=8,
+                    help="generations without held-out improvement (0: none)")
+    ap.add_argument("--time-limit", type=float, help="seconds of search")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", help="search state file (resume)")
     ap.add_argument("--out", default="evolutionary.json")
@@ -40,14 +93,14 @@ def main(argv=None) -> int:
 
     from bitplan.db.store import Store
     from bitplan.db.types import Budget
-    from bitplan.executor.evaluate import perplexity
     from bitplan.planner.allocators import evolutionary, ilp
     from bitplan.planner.plan import problem_from_profile
     from bitplan.planner.workflow import eval_windows
     from bitplan.profiler.fitness import kl_fitness_for_profile
     from bitplan.profiler.model import load_model
 
-    _, profile = Store(args.db).find(args.profile)
+    store = Store(args.db)
+    _, profile = store.find(args.profile)
     t0 = time.perf_counter()
     loaded = load_model(profile.model.source)
     oracle = kl_fitness_for_profile(loaded, profile, fitness_tokens=args.fitness_tokens,
@@ -56,29 +109,50 @@ def main(argv=None) -> int:
 
     # the search itself (not through allocate) so that its whole report is at hand
     budget_bits = Budget.parse(args.budget).planned_bits(profile.n_params, profile.fixed_bits)
-    problem, unit = problem_from_profile(profile, budget_bits)
+    problem, unit = problem_from_profile(profile, budget_bits, granularity=args.granularity)
     t0 = time.perf_counter()
     result = evolutionary.solve(problem, seed=args.seed, unit=unit, generations=args.generations,
-                                offspring=args.offspring,
+                                offspring=args.offspring, patience=args.patience or None,
+                                time_limit=args.time_limit,
                                 context=evolutionary.SearchContext(oracle, args.state, progress=True))
     search = time.perf_counter() - t0
     start = ilp.solve(problem, seed=args.seed).choice
+    start_m, final_m = np.asarray(start)[unit], np.asarray(result.choice)[unit]  # per module
 
-    windows = eval_windows(loaded.tokenizer, tokens=args.eval_tokens)
-    ppl = {}
-    for name, choice in (("ilp", start), ("evolutionary", result.choice)):
-        oracle._install(np.asarray(choice)[unit])
-        ppl[name] = perplexity(loaded.model, windows.ids, progress=False)
-    oracle.close()
+    windows = eval_windows(loaded.tokenizer, args.eval_text, tokens=args.eval_tokens)
+    choices = {"ilp": start_m, "evolutionary": final_m}
+    for plan_id in [p.strip() for p in args.also.split(",") if p.strip()]:
+        plan = store.get_plan(plan_id)
+        if plan.profile_id != profile.id:
+            raise SystemExit(f"{plan_id} is a plan of {plan.profile_id}, not of {profile.id}")
+        choices[plan_id] = np.array([profile.options.index(plan.assignment[m.name]) for m in profile.modules])
+    t0 = time.perf_counter()
+    per_window = evaluate_choices(oracle, loaded.model, windows.ids, choices)
+    window = int(windows.ids.shape[1])
+    measured = summarize(per_window, window)
+    ev_seconds = time.perf_counter() - t0
     info = {k: v for k, v in result.info.items() if k != "history"}
-    row = {"status": result.status, "budget": args.budget, "bits": problem.total_size(result.choice),
+    row = {"status": result.status, "profile_id": profile.id, "model": profile.model.name,
+           "estimator": profile.estimator, "budget": args.budget, "granularity": args.granularity,
+           "units": int(problem.n_units), "bits": problem.total_size(result.choice),
            "start_bits": problem.total_size(start), "budget_bits": problem.budget,
-           "modules_changed": int((np.asarray(start) != result.choice).sum()),
-           "ppl_start": ppl["ilp"], "ppl": ppl["evolutionary"], "eval_tokens": int(windows.ids.numel()),
+           "units_changed": int((np.asarray(start) != result.choice).sum()),
+           "modules_changed": int((start_m != final_m).sum()),
+           "ppl_start": measured["ilp"]["perplexity"], "ppl": measured["evolutionary"]["perplexity"],
+           "eval_kl_start": measured["ilp"]["kl"], "eval_kl": measured["evolutionary"]["kl"],
+           "eval_text": windows.corpus, "eval_tokens": int(windows.ids.numel()), "eval_window": window,
+           "measured": measured, "eval_seconds": ev_seconds,
            "setup_seconds": setup, "search_seconds": search, "forward_blocks": oracle.forward_blocks,
            "n_blocks": len(oracle.replayer.layers), "variants_quantized": oracle.store.quantized,
-           "packed_mib": oracle.store.packed_bytes() / 2**20, **info, "history": result.info["history"]}
-    print(json.dumps({k: v for k, v in row.items() if k != "history"}, indent=2, default=str))
+           "packed_mib": oracle.store.packed_bytes() / 2**20, **info,
+           "start_choice": start_m.tolist(), "choice": final_m.tolist()}
+    if args.report_tokens:
+        n = max(1, args.report_tokens // window)
+        row["measured_first"] = summarize(per_window, window, n)
+    row.update(windows=per_window, history=result.info["history"])
+    bulky = ("history", "windows", "start_choice", "choice")
+    print(json.dumps({k: v for k, v in row.items() if k not in bulky},
+                     indent=2, default=str))
     with open(args.out, "w") as f:
         json.dump(row, f, indent=2, default=str)
     return 0

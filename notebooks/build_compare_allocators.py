@@ -6,7 +6,7 @@
 The committed notebook keeps the outputs of a full run (`--execute` with `BITPLAN_DB` set to a database
 with an evaluated demo run); tests/test_notebooks.py checks that its cells are these and runs it small.
 Environment read by the notebook: BITPLAN_PROFILE_FILE, BITPLAN_DB, BITPLAN_PROFILE_ID,
-BITPLAN_NOTEBOOK_SMALL (see its first cell).
+BITPLAN_NOTEBOOK_SMALL (see its first cell), BITPLAN_BENCH_RESULTS (its last section).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ INTRO = """
 # Comparing allocators: predicted error, measured perplexity, bits per module, solve time
 
 The same profile planned by `ilp`, `closed_form`, `greedy` and `uniform` over a sweep of budgets
-(`bitplan compare`), then what was measured on the plans that were applied and evaluated.
+(`bitplan compare`), then what was measured on the plans that were applied and evaluated, and (last)
+the measured KL of the additive allocators' plans beside the `evolutionary` search's.
 
 Where the data come from, first that applies:
 
@@ -375,6 +376,102 @@ show(fig)
 '''
 
 
+EVO_MD = """## 6. Measured KL: the additive allocators beside the evolutionary search
+
+The database stores perplexity of applied checkpoints, not KL, and the evolutionary searches of the
+benchmarks are not stored plans; so this section reads the benchmark results (`bench/results/`, or
+`BITPLAN_BENCH_RESULTS`): `compare_*.json` (`bitplan compare --evaluate --output`: held-out perplexity and
+KL(base ‖ plan) of each allocator's plan, rows kept when their plan is one of this profile's) and
+`evolutionary_*.json` (`bench/evolutionary.py`: the `ilp` start and the search's result, each measured on
+the same tokens). An evolutionary file is shown only if it belongs to this profile: its recorded
+`profile_id` if it has one, and in any case the `ilp` plan re-solved here at its budget and granularity
+must have its start's size and predicted error."""
+
+EVO = '''
+import json
+
+RESULTS = Path(os.environ.get("BITPLAN_BENCH_RESULTS") or Path.cwd().parent / "bench" / "results")
+
+
+def read_results(pattern):
+    out = []
+    for path in sorted(RESULTS.glob(pattern)) if RESULTS.is_dir() else []:
+        try:
+            out.append((path.name, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as e:
+            print(f"skipped {path.name}: {e}")
+    return out
+
+
+ours = {p.id: p for p in store.list_plans(profile.id)}
+additive = [dict(r, file=name) for name, doc in read_results("compare_*.json") for r in doc.get("rows", [])
+            if r.get("plan_id") in ours and r.get("kl") is not None]
+evolved = []
+for name, doc in read_results("evolutionary_*.json"):
+    if "start_predicted_error" not in doc or doc.get("profile_id", profile.id) != profile.id:
+        continue
+    try:  # the start must be this profile's ilp plan at the file's budget and granularity
+        start = allocate(profile, doc["budget"], "ilp", granularity=doc.get("granularity", "module"))
+    except Exception:  # another model's budget or granularity: not this profile's file
+        continue
+    if start.total_bits == doc["start_bits"] and math.isclose(start.predicted_error, doc["start_predicted_error"],
+                                                              rel_tol=1e-6, abs_tol=1e-9):
+        evolved.append((name, doc, start))
+
+if not additive and not evolved:
+    print(f"No measured KL of this profile's plans in {RESULTS}: run `bitplan compare {profile.id} --evaluate "
+          f"--output {RESULTS}/compare_NAME.json` and `python bench/evolutionary.py --profile {profile.id} ...`.")
+if additive:
+    print(f"additive allocators, measured by `bitplan compare --evaluate` ({len(additive)} plans):\\n")
+    print(f"{'budget':>8} {'allocator':>12} {'bits/w':>7} {'pred.err':>9} {'KL':>8} {'perplexity':>11}  plan (file)")
+    for r in sorted(additive, key=lambda r: (r["bits_per_weight"], r["allocator"])):
+        print(f"{r['budget']:>8} {r['allocator']:>12} {r['bits_per_weight']:7.3f} {r['predicted_error']:9.4f} "
+              f"{r['kl']:8.4f} {r['perplexity']:11.2f}  {r['plan_id']} ({r['file']})")
+if evolved:
+    print(f"\\nevolutionary search from the ilp optimum ({len(evolved)} runs); fitness and held-out KL on "
+          "calibration text after the profile's tokens, eval KL and perplexity on the evaluation text:\\n")
+    print(f"{'budget':>7} {'granularity':>13} {'plan':>12} {'bits/w':>7} {'pred.err':>9} {'fitness KL':>10} "
+          f"{'held-out KL':>11} {'eval KL':>8} {'perplexity':>11} {'eval tok':>8} {'fwd tokens':>10} {'search s':>8}  file")
+    for name, d, start in evolved:
+        for who, bits, pred, fit, held, ev, ppl in (
+                ("ilp start", d["start_bits"], d["start_predicted_error"], d["start_fitness_kl"],
+                 d["start_heldout_kl"], d.get("eval_kl_start"), d["ppl_start"]),
+                ("evolutionary", d["bits"], d["predicted_error"], d["fitness_kl"], d["heldout_kl"],
+                 d.get("eval_kl"), d["ppl"])):
+            evkl = f"{ev:8.4f}" if ev is not None else f"{'-':>8}"
+            extra = (f"{d['tokens_used']:>10} {d['search_seconds']:8.0f}" if who == "evolutionary"
+                     else f"{'':>10} {'':>8}")
+            print(f"{d['budget']:>7} {d.get('granularity', 'module'):>13} {who:>12} {bits / profile.n_params:7.3f} "
+                  f"{pred:9.4f} {fit:10.4f} {held:11.4f} {evkl} {ppl:11.2f} {d['eval_tokens']:>8} {extra}  {name}")
+
+if additive or evolved:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for alloc in dict.fromkeys(r["allocator"] for r in additive):
+        pts = sorted((r["bits_per_weight"], r["kl"]) for r in additive if r["allocator"] == alloc)
+        marker, line = styles.get(alloc, (".", "-"))
+        ax.plot(*zip(*pts), marker=marker, linestyle=line, label=f"{alloc} (compare, evaluation text)", alpha=0.85)
+    labelled = set()
+    for i, (name, d, start) in enumerate(evolved):
+        on_eval = d.get("eval_kl") is not None  # newer runs measure KL on the evaluation text too
+        y0, y1 = (d["eval_kl_start"], d["eval_kl"]) if on_eval else (d["start_heldout_kl"], d["heldout_kl"])
+        x0, x1 = d["start_bits"] / profile.n_params, d["bits"] / profile.n_params
+        kind = "eval-text KL" if on_eval else "held-out calibration KL"
+        ax.plot([x0, x1], [y0, y1], color="black", linewidth=0.8, alpha=0.6)
+        ax.scatter([x0], [y0], facecolors="none", edgecolors="black", s=50,
+                   label="ilp start of a search (its star's tokens)" if i == 0 else None)
+        ax.scatter([x1], [y1], marker="*", s=140, color="crimson" if on_eval else "darkorange", zorder=3,
+                   label=None if kind in labelled else f"evolutionary ({kind})")
+        labelled.add(kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("measured KL(base ‖ plan), nats/token")
+    ax.set_title(f"{profile.model.name}: measured KL of applied plans")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    show(fig)
+'''
+
+
 def build() -> nbformat.NotebookNode:
     """The notebook, without outputs."""
     nb = nbformat.v4.new_notebook()
@@ -382,7 +479,7 @@ def build() -> nbformat.NotebookNode:
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells = [_md(INTRO), _md("## Setup: data source, database, profile"), _code(SETUP),
                 _md(SWEEP_MD), _code(SWEEP), _md(MEASURED_MD), _code(MEASURED), _md(HEAT_MD), _code(HEAT),
-                _md(PRED_MD), _code(PRED), _md(TIME_MD), _code(TIME)]
+                _md(PRED_MD), _code(PRED), _md(TIME_MD), _code(TIME), _md(EVO_MD), _code(EVO)]
     for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes nothing but what changed
         cell["id"] = f"cell-{i:02d}"
     return nb
