@@ -28,8 +28,10 @@ of its neighbours is really better.  In the spirit of EvoPress (Sieberling et al
 - **Report** (`info`): the returned plan and the start are both scored on the whole fitness pool and
   on the held-out split — `fitness_kl` / `start_fitness_kl` and `heldout_kl` / `start_heldout_kl`, the
   overfitting check — with the forward tokens spent (`tokens_used`: search, held-out and report).  If
-  the search's plan scores worse than the start on the whole pool (noise can fool a stage), the start is
-  returned (`kept_start`).
+  the search's plan scores worse than the start on the whole pool (noise can fool a stage) or on the
+  held-out split (it fitted the pool's noise: seen on tiny-mixtral at layer granularity), the start is
+  returned (`kept_start`).  Held-out text thus vetoes but never selects, so a returned plan's
+  evaluation on other text stays an honest measurement.
 - **Determinism and resuming**: generation g draws from `default_rng([seed, g])`, so the search is a
   function of the seed; with `context.state_path` the state (parent, start, held-out bookkeeping,
   tokens, history) is written atomically after every generation, and a later call with the same
@@ -467,7 +469,8 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
     pool = list(range(oracle.n_rows))
     f_start = oracle.fitness(start_choice, pool)
     f_final = f_start if np.array_equal(parent, start_choice) else oracle.fitness(parent, pool)
-    kept_start = f_final > f_start
+    # a plan that the held-out text rates worse than the start is overfitted to the fitness pool
+    kept_start = f_final > f_start or state["heldout"] > state["start_heldout"]
     if kept_start:
         parent, f_final, state["heldout"] = start_choice, f_start, state["start_heldout"]
     info = {

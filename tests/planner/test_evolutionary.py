@@ -9,7 +9,7 @@ import pytest
 
 from bitplan.db.types import InfeasibleBudget, InvalidInput
 from bitplan.planner import synthetic
-from bitplan.planner.allocators import dp, evolutionary as evo, uniform
+from bitplan.planner.allocators import dp, evolutionary as evo, ilp, uniform
 from bitplan.planner.plan import allocate, problem_from_profile
 from bitplan.planner.problem import AllocationProblem
 
@@ -137,6 +137,26 @@ def test_noisy_fitness_never_returns_worse_than_the_start_on_the_whole_pool():
     a = evo.solve(p, context=evo.AdditiveOracle(p, noise=5 * p.error.std(), seed=3), **FAST)
     assert a.info["fitness_kl"] <= a.info["start_fitness_kl"]
     assert np.isfinite(a.info["heldout_kl"]) and np.isfinite(a.info["start_heldout_kl"])
+
+
+def test_a_plan_worse_on_held_out_text_gives_back_the_start():
+    """Fitness rewards leaving the start (its pool is fooled), held-out text punishes it: the start wins."""
+    p = synthetic.convex_problem(4, U=10, O=5)
+    p = AllocationProblem(p.error, p.size, p.allowed, (p.smallest() + p.largest()) // 2)
+    start = ilp.solve(p).choice
+
+    class Fooled(evo.AdditiveOracle):
+        def fitness(self, choice, rows):
+            self.tokens_used += len(rows) * self.row_tokens
+            return -float((choice != start).sum())
+
+        def heldout(self, choice):
+            self.tokens_used += self.heldout_rows * self.row_tokens
+            return float((choice != start).sum())
+
+    a = evo.solve(p, context=Fooled(p), **FAST)
+    assert a.info["accepted"] > 0 and a.info["kept_start"]
+    assert np.array_equal(a.choice, start) and a.info["heldout_kl"] == a.info["start_heldout_kl"]
 
 
 def test_allocate_ties_units_and_records_the_oracle(make_profile):
