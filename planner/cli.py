@@ -99,8 +99,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--allocator", default="ilp",
                    help="ilp (default), closed_form, greedy, dp, uniform, or evolutionary (loads the profile's "
                         "model and searches on measured KL, starting from ilp's plan)")
-    c.add_argument("--generations", type=int, help="evolutionary: generations (default 20)")
-    c.add_argument("--offspring", type=int, help="evolutionary: offspring per generation (default 16)")
     c.add_argument("--search-state", metavar="PATH",
                    help="evolutionary: keep the search state in this JSON file and resume from it if it exists")
     c.add_argument("--latency-budget", metavar="TIME@batchB",
@@ -121,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
     c.add_argument("--profile-file", help="a bitplan.profile/1 JSON file instead")
     c.add_argument("--allocators", default="ilp,closed_form,greedy,uniform",
-                   help="comma-separated allocators (default ilp,closed_form,greedy,uniform)")
+                   help="comma-separated allocators (default ilp,closed_form,greedy,uniform; evolutionary too, "
+                        "which loads the profile's model once for all budgets)")
     c.add_argument("--budgets", default="2.5:4.5:0.25",
                    help="START:STOP:STEP in bits per weight (both ends included), or a list like "
                         "3bpw,3.5bpw,900MiB (default 2.5:4.5:0.25)")
@@ -203,6 +202,8 @@ def plan_options(c: argparse.ArgumentParser) -> None:
                    help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
+    c.add_argument("--generations", type=int, help="evolutionary: generations (default 20)")
+    c.add_argument("--offspring", type=int, help="evolutionary: offspring per generation (default 16)")
 
 
 def _store(args):
@@ -279,7 +280,7 @@ def cmd_compare(args):
     rows = run_compare(store, _profile_arg(store, args), budgets, _csv(args.allocators), pins=args.pin,
                        seed=args.seed, time_limit=args.time_limit, granularity=args.granularity,
                        engine=args.engine, evaluate=args.evaluate, eval_tokens=args.eval_tokens,
-                       progress=not args.quiet)
+                       progress=not args.quiet, params=_search_params(args))
     if args.output:
         write_json({"rows": rows}, args.output)
     _emit(args, {"rows": rows}, format_compare(rows))

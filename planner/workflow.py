@@ -205,15 +205,20 @@ def model_context(profile: Profile, *, loaded=None, state_path: str | Path | Non
     """The evolutionary allocator's SearchContext: a KL oracle on the profile's model and calibration text."""
     from bitplan.planner.allocators.evolutionary import SearchContext
     from bitplan.profiler.fitness import kl_fitness_for_profile
+
+    return SearchContext(kl_fitness_for_profile(loaded or profile_model(profile), profile), state_path=state_path,
+                         progress=progress)
+
+
+def profile_model(profile: Profile, purpose: str = "the evolutionary allocator"):
+    """The profiled model, loaded from the source the profile records, for `purpose`, which measures it."""
     from bitplan.profiler.model import check_causal_lm, load_model
 
-    if loaded is None:
-        if not profile.model.source:
-            raise InvalidInput(f"profile {profile.id} records no model source; the evolutionary allocator needs "
-                               f"the model: plan a profile made by `bitplan profile`")
-        check_causal_lm(profile.model.source)
-        loaded = load_model(profile.model.source)
-    return SearchContext(kl_fitness_for_profile(loaded, profile), state_path=state_path, progress=progress)
+    if not profile.model.source:
+        raise InvalidInput(f"profile {profile.id} records no model source; {purpose} needs the model: use a "
+                           f"profile made by `bitplan profile`")
+    check_causal_lm(profile.model.source)
+    return load_model(profile.model.source)
 
 
 def _with_id(store: Store, profile: Profile | str) -> Profile:
@@ -254,11 +259,14 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
                 allocators: Sequence[str] = ("ilp", "closed_form", "greedy", "uniform"), *,
                 pins: list[str] | tuple = (), seed: int = 0, time_limit: float | None = None,
                 granularity: str = DEFAULT_GRANULARITY, engine: str = "bitplan", evaluate: bool = False,
-                eval_tokens: int = COMPARE_EVAL_TOKENS, loaded=None, progress: bool = True) -> list[dict]:
+                eval_tokens: int = COMPARE_EVAL_TOKENS, loaded=None, progress: bool = True,
+                params: dict | None = None) -> list[dict]:
     """Solve every (budget, allocator) pair on one profile and store every plan; one row per pair.
 
     `evaluate` also measures each plan on the profile's model, in memory: held-out perplexity and mean
     per-token KL(base ‖ plan) on `eval_tokens` of the evaluation text (`executor.evaluate.evaluate_plans`).
+    An allocator that measures the model (`evolutionary`, with `params` such as generations) shares one
+    loaded model and one fitness oracle over all budgets, and the evaluation reuses that model.
 
     An infeasible pair keeps its row, with the message under `error` and no plan; any other bad input
     (an unknown allocator or granularity, a bad budget or pin) fails before anything is solved.
@@ -268,26 +276,39 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
         raise InvalidInput("no allocators given")
     for a in allocators:
         lookup_allocator(a)
+    if params and not any(needs_context(a) for a in allocators):
+        raise InvalidInput(f"search parameters {sorted(params)} are for the evolutionary allocator, which is not "
+                           f"among {list(allocators)}")
     profile = _with_id(store, profile)
     unit_of(profile.modules, granularity, engine)  # an unknown granularity or engine fails here, before any solve
     store.save_profile(profile)
+    context = None
+    if any(needs_context(a) for a in allocators):
+        loaded = loaded or profile_model(profile)
+        context = model_context(profile, loaded=loaded, progress=progress)
     rows = []
-    for budget in budgets:
-        for allocator in allocators:
-            row = {"budget": budget, "allocator": allocator, "granularity": granularity, "plan_id": None,
-                   "predicted_error": None, "bits_per_weight": None, "size_mib": None, "solve_seconds": None,
-                   "status": None, "error": None}
-            try:
-                plan = store.save_plan(allocate(profile, budget, allocator, pins=list(pins), seed=seed,
-                                                time_limit=time_limit, granularity=granularity,
-                                                engine=engine))
-            except InfeasibleBudget as e:
-                row.update(status="infeasible", error=str(e))
-            else:
-                row.update(plan_id=plan.id, predicted_error=plan.predicted_error,
-                           bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
-                           solve_seconds=plan.solve_seconds, status=plan.status)
-            rows.append(row)
+    try:
+        for budget in budgets:
+            for allocator in allocators:
+                row = {"budget": budget, "allocator": allocator, "granularity": granularity, "plan_id": None,
+                       "predicted_error": None, "bits_per_weight": None, "size_mib": None, "solve_seconds": None,
+                       "status": None, "error": None}
+                measures = needs_context(allocator)
+                try:
+                    plan = store.save_plan(allocate(profile, budget, allocator, pins=list(pins), seed=seed,
+                                                    time_limit=time_limit, granularity=granularity, engine=engine,
+                                                    params=params if measures else None,
+                                                    context=context if measures else None))
+                except InfeasibleBudget as e:
+                    row.update(status="infeasible", error=str(e))
+                else:
+                    row.update(plan_id=plan.id, predicted_error=plan.predicted_error,
+                               bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
+                               solve_seconds=plan.solve_seconds, status=plan.status)
+                rows.append(row)
+    finally:
+        if context is not None:
+            context.oracle.close()  # the loaded model gets its own weights back
     if evaluate:
         _evaluate_rows(store, profile, rows, eval_tokens, loaded, progress)
     return rows
@@ -295,16 +316,12 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
 
 def _evaluate_rows(store: Store, profile: Profile, rows: list[dict], tokens: int, loaded, progress: bool) -> None:
     from bitplan.executor.evaluate import evaluate_plans
-    from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
+    from bitplan.profiler.model import planned_linears
 
     done = [r for r in rows if r["plan_id"]]
     if not done:
         return
-    if loaded is None:
-        if not profile.model.source:
-            raise InvalidInput(f"profile {profile.id} records no model to evaluate plans on")
-        check_causal_lm(profile.model.source)
-        loaded = load_model(profile.model.source)
+    loaded = loaded or profile_model(profile, "evaluating plans")
     planned = planned_linears(loaded.model)
     plans = [store.get_plan(r["plan_id"]) for r in done]
     quantizer, hessians = plan_quantizer(store, plans[0]), None

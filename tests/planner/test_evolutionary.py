@@ -297,3 +297,33 @@ def test_plan_cli_loads_the_profile_s_model_and_resumes(tiny_checkpoint, text_fi
     plan = Store(db).list_plans()[0]  # newest first
     assert plan.allocator == "evolutionary" and plan.status.startswith("heuristic (KL fitness")
     assert plan.total_bits <= plan.budget_bits and plan.params["fitness"]["skip_tokens"] == 128
+
+
+def test_compare_runs_the_search_beside_the_additive_allocators(tiny_checkpoint, text_file, tmp_path):
+    """`bitplan compare --allocators ilp,evolutionary --evaluate`: one model for the searches and the
+    evaluation, every plan within budget, the search's parameters in its plan, and refused without it."""
+    from bitplan.db.store import Store
+    from bitplan.db.types import InvalidInput, parse_options
+    from bitplan.planner.cli import main
+    from bitplan.planner.workflow import run_compare
+    from bitplan.profiler.model import load_model
+    from bitplan.profiler.profile import profile_model
+
+    db = f"sqlite:///{tmp_path / 'bitplan.db'}"
+    loaded = load_model(str(tiny_checkpoint))
+    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,3,4,8"), calib=str(text_file),
+                                                   n_tokens=128, seq_len=64, progress=False))
+    out = tmp_path / "cmp.json"
+    args = ["compare", profile.id, "--allocators", "ilp,evolutionary", "--budgets", "3bpw,4bpw", "--generations",
+            "2", "--offspring", "3", "--evaluate", "--eval-tokens", "128", "--db", db, "-q", "--output", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["budget"], r["allocator"]) for r in rows] == [
+        (b, a) for b in ("3bpw", "4bpw") for a in ("ilp", "evolutionary")]
+    for r in rows:
+        plan = Store(db).get_plan(r["plan_id"])
+        assert plan.total_bits <= plan.budget_bits and r["kl"] >= 0 and r["perplexity"] > 1
+        if r["allocator"] == "evolutionary":
+            assert plan.status.startswith("heuristic (KL fitness") and plan.params["generations"] == 2
+    with pytest.raises(InvalidInput, match="evolutionary allocator"):
+        run_compare(Store(db), profile.id, "3bpw", ["ilp"], params={"generations": 2})
