@@ -67,13 +67,18 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int]) -> tuple
 @torch.no_grad()
 def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
               cheap: np.ndarray, batches: torch.Tensor, *, points: int = DEFAULT_POINTS, quantizer: str = "rtn",
-              device: str = "cpu", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring)."""
+              device: str = "cpu", progress: bool = True,
+              hessian_batches: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
+
+    `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
+    cheap table was made on, so that the measured points use the same ΔW as the rest of the row.
+    """
     cols = calibration_points(options, points)
     if not cols:
         return np.asarray(cheap, float), np.ones(len(planned))
     measured = kl_table(model, planned, [options[i] for i in cols], batches, quantizer=quantizer, device=device,
-                        progress=progress)
+                        progress=progress, hessian_batches=hessian_batches)
     out, alpha = rescale(cheap, measured, cols)
     log.info("calibrated %d modules at %s: alpha median %.3g, range %.3g..%.3g", len(planned),
              [options[i].label for i in cols], np.median(alpha), alpha.min(), alpha.max())

@@ -124,10 +124,13 @@ class Replayer:
 @torch.no_grad()
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
              batches: torch.Tensor, *, quantizer: str = "rtn", device: str = "cpu", chunk: int = 128,
-             progress: bool = True) -> np.ndarray:
+             progress: bool = True, hessian_batches: torch.Tensor | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
-    With `quantizer="gptq"` the blocks are streamed once more to collect each module's `H`.
+    With `quantizer="gptq"` the blocks are streamed once more to collect each module's `H`, on
+    `hessian_batches` (default `batches`): KL measured on a few tokens must use the ΔW that GPTQ makes
+    from the whole calibration text, the one the other estimators and `apply` use, not a GPTQ fitted
+    to the few tokens it is then measured on.
     """
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
@@ -142,7 +145,8 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
             W = lin.weight.data
             Hm = None if H is None else H[m.name]
             for o, opt in enumerate(options):
-                lin.weight.data = quantize_dequantize(W, opt, quantizer, Hm).to(W.device)
+                # quantized on the CPU, where H is (and where the profile's other tables and `apply` quantize)
+                lin.weight.data = quantize_dequantize(W.cpu(), opt, quantizer, Hm).to(W.device)
                 try:
                     # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks
                     first = len(replayer.layers) if m.layer is None else m.layer
@@ -153,11 +157,12 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
 
     try:
         if quantizer == "gptq":
-            stream_blocks(model, batches, planned, lambda i, mods, H, n: measure(mods, _cpu(H)), device,
+            hb = batches if hessian_batches is None else hessian_batches
+            stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, _cpu(H)), device,
                           progress=False)
             outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head
             if outside:
-                measure(outside, _cpu(outside_hessians(model, batches, outside, device)))
+                measure(outside, _cpu(outside_hessians(model, hb, outside, device)))
         else:
             measure(planned)
     finally:

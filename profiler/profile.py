@@ -112,8 +112,9 @@ def profile_model(
                             work_dir=work_dir)
         # the KL points on the first sequences of the same text, as many as `kl` would measure on
         rows = max(1, DEFAULT_KL_TOKENS // batches.shape[1])
+        # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
         error, _ = calibrate(model, planned, options, error, batches[:rows], quantizer=quantizer, device=device,
-                             progress=progress)
+                             progress=progress, hessian_batches=batches)
     else:
         error = error_table(model, planned, options, batches, estimator, quantizer, device, progress,
                             work_dir=work_dir, stats=stats)

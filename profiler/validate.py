@@ -49,8 +49,10 @@ def validate(loaded: LoadedModel, options: list[Option], estimators=("hessian", 
     t0 = time.perf_counter()
     kl_len = min(seq_len, kl_tokens)
     batches, _ = token_batches(loaded.tokenizer, calib, kl_tokens, kl_len)
+    # GPTQ's ΔW from H of the estimators' (and `apply`'s) whole text, not fitted to the KL tokens it is scored on
+    hessian_batches = token_batches(loaded.tokenizer, calib, n_tokens, seq_len)[0] if quantizer == "gptq" else None
     tables["kl"] = kl_table(model, [planned[i] for i in keep], options, batches, quantizer=quantizer,
-                            device=device, progress=progress)
+                            device=device, progress=progress, hessian_batches=hessian_batches)
     seconds["kl"] = time.perf_counter() - t0
     log.info("kl (%s) on %d modules x %d options: %.0f s", quantizer, len(keep), len(options), seconds["kl"])
     for e in estimators:

@@ -48,3 +48,22 @@ def test_calibrated_profile_equals_kl_at_its_points(tiny_checkpoint, text_file):
     ratio = cal.error[:, 2] / fisher.error[:, 2]
     alpha = np.exp(np.log(kl / fisher.error[:, :2]).mean(axis=1))
     np.testing.assert_allclose(ratio, alpha, rtol=1e-5)
+
+
+def test_calibrated_gptq_points_use_h_of_the_whole_calibration_text(tiny_checkpoint, text_file):
+    """KL is measured on the first DEFAULT_KL_TOKENS only, but GPTQ's ΔW there must come from H of all the
+    calibration tokens (what the fisher rows and `apply` use), not from a GPTQ fitted to the measured ones."""
+    loaded = load_model(str(tiny_checkpoint))
+    opts = parse_options("2,3,4")
+    n, seq = 2 * DEFAULT_KL_TOKENS, 64
+    cal = profile_model(loaded, opts, estimator="calibrated", quantizer="gptq", calib=str(text_file), n_tokens=n,
+                        seq_len=seq, progress=False)
+    batches, _ = token_batches(loaded.tokenizer, str(text_file), n, seq)
+    rows = DEFAULT_KL_TOKENS // seq
+    assert rows < len(batches)
+    planned = planned_linears(loaded.model)
+    whole = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer="gptq", hessian_batches=batches,
+                     progress=False)
+    own = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer="gptq", progress=False)
+    assert not np.allclose(whole, own, rtol=1e-3)  # the test can tell the two apart
+    np.testing.assert_allclose(cal.error[:, :2], whole, rtol=1e-5, atol=1e-9)

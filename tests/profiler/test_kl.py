@@ -99,3 +99,14 @@ def test_kl_untied_head(loaded):
             head.weight.data = quantize_dequantize(head.weight.data, parse_options("2")[0])
             assert table[0, 0] == pytest.approx(direct_kl(model, quantized, batches), rel=1e-4)
         assert table[0, 0] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kl_table_gptq_on_cuda_matches_cpu(loaded):
+    """GPTQ's H stays on the CPU while the model runs on the GPU: the weight is quantized on the CPU
+    (it crashed with a device mismatch), and the table matches the CPU one."""
+    model, planned = loaded.model, planned_linears(loaded.model)
+    batches, opts = batches_for(model), parse_options("2")
+    cpu = kl_table(model, planned[:2], opts, batches, quantizer="gptq", progress=False)
+    cuda = kl_table(model, planned[:2], opts, batches, quantizer="gptq", device="cuda", progress=False)
+    np.testing.assert_allclose(cuda, cpu, rtol=1e-3, atol=1e-7)

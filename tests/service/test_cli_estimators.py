@@ -57,3 +57,9 @@ def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, capsys):
     assert set(r["spearman"]) == {"hessian", "fisher"} and r["n_modules"] == 7
     assert all(-1 <= rho <= 1 for rho in r["spearman"].values())
     assert "Spearman" in format_validation(r) and "fisher" in format_validation(r)
+    # with GPTQ, the KL truth quantizes with H of the estimators' 128 tokens, not of its own 64
+    code, out, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1",
+                             "--options", "2,4", "--quantizer", "gptq", "--calib", str(text_file), "--tokens", "128",
+                             "--seq-len", "32", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["quantizer"] == "gptq"
