@@ -83,8 +83,8 @@ def rtn(W: torch.Tensor, option: Option) -> QuantizedWeight:
                            option=option)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False) -> QuantizedWeight:
+def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.1, block_size: int = 128,
+         act_order: bool = True) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) of `W: [N, K]` given its inputs' `H = Σ xxᵀ: [K, K]`, on `rtn`'s grid.
 
     Quantizes one column at a time and spreads each column's error over the columns not yet quantized
@@ -96,7 +96,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.01
       result is stored, packed and loaded exactly like RTN's.  Each group's scale and zero are computed,
       as GPTQ does, from the error-updated weights of the group's columns at the moment the quantizer
       reaches the group's first column.  With a diagonal `H` nothing spreads and the result is `rtn`'s.
-    - `damp`: `damp · mean(diag H)` is added to the diagonal before inverting.
+    - `damp`: `damp · mean(diag H)` is added to the diagonal before inverting.  The defaults, act-order
+      and damp 0.1 (GPTQ's paper: natural order, 0.01), were measured on SmolLM2 (3-bit g64 everywhere,
+      8,192 held-out tokens): perplexity 120.5 at the paper's, 79.0 with act-order, 70.0 with damp 0.1
+      as well (RTN: 111.7); a 3.5 bpw plan 65.5, 57.9, 56.2 (`bench/results/gptq_options_smollm2.json`).
     - Dead inputs (`H[i, i] == 0`, never non-zero in calibration) are handled as GPTQ does: their weights
       are set to 0 (exactly on the grid) and their diagonal to 1.
     - `act_order`: columns are visited by decreasing `diag(H)` and the codes un-permuted afterwards.

@@ -80,7 +80,7 @@ def test_act_order_keeps_original_groups_and_helps_uneven_inputs():
     X, H = correlated(512, 256, 4)
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(5))
     opt = Option(bits=2, group_size=64)
-    plain, ordered = gptq(W, H, opt), gptq(W, H, opt, act_order=True)
+    plain, ordered = gptq(W, H, opt, act_order=False), gptq(W, H, opt, act_order=True)
     assert ordered.scales.shape == plain.scales.shape == (32, 4)
     assert not torch.equal(plain.q, ordered.q)
     assert output_error(W, ordered.dequantize(), H) < output_error(W, rtn(W, opt).dequantize(), H)
@@ -140,5 +140,5 @@ def test_matches_the_reference_implementation(opt):
     H[5, :], H[:, 5] = 0, 0  # one dead input
     W = torch.randn(16, 128, generator=torch.Generator().manual_seed(9))
     want = reference_gptq(W, H, opt, blocksize=opt.group_size)
-    got = gptq(W, H, opt, block_size=opt.group_size).dequantize()
+    got = gptq(W, H, opt, block_size=opt.group_size, act_order=False, damp=0.01).dequantize()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
