@@ -41,10 +41,11 @@ GEMV_MAX_M = 4  # above, the tiled kernel: a gemv program per 16 rows measured 3
 
 @triton.jit
 def _unpack(ptr, rows, cols, stride, mask, W: tl.constexpr):
-    """Codes of width W at logical `rows` (K or G index) and `cols` (N index): [R, C] int32."""
+    """Codes of width W at logical `rows` (K or G index) and `cols` (N index), int32, shaped as `rows`
+    and `cols` broadcast together (the caller shapes them for its layout; a scalar row is fine)."""
     per: tl.constexpr = 32 // W
-    words = tl.load(ptr + (rows // per)[:, None] * stride + cols[None, :], mask=mask, other=0)
-    return (words >> ((rows % per) * W)[:, None]) & ((1 << W) - 1)
+    words = tl.load(ptr + (rows // per) * stride + cols, mask=mask, other=0)
+    return (words >> ((rows % per) * W)) & ((1 << W) - 1)
 
 
 @triton.jit
@@ -117,17 +118,8 @@ def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, 
                             mask=(rk < K)[None, :], other=0.0).to(tl.float32), axis=1)
         g = k0 // GROUP
         scale = tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            z = 1 << (W0 + W1 - 1)
-        else:
-            P0: tl.constexpr = 32 // W0
-            z = (tl.load(z0_ptr + (g // P0) * stride_z0 + rn, mask=mask_n, other=0) >> ((g % P0) * W0)) \
-                & ((1 << W0) - 1)
-            if W1 > 0:
-                P1: tl.constexpr = 32 // W1
-                z = (z << W1) | ((tl.load(z1_ptr + (g // P1) * stride_z1 + rn, mask=mask_n, other=0)
-                                  >> ((g % P1) * W1)) & ((1 << W1) - 1))
-        acc += scale * (d - xs[:, None, None] * z.to(tl.float32))
+        z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC).to(tl.float32)
+        acc += scale * (d - xs[:, None, None] * z)
     return tl.sum(acc, axis=1)
 
 
@@ -217,9 +209,9 @@ def _tiled_kernel(
             # every K row loads its own word (P rows share one: served by L1) and shifts out its code:
             # no reshape of the expanded words, whose layout conversion can cost more than the loads
             mask_kn = (rk < K)[:, None] & mask_n[None, :]
-            c = _unpack(q0_ptr, rk, rn, stride_q0, mask_kn, W0)
+            c = _unpack(q0_ptr, rk[:, None], rn[None, :], stride_q0, mask_kn, W0)
             if W1 > 0:
-                c = (c << W1) | _unpack(q1_ptr, rk, rn, stride_q1, mask_kn, W1)
+                c = (c << W1) | _unpack(q1_ptr, rk[:, None], rn[None, :], stride_q1, mask_kn, W1)
         else:
             r0 = k0 // P0 + tl.arange(0, BLOCK_K // P0)
             c = _expand(tl.load(q0_ptr + r0[:, None] * stride_q0 + rn[None, :],
@@ -233,7 +225,8 @@ def _tiled_kernel(
             g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
             mask_g = mask_n[None, :]
             scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask_g, other=0.0).to(tl.float32)
-            z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_g, W0, W1, SYMMETRIC).to(tl.float32)
+            z = _zeros(z0_ptr, z1_ptr, g[:, None], rn[None, :], stride_z0, stride_z1, mask_g, W0, W1,
+                       SYMMETRIC).to(tl.float32)
             if DOT_FP32:
                 d = tl.dot(x.to(tl.float32), c.to(tl.float32))
             elif x.dtype == tl.float16:
@@ -252,7 +245,7 @@ def _tiled_kernel(
             g = rk // GROUP
             mask_kn = (rk < K)[:, None] & mask_n[None, :]
             scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask_kn, other=0.0).to(tl.float32)
-            z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_kn, W0, W1, SYMMETRIC)
+            z = _zeros(z0_ptr, z1_ptr, g[:, None], rn[None, :], stride_z0, stride_z1, mask_kn, W0, W1, SYMMETRIC)
             w = (c - z).to(tl.float32) * scale
             if DOT_FP32:
                 acc += tl.dot(x.to(tl.float32), w)
@@ -365,7 +358,9 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
         common.update(GROUP=group, DOT_FP32=x2.dtype == torch.float32 or (INTERPRET and x2.dtype == torch.bfloat16))
         kernel = _tiled_kernel
-    ws, count = workspace(x2.device, M * N, grid[0] * grid[2] if regime == "gemv" else grid[0] * grid[1])
+    # without split-K the kernel never touches the workspace: y stands in for it (no lookup per call)
+    ws, count = (workspace(x2.device, M * N, grid[0] * grid[2] if regime == "gemv" else grid[0] * grid[1])
+                 if split > 1 else (y, y))
     if INTERPRET:
         cfg.pop("num_stages", None)
     kernel[grid](x2, q0, q1, scales, z0, z1, y, ws, count, M, N, K, split,

@@ -195,7 +195,7 @@ def _launch(x, w: ExpertWeights, seg_expert, seg_start, max_rows: int, cfg) -> t
     z1 = w.z1 if w.z1 is not None else w.q0
     grid = (triton.cdiv(w.n, cfg["BLOCK_N"]), split, S)
     steps = max(1, -(-max_rows // cfg["BLOCK_M"]))  # row blocks of the longest segment: its tiles' counters
-    ws, count = workspace(x.device, T * w.n, S * steps * grid[0])
+    ws, count = workspace(x.device, T * w.n, S * steps * grid[0]) if split > 1 else (y, y)
     _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, ws, count, w.table, seg_expert, seg_start,
                            w.n, w.k, w.scales.shape[1], split, steps, x.stride(0), y.stride(0),
                            GROUP=gemv_group(w.group_size, w.k), SYMMETRIC=w.symmetric, ATOMIC=split > 1, **cfg)
