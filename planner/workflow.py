@@ -276,14 +276,15 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
         raise InvalidInput("no allocators given")
     for a in allocators:
         lookup_allocator(a)
-    if params and not any(needs_context(a) for a in allocators):
+    measuring = any(needs_context(a) for a in allocators)
+    if params and not measuring:
         raise InvalidInput(f"search parameters {sorted(params)} are for the evolutionary allocator, which is not "
                            f"among {list(allocators)}")
     profile = _with_id(store, profile)
     unit_of(profile.modules, granularity, engine)  # an unknown granularity or engine fails here, before any solve
     store.save_profile(profile)
     context = None
-    if any(needs_context(a) for a in allocators):
+    if measuring:
         loaded = loaded or profile_model(profile)
         context = model_context(profile, loaded=loaded, progress=progress)
     rows = []
