@@ -190,7 +190,9 @@ def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.T
 
 def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
                         H: torch.Tensor | None = None, **gptq_params) -> torch.Tensor:
-    """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype."""
+    """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
+    device.  GPTQ runs on the CPU, where `H` is kept and `apply` quantizes, whatever `W`'s device."""
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
-    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype)
+    source = W.cpu() if quantizer == "gptq" else W
+    return quantize(source, option, quantizer, H, **gptq_params).dequantize(W.dtype).to(W.device)

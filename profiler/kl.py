@@ -145,8 +145,7 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
             W = lin.weight.data
             Hm = None if H is None else H[m.name]
             for o, opt in enumerate(options):
-                # quantized on the CPU, where H is (and where the profile's other tables and `apply` quantize)
-                lin.weight.data = quantize_dequantize(W.cpu(), opt, quantizer, Hm).to(W.device)
+                lin.weight.data = quantize_dequantize(W, opt, quantizer, Hm)
                 try:
                     # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks
                     first = len(replayer.layers) if m.layer is None else m.layer
