@@ -10,6 +10,8 @@ with what is stored.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +176,15 @@ def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.
 
 
 QUANTIZERS = ("rtn", "gptq")
+
+
+def quantizer_settings(quantizer: str) -> dict:
+    """The settings that shape a quantizer's ΔW (GPTQ's keyword defaults; RTN has none), so that what was
+    measured with one setting is never reused for another: profile ids include them."""
+    if quantizer != "gptq":
+        return {}
+    return {name: p.default for name, p in inspect.signature(gptq).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.Tensor | None = None,

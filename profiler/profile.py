@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
-from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize
+from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize, quantizer_settings
 from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
@@ -35,9 +35,11 @@ ESTIMATOR_NAMES = (*estimators.ESTIMATORS, "kl", "calibrated")
 
 def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
                device: str) -> str:
-    """Same model, text, estimator and options -> same profile (reused from the store, not recomputed)."""
+    """Same model, text, estimator, quantizer settings and options -> same profile (reused from the store,
+    not recomputed).  RTN adds nothing, so RTN profiles keep the ids they had before GPTQ existed."""
+    settings = quantizer_settings(parse_estimator_name(estimator)[1])
     return content_id(loaded.ref.fingerprint, calib_fp, estimator, [o.model_dump() for o in options], seq_len,
-                      device, prefix="prof-")
+                      device, *([settings] if settings else []), prefix="prof-")
 
 
 def estimator_name(estimator: str, quantizer: str = "rtn", imatrix: str | Path | None = None) -> str:

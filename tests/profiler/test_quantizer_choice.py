@@ -39,3 +39,19 @@ def test_unknown_quantizer_or_estimator(loaded, text_file):
     with pytest.raises(InvalidInput, match="unknown estimator"):
         profile_model(loaded, parse_options("4"), estimator="obs", calib=str(text_file),
                       progress=False)
+
+
+def test_gptq_settings_are_part_of_the_profile_id(loaded, text_file, monkeypatch):
+    """A GPTQ profile measured with other settings is not reused silently; RTN ids do not depend on GPTQ's."""
+    from bitplan.executor import quantize
+
+    options = parse_options("2,4")
+    kw = dict(estimator="hessian", calib=str(text_file), n_tokens=128, seq_len=64, progress=False)
+    before = profile_model(loaded, options, quantizer="gptq", **kw)
+    rtn = profile_model(loaded, options, **kw)
+    monkeypatch.setattr(quantize.gptq, "__kwdefaults__", {**quantize.gptq.__kwdefaults__, "damp": 0.01})
+    assert quantize.quantizer_settings("gptq")["damp"] == 0.01
+    after = profile_model(loaded, options, quantizer="gptq", **kw)
+    assert after.id != before.id and after.estimator == before.estimator
+    assert not np.allclose(after.error, before.error)  # the setting really reached the quantizer
+    assert profile_model(loaded, options, **kw).id == rtn.id
