@@ -23,13 +23,14 @@ def main():
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--configs", default="0,4", help="indices into matmul.gemv_configs for this shape")
+    ap.add_argument("--configs", default="0,4", help="indices into matmul.gemv_configs for this shape, or 'all'")
     args = ap.parse_args()
     N, K, bits, group = args.n, args.k, args.bits, args.group_size
     packed, scales, zeros = random_packed(N, K, bits, group)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     configs = gemv_configs(1, N, K, bits, group, torch.cuda.get_device_properties(0).multi_processor_count)
-    for i in (int(c) for c in args.configs.split(",")):
+    chosen = range(len(configs)) if args.configs == "all" else [int(c) for c in args.configs.split(",")]
+    for i in chosen:
         print(f"config {i}: {configs[i]}", flush=True)
         matmul(x, packed, scales, zeros, bits, group, K, config=configs[i], regime="gemv")
     torch.cuda.synchronize()

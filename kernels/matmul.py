@@ -10,8 +10,8 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
   flight, not FLOPs, so there is no `tl.dot`.  A K tile of `BLOCK_K` rows lies inside one
   quantization group; a thread holds all its word rows for a few adjacent outputs (their loads issue
   together, the sum over rows stays in registers), and scale and zero are applied once per tile and
-  output: `Σ x·(q - z)·s = s·(Σ x·q - z·Σ x)`.  Codes are turned into floats where they lie in the
-  word (`_shard_dot`): about three instructions per weight.  Split-K keeps every SM busy.
+  output.  Codes are turned into floats where they lie in the word, the zero taken off in the same
+  instruction (`_shard_dot`): about three instructions per weight.  Split-K keeps every SM busy.
 - **tiled** (M > 4).  The packed words of a `BLOCK_K x BLOCK_N` tile are loaded once and expanded
   to codes in K order, which feed `tl.dot` as exact integers in the activation dtype; when the tile
   lies inside one group, scale and zero are applied to the dot's result (same identity as above),
@@ -49,77 +49,113 @@ def _unpack(ptr, rows, cols, stride, mask, W: tl.constexpr):
 
 
 @triton.jit
-def _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0: tl.constexpr, W1: tl.constexpr,
-           SYMMETRIC: tl.constexpr):
+def _zero_shards(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0: tl.constexpr, W1: tl.constexpr,
+                 SYMMETRIC: tl.constexpr):
+    """A group's zero split as its codes are, `z = zh << W1 | zl` (`zl = 0` for one shard), int32."""
     if SYMMETRIC:
-        z = tl.full(mask.shape, 1 << (W0 + W1 - 1), tl.int32)
+        zh = tl.full(mask.shape, 1 << (W0 - 1), tl.int32)
+        zl = tl.zeros(mask.shape, tl.int32)
     else:
-        z = _unpack(z0_ptr, g, rn, stride_z0, mask, W0)
-        if W1 > 0:
-            z = (z << W1) | _unpack(z1_ptr, g, rn, stride_z1, mask, W1)
-    return z
+        zh = _unpack(z0_ptr, g, rn, stride_z0, mask, W0)
+        zl = _unpack(z1_ptr, g, rn, stride_z1, mask, W1) if W1 > 0 else tl.zeros(mask.shape, tl.int32)
+    return zh, zl
 
 
 @triton.jit
-def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, K,
-               W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`Σ_k x[m, k]·c[k, n]` over K rows `k0 .. k0 + BLOCK_K` of one shard of width W: `[BLOCK_M, 1, BLOCK_N]`.
+def _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0: tl.constexpr, W1: tl.constexpr,
+           SYMMETRIC: tl.constexpr):
+    zh, zl = _zero_shards(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0, W1, SYMMETRIC)
+    return (zh << W1) | zl
+
+
+@triton.jit
+def _code_dot(xq, xs, field, j: tl.constexpr, k: tl.constexpr, x_row, x_left, zero,
+              W: tl.constexpr, IN_CONVERSION: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_shard_dot`'s step for the code at bits `j·W` of `field` (already `| 0x4B000000`), K row `k` of
+    each word (`x_row + k`, valid where `k < x_left`): one LOP3 with one immediate, one FADD, one FFMA."""
+    c = (field & ((((1 << W) - 1) << (j * W)) | 0x4B000000)).to(tl.float32, bitcast=True)
+    q = c - (8388608.0 + zero * (1 << (j * W))) if IN_CONVERSION else c - 8388608.0
+    if EVEN_K:
+        x = tl.load(x_row + k).to(tl.float32)
+    else:
+        x = tl.load(x_row + k, mask=k < x_left, other=0.0).to(tl.float32)
+    if not IN_CONVERSION:
+        xs += x
+    return xq + (x * (1.0 / (1 << (j * W)))) * q, xs
+
+
+@triton.jit
+def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
+               W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """`Σ_k x[m, k]·(c[k, n] - zero[n])` over K rows `k0 .. k0 + BLOCK_K` of one shard of width W:
+    `[BLOCK_M, 1, BLOCK_N]`; `zero` is the shard's part of the group's zero, as float32.
 
     The codes are read where they lie in the word: the first `L = 23 // W` codes sit below float32's
-    exponent bits, so `(word & mask_j) | 0x4B000000` is the float `2^23 + c·2^(jW)` (one LOP3), minus
-    2^23 is `c·2^(jW)` exactly, and the `2^(-jW)` goes into x, once per x value rather than per weight.
-    The remaining codes take one shift per word.  About three instructions per weight (LOP3, FADD, FFMA).
+    exponent bits, so with `0x4B000000` or'ed into the word once, `word & (mask_j | 0x4B000000)` is the
+    float `2^23 + c·2^(jW)` (one LOP3), and one FADD of `2^23` leaves `c·2^(jW)`; the `2^(-jW)` goes
+    into x, once per x value rather than per weight.  The remaining codes are shifted down once per
+    word.  About three instructions per weight (LOP3, FADD, FFMA).  x is read at constant offsets from
+    one pointer per word row, unmasked where K is a multiple of the tile (`EVEN_K`).
+
+    The zero: at 4 and 8 bits, inside that FADD (`-(2^23 + zero·2^(jW))`, an exact integer): free per
+    weight, for one register per code position and output (32 at 4 bits).  At 2 and 1 bits there are 16
+    and 32 positions, too many registers (measured: 3-bit 37.7 -> 44.9 µs at 8192²), so the thread sums
+    the x values it loaded anyway and takes `zero·Σx` off once (one FADD per x value).
     """
     P: tl.constexpr = 32 // W
     R: tl.constexpr = BLOCK_K // P  # word rows of this shard in the tile
     L: tl.constexpr = 23 // W
-    wrow = (k0 // P + tl.arange(0, R))[None, :, None]
-    words = tl.load(q_ptr + wrow * stride_q + rn, mask=(wrow * P < K) & mask_n, other=0)
+    IN_CONVERSION: tl.constexpr = W >= 4
+    rows = tl.arange(0, R)[None, :, None]
+    wrow = k0 // P + rows
+    if EVEN_K:
+        words = tl.load(q_ptr + wrow * stride_q + rn, mask=mask_n, other=0)
+    else:
+        words = tl.load(q_ptr + wrow * stride_q + rn, mask=(wrow * P < K) & mask_n, other=0)
+    x_row = x_ptr + rm * stride_xm + k0 + rows * P
+    x_left = K - k0 - rows * P
     xq = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, R, 1), dtype=tl.float32)
+    low = (words & ((1 << (L * W)) - 1)) | 0x4B000000
     for j in tl.static_range(L):
-        q = ((words & (((1 << W) - 1) << (j * W))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        kj = wrow * P + j
-        x = tl.load(x_ptr + rm * stride_xm + kj, mask=kj < K, other=0.0).to(tl.float32)
-        xq += (x * (1.0 / (1 << (j * W)))) * q
-    high = words >> (L * W)
+        xq, xs = _code_dot(xq, xs, low, j, j, x_row, x_left, zero, W, IN_CONVERSION, EVEN_K)
+    high = (words >> (L * W)) & ((1 << (32 - L * W)) - 1) | 0x4B000000
     for j in tl.static_range(P - L):
-        q = ((high & (((1 << W) - 1) << (j * W))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        kj = wrow * P + L + j
-        x = tl.load(x_ptr + rm * stride_xm + kj, mask=kj < K, other=0.0).to(tl.float32)
-        xq += (x * (1.0 / (1 << (j * W)))) * q
-    return tl.sum(xq, axis=1, keep_dims=True)
+        xq, xs = _code_dot(xq, xs, high, j, L + j, x_row, x_left, zero, W, IN_CONVERSION, EVEN_K)
+    d = tl.sum(xq, axis=1, keep_dims=True)
+    if not IN_CONVERSION:
+        d -= tl.sum(xs, axis=1, keep_dims=True) * zero
+    return d
 
 
 @triton.jit
 def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, t_lo, t_hi,
                stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
                GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """`[BLOCK_M, BLOCK_N]` partial product of rows `rm`, outputs `rn` over K tiles `t_lo .. t_hi`.
 
     `rm`, `rn` are 3-D (`[BLOCK_M, 1, 1]`, `[1, 1, BLOCK_N]`; rows past the end repeat the last row, so
     that x needs no row mask, and the caller masks their outputs): everything lives in one 3-D
     `[BLOCK_M, rows, BLOCK_N]` layout built from 3-D pointers, in which a thread holds all word rows of
     its columns, so the sum over rows stays in registers.  A tile lies inside one quantization group
-    (BLOCK_K divides GROUP), so scale and zero are loaded and applied once per tile and output:
-    `Σ x·(q - z)·s = s·(Σ x·q - z·Σ x)`.  The one body of the dense and the MoE gemv kernels.
+    (BLOCK_K divides GROUP), so scale and zero are loaded once per tile and output; the zero is taken
+    off inside `_shard_dot`'s conversion and the scale applied to the tile's sum: `Σ x·(q - z)·s`.  (It
+    used to be `s·(Σ x·q - z·Σ x)` with `Σ x` reduced across the program's warps, a barrier every tile;
+    bench/results/ncu_gemv_8192_4bit_v3.txt.)  The one body of the dense and the MoE gemv kernels.
     """
     acc = tl.zeros((BLOCK_M, 1, BLOCK_N), dtype=tl.float32)
-    rm1 = tl.reshape(rm, (BLOCK_M,))
     for t in range(t_lo, t_hi):
         k0 = t * BLOCK_K
-        d = _shard_dot(q0_ptr, stride_q0, x_ptr, rm, stride_xm, k0, rn, mask_n, K, W0, BLOCK_K, BLOCK_M,
-                       BLOCK_N)
-        if W1 > 0:
-            d = d * (1 << W1) + _shard_dot(q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, K, W1,
-                                           BLOCK_K, BLOCK_M, BLOCK_N)
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.sum(tl.load(x_ptr + rm1[:, None] * stride_xm + rk[None, :],
-                            mask=(rk < K)[None, :], other=0.0).to(tl.float32), axis=1)
         g = k0 // GROUP
-        scale = tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32)
-        z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC).to(tl.float32)
-        acc += scale * (d - xs[:, None, None] * z)
+        zh, zl = _zero_shards(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC)
+        d = _shard_dot(q0_ptr, stride_q0, x_ptr, rm, stride_xm, k0, rn, mask_n, zh.to(tl.float32), K, W0,
+                       BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+        if W1 > 0:
+            d = d * (1 << W1) + _shard_dot(q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
+                                           zl.to(tl.float32), K, W1, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+        acc += tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32) * d
     return tl.sum(acc, axis=1)
 
 
@@ -154,6 +190,7 @@ def _gemv_kernel(
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
@@ -164,7 +201,7 @@ def _gemv_kernel(
     y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, tl.minimum(rm, M - 1), rn, rn < N, K,
                    t_lo, tl.minimum(t_lo + per_split, n_tiles),
                    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
-                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     rm2 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     _store(y_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, y, rm2, rn2, (rm2 < M) & (rn2 < N),
@@ -264,14 +301,15 @@ def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
     return max(1, min(tiles, -(-per_sm * sms // programs)))
 
 
-# (BLOCK_N, warps) of gemv programs: 4, 2 or 1 adjacent outputs a thread, fewer where more rows must fit
-GEMV_TILES = ((512, 4), (1024, 8), (256, 2), (512, 2), (256, 4), (128, 4))
+# (BLOCK_N, warps) of gemv programs: 4, 8, 2 or 1 adjacent outputs a thread, fewer where more rows must
+# fit.  Eight share each x value among more weights (x costs a load, a conversion and a scale per value)
+GEMV_TILES = ((512, 4), (1024, 8), (1024, 4), (256, 2), (512, 2), (256, 4), (128, 4))
 
 
 def _tiles_fitting(rows: int) -> list[tuple[int, int]]:
-    """The first two `GEMV_TILES` whose threads hold at most 64 accumulators for `rows` word rows (BLOCK_M x
+    """The first three `GEMV_TILES` whose threads hold at most 64 accumulators for `rows` word rows (BLOCK_M x
     word rows of a 32-row K tile); BLOCK_K = 64 doubles them, which the register allocator absorbs."""
-    return [(n, w) for n, w in GEMV_TILES if rows * n // (32 * w) <= 64][:2]
+    return [(n, w) for n, w in GEMV_TILES if rows * n // (32 * w) <= 64][:3]
 
 
 def gemv_group(group: int, k: int) -> int | None:
@@ -350,7 +388,7 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
     common = dict(W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric, ATOMIC=split > 1)
     if regime == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-        common["GROUP"] = gemv_group(group, K)
+        common.update(GROUP=gemv_group(group, K), EVEN_K=K % cfg["BLOCK_K"] == 0)
         if common["GROUP"] is None:
             raise ValueError(f"the gemv kernel needs a group of 32 rows or more (or per-channel), got {group}")
         kernel = _gemv_kernel

@@ -118,6 +118,7 @@ def _moe_gemv_kernel(
     N, K, G, SPLIT_K, STEPS, stride_xm, stride_ym,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid_n, pid_k, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(seg_expert_ptr + seg)
@@ -147,19 +148,19 @@ def _moe_gemv_kernel(
         # one branch per width, uniform over the program: each compiles the dense body for its width
         if w0 == 4:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w0 == 8:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w1 == 1:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         else:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
 
 
@@ -198,7 +199,8 @@ def _launch(x, w: ExpertWeights, seg_expert, seg_start, max_rows: int, cfg) -> t
     ws, count = workspace(x.device, T * w.n, S * steps * grid[0]) if split > 1 else (y, y)
     _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, ws, count, w.table, seg_expert, seg_start,
                            w.n, w.k, w.scales.shape[1], split, steps, x.stride(0), y.stride(0),
-                           GROUP=gemv_group(w.group_size, w.k), SYMMETRIC=w.symmetric, ATOMIC=split > 1, **cfg)
+                           GROUP=gemv_group(w.group_size, w.k), SYMMETRIC=w.symmetric, ATOMIC=split > 1,
+                           EVEN_K=w.k % cfg["BLOCK_K"] == 0, **cfg)
     return y
 
 
