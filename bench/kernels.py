@@ -26,7 +26,7 @@ import torch
 import triton
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import matmul
+from bitplan.kernels.matmul import _TUNED, matmul
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -41,6 +41,13 @@ SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
     "deepseek-v3.w2": (7168, 2048),
     "smollm2.gate": (1536, 576),
 }
+
+
+def tuned(N: int, K: int, bits: int, M: int) -> dict:
+    """The configuration the tuner chose per regime for this product (tuning is noisy on small layers:
+    recorded so that runs can be compared config by config)."""
+    bucket = M if M <= 16 else min(triton.next_power_of_2(M), 1024)
+    return {key[0]: cfg for key, cfg in _TUNED.items() if key[1] == bucket and key[2:5] == (N, K, bits)}
 
 
 def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[dict]:
@@ -77,7 +84,7 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[d
                 rows.append(dict(shape=name, N=N, K=K, bits=bits, batch=M, ours_us=t_ours, gemv_us=t["gemv"],
                                  tiled_us=t["tiled"], floor_us=t_floor, bf16_us=t_bf16,
                                  ours_GBps=moved / t_ours / 1e3, of_floor=t_floor / t_ours,
-                                 vs_bf16=t_bf16 / t_ours, rel_err=rel))
+                                 vs_bf16=t_bf16 / t_ours, rel_err=rel, configs=tuned(N, K, bits, M)))
                 r = rows[-1]
                 print(f"{name:>18} {bits}b M={M:<4} ours {t_ours:8.1f} us (gemv {t['gemv']:7.1f}, tiled "
                       f"{t['tiled']:7.1f})  floor {t_floor:7.1f} us ({r['of_floor']:4.2f})  bf16 {t_bf16:8.1f} us "

@@ -450,7 +450,7 @@ def _fastest(candidates: list[dict], launch) -> dict:
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=40, return_mode="median")
         except Exception:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
