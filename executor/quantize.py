@@ -113,34 +113,36 @@ def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.1,
     if not option.quantized:
         raise ValueError("a 16-bit option is stored as is, not quantized")
     W = W.detach().float().clone()  # [N, K]
+    dev = W.device  # runs where W is (H is brought there): on a GPU, profiling a big model's options is minutes
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(dev, torch.float64).clone()
     gs = option.group_size or K
     G = -(-K // gs)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
     group = perm // gs  # [K] original group of each (permuted) column
+    group_of = group.tolist()  # read per column on the host: no device sync per column
 
     H[range(K), range(K)] += damp * torch.mean(torch.diag(H))
     # Hinv: upper Cholesky factor of H⁻¹ (row i holds the update of column i on the columns after it)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
 
-    scale, z = torch.zeros(N, G), torch.zeros(N, G)
-    ready = torch.zeros(G, dtype=torch.bool)
-    Q = torch.zeros(N, K)  # float codes, permuted order
+    scale, z = torch.zeros(N, G, device=dev), torch.zeros(N, G, device=dev)
+    ready = [False] * G
+    Q = torch.zeros(N, K, device=dev)  # float codes, permuted order
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()  # [N, B], kept up to date with the block's own errors
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = int(group[i1 + i])
+            g = group_of[i1 + i]
             if not ready[g]:
                 cols = torch.nonzero(group == g).flatten()  # permuted positions, all >= i1 + i
                 current = _current(W, W1, Err1, Hinv, i1, i, cols)
@@ -169,7 +171,7 @@ def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.
     """
     i2 = i1 + W1.shape[1]
     inside, after = cols[cols < i2], cols[cols >= i2]
-    out = torch.empty(W.shape[0], len(cols))
+    out = torch.empty(W.shape[0], len(cols), device=W.device)
     out[:, : len(inside)] = W1[:, inside - i1]
     out[:, len(inside):] = W[:, after] - Err1[:, :i] @ Hinv[i1:i1 + i, after]
     return out
@@ -202,8 +204,7 @@ def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.T
 def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
                         H: torch.Tensor | None = None, **gptq_params) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
-    device.  GPTQ runs on the CPU, where `H` is kept and `apply` quantizes, whatever `W`'s device."""
+    device, where the quantizer runs (GPTQ brings `H` there)."""
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
-    source = W.cpu() if quantizer == "gptq" else W
-    return quantize(source, option, quantizer, H, **gptq_params).dequantize(W.dtype).to(W.device)
+    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype).to(W.device)

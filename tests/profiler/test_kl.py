@@ -103,8 +103,8 @@ def test_kl_untied_head(loaded):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kl_table_gptq_on_cuda_matches_cpu(loaded):
-    """GPTQ's H stays on the CPU while the model runs on the GPU: the weight is quantized on the CPU
-    (it crashed with a device mismatch), and the table matches the CPU one."""
+    """GPTQ's H is collected on the CPU while the model runs on the GPU: GPTQ brings it to the weight's
+    device (it crashed with a device mismatch once), and the table matches the CPU one."""
     model, planned = loaded.model, planned_linears(loaded.model)
     batches, opts = batches_for(model), parse_options("2")
     cpu = kl_table(model, planned[:2], opts, batches, quantizer="gptq", progress=False)
