@@ -178,8 +178,9 @@ def _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, str
             # exchanged as int32 bits (Triton's interpreter exchanges no floats): the same 32 bits either way
             bits = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + rm2 * stride_ws + rn2,
                                   tl.zeros(y.shape, dtype=tl.int32), mask=mask_out, sem="acquire")
-            tl.store(y_ptr + rm2 * stride_ym + rn2, bits.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty),
-                     mask=mask_out)
+            # masked-out lanes hold whatever the exchange left there: zeroed, so that no cast sees garbage
+            y = tl.where(mask_out, bits.to(tl.float32, bitcast=True), 0.0)
+            tl.store(y_ptr + rm2 * stride_ym + rn2, y.to(y_ptr.dtype.element_ty), mask=mask_out)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
 
 
