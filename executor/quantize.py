@@ -207,4 +207,4 @@ def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
     device, where the quantizer runs (GPTQ brings `H` there)."""
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
-    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype).to(W.device)
+    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype)

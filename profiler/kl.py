@@ -157,18 +157,14 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     try:
         if quantizer == "gptq":
             hb = batches if hessian_batches is None else hessian_batches
-            stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, _cpu(H)), device,
+            stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, H), device,
                           progress=False)
             outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head
             if outside:
-                measure(outside, _cpu(outside_hessians(model, hb, outside, device)))
+                measure(outside, outside_hessians(model, hb, outside, device))
         else:
             measure(planned)
     finally:
         bar.close()
         model.to("cpu")
     return error
-
-
-def _cpu(H: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in H.items()}
