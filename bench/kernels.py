@@ -26,7 +26,7 @@ import torch
 import triton
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import _TUNED, matmul
+from bitplan.kernels.matmul import _TUNED, matmul, tuning_bucket
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -46,8 +46,7 @@ SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
 def tuned(N: int, K: int, bits: int, M: int) -> dict:
     """The configuration the tuner chose per regime for this product (tuning is noisy on small layers:
     recorded so that runs can be compared config by config)."""
-    bucket = M if M <= 16 else min(triton.next_power_of_2(M), 1024)
-    return {key[0]: cfg for key, cfg in _TUNED.items() if key[1] == bucket and key[2:5] == (N, K, bits)}
+    return {key[0]: cfg for key, cfg in _TUNED.items() if key[1] == tuning_bucket(M) and key[2:5] == (N, K, bits)}
 
 
 def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[dict]:

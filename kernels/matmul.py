@@ -427,7 +427,8 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     symmetric = not qzeros
     z0 = qzeros[0] if qzeros else scales
     z1 = (qzeros[1] if len(widths) > 1 else qzeros[0]) if qzeros else scales
-    args = (x2, q0, q1, scales, z0, z1, M, N, k, bits, group_size, symmetric)
+    weights = (q0, q1, scales, z0, z1)
+    shape = (M, N, k, bits, group_size, symmetric)
 
     def candidates() -> list[dict]:  # only on a cache miss: decode calls this function per layer per token
         return CONFIGS[regime](M, N, k, bits, group_size, _sm_count(x2.device))
@@ -435,15 +436,19 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     if config is not None:
         config = dict(candidates()[0], **config)
     else:
-        bucket = M if M <= 16 else min(triton.next_power_of_2(M), 1024)
-        key = (regime, bucket, N, k, bits, group_size, symmetric, x2.dtype, x2.device.index)
+        key = (regime, tuning_bucket(M), N, k, bits, group_size, symmetric, x2.dtype, x2.device.index)
         config = _TUNED.get(key)
         if config is None:
             found = candidates()
             config = found[0] if INTERPRET or not x2.is_cuda else \
-                _fastest(found, lambda cfg, *w: _launch(regime, x2, *w, *args[6:], cfg), args[1:6])
+                _fastest(found, lambda cfg, *w: _launch(regime, x2, *w, *shape, cfg), weights)
             _TUNED[key] = config
-    return _launch(regime, *args, config).reshape(*lead, N)
+    return _launch(regime, x2, *weights, *shape, config).reshape(*lead, N)
+
+
+def tuning_bucket(M: int) -> int:
+    """The batch sizes that share one tuned configuration (`_TUNED`'s key): each up to 16, then powers of two."""
+    return M if M <= 16 else min(triton.next_power_of_2(M), 1024)
 
 
 def _fastest(candidates: list[dict], launch, weights: tuple[torch.Tensor, ...] = ()) -> dict:
