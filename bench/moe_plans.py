@@ -72,7 +72,8 @@ def check_ilp(store, profile, budget: str, plan, **kw) -> dict:
 def allocation_study(store, loaded, windows, args) -> dict:
     from bitplan.executor.evaluate import evaluate_plans
     from bitplan.profiler.model import planned_linears
-    from bitplan.planner.workflow import gptq_hessians, run_plan, run_profile
+    from bitplan.planner.workflow import run_plan, run_profile
+    from bitplan.profiler.profile import gptq_hessians
 
     planned = planned_linears(loaded.model)
     out = []

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Plan, UnknownModule
 from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import QUANTIZERS, quantize
+from bitplan.executor.quantize import QUANTIZERS, GPTQCache, QuantizedWeight, quantize
 
 log = logging.getLogger(__name__)
 
@@ -31,39 +31,55 @@ CHECKPOINT_FORMAT = "bitplan.packed/1"
 MAX_SHARD_BYTES = 2 * 2**30
 
 
-def quantized_linears(
+def quantized_weights(
     planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False, quantizer: str = "rtn",
-    hessians: Mapping[str, torch.Tensor] | None = None,
-) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
+    hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None,
+) -> Iterator[tuple[Module, nn.Linear, QuantizedWeight | None]]:
     """Quantize one planned linear at a time, in model order (so one block is in flight at a time).
 
-    Yields `(name, linear, QuantLinear)`, or `None` in place of the QuantLinear for a 16-bit option.
+    Yields `(module, linear, QuantizedWeight)`, or `None` in its place for a 16-bit option.
     `quantizer="gptq"` needs `hessians[name] = Σ xxᵀ` of every quantized module's inputs (the profiler's
-    `bitplan.profiler.stream.collect_hessians`), the same statistics the profile's GPTQ ΔW came from.
+    `bitplan.profiler.stream.collect_hessians`), the same statistics the profile's GPTQ ΔW came from,
+    except for those whose result `cache` already holds.
     """
     check_plan_matches(planned, plan)
-    check_quantizer(planned, plan, quantizer, hessians)
+    check_quantizer(planned, plan, quantizer, hessians, cache)
     bar = tqdm(planned, desc=f"quantizing ({quantizer})", unit="module", disable=not progress)
     for module, linear in bar:
         option = plan.assignment[module.name]
         if not option.quantized:
-            yield module.name, linear, None
+            yield module, linear, None
             continue
+        H = hessians.get(module.name) if quantizer == "gptq" and hessians is not None else None
+        yield module, linear, quantize(linear.weight, option, quantizer, H, cache=cache, name=module.name)
+
+
+def quantized_linears(planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False,
+                      quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                      cache: GPTQCache | None = None) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
+    """`quantized_weights` as `(name, linear, QuantLinear or None)`."""
+    for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
         bias = linear.bias.detach() if linear.bias is not None else None
-        H = hessians[module.name] if quantizer == "gptq" else None
-        qw = quantize(linear.weight, option, quantizer, H)
-        yield module.name, linear, QuantLinear.from_quantized(qw, bias)
+        yield module.name, linear, None if qw is None else QuantLinear.from_quantized(qw, bias)
+
+
+def missing_hessians(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
+                     hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None) -> list[str]:
+    """The quantized modules of `plan` whose GPTQ needs an `H` that neither `hessians` nor `cache` has."""
+    if quantizer != "gptq":
+        return []
+    return [m.name for m, _ in planned if plan.assignment[m.name].quantized
+            and (hessians is None or m.name not in hessians)
+            and (cache is None or not cache.has(m.name, plan.assignment[m.name]))]
 
 
 def check_quantizer(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
-                    hessians: Mapping[str, torch.Tensor] | None) -> None:
-    """An unknown quantizer, or GPTQ without every quantized module's `H`, fails before any work."""
+                    hessians: Mapping[str, torch.Tensor] | None, cache: GPTQCache | None = None) -> None:
+    """An unknown quantizer, or GPTQ without every quantized module's `H` (or cached result), fails before
+    any work."""
     if quantizer not in QUANTIZERS:
         raise InvalidInput(f"unknown quantizer {quantizer!r}; choose one of {list(QUANTIZERS)}")
-    if quantizer != "gptq":
-        return
-    need = [m.name for m, _ in planned if plan.assignment[m.name].quantized]
-    missing = [n for n in need if hessians is None or n not in hessians]
+    missing = missing_hessians(planned, plan, quantizer, hessians, cache)
     if missing:
         raise InvalidInput(f"the gptq quantizer needs the input statistics H of every quantized module; "
                            f"{len(missing)} are missing, e.g. {missing[:3]}")
@@ -101,7 +117,8 @@ def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], pl
 
 def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
                          storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-                         quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None) -> dict:
+                         quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                         cache: GPTQCache | None = None) -> dict:
     """What the checkpoint stores, without modifying `model`."""
     state, seen = {}, set()
     for key, t in model.state_dict(keep_vars=True).items():
@@ -109,7 +126,7 @@ def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear
             continue
         seen.add(id(t))
         state[key] = t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()
-    for name, _, qlinear in quantized_linears(planned, plan, progress, quantizer, hessians):
+    for name, _, qlinear in quantized_linears(planned, plan, progress, quantizer, hessians, cache):
         if qlinear is None:
             continue
         state.pop(f"{name}.weight")
@@ -135,23 +152,24 @@ def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: str =
 def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
                out_dir: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
                overwrite: bool = False, progress: bool = True, quantizer: str = "rtn",
-               hessians: Mapping[str, torch.Tensor] | None = None) -> Path:
+               hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None) -> Path:
     """Write the quantized checkpoint of `model` under `plan` to `out_dir`, atomically.
 
     `quantizer`: `rtn` (default), or `gptq` with `hessians[name] = Σ xxᵀ` for every quantized module
-    (`bitplan.profiler.stream.collect_hessians`); the format is the same either way.
+    (`bitplan.profiler.stream.collect_hessians`) whose result `cache` does not hold; the format is the
+    same either way.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
         raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
     check_plan_matches(planned, plan)
-    check_quantizer(planned, plan, quantizer, hessians)
+    check_quantizer(planned, plan, quantizer, hessians, cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians)
+        state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians, cache)
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
         config = model.config.to_dict()

@@ -131,13 +131,15 @@ def _weight_gib(model: nn.Module) -> float:
 
 @torch.no_grad()
 def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: torch.Tensor, *,
-                   quantizer: str = "rtn", hessians=None, device: str = "cpu", progress: bool = True) -> list[dict]:
+                   quantizer: str = "rtn", hessians=None, device: str = "cpu", progress: bool = True,
+                   cache=None) -> list[dict]:
     """Perplexity and mean per-token KL(base ‖ plan) of each assignment (module name -> Option) on `windows`.
 
     In memory, one plan after another: each planned weight is replaced by its quantized-dequantized
     value (the values `apply` stores), everything else stays as loaded, and the original weights are
     restored at the end.  The base model's log-probabilities are computed once (`windows.numel() x
-    vocab` float32: keep the windows few).
+    vocab` float32: keep the windows few).  `cache` (an `executor.quantize.GPTQCache`) runs GPTQ once
+    per (module, option) over all the plans.
     """
     from bitplan.executor.quantize import quantize_dequantize
     from bitplan.profiler.kl import mean_kl
@@ -153,7 +155,7 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
                 W = originals[m.name]
                 opt = assignment[m.name]
                 H = hessians[m.name] if hessians is not None and opt.quantized else None
-                lin.weight.data = quantize_dequantize(W, opt, quantizer, H)
+                lin.weight.data = quantize_dequantize(W, opt, quantizer, H, cache=cache, name=m.name)
             nll, kl, count = 0.0, 0.0, 0
             for row, logp in zip(windows, base):
                 ids = row.unsqueeze(0).to(device)

@@ -51,11 +51,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Option, Plan
-from bitplan.executor.apply import (_replace_dir, _write_shards, apply_plan, check_plan_matches, check_quantizer)
-from bitplan.executor.quantize import QuantizedWeight, quantize
+from bitplan.executor.apply import (_replace_dir, _write_shards, apply_plan, check_plan_matches, check_quantizer,
+                                    quantized_weights)
+from bitplan.executor.quantize import GPTQCache, QuantizedWeight
 from bitplan.executor.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
                                       vllm_group)
 
@@ -128,14 +128,16 @@ def unpack_words(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
 def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
                 out_dir: str | Path, fmt: str = "bitplan", *, overwrite: bool = False, progress: bool = True,
                 quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                cache: GPTQCache | None = None,
                 storage_dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write `plan` applied to `model` in format `fmt` to `out_dir`, atomically; returns the folder."""
     check_format(fmt)
     if fmt == "bitplan":
         return apply_plan(plan, model, tokenizer, planned, out_dir, storage_dtype=storage_dtype,
-                          overwrite=overwrite, progress=progress, quantizer=quantizer, hessians=hessians)
+                          overwrite=overwrite, progress=progress, quantizer=quantizer, hessians=hessians,
+                          cache=cache)
     check_plan_matches(planned, plan)
-    check_quantizer(planned, plan, quantizer, hessians)
+    check_quantizer(planned, plan, quantizer, hessians, cache)
     modules = [m for m, _ in planned]
     with _atomic_dir(out_dir, overwrite) as tmp:
         if fmt == "llamacpp":
@@ -143,7 +145,7 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
         else:
             writer = partial(_gptq_tensors, v2=gptq_v2(plan)) if fmt == "gptqmodel" else _ct_tensors
             state = _base_state(model, planned, storage_dtype)
-            for module, linear, qw in _quantized(planned, plan, quantizer, hessians, progress):
+            for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
                 prefix = module.name
                 if qw is None:  # 16 bits: stored as in our own format
                     continue
@@ -193,17 +195,6 @@ def _base_state(model: nn.Module, planned, storage_dtype: torch.dtype) -> dict:
             seen.add(id(t))
             state[key] = (t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()).contiguous()
     return state
-
-
-def _quantized(planned, plan: Plan, quantizer: str, hessians, progress: bool):
-    """`(module, linear, QuantizedWeight or None)` one at a time, with the quantizer `apply` uses."""
-    for module, linear in tqdm(planned, desc=f"quantizing ({quantizer})", unit="module", disable=not progress):
-        option = plan.assignment[module.name]
-        if not option.quantized:
-            yield module, linear, None
-            continue
-        H = hessians[module.name] if quantizer == "gptq" else None
-        yield module, linear, quantize(linear.weight, option, quantizer, H)
 
 
 def _zeros(qw: QuantizedWeight) -> torch.Tensor:

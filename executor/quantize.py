@@ -189,12 +189,68 @@ def quantizer_settings(quantizer: str) -> dict:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.Tensor | None = None,
+class GPTQCache:
+    """GPTQ's result for each (module, option), kept so that one process runs GPTQ once per pair.
+
+    A profile with `--quantizer gptq` quantizes every module at every option; `apply` then quantizes
+    each plan's modules again, from the same `H`, and `compare --evaluate` every compared plan's.  On
+    the embedded model that is 840 GPTQ runs for the profile and up to 210 more per plan (`bitplan
+    demo`: 6 plans).  With one cache passed to all of them, the plans' GPTQ is a lookup.
+
+    One cache belongs to one model and one calibration text (the `H` its results came from), keyed by
+    module name: one per profile, whose id `claim` records (a second profile's use fails).  Codes are kept as uint8 on the CPU (a byte a weight and
+    option: 0.4 GB for SmolLM2's 4 options); past `max_bytes` results are computed and not kept.
+    `hessians` is where a caller that had to collect `H` for misses leaves it for the next caller.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._kept: dict[tuple, QuantizedWeight] = {}
+        self.hessians: dict[str, torch.Tensor] | None = None
+        self.profile_id: str | None = None
+
+    def claim(self, profile_id: str) -> GPTQCache:
+        if self.profile_id not in (None, profile_id):
+            raise ValueError(f"this GPTQ cache holds results of profile {self.profile_id}, not {profile_id}")
+        self.profile_id = profile_id
+        return self
+
+    @staticmethod
+    def _key(name: str, option: Option, params: dict) -> tuple:
+        return name, option, tuple(sorted({**quantizer_settings("gptq"), **params}.items()))
+
+    def has(self, name: str, option: Option, **gptq_params) -> bool:
+        return self._key(name, option, gptq_params) in self._kept
+
+    def gptq(self, name: str, W: torch.Tensor, H: torch.Tensor | None, option: Option,
              **gptq_params) -> QuantizedWeight:
-    """`rtn(W, option)` or `gptq(W, H, option, **gptq_params)`; GPTQ needs `H`."""
+        key = self._key(name, option, gptq_params)
+        kept = self._kept.get(key)
+        if kept is not None:
+            return QuantizedWeight(q=kept.q.to(W.device, torch.int32), scales=kept.scales.to(W.device),
+                                   zeros=None if kept.zeros is None else kept.zeros.to(W.device, torch.int32),
+                                   option=option)
+        if H is None:
+            raise ValueError(f"the gptq quantizer needs the input statistics H of {name}")
+        qw = gptq(W, H, option, **gptq_params)
+        size = qw.q.numel() + 2 * qw.scales.numel() + (0 if qw.zeros is None else qw.zeros.numel())
+        if self.bytes + size <= self.max_bytes:
+            self._kept[key] = QuantizedWeight(q=qw.q.to("cpu", torch.uint8), scales=qw.scales.cpu(),
+                                              zeros=None if qw.zeros is None else qw.zeros.to("cpu", torch.uint8),
+                                              option=option)
+            self.bytes += size
+        return qw
+
+
+def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.Tensor | None = None, *,
+             cache: GPTQCache | None = None, name: str | None = None, **gptq_params) -> QuantizedWeight:
+    """`rtn(W, option)` or `gptq(W, H, option, **gptq_params)`; GPTQ needs `H`, unless `cache` holds module
+    `name`'s result (RTN is cheaper than a lookup and never cached)."""
     if quantizer == "rtn":
         return rtn(W, option)
     if quantizer == "gptq":
+        if cache is not None:
+            return cache.gptq(name, W, H, option, **gptq_params)
         if H is None:
             raise ValueError("the gptq quantizer needs the module's input statistics H")
         return gptq(W, H, option, **gptq_params)
@@ -202,9 +258,9 @@ def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.T
 
 
 def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
-                        H: torch.Tensor | None = None, **gptq_params) -> torch.Tensor:
+                        H: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
-    device, where the quantizer runs (GPTQ brings `H` there)."""
+    device, where the quantizer runs (GPTQ brings `H` there); `kwargs` as `quantize`'s."""
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
-    return quantize(W, option, quantizer, H, **gptq_params).dequantize(W.dtype)
+    return quantize(W, option, quantizer, H, **kwargs).dequantize(W.dtype)

@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
 
 def estimator_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--estimator", choices=["fisher", "hessian", "kl", "calibrated", "hutchinson", "imatrix"],
-                   help="error estimator (default fisher): fisher (Fisher-weighted ΔW², one backward pass), "
+                   help="error estimator (default calibrated): fisher (Fisher-weighted ΔW², one backward pass), "
                         "hessian (layer-output error, forward only), kl (measured: quantize one module at a "
                         "time and measure KL to the base model; modules x options forward passes, 512 tokens), "
                         "calibrated (fisher, each module's row rescaled to KL measured at its two lowest "
@@ -184,8 +184,9 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--imatrix", metavar="PATH",
                    help="a llama.cpp imatrix.gguf (or legacy .dat) of this model, for --estimator imatrix (implied): "
                         "each module's H diagonal is its in_sum2/counts; the file's hash goes into the profile id")
-    c.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
-                   help="where each option's ΔW comes from; apply uses the same one (default rtn)")
+    c.add_argument("--quantizer", choices=["rtn", "gptq"],
+                   help="where each option's ΔW comes from; apply uses the same one (default gptq: with the "
+                        "profile's H, act-order, damp 0.1; rtn: round to nearest, needs no H)")
 
 
 def plan_options(c: argparse.ArgumentParser) -> None:

@@ -32,19 +32,20 @@ EVAL_WINDOW = 512
 
 
 def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_size: int | None = 64,
-                estimator: str | None = None, quantizer: str = "rtn", calib: str | None = None,
+                estimator: str | None = None, quantizer: str | None = None, calib: str | None = None,
                 tokens: int | None = None, seq_len: int | None = None, device: str | None = None,
                 force: bool = False, loaded=None, progress: bool = True, latency: str | None = None,
                 latency_batches: str | Sequence[int] | None = None, resume: bool = False,
-                imatrix: str | None = None) -> Profile:
+                imatrix: str | None = None, cache=None) -> Profile:
     """Profile `source` (or reuse the stored profile of the same model, text and settings).
 
     What is finished is kept in `profile_work_dir` until the profile is stored; `resume` continues
     from there (profiler/profile.py `error_table` says what each estimator resumes), otherwise an
     earlier run's unfinished work is discarded.
 
-    `quantizer` (`rtn`, `gptq`) is where each option's ΔW comes from; `apply` uses the same one for
-    plans of this profile.
+    `quantizer` (`rtn`, `gptq`; default `profiler.profile.DEFAULT_QUANTIZER`) is where each option's ΔW
+    comes from; `apply` uses the same one for plans of this profile.  `cache` (an
+    `executor.quantize.GPTQCache`) keeps the profile's GPTQ results for `run_apply` in this process.
 
     `imatrix`: a llama.cpp importance matrix for `estimator="imatrix"` (implied when no estimator is
     given); its content hash is part of the profile's estimator name and id.
@@ -72,6 +73,7 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
     if imatrix and estimator not in (None, "imatrix"):
         raise InvalidInput(f"--imatrix is read by --estimator imatrix only, not {estimator}")
     estimator = estimator or ("imatrix" if imatrix else prof.DEFAULT_ESTIMATOR)
+    quantizer = quantizer or prof.DEFAULT_QUANTIZER
     name = prof.estimator_name(estimator, quantizer, imatrix)  # a missing imatrix fails before the model loads
     calib, tokens = calib or CALIB, tokens or prof.DEFAULT_TOKENS
     seq_len, device = seq_len or prof.DEFAULT_SEQ_LEN, device or prof.default_device()
@@ -80,6 +82,8 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
         loaded = load_model(source)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
     pid = prof.profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device)
+    if cache is not None:
+        cache.claim(pid)
     if not force:
         try:
             stored = store.get_profile(pid)
@@ -95,7 +99,8 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             log.info("discarding the unfinished work in %s (--resume continues it)", work)
             shutil.rmtree(work)
     profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib, n_tokens=tokens,
-                                 seq_len=seq_len, device=device, progress=progress, work_dir=work, imatrix=imatrix)
+                                 seq_len=seq_len, device=device, progress=progress, work_dir=work, imatrix=imatrix,
+                                 cache=cache)
     saved = store.save_profile(profile)
     shutil.rmtree(work, ignore_errors=True)
     return saved
@@ -112,7 +117,7 @@ def profile_work_dir(store: Store, pid: str) -> Path:
     return Path(platformdirs.user_data_dir("bitplan")) / "work" / pid
 
 
-def run_validate(source: str, *, options: str = "2,3,4,8", group_size: int | None = 64, quantizer: str = "rtn",
+def run_validate(source: str, *, options: str = "2,3,4,8", group_size: int | None = 64, quantizer: str | None = None,
                  calib: str | None = None, tokens: int | None = None, seq_len: int | None = None,
                  device: str | None = None, layers: Sequence[int] | None = None, progress: bool = True,
                  estimators: Sequence[str] = ("hessian", "fisher"), imatrix: str | None = None) -> dict:
@@ -123,10 +128,11 @@ def run_validate(source: str, *, options: str = "2,3,4,8", group_size: int | Non
     """
     from bitplan.profiler.model import check_causal_lm, load_model
     from bitplan.profiler.kl import DEFAULT_KL_TOKENS
-    from bitplan.profiler.profile import (DEFAULT_SEQ_LEN, DEFAULT_TOKENS, ESTIMATOR_NAMES, default_device,
-                                          estimator_name)
+    from bitplan.profiler.profile import (DEFAULT_QUANTIZER, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, ESTIMATOR_NAMES,
+                                          default_device, estimator_name)
     from bitplan.profiler.validate import validate
 
+    quantizer = quantizer or DEFAULT_QUANTIZER
     for e in estimators:  # an unknown name or a missing imatrix fails before the model loads
         if e not in ESTIMATOR_NAMES:
             raise InvalidInput(f"unknown estimator {e!r} to validate; choose from {sorted(ESTIMATOR_NAMES)}")
@@ -317,6 +323,8 @@ def run_compare(store: Store, profile: Profile | str, budgets: str | Sequence[st
 
 def _evaluate_rows(store: Store, profile: Profile, rows: list[dict], tokens: int, loaded, progress: bool) -> None:
     from bitplan.executor.evaluate import evaluate_plans
+    from bitplan.executor.quantize import GPTQCache
+    from bitplan.profiler import profile as prof
     from bitplan.profiler.model import planned_linears
 
     done = [r for r in rows if r["plan_id"]]
@@ -327,10 +335,10 @@ def _evaluate_rows(store: Store, profile: Profile, rows: list[dict], tokens: int
     plans = [store.get_plan(r["plan_id"]) for r in done]
     quantizer, hessians = plan_quantizer(store, plans[0]), None
     if quantizer == "gptq":
-        hessians = gptq_hessians(loaded, profile, planned, progress=progress)
+        hessians = prof.gptq_hessians(loaded, profile, planned, progress=progress)
     windows = eval_windows(loaded.tokenizer, tokens=tokens, window=min(EVAL_WINDOW, tokens))
     measured = evaluate_plans(loaded.model, planned, [p.assignment for p in plans], windows.ids, quantizer=quantizer,
-                              hessians=hessians, progress=progress)
+                              hessians=hessians, progress=progress, cache=GPTQCache().claim(profile.id))
     for row, m in zip(done, measured):
         row.update(m)
 
@@ -345,10 +353,16 @@ def write_json(obj: dict, path: str | Path) -> Path:
 
 
 def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: bool = False, loaded=None,
-              progress: bool = True, fmt: str = "bitplan") -> Path:
+              progress: bool = True, fmt: str = "bitplan", cache=None) -> Path:
     """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:
-    executor/export.py)."""
+    executor/export.py).
+
+    `cache` (an `executor.quantize.GPTQCache` of the plan's profile): GPTQ results it holds are not
+    computed again, and the `H` collected for those it lacks is kept in it for the next plan.
+    """
+    from bitplan.executor.apply import missing_hessians
     from bitplan.executor.export import check_format, export_plan
+    from bitplan.profiler import profile as prof
     from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
 
     check_format(fmt)
@@ -361,11 +375,16 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
         check_causal_lm(plan.model.source)
         loaded = load_model(plan.model.source)
     planned = planned_linears(loaded.model)
-    quantizer, hessians = plan_quantizer(store, plan), None
-    if quantizer == "gptq":
-        hessians = gptq_hessians(loaded, store.get_profile(plan.profile_id), planned, progress=progress)
+    quantizer = plan_quantizer(store, plan)
+    hessians = None
+    if cache is not None:
+        hessians = cache.claim(plan.profile_id).hessians
+    if missing_hessians(planned, plan, quantizer, hessians, cache):
+        hessians = prof.gptq_hessians(loaded, store.get_profile(plan.profile_id), planned, progress=progress)
+        if cache is not None:
+            cache.hessians = hessians
     return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
-                       progress=progress, quantizer=quantizer, hessians=hessians)
+                       progress=progress, quantizer=quantizer, hessians=hessians, cache=cache)
 
 
 def plan_quantizer(store: Store, plan: Plan) -> str:
@@ -377,22 +396,6 @@ def plan_quantizer(store: Store, plan: Plan) -> str:
     except NotFound:
         log.warning("profile %s of plan %s is not in %s: applying with rtn", plan.profile_id, plan.id, store.url)
         return "rtn"
-
-
-def gptq_hessians(loaded, profile: Profile, planned, *, device: str | None = None, progress: bool = True):
-    """`H` of every planned module on the profile's own calibration tokens, for GPTQ at apply time.
-
-    A profile made before its sequence length was recorded gets sequences of the default length (H
-    sums over tokens; only attention context differs).
-    """
-    from bitplan.profiler.calibration import token_batches
-    from bitplan.profiler.profile import DEFAULT_SEQ_LEN, default_device
-    from bitplan.profiler.stream import collect_hessians
-
-    calib = profile.calibration
-    seq_len = calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens)
-    batches, _ = token_batches(loaded.tokenizer, calib.name, calib.n_tokens, seq_len)
-    return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
 
 @dataclass
@@ -468,14 +471,16 @@ def _stored_plan_id(store: Store, plan_id: str | None) -> str | None:
 
 
 def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
-             allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, quantizer: str = "rtn",
+             allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, quantizer: str | None = None,
              tokens: int | None = None, eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs",
              progress: bool = True, imatrix: str | None = None) -> list[dict]:
     """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
 
     Returns one row per (budget, allocator) plus the unquantized baseline, each with its stored ids.
+    GPTQ runs once per (module, option): the profile's results are kept for the applies (`GPTQCache`).
     """
     from bitplan.executor.load import load_quantized
+    from bitplan.executor.quantize import GPTQCache
     from bitplan.profiler.model import check_causal_lm, load_model
 
     for b in budgets:
@@ -485,8 +490,9 @@ def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] =
     loaded = load_model(source)
     log.info("loaded %s in %.0f s", source, time.perf_counter() - t0)
     t0 = time.perf_counter()
+    cache = GPTQCache()
     profile = run_profile(store, source, estimator=estimator, quantizer=quantizer, tokens=tokens, loaded=loaded,
-                          progress=progress, imatrix=imatrix)
+                          progress=progress, imatrix=imatrix, cache=cache)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
     windows = eval_windows(loaded.tokenizer, tokens=eval_tokens)
     t0 = time.perf_counter()
@@ -499,7 +505,8 @@ def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] =
         for allocator in allocators:
             t0 = time.perf_counter()
             plan = run_plan(store, profile, budget, allocator)
-            out = run_apply(store, plan, Path(out_dir) / plan.id, overwrite=True, loaded=loaded, progress=progress)
+            out = run_apply(store, plan, Path(out_dir) / plan.id, overwrite=True, loaded=loaded, progress=progress,
+                            cache=cache)
             model, _, _ = load_quantized(out)
             ev = run_eval(store, str(out), model=model, windows=windows, plan_id=plan.id, progress=progress)
             rows.append({"budget": budget, "allocator": allocator, "bits_per_weight": plan.bits_per_weight,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bitplan.db.types import Module, Option
+from bitplan.executor.quantize import GPTQCache
 from bitplan.profiler.kl import kl_table
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int]) -> tuple
 def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
               cheap: np.ndarray, batches: torch.Tensor, *, points: int = DEFAULT_POINTS, quantizer: str = "rtn",
               device: str = "cpu", progress: bool = True,
-              hessian_batches: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+              hessian_batches: torch.Tensor | None = None,
+              cache: GPTQCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
 
     `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
@@ -78,7 +80,7 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     if not cols:
         return np.asarray(cheap, float), np.ones(len(planned))
     measured = kl_table(model, planned, [options[i] for i in cols], batches, quantizer=quantizer, device=device,
-                        progress=progress, hessian_batches=hessian_batches)
+                        progress=progress, hessian_batches=hessian_batches, cache=cache)
     out, alpha = rescale(cheap, measured, cols)
     log.info("calibrated %d modules at %s: alpha median %.3g, range %.3g..%.3g", len(planned),
              [options[i].label for i in cols], np.median(alpha), alpha.min(), alpha.max())

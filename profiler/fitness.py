@@ -21,8 +21,8 @@
 - **Counting**: `tokens_used` counts every token of every forward pass (a replay from block l counts
   its row's tokens in full).
 
-RTN variants only (what a `fisher` / `hessian` / `kl` profile measured); GPTQ variants would need
-each module's input statistics and are refused with a one-line error.
+Variants come from the quantizer the profile measured ΔW with: RTN, or GPTQ with each module's `H`
+collected once from the profile's own calibration tokens (one streamed pass, as `apply` does).
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class VariantStore:
     """Every module's weight at every option: packed codes kept, dequantized tensors in a bounded LRU."""
 
     def __init__(self, weights: Sequence[torch.Tensor], options: Sequence[Option],
-                 cache_mib: float = DEFAULT_CACHE_MIB):
+                 cache_mib: float = DEFAULT_CACHE_MIB, quantizer: str = "rtn",
+                 hessians: Sequence[torch.Tensor] | None = None):
         self.weights, self.options = list(weights), list(options)
+        self.quantizer, self.hessians = quantizer, hessians  # GPTQ: each module's H, as `apply` has it
         self.packed: dict[tuple[int, int], tuple] = {}
         self.cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.cache_bytes, self.max_bytes = 0, int(cache_mib * 2**20)
@@ -63,7 +65,7 @@ class VariantStore:
         self.quantized += 1
         if not opt.quantized or opt.bits not in reference.SHARDS:
             return ("dense", W.detach().to(torch.bfloat16))  # what a 16-bit option stores
-        qw = quantize(W.detach(), opt)
+        qw = quantize(W.detach(), opt, self.quantizer, None if self.hessians is None else self.hessians[m])
         return ("packed", reference.pack(qw.q.T.contiguous(), opt.bits), qw.scales.T.contiguous(),
                 None if qw.zeros is None else qw.zeros.T.contiguous(), opt.bits, qw.group_size, W.shape[1])
 
@@ -104,14 +106,14 @@ class KLFitness:
 
     def __init__(self, model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: Sequence[Option],
                  fitness_ids: torch.Tensor, heldout_ids: torch.Tensor, *, device: str = "cpu",
-                 chunk: int = 128,
-                 cache_mib: float = DEFAULT_CACHE_MIB, describe: dict | None = None):
+                 chunk: int = 128, cache_mib: float = DEFAULT_CACHE_MIB, describe: dict | None = None,
+                 quantizer: str = "rtn", hessians: Sequence[torch.Tensor] | None = None):
         if fitness_ids.ndim != 2 or heldout_ids.ndim != 2 or fitness_ids.shape[1] != heldout_ids.shape[1]:
             raise InvalidInput("fitness and held-out tokens must be [rows, tokens] with one row length")
         self.model, self.planned, self.device, self.chunk = model, planned, device, chunk
         self.linears = [lin for _, lin in planned]
         self.original = [lin.weight.data for lin in self.linears]
-        self.store = VariantStore(self.original, options, cache_mib)
+        self.store = VariantStore(self.original, options, cache_mib, quantizer, hessians)
         n_layers = model.config.num_hidden_layers
         # a module outside the blocks (an untied lm_head) changes only what follows the last block
         self.layer = np.array([n_layers if m.layer is None else m.layer for m, _ in planned], dtype=np.int64)
@@ -206,12 +208,9 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
                            heldout_tokens: int = DEFAULT_HELDOUT_TOKENS, row_tokens: int = DEFAULT_ROW_TOKENS,
                            device: str = "cpu", cache_mib: float = DEFAULT_CACHE_MIB) -> KLFitness:
     """The KL oracle of `profile`'s modules on its loaded model, on text after the profile's calibration."""
-    from bitplan.profiler.profile import parse_estimator_name
+    from bitplan.profiler.profile import gptq_hessians, parse_estimator_name
 
     _, quantizer = parse_estimator_name(profile.estimator)
-    if quantizer != "rtn":
-        raise InvalidInput(f"profile {profile.id} measured {quantizer} variants; the evolutionary allocator "
-                           f"assembles RTN variants only: profile with the rtn quantizer")
     if profile.model.fingerprint and loaded.ref.fingerprint != profile.model.fingerprint:
         raise InvalidInput(f"the model at {profile.model.source or profile.model.name} is not the one "
                            f"profile {profile.id} was measured on (fingerprints differ)")
@@ -224,6 +223,11 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
         raise InvalidInput(f"profile {profile.id} records no calibration text to draw fitness tokens from")
     fit, held = token_splits(loaded.tokenizer, spec, profile.calibration.n_tokens, fitness_tokens,
                              heldout_tokens, row_tokens)
-    return KLFitness(loaded.model, [planned[m.name] for m in profile.modules], profile.options, fit, held,
-                     device=device, cache_mib=cache_mib,
-                     describe={"text": spec, "skip_tokens": profile.calibration.n_tokens})
+    planned = [planned[m.name] for m in profile.modules]
+    hessians = None
+    if quantizer == "gptq":  # the variants are the ones `apply` writes: GPTQ from H of the profile's tokens
+        H = gptq_hessians(loaded, profile, planned, device=device)
+        hessians = [H[m.name] for m, _ in planned]
+    return KLFitness(loaded.model, planned, profile.options, fit, held, device=device, cache_mib=cache_mib,
+                     describe={"text": spec, "skip_tokens": profile.calibration.n_tokens},
+                     quantizer=quantizer, hessians=hessians)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import Module, Option
-from bitplan.executor.quantize import quantize_dequantize
+from bitplan.executor.quantize import GPTQCache, quantize_dequantize
 from bitplan.profiler.model import decoder_layers
 from bitplan.profiler.stream import _Replay, _Skip, outside_hessians, stream_blocks
 
@@ -124,13 +124,15 @@ class Replayer:
 @torch.no_grad()
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
              batches: torch.Tensor, *, quantizer: str = "rtn", device: str = "cpu", chunk: int = 128,
-             progress: bool = True, hessian_batches: torch.Tensor | None = None) -> np.ndarray:
+             progress: bool = True, hessian_batches: torch.Tensor | None = None,
+             cache: GPTQCache | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
     With `quantizer="gptq"` the blocks are streamed once more to collect each module's `H`, on
     `hessian_batches` (default `batches`): KL measured on a few tokens must use the ΔW that GPTQ makes
     from the whole calibration text, the one the other estimators and `apply` use, not a GPTQ fitted
-    to the few tokens it is then measured on.
+    to the few tokens it is then measured on.  Where `cache` holds every module's result (`calibrated`
+    after the Fisher table's GPTQ) nothing is streamed or quantized again.
     """
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
@@ -145,7 +147,7 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
             W = lin.weight.data
             Hm = None if H is None else H[m.name]
             for o, opt in enumerate(options):
-                lin.weight.data = quantize_dequantize(W, opt, quantizer, Hm)
+                lin.weight.data = quantize_dequantize(W, opt, quantizer, Hm, cache=cache, name=m.name)
                 try:
                     # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks
                     first = len(replayer.layers) if m.layer is None else m.layer
@@ -155,7 +157,9 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
                 bar.update()
 
     try:
-        if quantizer == "gptq":
+        cached = cache is not None and all(cache.has(m.name, o) for m, _ in planned
+                                                   for o in options if o.quantized)
+        if quantizer == "gptq" and not cached:
             hb = batches if hessian_batches is None else hessian_batches
             stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, H), device,
                           progress=False)

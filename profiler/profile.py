@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
-from bitplan.executor.quantize import QUANTIZERS, quantize_dequantize, quantizer_settings
+from bitplan.executor.quantize import QUANTIZERS, GPTQCache, quantize_dequantize, quantizer_settings
 from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
@@ -25,7 +25,9 @@ from bitplan.profiler.stream import BlockCheckpoint, outside_hessians, stream_bl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ESTIMATOR = "fisher"  # measured on the embedded model: README, "Choosing the estimator"
+# the best plans measured on the embedded model and on tiny-Mixtral: README, "Choosing the estimator"
+DEFAULT_ESTIMATOR = "calibrated"
+DEFAULT_QUANTIZER = "gptq"
 DEFAULT_OPTIONS = "2,3,4,8"
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
@@ -65,7 +67,7 @@ def profile_model(
     options: list[Option],
     *,
     estimator: str = DEFAULT_ESTIMATOR,
-    quantizer: str = "rtn",
+    quantizer: str = DEFAULT_QUANTIZER,
     calib: str = CALIB,
     n_tokens: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -73,6 +75,7 @@ def profile_model(
     progress: bool = True,
     work_dir: str | Path | None = None,
     imatrix: str | Path | None = None,
+    cache: GPTQCache | None = None,
 ) -> Profile:
     """Measure `error[module, option]` with `estimator` on `n_tokens` of `calib`; sizes are exact.
 
@@ -88,6 +91,7 @@ def profile_model(
     `diag(H)` (profiler/imatrix.py); the calibration text then gives only ΔW's GPTQ `H` and MoE routing.
 
     `work_dir` keeps what is finished so that a rerun with the same folder resumes (`error_table`).
+    `cache` keeps every GPTQ result for the applies of this profile's plans in the same process.
     """
     if estimator not in ESTIMATOR_NAMES:
         raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATOR_NAMES)}")
@@ -108,18 +112,18 @@ def profile_model(
         stats = hutchinson_traces(model, batches, planned, device, progress)
     if estimator == "kl":
         error = kl_table(model, planned, options, batches, quantizer=quantizer, device=device,
-                         progress=progress)
+                         progress=progress, cache=cache)
     elif estimator == "calibrated":
         error = error_table(model, planned, options, batches, "fisher", quantizer, device, progress,
-                            work_dir=work_dir)
+                            work_dir=work_dir, cache=cache)
         # the KL points on the first sequences of the same text, as many as `kl` would measure on
         rows = max(1, DEFAULT_KL_TOKENS // batches.shape[1])
         # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
         error, _ = calibrate(model, planned, options, error, batches[:rows], quantizer=quantizer, device=device,
-                             progress=progress, hessian_batches=batches)
+                             progress=progress, hessian_batches=batches, cache=cache)
     else:
         error = error_table(model, planned, options, batches, estimator, quantizer, device, progress,
-                            work_dir=work_dir, stats=stats)
+                            work_dir=work_dir, stats=stats, cache=cache)
     modules = [m if m.name not in fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
         modules = moe.with_routing(modules, routing_stats(model, batches, device, progress))
@@ -155,7 +159,8 @@ def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu",
 
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
                 estimator: str, quantizer: str = "rtn", device: str = "cpu",
-                progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None) -> np.ndarray:
+                progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None,
+                cache: GPTQCache | None = None) -> np.ndarray:
     """`[modules, options]` error of a cheap estimator (`hessian`, `fisher`), ΔW from `quantizer`.
 
     With `work_dir` an interrupted table resumes: a streamed pass (`hessian`; the GPTQ `H` of any
@@ -179,7 +184,7 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
             W = lin.weight.detach()
             Hm = None if H is None else H[m.name].cpu()
             for j, opt in enumerate(options):
-                dW = quantize_dequantize(W, opt, quantizer, Hm) - W
+                dW = quantize_dequantize(W, opt, quantizer, Hm, cache=cache, name=m.name) - W
                 error[index[m.name], j] = estimate(dW, stats[m.name].cpu(), n)
 
     outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head: not in any block
@@ -201,6 +206,22 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
     if outside:
         fill(outside, F, outside_hessians(model, batches, outside, device, progress))
     return error
+
+
+def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Module, nn.Linear]], *,
+                  device: str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """`H` of every planned module on the profile's own calibration tokens, for GPTQ after profiling
+    (`apply`, `compare --evaluate`, the evolutionary search's variants).
+
+    A profile made before its sequence length was recorded gets sequences of the default length (H
+    sums over tokens; only attention context differs).
+    """
+    from bitplan.profiler.stream import collect_hessians
+
+    calib = profile.calibration
+    seq_len = calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens)
+    batches, _ = token_batches(loaded.tokenizer, calib.name, calib.n_tokens, seq_len)
+    return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
 
 def default_device() -> str:

@@ -94,3 +94,23 @@ def test_three_dim_input_keeps_leading_dims():
     got = run(x, packed, scales, zeros, bits, group, K)
     assert got.shape == (2, 3, N)
     check(got, reference.matmul(x.float(), packed, scales, zeros, bits, group, K))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
+def test_dequantize_then_matmul(bits, symmetric):
+    """The large-batch candidate: the weight dequantized in one launch (equal to the reference's, to the
+    rounding of the output dtype), then a dense matmul."""
+    from bitplan.kernels.matmul import dequantize
+
+    M, K, N, group = 3, 200, 40, 64
+    packed, scales, zeros = packed_weight(K, N, bits, group, symmetric, seed=4)
+    pz = None if zeros is None else [t.to(DEVICE) for t in reference.pack(zeros, bits)]
+    q = [t.to(DEVICE) for t in packed]
+    z = pz or [scales.to(DEVICE)]
+    got = dequantize(q[0], q[-1], scales.to(DEVICE), z[0], z[-1], K, bits, group, symmetric, torch.float32)
+    want = reference.dequantize(packed, scales, zeros, bits, group, K)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+    x = torch.randn(M, K).half()
+    check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config={"DEQUANT": True}),
+          reference.matmul(x.float(), packed, scales, zeros, bits, group, K))

@@ -36,10 +36,10 @@ def test_points_are_the_lowest_quantized_widths():
 def test_calibrated_profile_equals_kl_at_its_points(tiny_checkpoint, text_file):
     loaded = load_model(str(tiny_checkpoint))
     opts = parse_options("2,3,4")
-    fisher = profile_model(loaded, opts, estimator="fisher", calib=str(text_file), n_tokens=128, seq_len=64,
-                           progress=False)
-    cal = profile_model(loaded, opts, estimator="calibrated", calib=str(text_file), n_tokens=128, seq_len=64,
-                        progress=False)
+    fisher = profile_model(loaded, opts, estimator="fisher", calib=str(text_file), n_tokens=128,
+                           quantizer="rtn", seq_len=64, progress=False)
+    cal = profile_model(loaded, opts, estimator="calibrated", calib=str(text_file), n_tokens=128,
+                        quantizer="rtn", seq_len=64, progress=False)
     assert cal.estimator == "calibrated" and cal.id != fisher.id
     batches, _ = token_batches(loaded.tokenizer, str(text_file), 128, 64)
     rows = max(1, DEFAULT_KL_TOKENS // 64)

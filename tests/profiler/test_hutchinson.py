@@ -76,8 +76,8 @@ def test_clamp_keeps_every_estimate_positive(caplog):
 def test_profile_with_hutchinson(kind, tiny_checkpoint, moe_checkpoint, text_file):
     loaded = load_model(str(tiny_checkpoint if kind == "llama" else moe_checkpoint("mixtral")))
     options = parse_options("2,3,4,8")
-    p = profile_model(loaded, options, estimator="hutchinson", calib=str(text_file), n_tokens=128, seq_len=64,
-                      progress=False)
+    p = profile_model(loaded, options, estimator="hutchinson", calib=str(text_file), n_tokens=128,
+                      quantizer="rtn", seq_len=64, progress=False)
     planned = planned_linears(loaded.model)
     assert p.estimator == "hutchinson" and [m.name for m in p.modules] == [m.name for m, _ in planned]
     assert np.all(np.isfinite(p.error)) and np.all(p.error > 0)

@@ -103,7 +103,8 @@ def test_imatrix_error_is_hessian_with_diagonal_H(case, text_file, tmp_path):
     model = loaded.model
     path = write_imatrix(tmp_path / "imatrix.gguf", collect_imatrix(model, batches, planned_linears(model),
                                                                     progress=False))
-    p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file), n_tokens=TOKENS,
+    p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file),
+                      quantizer="rtn", n_tokens=TOKENS,
                       seq_len=SEQ, progress=False)
     assert p.estimator == f"imatrix:{fingerprint(path)[:16]}"
     n = batches.numel()
@@ -124,7 +125,8 @@ def test_profile_id_follows_the_imatrix_content(llama, text_file, tmp_path):
     a = write_imatrix(tmp_path / "a.gguf", entries)
     entries["blk.0.attn_q.weight"].in_sum2 *= 4
     b = write_imatrix(tmp_path / "b.gguf", entries)
-    kw = dict(estimator="imatrix", calib=str(text_file), n_tokens=TOKENS, seq_len=SEQ, progress=False)
+    kw = dict(estimator="imatrix", quantizer="rtn", calib=str(text_file), n_tokens=TOKENS, seq_len=SEQ,
+              progress=False)
     pa, pb = profile_model(loaded, OPTIONS, imatrix=a, **kw), profile_model(loaded, OPTIONS, imatrix=b, **kw)
     assert pa.id != pb.id and pa.estimator != pb.estimator
     np.testing.assert_allclose(pb.error[0], 4 * pa.error[0], rtol=1e-6)  # q_proj of layer 0 comes first
@@ -177,7 +179,8 @@ def test_expert_without_tokens_gets_the_fallback(moe_checkpoint, text_file, tmp_
     n = batches.numel()
     want = e.in_sum2[hot].sum(0) / e.counts[hot].sum() * e.counts[hot].min() / n
     np.testing.assert_allclose(d[fallback[0]].numpy(), want, rtol=1e-6)
-    p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file), n_tokens=TOKENS,
+    p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file),
+                      quantizer="rtn", n_tokens=TOKENS,
                       seq_len=SEQ, progress=False)
     flagged = {m.name for m in p.modules if m.fallback}
     assert fallback[0] in flagged and np.all(p.error > 0)
@@ -274,7 +277,7 @@ def test_cli_profile_with_imatrix(llama, good_entries, tiny_checkpoint, text_fil
     monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
     path = write_imatrix(tmp_path / "imatrix.gguf", good_entries)
     common = ["profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", str(TOKENS), "--seq-len",
-              str(SEQ), "-q"]
+              str(SEQ), "--quantizer", "rtn", "-q"]
     assert main([*common, "--imatrix", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["estimator"] == f"imatrix:{fingerprint(path)[:16]}" and len(out["modules"]) == 14

@@ -49,8 +49,8 @@ def test_streamed_hessians_equal_a_whole_model_pass(loaded):
 @pytest.mark.parametrize("estimator", ["hessian", "fisher"])
 def test_profile_tables(loaded, text_file, estimator):
     options = parse_options("2,3,4,8")
-    p = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64,
-                      progress=False)
+    p = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256,
+                      quantizer="rtn", seq_len=64, progress=False)
     planned = planned_linears(loaded.model)
     assert [m.name for m in p.modules] == [m.name for m, _ in planned] and len(p.modules) == 14
     assert p.error.shape == p.size_bits.shape == (14, 4)
@@ -61,8 +61,8 @@ def test_profile_tables(loaded, text_file, estimator):
     assert np.all(p.error[:, 0] > 0)
     assert p.fixed_bits == fixed_bits(loaded.model, planned) > 0
     assert p.calibration.n_tokens == 256 and p.estimator == estimator
-    again = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64,
-                          progress=False)
+    again = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256,
+                          quantizer="rtn", seq_len=64, progress=False)
     assert again.id == p.id and np.allclose(again.error, p.error)
 
 

@@ -22,7 +22,7 @@ def test_gptq_profile(loaded, text_file, estimator):
     """GPTQ's ΔW: recorded in the estimator name (so a new id), and below RTN's layer-output error."""
     options = parse_options("2,3,4,8")
     kw = dict(estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64, progress=False)
-    rtn = profile_model(loaded, options, **kw)
+    rtn = profile_model(loaded, options, quantizer="rtn", **kw)
     gptq = profile_model(loaded, options, quantizer="gptq", **kw)
     assert rtn.estimator == estimator and gptq.estimator == f"{estimator}/gptq" and gptq.id != rtn.id
     assert gptq.error.shape == rtn.error.shape and np.all(gptq.error[:, 0] > 0)
@@ -48,10 +48,10 @@ def test_gptq_settings_are_part_of_the_profile_id(loaded, text_file, monkeypatch
     options = parse_options("2,4")
     kw = dict(estimator="hessian", calib=str(text_file), n_tokens=128, seq_len=64, progress=False)
     before = profile_model(loaded, options, quantizer="gptq", **kw)
-    rtn = profile_model(loaded, options, **kw)
+    rtn = profile_model(loaded, options, quantizer="rtn", **kw)
     monkeypatch.setattr(quantize.gptq, "__kwdefaults__", {**quantize.gptq.__kwdefaults__, "damp": 0.01})
     assert quantize.quantizer_settings("gptq")["damp"] == 0.01
     after = profile_model(loaded, options, quantizer="gptq", **kw)
     assert after.id != before.id and after.estimator == before.estimator
     assert not np.allclose(after.error, before.error)  # the setting really reached the quantizer
-    assert profile_model(loaded, options, **kw).id == rtn.id
+    assert profile_model(loaded, options, quantizer="rtn", **kw).id == rtn.id

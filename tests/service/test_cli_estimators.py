@@ -22,10 +22,11 @@ def run_cli(capsys, *argv):
 
 def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_path, capsys):
     common = ["--calib", str(text_file), "--tokens", "256", "--seq-len", "64", "--json", "-q"]
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--quantizer", "gptq", *common)
+    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "fisher", *common)
     assert code == 0
-    gptq = json.loads(out)
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), *common)
+    gptq = json.loads(out)  # GPTQ is the default quantizer
+    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "fisher", "--quantizer", "rtn",
+                           *common)
     rtn = json.loads(out)
     assert gptq["estimator"] == "fisher/gptq" and rtn["estimator"] == "fisher" and gptq["id"] != rtn["id"]
     # GPTQ's ΔW is smaller in the metric it optimises, so its predicted errors differ from RTN's
@@ -42,8 +43,8 @@ def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_p
 
 
 def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, capsys):
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "kl", "--options", "2,4",
-                           "--calib", str(text_file), "--tokens", "64", "--seq-len", "32", "--json", "-q")
+    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "kl", "--quantizer", "rtn",
+                           "--options", "2,4", "--calib", str(text_file), "--tokens", "64", "--seq-len", "32", "--json", "-q")
     assert code == 0
     kl = json.loads(out)
     assert kl["estimator"] == "kl"

@@ -1,0 +1,104 @@
+"""`GPTQCache`: a profile's GPTQ results reused by the applies of its plans, with identical checkpoints."""
+
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitplan.db.store import Store
+from bitplan.db.types import Option
+from bitplan.executor import quantize
+from bitplan.executor.quantize import GPTQCache
+from bitplan.planner.workflow import run_apply, run_plan, run_profile
+from bitplan.profiler import profile as prof
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return Store(f"sqlite:///{tmp_path / 'bitplan.db'}")
+
+
+def counting(monkeypatch) -> list:
+    calls = []
+    real = quantize.gptq
+
+    @functools.wraps(real)  # its keyword defaults stay visible: they are part of profile ids and cache keys
+    def gptq(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "gptq", gptq)
+    return calls
+
+
+def tensors(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_applies_reuse_the_profile_s_gptq_and_write_the_same_checkpoint(store, tiny_checkpoint, text_file,
+                                                                         tmp_path, monkeypatch):
+    kw = dict(estimator="fisher", quantizer="gptq", calib=str(text_file), tokens=256, seq_len=64, progress=False)
+    cache = GPTQCache()
+    calls = counting(monkeypatch)
+    profile = run_profile(store, str(tiny_checkpoint), cache=cache, **kw)
+    assert len(calls) == 14 * 4 and cache.profile_id == profile.id  # every module at every option, once
+    plans = [run_plan(store, profile, b) for b in ("3bpw", "4bpw")]
+    for plan in plans:
+        run_apply(store, plan, tmp_path / f"cached-{plan.id}", cache=cache, progress=False)
+    assert len(calls) == 14 * 4 and cache.hessians is None  # no GPTQ, no H collected again
+    for plan in plans:  # without the cache: H collected again, GPTQ run again, the same bytes
+        run_apply(store, plan, tmp_path / f"fresh-{plan.id}", progress=False)
+        cached, fresh = tensors(tmp_path / f"cached-{plan.id}"), tensors(tmp_path / f"fresh-{plan.id}")
+        assert cached.keys() == fresh.keys()
+        for key in cached:
+            torch.testing.assert_close(cached[key], fresh[key], rtol=0, atol=0)
+    assert len(calls) == 14 * 4 + sum(o.quantized for p in plans for o in p.assignment.values())
+
+
+def test_a_reused_profile_collects_h_once_for_all_its_plans(store, tiny_checkpoint, text_file, tmp_path,
+                                                            monkeypatch):
+    kw = dict(estimator="fisher", quantizer="gptq", calib=str(text_file), tokens=256, seq_len=64, progress=False)
+    profile = run_profile(store, str(tiny_checkpoint), **kw)  # stored; the next call reuses it
+    cache = GPTQCache()
+    assert run_profile(store, str(tiny_checkpoint), cache=cache, **kw).id == profile.id
+    collected = []
+    real = prof.gptq_hessians
+
+    def gptq_hessians(*args, **kwargs):
+        collected.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prof, "gptq_hessians", gptq_hessians)
+    for b in ("3bpw", "3.5bpw", "4bpw"):
+        run_apply(store, run_plan(store, profile, b), tmp_path / b, cache=cache, progress=False)
+    assert len(collected) == 1 and cache.hessians is not None
+
+
+def test_a_cache_serves_one_profile_and_keys_by_settings():
+    cache = GPTQCache().claim("prof-a")
+    with pytest.raises(ValueError, match="holds results of profile prof-a"):
+        cache.claim("prof-b")
+    W, H = torch.randn(8, 64), torch.eye(64) + 0.1
+    opt = Option(bits=3)
+    first = quantize.quantize(W, opt, "gptq", H, cache=cache, name="m")
+    assert cache.has("m", opt) and not cache.has("m", opt, damp=0.01) and not cache.has("m", Option(bits=4))
+    again = quantize.quantize(W, opt, "gptq", None, cache=cache, name="m")  # a hit needs no H
+    assert torch.equal(again.q, first.q) and torch.equal(again.scales, first.scales)
+    with pytest.raises(ValueError, match="needs the input statistics H of m"):
+        quantize.quantize(W, opt, "gptq", None, cache=cache, name="m", damp=0.01)
+    full = GPTQCache(max_bytes=0)
+    quantize.quantize(W, opt, "gptq", H, cache=full, name="m")
+    assert not full.has("m", opt) and full.bytes == 0  # past max_bytes: computed, not kept
+
+
+def test_calibrated_measures_its_kl_points_on_the_fisher_table_s_gptq(store, tiny_checkpoint, text_file,
+                                                                      monkeypatch):
+    kw = dict(estimator="calibrated", quantizer="gptq", calib=str(text_file), tokens=256, seq_len=64,
+              progress=False)
+    plain = run_profile(store, str(tiny_checkpoint), **kw)
+    calls = counting(monkeypatch)
+    cached = run_profile(store, str(tiny_checkpoint), cache=GPTQCache(), force=True, **kw)
+    assert len(calls) == 14 * 4  # the KL points at 2 and 3 bits quantize nothing again
+    assert cached.id == plain.id
+    torch.testing.assert_close(torch.tensor(cached.error), torch.tensor(plain.error), rtol=1e-6, atol=0)
