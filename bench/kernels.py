@@ -11,8 +11,10 @@ timed (what a serving engine's decode graph sees).  Times are medians over repla
 
     python bench/kernels.py                       # all shapes, 2/3/4/8 bits, batch 1,2,16,64,256
     python bench/kernels.py --shapes smollm2 --bits 4 --batches 1
+    python bench/kernels.py --shapes llama3-8b.gate_up --bits 4 --batches 256 --all-configs
 
-Prints a table and writes JSON (`--output`, default bench/results/kernels.json).
+Prints a table and writes JSON (`--output`, default bench/results/kernels.json).  `--all-configs` times
+every configuration the tuner chooses among instead (and bf16 beside them): what its space offers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import triton
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import _TUNED, matmul, tuning_bucket
+from bitplan.kernels.matmul import _TUNED, CONFIGS, GEMV_MAX_M, _sm_count, matmul, tuning_bucket
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -95,6 +97,37 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[d
     return rows
 
 
+def all_configs(shapes, bits_list, batches, group, regime, save) -> list[dict]:
+    """Every candidate of the tuner for each product, cold, beside torch bf16."""
+    rows = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(2 * N * K))]
+        for bits in bits_list:
+            weight = random_packed(N, K, bits, group)
+            nbytes = sum(t.numel() * t.element_size() for t in [*weight[0], weight[1], *weight[2]])
+            copies = [weight] + [clone_packed(weight) for _ in range(copies_for(nbytes) - 1)]
+            for M in batches:
+                kind = regime or ("gemv" if M <= GEMV_MAX_M else "tiled")
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                t_bf16 = cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
+                print(f"{name} {bits}b M={M} {kind}: torch bf16 {t_bf16:.1f} us", flush=True)
+                for cfg in CONFIGS[kind](M, N, K, bits, group, _sm_count(x.device)):
+                    try:
+                        t = cold_time_us([lambda c=c, cfg=cfg: matmul(x, *c, bits, group, K, config=cfg, regime=kind)
+                                          for c in copies])
+                    except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects is reported
+                        t, cfg = float("nan"), dict(cfg, error=type(e).__name__)
+                    rows.append(dict(shape=name, N=N, K=K, bits=bits, batch=M, regime=kind, config=cfg, ours_us=t,
+                                     bf16_us=t_bf16, vs_bf16=t_bf16 / t))
+                    print(f"  {t:8.1f} us  x{t_bf16 / t:5.2f} bf16  {cfg}", flush=True)
+            del copies
+            save(rows)
+        del dense
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated prefixes of: " + ", ".join(SHAPES))
@@ -103,6 +136,7 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--regime", choices=["gemv", "tiled"], default=None, help="force one kernel (default: dispatch)")
     ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
+    ap.add_argument("--all-configs", action="store_true", help="time every configuration of the tuner's space")
     ap.add_argument("--output", default="bench/results/kernels.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -121,8 +155,12 @@ def main():
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         tmp.replace(out)
 
-    rows = run(shapes, [int(b) for b in args.bits.split(",")], [int(b) for b in args.batches.split(",")],
-               args.group_size, args.regime, save, not args.no_compare)
+    bits, batches = [int(b) for b in args.bits.split(",")], [int(b) for b in args.batches.split(",")]
+    if args.all_configs:
+        save(all_configs(shapes, bits, batches, args.group_size, args.regime, save))
+        print(f"wrote {out}")
+        return
+    rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare)
     print(f"\n{'shape':>18} {'bits':>4} {'batch':>5} {'ours us':>8} {'GB/s':>6} {'floor/ours':>10} "
           f"{'bf16/ours':>9}")
     for r in rows:

@@ -37,6 +37,7 @@ from bitplan.kernels.reference import shards
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 4  # above, the tiled kernel: a gemv program per 16 rows measured 3x slower (bench/kernels.py)
+DEQUANT_MIN_M = 64  # from here the tuner also times dequantize-then-cuBLAS (`tiled_configs`)
 
 
 @triton.jit
@@ -293,6 +294,38 @@ def _tiled_kernel(
            mask_m[:, None] & mask_n[None, :], stride_ym, N, SPLIT_K, ATOMIC)
 
 
+@triton.jit
+def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, w_ptr, N, K,
+                    stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_w,
+                    GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`W.T [K, N]` in `w_ptr`'s dtype: every K row reads its own word (rows sharing a word meet in L1)."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask = (rk < K) & (rn < N)
+    c = _unpack(q0_ptr, rk, rn, stride_q0, mask, W0)
+    if W1 > 0:
+        c = (c << W1) | _unpack(q1_ptr, rk, rn, stride_q1, mask, W1)
+    g = rk // GROUP
+    scale = tl.load(s_ptr + g * stride_s + rn, mask=mask, other=0.0).to(tl.float32)
+    z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask, W0, W1, SYMMETRIC)
+    tl.store(w_ptr + rk * stride_w + rn, ((c - z).to(tl.float32) * scale).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(q0, q1, scales, z0, z1, K: int, bits: int, group: int, symmetric: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """`W.T [K, N]` from `matmul`'s packed arguments (`reference.dequantize` in one launch)."""
+    widths = shards(bits)
+    N = scales.shape[1]
+    w = torch.empty(K, N, device=scales.device, dtype=dtype)
+    block_k, block_n = 32, 128
+    _dequant_kernel[(triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
+        q0, q1, scales, z0, z1, w, N, K, q0.stride(0), q1.stride(0), scales.stride(0), z0.stride(0), z1.stride(0),
+        w.stride(0), GROUP=group, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric,
+        BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return w
+
+
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -353,6 +386,10 @@ def tiled_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> li
         for gather in (False, True):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GATHER=gather,
                             num_warps=warps, num_stages=stages))
+    if M >= DEQUANT_MIN_M:
+        # the whole weight dequantized to x's dtype, then cuBLAS: a temporary of one layer in 16 bits, and the
+        # tuner keeps it only where it beats the fused tiles (as exllama's kernels do for large batches)
+        out.append(dict(out[0], DEQUANT=True))
     return out
 
 
@@ -383,7 +420,10 @@ def workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Te
 
 def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symmetric, cfg) -> torch.Tensor:
     widths = shards(bits)
+    if cfg.get("DEQUANT"):
+        return x2 @ dequantize(q0, q1, scales, z0, z1, K, bits, group, symmetric, x2.dtype)
     cfg = dict(cfg)
+    cfg.pop("DEQUANT", None)
     split = cfg.pop("SPLIT_K")
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     common = dict(W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric, ATOMIC=split > 1)
