@@ -10,7 +10,9 @@ GPU memory, for the quantized model and the twin alternately (`executor.evaluate
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
     python bench/decode.py --layers 32 --bits 4
 
-Prints a table and writes JSON (`--output`, default bench/results/decode.json).
+Prints a table and writes JSON (`--output`, default bench/results/decode.json).  Each row also splits one
+eager batch-1 decode step's GPU time (torch.profiler) between the linears (our kernels; cuBLAS in the
+twin) and everything else (attention, norms, rotary, sampling): what a faster linear can still win.
 """
 
 from __future__ import annotations
@@ -49,6 +51,33 @@ def quantize_all(model: torch.nn.Module, option: Option) -> None:
         model.set_submodule(module.name, ql.to("cuda"))
 
 
+LINEAR_KERNELS = ("_gemv_kernel", "_tiled_kernel", "_moe", "_dequant_kernel", "gemm", "nvjet", "cutlass", "xmma")
+
+
+@torch.no_grad()
+def step_breakdown(model: torch.nn.Module, vocab: int, prompt: int = 512) -> dict:
+    """GPU microseconds of one eager decode step at batch 1 after `prompt` tokens: linears vs the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.cuda()
+    ids = torch.randint(0, vocab, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    out = model(ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(3):  # compile and tune outside the profile
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(token, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+    split = {"linear_us": 0.0, "other_us": 0.0}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel (or memcpy/memset) on the GPU
+            split["linear_us" if any(k in e.name for k in LINEAR_KERNELS) else "other_us"] += e.time_range.elapsed_us()
+    model.cpu()
+    torch.cuda.empty_cache()
+    return split
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -74,6 +103,10 @@ def main():
         with torch.no_grad():
             got, want = model(probe).logits.float(), twin(probe).logits.float()
         rel = float((got - want).norm() / want.norm())
+        step = {"model": step_breakdown(model, args.vocab), "bf16": step_breakdown(twin, args.vocab)}
+        print(f"{bits} bits, one eager step at batch 1 (GPU us): linears {step['model']['linear_us']:.0f} + other "
+              f"{step['model']['other_us']:.0f}; bf16 twin {step['bf16']['linear_us']:.0f} + "
+              f"{step['bf16']['other_us']:.0f}", flush=True)
         del twin
         report = speed_report(model, batches)
         for b, r in report["batches"].items():
@@ -82,7 +115,7 @@ def main():
                              tokens_per_s=r["model"]["decode_tokens_per_s"],
                              bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
                              peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
-                             cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"]))
+                             cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"], step_batch1_us=step))
             x = rows[-1]
             print(f"{bits} bits batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 {x['bf16_tokens_per_s']:8.1f} "
                   f"(x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs {x['bf16_peak_gib']:.2f} GiB  "

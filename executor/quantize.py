@@ -117,7 +117,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, option: Option, *, damp: float = 0.1,
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
-    H = H.detach().to(dev, torch.float64).clone()
+    # H as float32 values, whatever dtype it came in: the profile streams H in float64 and `apply` keeps it in
+    # float32 (`collect_hessians`), and both must give the same codes (a GPTQCache hit equals a fresh apply)
+    H = H.detach().to(dev, torch.float32).to(torch.float64)
     gs = option.group_size or K
     G = -(-K // gs)
 

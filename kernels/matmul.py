@@ -15,7 +15,11 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
 - **tiled** (M > 4).  The packed words of a `BLOCK_K x BLOCK_N` tile are loaded once and expanded
   to codes in K order, which feed `tl.dot` as exact integers in the activation dtype; when the tile
   lies inside one group, scale and zero are applied to the dot's result (same identity as above),
-  else per weight.  Split-K for small M, plain output tiles for large M.
+  else per weight.  Split-K for small M, plain output tiles for large M.  From 64 rows the tuner also
+  tries scale and zero applied to the weight tile (`SCALE_W`: the dot then accumulates in place) and
+  dequantize-then-cuBLAS (`DEQUANT`).  Nsight Compute at 256 rows: Triton lowers this mixed-input dot
+  to mma.sync, not wgmma, at 255 registers a thread (one program per SM), tensor pipe 24-26 % busy
+  (bench/results/ncu_tiled_4bit_b256.txt), so at 256 rows it reaches about half of cuBLAS bf16.
 
 Split-K partial sums meet in a workspace that the last program of each output tile drains (`_store`),
 so every product is one launch.
@@ -226,11 +230,13 @@ def _tiled_kernel(
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    GATHER: tl.constexpr = False,
+    GATHER: tl.constexpr = False, SCALE_W: tl.constexpr = False,
 ):
     P0: tl.constexpr = 32 // W0
-    # a tile inside one group takes its scale and zero after the dot, once per output instead of per weight
-    ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0
+    # A tile inside one group takes its scale and zero after the dot, once per output instead of per weight.
+    # With SCALE_W it takes them on the weight tile instead (per weight, amortised over BLOCK_M rows), so that
+    # the dot accumulates into `acc` in place and the tensor cores' K loop is not cut at every tile: large M.
+    ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0 and not SCALE_W
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -281,15 +287,19 @@ def _tiled_kernel(
             xs = tl.sum(x.to(tl.float32), axis=1)
             acc += (d - xs[:, None] * z) * scale
         else:
-            g = rk // GROUP
-            mask_kn = (rk < K)[:, None] & mask_n[None, :]
+            if GROUP % BLOCK_K == 0:  # one scale row for the tile
+                g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
+                mask_kn = mask_n[None, :]
+            else:
+                g = rk // GROUP
+                mask_kn = (rk < K)[:, None] & mask_n[None, :]
             scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask_kn, other=0.0).to(tl.float32)
             z = _zeros(z0_ptr, z1_ptr, g[:, None], rn[None, :], stride_z0, stride_z1, mask_kn, W0, W1, SYMMETRIC)
             w = (c - z).to(tl.float32) * scale
             if DOT_FP32:
-                acc += tl.dot(x.to(tl.float32), w)
+                acc = tl.dot(x.to(tl.float32), w, acc)
             else:
-                acc += tl.dot(x, w.to(x.dtype))
+                acc = tl.dot(x, w.to(x.dtype), acc)
     _store(y_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, acc, rm[:, None], rn[None, :],
            mask_m[:, None] & mask_n[None, :], stride_ym, N, SPLIT_K, ATOMIC)
 
@@ -381,12 +391,15 @@ def tiled_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> li
         shapes = ((64, 64, block_k, 4, 3), (64, 128, block_k, 4, 3), (128, 128, block_k, 8, 3),
                   (128, 256, min(block_k, 64), 8, 3), (128, 128, min(block_k, 64), 4, 4))
     out = []
+    large = M >= DEQUANT_MIN_M
     for bm, bn, bk, warps, stages in shapes:
         split = _split(-(-K // bk), -(-M // bm) * -(-N // bn), sms) if M <= 64 else 1
-        for gather in (False, True):
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GATHER=gather,
-                            num_warps=warps, num_stages=stages))
-    if M >= DEQUANT_MIN_M:
+        base = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GATHER=False, num_warps=warps,
+                    num_stages=stages)
+        # at 64 and 256 rows GATHER never won, and SCALE_W beat the plain tile on all 4 products measured, by
+        # 1.03-1.37x (bench/results/configs_tiled_v2.json)
+        out += [base, dict(base, SCALE_W=True)] if large else [base, dict(base, GATHER=True)]
+    if large:
         # the whole weight dequantized to x's dtype, then cuBLAS: a temporary of one layer in 16 bits, and the
         # tuner keeps it only where it beats the fused tiles (as exllama's kernels do for large batches)
         out.append(dict(out[0], DEQUANT=True))

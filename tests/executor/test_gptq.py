@@ -157,3 +157,14 @@ def test_gptq_runs_where_the_weight_is(opt):
     assert (cuda.q.cpu() == cpu.q).float().mean() > 0.99
     e_cpu, e_cuda = output_error(W, cpu.dequantize(), H), output_error(W, cuda.dequantize().cpu(), H)
     assert e_cuda == pytest.approx(e_cpu, rel=5e-3)
+
+
+def test_h_counts_as_its_float32_values():
+    """The profile streams H in float64, `apply` keeps it in float32: both must give the same codes (a float64
+    GPTQ flips a few of them on rounding differences this small)."""
+    X, _ = correlated(2048, 512, seed=5)
+    H = X.double().T @ X.double()  # float64 sums, as the profile's streamed pass makes them
+    assert not torch.equal(H, H.float().double())
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(6))
+    a, b = gptq(W, H, Option(bits=2)), gptq(W, H.float(), Option(bits=2))
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)

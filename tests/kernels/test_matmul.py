@@ -64,15 +64,19 @@ def test_split_k_sums_every_slice(regime, bits):
         check(run(x, packed, scales, zeros, bits, group, K, regime=regime, config={"SPLIT_K": split}), want)
 
 
+@pytest.mark.parametrize("variant", [{"GATHER": True}, {"SCALE_W": True}, {"SCALE_W": True, "BLOCK_K": 32},
+                                     {"SCALE_W": True, "BLOCK_K": 64}], ids=["gather", "scale_w", "scale_w-k32",
+                                                                         "scale_w-k64"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
 @pytest.mark.parametrize("group", [32, 64])
-def test_tiled_gather_loads(bits, group):
-    """The tiled kernel's other way of reading codes (one word load per K row) gives the same product."""
+def test_tiled_variants(bits, group, variant):
+    """The tiled kernel's other ways give the same product: one word load per K row (`GATHER`), scale and zero
+    applied to the weight tile before an accumulating dot (`SCALE_W`; with tiles smaller than the group too)."""
     M, K, N = 5, 200, 24
     packed, scales, zeros = packed_weight(K, N, bits, group, False, seed=3)
     x = torch.randn(M, K).half()
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
-    check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config={"GATHER": True}), want)
+    check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config=variant), want)
 
 
 @pytest.mark.parametrize("K", [256, 200])
