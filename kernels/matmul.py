@@ -11,7 +11,8 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
   quantization group; a thread holds all its word rows for a few adjacent outputs (their loads issue
   together, the sum over rows stays in registers), and scale and zero are applied once per tile and
   output.  Codes are turned into floats where they lie in the word, the zero taken off in the same
-  instruction (`_shard_dot`): about three instructions per weight.  Split-K keeps every SM busy.
+  instruction (`_shard_dot`): about three instructions per weight.  Three bits (shards of 2 and 1) go
+  in one pass, the code built as a float from both shards (`_pair_dot`).  Split-K keeps every SM busy.
 - **tiled** (M > 4).  The packed words of a `BLOCK_K x BLOCK_N` tile are loaded once and expanded
   to codes in K order, which feed `tl.dot` as exact integers in the activation dtype; when the tile
   lies inside one group, scale and zero are applied to the dot's result (same identity as above),
@@ -135,6 +136,73 @@ def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
 
 
 @triton.jit
+def _field(words, shift: tl.constexpr, bits: tl.constexpr):
+    """`bits` bits of `words` from bit `shift`, with float32's exponent of 2^23 or'ed in (see `_shard_dot`)."""
+    return ((words >> shift) & ((1 << bits) - 1)) | 0x4B000000
+
+
+@triton.jit
+def _pair_code(f2, p2: tl.constexpr, f1, p1: tl.constexpr):
+    """The 3-bit code `2·c2 + c1` as an exact float, from the 2-bit code at bits `2·p2` of field `f2` and the
+    1-bit code at bit `p1` of `f1` (fields from `_field`): two LOP3 and two FFMA.  `a = 2^23 + c2·2^(2p2)`
+    and `b = 2^23 + c1·2^p1`; `b·2^-p1 - (2^(23-p1) + 2^(24-2p2)) = c1 - 2^(24-2p2)` and
+    `a·2^(1-2p2)` + that `= 2·c2 + c1`, every step exact (no intermediate needs more than 24 bits)."""
+    a = (f2 & ((3 << (2 * p2)) | 0x4B000000)).to(tl.float32, bitcast=True)
+    b = (f1 & ((1 << p1) | 0x4B000000)).to(tl.float32, bitcast=True)
+    low = b * (1.0 / (1 << p1)) - ((1 << (23 - p1)) + (1 << (24 - 2 * p2)))
+    return a * (2.0 / (1 << (2 * p2))) + low
+
+
+@triton.jit
+def _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_shard_dot` for 3 bits in one pass over both shards: `Σ_k x[m, k]·(c[k, n] - zero[n])` with
+    `c = 2·c2 + c1` built as a float per weight (`_pair_code`), so that each activation is loaded, and each
+    product accumulated, once (two passes cost 8.0-9.5 instructions a weight: bench/results/ncu_kernels_v4.txt).
+    A 1-bit word row covers 32 K rows, two 2-bit word rows the same 32; the zero comes off as `zero·Σx`."""
+    R: tl.constexpr = BLOCK_K // 32
+    rows = tl.arange(0, R)[None, :, None]
+    r1 = k0 // 32 + rows
+    r2 = k0 // 16 + 2 * rows
+    if EVEN_K:
+        w1 = tl.load(q1_ptr + r1 * stride_q1 + rn, mask=mask_n, other=0)
+        w2a = tl.load(q0_ptr + r2 * stride_q0 + rn, mask=mask_n, other=0)
+        w2b = tl.load(q0_ptr + (r2 + 1) * stride_q0 + rn, mask=mask_n, other=0)
+    else:
+        w1 = tl.load(q1_ptr + r1 * stride_q1 + rn, mask=(r1 * 32 < K) & mask_n, other=0)
+        w2a = tl.load(q0_ptr + r2 * stride_q0 + rn, mask=(r2 * 16 < K) & mask_n, other=0)
+        w2b = tl.load(q0_ptr + (r2 + 1) * stride_q0 + rn, mask=((r2 + 1) * 16 < K) & mask_n, other=0)
+    # fields below float32's exponent bits: 11 2-bit codes and 23 1-bit codes each, the rest shifted down once
+    f1_lo, f1_hi = _field(w1, 0, 23), _field(w1, 23, 9)
+    fa_lo, fa_hi, fb_lo, fb_hi = _field(w2a, 0, 22), _field(w2a, 22, 10), _field(w2b, 0, 22), _field(w2b, 22, 10)
+    x_row = x_ptr + rm * stride_xm + k0 + rows * 32
+    x_left = K - k0 - rows * 32
+    xq = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, R, 1), dtype=tl.float32)
+    for j in tl.static_range(32):
+        if j < 23:
+            f1 = f1_lo
+        else:
+            f1 = f1_hi
+        if j < 11:
+            f2 = fa_lo
+        elif j < 16:
+            f2 = fa_hi
+        elif j < 27:
+            f2 = fb_lo
+        else:
+            f2 = fb_hi
+        c = _pair_code(f2, (j % 16) % 11, f1, j % 23)
+        if EVEN_K:
+            x = tl.load(x_row + j).to(tl.float32)
+        else:
+            x = tl.load(x_row + j, mask=j < x_left, other=0.0).to(tl.float32)
+        xs += x
+        xq += x * c
+    return tl.sum(xq, axis=1, keep_dims=True) - tl.sum(xs, axis=1, keep_dims=True) * zero
+
+
+@triton.jit
 def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, t_lo, t_hi,
                stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
                GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -155,11 +223,15 @@ def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, 
         k0 = t * BLOCK_K
         g = k0 // GROUP
         zh, zl = _zero_shards(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC)
-        d = _shard_dot(q0_ptr, stride_q0, x_ptr, rm, stride_xm, k0, rn, mask_n, zh.to(tl.float32), K, W0,
-                       BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
-        if W1 > 0:
-            d = d * (1 << W1) + _shard_dot(q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
-                                           zl.to(tl.float32), K, W1, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+        if W0 == 2 and W1 == 1:
+            d = _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
+                          ((zh << 1) | zl).to(tl.float32), K, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+        else:
+            d = _shard_dot(q0_ptr, stride_q0, x_ptr, rm, stride_xm, k0, rn, mask_n, zh.to(tl.float32), K, W0,
+                           BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+            if W1 > 0:
+                d = d * (1 << W1) + _shard_dot(q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
+                                               zl.to(tl.float32), K, W1, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
         acc += tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32) * d
     return tl.sum(acc, axis=1)
 
