@@ -20,7 +20,7 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
   tries scale and zero applied to the weight tile (`SCALE_W`: the dot then accumulates in place) and
   dequantize-then-cuBLAS (`DEQUANT`).  Nsight Compute at 256 rows: Triton lowers this mixed-input dot
   to mma.sync, not wgmma, at 255 registers a thread (one program per SM), tensor pipe 24-26 % busy
-  (bench/results/ncu_tiled_4bit_b256.txt), so at 256 rows it reaches about half of cuBLAS bf16.
+  (bench/results/ncu_kernels_v4.txt), so at 256 rows it reaches about half of cuBLAS bf16.
 
 Split-K partial sums meet in a workspace that the last program of each output tile drains (`_store`),
 so every product is one launch.
