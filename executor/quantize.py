@@ -200,8 +200,9 @@ class GPTQCache:
     demo`: 6 plans).  With one cache passed to all of them, the plans' GPTQ is a lookup.
 
     One cache belongs to one model and one calibration text (the `H` its results came from), keyed by
-    module name: one per profile, whose id `claim` records (a second profile's use fails).  Codes are kept as uint8 on the CPU (a byte a weight and
-    option: 0.4 GB for SmolLM2's 4 options); past `max_bytes` results are computed and not kept.
+    module name: one per profile, whose id `claim` records (a second profile's use fails).  Codes are kept
+    as uint8 on the CPU (a byte a weight and option: 0.4 GB for SmolLM2's 4 options); past `max_bytes`
+    results are computed and not kept.
     `hessians` is where a caller that had to collect `H` for misses leaves it for the next caller.
     """
 

@@ -91,6 +91,12 @@ def _code_dot(xq, xs, field, j: tl.constexpr, k: tl.constexpr, x_row, x_left, ze
 
 
 @triton.jit
+def _field(words, shift: tl.constexpr, bits: tl.constexpr):
+    """`bits` bits of `words` from bit `shift`, with float32's exponent of 2^23 or'ed in (see `_shard_dot`)."""
+    return ((words >> shift) & ((1 << bits) - 1)) | 0x4B000000
+
+
+@triton.jit
 def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
                W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                EVEN_K: tl.constexpr):
@@ -123,22 +129,16 @@ def _shard_dot(q_ptr, stride_q, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
     x_left = K - k0 - rows * P
     xq = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
     xs = tl.zeros((BLOCK_M, R, 1), dtype=tl.float32)
-    low = (words & ((1 << (L * W)) - 1)) | 0x4B000000
+    low = _field(words, 0, L * W)
     for j in tl.static_range(L):
         xq, xs = _code_dot(xq, xs, low, j, j, x_row, x_left, zero, W, IN_CONVERSION, EVEN_K)
-    high = (words >> (L * W)) & ((1 << (32 - L * W)) - 1) | 0x4B000000
+    high = _field(words, L * W, 32 - L * W)
     for j in tl.static_range(P - L):
         xq, xs = _code_dot(xq, xs, high, j, L + j, x_row, x_left, zero, W, IN_CONVERSION, EVEN_K)
     d = tl.sum(xq, axis=1, keep_dims=True)
     if not IN_CONVERSION:
         d -= tl.sum(xs, axis=1, keep_dims=True) * zero
     return d
-
-
-@triton.jit
-def _field(words, shift: tl.constexpr, bits: tl.constexpr):
-    """`bits` bits of `words` from bit `shift`, with float32's exponent of 2^23 or'ed in (see `_shard_dot`)."""
-    return ((words >> shift) & ((1 << bits) - 1)) | 0x4B000000
 
 
 @triton.jit
@@ -308,7 +308,8 @@ def _tiled_kernel(
     # A tile inside one group takes its scale and zero after the dot, once per output instead of per weight.
     # With SCALE_W it takes them on the weight tile instead (per weight, amortised over BLOCK_M rows), so that
     # the dot accumulates into `acc` in place and the tensor cores' K loop is not cut at every tile: large M.
-    ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0 and not SCALE_W
+    IN_GROUP: tl.constexpr = GROUP % BLOCK_K == 0
+    ONE_GROUP: tl.constexpr = IN_GROUP and not SCALE_W
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -359,7 +360,7 @@ def _tiled_kernel(
             xs = tl.sum(x.to(tl.float32), axis=1)
             acc += (d - xs[:, None] * z) * scale
         else:
-            if GROUP % BLOCK_K == 0:  # one scale row for the tile
+            if IN_GROUP:  # one scale row for the tile
                 g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
                 mask_kn = mask_n[None, :]
             else:
