@@ -10,17 +10,20 @@ GPU memory, for the quantized model and the twin alternately (`executor.evaluate
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
     python bench/decode.py --layers 32 --bits 4
 
-Prints a table and writes JSON (`--output`, default bench/results/decode.json).  Each row also splits one
+Prints a table and writes JSON (`--out`, default bench/results/decode.json).  Each row also splits one
 eager batch-1 decode step's GPU time (torch.profiler) between the linears (our kernels; cuBLAS in the
 twin) and everything else (attention, norms, rotary, sampling): what a faster linear can still win.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import torch
 
@@ -78,8 +81,13 @@ def step_breakdown(model: torch.nn.Module, vocab: int, prompt: int = 512) -> dic
     return split
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+COLUMNS = [("bits", "bits", "d"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
+           ("bf16 tok/s", "bf16_tokens_per_s", ".1f"), ("vs bf16", "speedup_vs_bf16", ".2f"),
+           ("peak GiB", "peak_gib", ".2f"), ("bf16 GiB", "bf16_peak_gib", ".2f")]
+
+
+def main(argv=None):
+    ap = harness.parser("decode", __doc__, quick={"layers": 2, "bits": "4", "batches": "1"})
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--layers", type=int, default=16)
@@ -89,10 +97,10 @@ def main():
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--output", default="bench/results/decode.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
+    meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
@@ -122,18 +130,8 @@ def main():
                   f"graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}", flush=True)
         del model
         torch.cuda.empty_cache()
-    print(f"\n{'bits':>4} {'batch':>5} {'tok/s':>8} {'bf16 tok/s':>10} {'vs bf16':>7} {'peak GiB':>8} {'bf16 GiB':>8}")
-    for r in rows:
-        print(f"{r['bits']:>4} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {r['bf16_tokens_per_s']:>10.1f} "
-              f"{r['speedup_vs_bf16']:>7.2f} {r['peak_gib']:>8.2f} {r['bf16_peak_gib']:>8.2f}")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-                config={k: v for k, v in vars(args).items() if k != "output"})
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(harness.table(rows, COLUMNS, title=""))
+    harness.done(harness.write_result(args.out, {"rows": rows}, meta))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         [--granularity module|expert|layer|layer_experts] [--generations 20] [--offspring 12]
         [--patience 8] [--time-limit S] [--fitness-tokens 1024] [--heldout-tokens 1024]
         [--row-tokens 128] [--eval-tokens 8192] [--report-tokens N] [--also plan-a,plan-b]
-        [--out evolutionary.json]
+        [--out bench/results/evolutionary.json] [--quick]
 
 Needs a stored profile of the model (`bitplan profile smollm2-135m --db ...`).  `--granularity` ties
 modules into units exactly as `bitplan plan --granularity` does (`expert`: an expert's matrices share one
@@ -19,13 +19,22 @@ and `--report-tokens N` also reports every plan on the first N evaluation tokens
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import numpy as np
 
 from bitplan.planner.plan import GRANULARITIES
+
+QUICK = {"generations": 2, "offspring": 3, "patience": 0, "fitness_tokens": 256, "heldout_tokens": 128,
+         "row_tokens": 64, "eval_tokens": 1024}
 
 
 def evaluate_choices(oracle, model, windows, choices: dict) -> dict:
@@ -63,8 +72,11 @@ def summarize(per_window: dict, window: int, n_windows: int | None = None) -> di
     return res
 
 
+MEASURED = [("plan", "plan", "<"), ("perplexity", "perplexity", ".2f"), ("KL", "kl", ".4f"), ("tokens", "tokens", "d")]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser("evolutionary", __doc__, quick=QUICK)
     ap.add_argument("--db", required=True)
     ap.add_argument("--profile", required=True)
     ap.add_argument("--budget", default="3.5bpw")
@@ -84,12 +96,12 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, help="seconds of search")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", help="search state file (resume)")
-    ap.add_argument("--out", default="evolutionary.json")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (1 on a shared, busy machine)")
     args = ap.parse_args(argv)
+    import torch
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
+    meta = harness.metadata(args)
 
     from bitplan.db.store import Store
     from bitplan.db.types import Budget
@@ -150,11 +162,14 @@ def main(argv=None) -> int:
         n = max(1, args.report_tokens // window)
         row["measured_first"] = summarize(per_window, window, n)
     row.update(windows=per_window, history=result.info["history"])
-    bulky = ("history", "windows", "start_choice", "choice")
-    print(json.dumps({k: v for k, v in row.items() if k not in bulky},
-                     indent=2, default=str))
-    with open(args.out, "w") as f:
-        json.dump(row, f, indent=2, default=str)
+    bulky = ("history", "windows", "start_choice", "choice", "measured", "measured_first")
+    print(json.dumps({k: v for k, v in row.items() if k not in bulky}, indent=2, default=str))
+    for key, what in (("measured", ""), ("measured_first", "the first ")):
+        if key in row:
+            tokens = next(iter(row[key].values()))["tokens"]
+            print(harness.table([{"plan": name, **m} for name, m in row[key].items()], MEASURED,
+                                title=f"\nmeasured on {what}{tokens} tokens of {row['eval_text']}"))
+    harness.done(harness.write_result(args.out, row, meta))
     return 0
 
 

@@ -5,19 +5,23 @@ errors monotone in size on half and arbitrary on the other half, budget uniform 
 largest]. Exact solvers (`ilp` on each backend, with and without the Lagrangian reduction): how
 many equal `dp` (relative 1e-9, or within cpsat's reported rounding) and the largest deviation.
 Heuristics (`greedy`, and `closed_form` / `uniform` when registered): median and worst relative
-gap to `dp`'s optimum. Prints a table and writes JSON (`bench/results/exactness.json`, `--output`).
+gap to `dp`'s optimum. Prints a table and writes JSON (`bench/results/exactness.json`, `--out`).
 
     python bench/exactness.py [--problems 500] [--seed 0]
+    python bench/exactness.py --quick     # 20 problems
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import numpy as np
 
@@ -28,12 +32,17 @@ def random_problem(seed: int):
     return make(seed, max_units=12, max_options=7, max_size=40)
 
 
+COLUMNS = [("allocator", "label", "<"), ("kind", "kind", "<"), ("= dp", lambda r: f"{r['equal']}/{r['solved']}", ""),
+           ("status opt", "optimal_status", "d"), ("median gap", "median_gap", ".2e"),
+           ("worst gap", "worst_gap", ".2e"), ("ms/problem", "ms_per_problem", ".1f")]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser("exactness", __doc__, quick={"problems": 20})
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "exactness.json"))
     args = ap.parse_args(argv)
+    meta = harness.metadata(args)
 
     from bitplan.planner.allocators import ALLOCATORS
 
@@ -63,24 +72,18 @@ def main(argv=None) -> int:
             s["optimal_status"] += int(a.status == "optimal")
             s["devs"].append(dev)
 
-    head = f"{'allocator':<16}{'kind':<11}{'= dp':>9}{'status opt':>12}{'median gap':>12}{'worst gap':>12}{'ms/problem':>12}"
-    print(f"{args.problems} random problems (2-12 units x 2-7 options), {os.cpu_count()} cores")
-    print(head + "\n" + "-" * len(head))
     rows = []
     for label, s in stats.items():
         devs = np.array(s.pop("devs"))
         n = len(devs)
-        row = {"label": label, **s, "solved": n, "median_gap": float(np.median(devs)) if n else None,
-               "worst_gap": float(devs.max()) if n else None, "worst_abs_dev": float(np.abs(devs).max()) if n else None,
-               "ms_per_problem": 1e3 * s["seconds"] / max(n, 1)}
-        rows.append(row)
-        print(f"{label:<16}{s['kind']:<11}{s['equal']:>5}/{n:<3}{s['optimal_status']:>12}"
-              f"{row['median_gap']:>12.2e}{row['worst_gap']:>12.2e}{row['ms_per_problem']:>12.1f}")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"problems": args.problems, "seed": args.seed, "cpus": os.cpu_count(),
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+        rows.append({"label": label, **s, "solved": n, "median_gap": float(np.median(devs)) if n else None,
+                     "worst_gap": float(devs.max()) if n else None,
+                     "worst_abs_dev": float(np.abs(devs).max()) if n else None,
+                     "ms_per_problem": 1e3 * s["seconds"] / max(n, 1)})
+    print(harness.table(rows, COLUMNS, title=f"{args.problems} random problems (2-12 units x 2-7 options), "
+                                              f"{os.cpu_count()} cores"))
+    out = harness.write_result(args.out, {"problems": args.problems, "seed": args.seed, "rows": rows}, meta)
+    harness.done(out)
     return 0
 
 

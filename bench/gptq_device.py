@@ -5,18 +5,28 @@ Profiling with `--quantizer gptq` runs GPTQ for every (module, option); it runs 
 shapes given, and checks that both devices give the same codes (up to float rounding).
 
     python bench/gptq_device.py --shapes 576x1536,4096x4096,4096x14336 --bits 4
+
+Prints a table and writes JSON (`bench/results/gptq_device.json`, `--out`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import torch
 
 from bitplan.db.types import Option
 from bitplan.executor.quantize import gptq
+
+COLUMNS = [("N", "N", "d"), ("K", "K", "d"), ("cpu s", "cpu_s", ".2f"), ("gpu s", "gpu_s", ".2f"),
+           ("speedup", "speedup", ".1f"), ("same codes", "same_codes", ".4f"), ("cpu threads", "cpu_threads", "d")]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -28,12 +38,14 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser("gptq_device", __doc__, quick={"shapes": "576x1536"})
     ap.add_argument("--shapes", default="576x1536,4096x4096,4096x14336", help="NxK,... (out x in)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--output", default="bench/results/gptq_device.json")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gptq_device.py compares the CPU with a GPU: run it on a machine with CUDA")
+    meta = harness.metadata(args)
     opt = Option(bits=args.bits, group_size=args.group_size)
     rows = []
     for spec in args.shapes.split(","):
@@ -50,8 +62,8 @@ def main(argv=None) -> int:
                          speedup=t_cpu / t_gpu, same_codes=same, cpu_threads=torch.get_num_threads()))
         print(f"{N:>6}x{K:<6} cpu {t_cpu:8.2f} s  gpu {t_gpu:7.2f} s  (x{t_cpu / t_gpu:6.1f})  same codes {same:.4f}",
               flush=True)
-    with open(args.output, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    print(harness.table(rows, COLUMNS))
+    harness.done(harness.write_result(args.out, {"rows": rows}, meta))
     return 0
 
 

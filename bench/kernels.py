@@ -13,19 +13,22 @@ timed (what a serving engine's decode graph sees).  Times are medians over repla
     python bench/kernels.py --shapes smollm2 --bits 4 --batches 1
     python bench/kernels.py --shapes llama3-8b.gate_up --bits 4 --batches 256 --all-configs
 
-Prints a table and writes JSON (`--output`, default bench/results/kernels.json).  `--all-configs` times
-every configuration the tuner chooses among instead (and bf16 beside them): what its space offers.
+Prints a table and writes JSON (`--out`, default bench/results/kernels.json), after every shape and width
+so that a run cut short keeps its rows.  `--all-configs` times every configuration the tuner chooses among
+instead (and bf16 beside them): what its space offers.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
+
 import torch
-import triton
 
 from bitplan.kernels import reference
 from bitplan.kernels.matmul import _TUNED, CONFIGS, GEMV_MAX_M, _sm_count, matmul, tuning_bucket
@@ -128,8 +131,12 @@ def all_configs(shapes, bits_list, batches, group, regime, save) -> list[dict]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+COLUMNS = [("shape", "shape", "<"), ("bits", "bits", "d"), ("batch", "batch", "d"), ("ours us", "ours_us", ".1f"),
+           ("GB/s", "ours_GBps", ".0f"), ("floor/ours", "of_floor", ".2f"), ("bf16/ours", "vs_bf16", ".2f")]
+
+
+def main(argv=None):
+    ap = harness.parser("kernels", __doc__, quick={"shapes": "smollm2", "bits": "4", "batches": "1"})
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated prefixes of: " + ", ".join(SHAPES))
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--batches", default="1,2,16,64,256")
@@ -137,37 +144,25 @@ def main():
     ap.add_argument("--regime", choices=["gemv", "tiled"], default=None, help="force one kernel (default: dispatch)")
     ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
     ap.add_argument("--all-configs", action="store_true", help="time every configuration of the tuner's space")
-    ap.add_argument("--output", default="bench/results/kernels.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py measures GPU kernels: run it on a machine with CUDA")
     shapes = [s for s in SHAPES if any(s.startswith(p) for p in args.shapes.split(","))]
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), group_size=args.group_size, regime=args.regime or "dispatch",
-                copy_GBps=copy_bw / 1e9, l2_bytes=torch.cuda.get_device_properties(0).L2_cache_size)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = harness.metadata(args, group_size=args.group_size, regime=args.regime or "dispatch",
+                            copy_GBps=copy_bw / 1e9, l2_bytes=torch.cuda.get_device_properties(0).L2_cache_size)
 
     def save(rows):
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        tmp.replace(out)
+        return harness.write_result(args.out, {"rows": rows}, meta)
 
     bits, batches = [int(b) for b in args.bits.split(",")], [int(b) for b in args.batches.split(",")]
     if args.all_configs:
-        save(all_configs(shapes, bits, batches, args.group_size, args.regime, save))
-        print(f"wrote {out}")
+        harness.done(save(all_configs(shapes, bits, batches, args.group_size, args.regime, save)))
         return
     rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare)
-    print(f"\n{'shape':>18} {'bits':>4} {'batch':>5} {'ours us':>8} {'GB/s':>6} {'floor/ours':>10} "
-          f"{'bf16/ours':>9}")
-    for r in rows:
-        print(f"{r['shape']:>18} {r['bits']:>4} {r['batch']:>5} {r['ours_us']:>8.1f} {r['ours_GBps']:>6.0f} "
-              f"{r['of_floor']:>10.2f} {r['vs_bf16']:>9.2f}")
-    save(rows)
-    print(f"wrote {out}")
+    print(harness.table(rows, COLUMNS, title=""))
+    harness.done(save(rows))
 
 
 if __name__ == "__main__":

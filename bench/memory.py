@@ -13,11 +13,12 @@ Peak host memory is read from the kernel: the child resets its high-water mark (
 once the model is loaded, so `peak RSS` is the profiling pass's own (loading a GGUF peaks higher, and is
 the same for every mode: `load RSS`, from `ru_maxrss` before the reset).  On CUDA also
 `torch.cuda.max_memory_allocated` of the pass.  Beside the measurements, the terms of the streamed
-formula (README, "Memory") for this model.  Prints a table and writes JSON
-(`bench/results/memory.json`, `--output`).
+formula (docs/profiling.md, "Memory") for this model.  Prints a table and writes JSON
+(`bench/results/memory.json`, `--out`).
 
     python bench/memory.py [--model smollm2-135m|DIR] [--tokens 1024] [--seq-len 512] [--device cpu|cuda]
                            [--modes whole,streamed,streamed-disk,fisher]
+    python bench/memory.py --formula     # the formula for Llama-3-70B and DeepSeek-V3 only (no model)
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 MODES = ("whole", "streamed", "streamed-disk", "fisher")
 MiB = 2**20
@@ -73,7 +78,7 @@ def whole_hessian_table(model, planned, options, batches, device: str):
 
 
 def terms(model, planned, n_tokens: int) -> dict:
-    """Bytes of the streamed formula's terms for this model (README, "Memory")."""
+    """Bytes of the streamed formula's terms for this model (docs/profiling.md, "Memory")."""
     from bitplan.profiler.model import decoder_layers
 
     layers = decoder_layers(model)
@@ -89,7 +94,7 @@ def terms(model, planned, n_tokens: int) -> dict:
             - sum(sum(p.numel() * p.element_size() for p in b.parameters()) for b in layers)}
 
 
-# (out, in) of every planned matrix of one decoder block, and the model's totals: the README's examples
+# (out, in) of every planned matrix of one decoder block, and the model's totals: the docs' examples
 ATTN_LLAMA70B = [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)]  # q, k, v (GQA: 8 kv heads x 128), o
 ATTN_DSV3 = [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384)]  # MLA: q_a, q_b, kv_a, kv_b, o
 SHAPES = {
@@ -102,7 +107,7 @@ SHAPES = {
 
 
 def formula(tokens: int = 4096, weight_bytes: int = 2, act_bytes: int = 2) -> list[dict]:
-    """Streamed peak device memory of the README's examples: the largest of `W_b + H_b` over blocks, plus
+    """Streamed peak device memory of the docs' examples: the largest of `W_b + H_b` over blocks, plus
     the activations; `H` float64 (8 bytes a value), one `K x K` per planned matrix."""
     rows = []
     for model, spec in SHAPES.items():
@@ -160,27 +165,31 @@ def child(args) -> dict:
             "n_modules": len(planned), "error": error.tolist()}
 
 
+GiB = 2**30
+FORMULA = [("model", "model", "<"), ("block", "block", "<"),
+           *[(head, lambda r, k=k: r[k] / GiB, ".2f") for head, k in
+             (("weights", "block_weights"), ("H (f64)", "H"), ("acts", "activations"), ("peak", "streamed_peak"),
+              ("outside", "outside_blocks"), ("whole", "whole_model"), ("fisher", "fisher"))]]
+MEASURED = [("mode", "mode", "<"), ("time s", "seconds", ".1f"), ("load RSS", lambda r: r["load_rss"] / MiB, ".0f"),
+            ("RSS before", lambda r: r["rss_before"] / MiB, ".0f"), ("peak RSS", lambda r: r["peak_rss"] / MiB, ".0f"),
+            ("pass +", lambda r: (r["peak_rss"] - r["rss_before"]) / MiB, ".0f"),
+            ("GPU peak", lambda r: None if r["gpu_peak"] is None else r["gpu_peak"] / MiB, ".0f")]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser("memory", __doc__, quick={"tokens": 128, "seq_len": 64, "options": "4", "modes": "streamed"})
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a HF directory or .gguf")
     ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--options", default="2,3,4,8")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory.json"))
     ap.add_argument("--formula", action="store_true",
                     help="only print the streamed formula for Llama-3-70B and DeepSeek-V3 (bf16, 4096 tokens)")
     ap.add_argument("--child", dest="mode", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.formula:
-        print(f"{'model':<13}{'block':<19}{'weights':>9}{'H (f64)':>9}{'acts':>7}{'peak':>8}"
-              f"{'outside':>9}{'whole':>8}{'fisher':>8}  (GiB; bf16, {4096} tokens)")
-        for r in formula():
-            print(f"{r['model']:<13}{r['block']:<19}" + "".join(
-                f"{r[k] / 2**30:>{w}.2f}" for k, w in (("block_weights", 9), ("H", 9), ("activations", 7),
-                                                       ("streamed_peak", 8), ("outside_blocks", 9),
-                                                       ("whole_model", 8), ("fisher", 8))))
+        print(harness.table(formula(), FORMULA, title="GiB; bf16, 4096 tokens"))
         return 0
     if args.device is None:
         import torch
@@ -191,6 +200,9 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    import torch  # noqa: F401  (the metadata names the GPU when there is one)
+
+    meta = harness.metadata(args)
     rows = []
     for mode in args.modes.split(","):
         if mode not in MODES:
@@ -212,23 +224,10 @@ def main(argv=None) -> int:
     print(f"  model {t['model'] / MiB:.0f} MiB (largest block {t['largest_block'] / MiB:.1f}, outside the blocks "
           f"{t['outside_blocks'] / MiB:.1f}); H: all {t['H_all'] / MiB:.0f} MiB, largest block "
           f"{t['H_largest_block'] / MiB:.1f} MiB; activations {t['activations'] / MiB:.1f} MiB")
-    head = (f"{'mode':<15}{'time s':>8}{'load RSS':>10}{'RSS before':>12}{'peak RSS':>10}{'pass +':>8}"
-            f"{'GPU peak':>10}  (MiB)")
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        gpu = "-" if r["gpu_peak"] is None else f"{r['gpu_peak'] / MiB:.0f}"
-        print(f"{r['mode']:<15}{r['seconds']:>8.1f}{r['load_rss'] / MiB:>10.0f}{r['rss_before'] / MiB:>12.0f}"
-              f"{r['peak_rss'] / MiB:>10.0f}{(r['peak_rss'] - r['rss_before']) / MiB:>8.0f}{gpu:>10}")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"model": args.model, "tokens": args.tokens, "seq_len": args.seq_len,
-                               "options": args.options, "device": args.device,
-                               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                           "platform": platform.platform()},
-                               "rows": rows}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(harness.table(rows, MEASURED, title="MiB"))
+    out = harness.write_result(args.out, {"model": args.model, "tokens": args.tokens, "seq_len": args.seq_len,
+                                          "options": args.options, "device": args.device, "rows": rows}, meta)
+    harness.done(out)
     return 0
 
 

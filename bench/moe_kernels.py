@@ -9,18 +9,20 @@ read-only floor streaming the same bytes; weights cold in L2, everything inside 
 
     python bench/moe_kernels.py                 # DeepSeek-V3 and Mixtral experts, batch 1 and 16
 
-Prints a table and writes JSON (`--output`, default bench/results/moe_kernels.json).
+Prints a table and writes JSON (`--out`, default bench/results/moe_kernels.json), after every layer and batch.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
+
 import torch
-import triton
 
 from bitplan.kernels.matmul import matmul
 from bitplan.kernels.moe import ExpertWeights, moe_matmul, route
@@ -98,33 +100,28 @@ def run(layers, batches, group, save) -> list[dict]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+COLUMNS = [("layer", "layer", "<"), ("batch", "batch", "d"), ("active", "active", "d"),
+           ("mixed us", lambda r: r["times_us"]["2+4 mixed"], ".1f"), ("mixed/uniform", "mixed_vs_uniform", ".2f"),
+           ("floor/mixed", "floor_over_mixed", ".2f"), ("per-expert/one", "per_expert_over_one_launch", ".2f"),
+           ("bf16/mixed", "bf16_over_mixed", ".2f")]
+
+
+def main(argv=None):
+    ap = harness.parser("moe_kernels", __doc__, quick={"layers": "mixtral.w1", "batches": "1"})
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated names of: " + ", ".join(LAYERS))
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--output", default="bench/results/moe_kernels.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/moe_kernels.py measures GPU kernels: run it on a machine with CUDA")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), group_size=args.group_size)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = harness.metadata(args, group_size=args.group_size)
 
     def save(rows):
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        tmp.replace(out)
+        return harness.write_result(args.out, {"rows": rows}, meta)
 
     rows = run(args.layers.split(","), [int(b) for b in args.batches.split(",")], args.group_size, save)
-    print(f"\n{'layer':>17} {'batch':>5} {'active':>6} {'mixed us':>8} {'mixed/uniform':>13} {'floor/mixed':>11} "
-          f"{'per-expert/one':>14} {'bf16/mixed':>10}")
-    for r in rows:
-        print(f"{r['layer']:>17} {r['batch']:>5} {r['active']:>6} {r['times_us']['2+4 mixed']:>8.1f} "
-              f"{r['mixed_vs_uniform']:>13.2f} {r['floor_over_mixed']:>11.2f} {r['per_expert_over_one_launch']:>14.2f} "
-              f"{r['bf16_over_mixed']:>10.2f}")
-    print(f"wrote {out}")
+    print(harness.table(rows, COLUMNS, title=""))
+    harness.done(save(rows))
 
 
 if __name__ == "__main__":

@@ -23,15 +23,15 @@ On an MoE checkpoint (default: the trained tiny-Mixtral fixture, very uneven exp
 
 Every `ilp` plan is re-solved on the `highs` backend as a check on the default `cbc` (a CBC preprocessing
 bug returns a worse plan as "optimal" on rare small problems); a disagreement is reported in the JSON
-and printed.  Writes `bench/results/moe_plans.json` (`--output`); exports go under `--out-dir`.
+and printed.  Writes `bench/results/moe_plans.json` (`--out`; after the allocation study too, so that a
+later failure keeps it); exports go under `--out-dir`.
 
     python bench/moe_plans.py [--model DIR] [--db /tmp/moe.db] [--budget 3.0bpw] [--eval-tokens 8192]
+    python bench/moe_plans.py --quick     # fisher/rtn only, 256 calibration and 1,024 evaluation tokens
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
@@ -39,7 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
+
 DEFAULT_MODEL = "/work/shared/fixtures/tiny-mixtral"
+
+QUICK = {"estimators": "fisher", "quantizers": "rtn", "tokens": 256, "eval_tokens": 1024}
 
 # (row name, granularity, budget split, allocator)
 PLANS = (
@@ -156,29 +163,25 @@ def engine_study(store, loaded, windows, args) -> list[dict]:
     return rows
 
 
+STUDY = [("plan", "plan", "<"), ("bits/w", "bits_per_weight", ".4f"), ("pred.err", "predicted_error", ".4f"),
+         ("KL", "kl", ".4f"), ("ppl", "perplexity", ".3f"), ("status", "status", "<")]
+ENGINES = [("engine", "engine", "<"), ("budget", "budget", ""), ("format", lambda r: r.get("format", "infeasible"), ""),
+           ("bits/w", "bits_per_weight", ".4f"), ("pred.err", "predicted_error", ".4f"), ("KL", "kl", ".4f"),
+           ("ppl", "perplexity", ".3f")]
+
+
 def format_study(s: dict) -> str:
-    lines = [f"\n{s['estimator']} estimator, {s['quantizer']} quantizer ({s['profile_id']})",
-             f"{'plan':<20} {'bits/w':>7} {'pred.err':>9} {'KL':>8} {'ppl':>9}  status"]
-    for r in s["plans"]:
-        lines.append(f"{r['plan']:<20} {r['bits_per_weight']:7.4f} {r['predicted_error']:9.4f} {r['kl']:8.4f} "
-                     f"{r['perplexity']:9.3f}  {r['status']}")
-    return "\n".join(lines)
+    return harness.table(s["plans"], STUDY,
+                         title=f"\n{s['estimator']} estimator, {s['quantizer']} quantizer ({s['profile_id']})")
 
 
-def format_engines(rows: list[dict]) -> str:
-    lines = ["\nengines (fisher, rtn; ilp)",
-             f"{'engine':<9} {'budget':>9} {'format':>18} {'bits/w':>7} {'pred.err':>9} {'KL':>8} {'ppl':>9}"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['engine']:<9} {r['budget']:>9}  infeasible: {r['error']}")
-        else:
-            lines.append(f"{r['engine']:<9} {r['budget']:>9} {r['format']:>18} {r['bits_per_weight']:7.4f} "
-                         f"{r['predicted_error']:9.4f} {r['kl']:8.4f} {r['perplexity']:9.3f}")
-    return "\n".join(lines)
+def format_engines(rows: list[dict], profile: str) -> str:
+    errors = [f"{r['engine']} at {r['budget']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join([harness.table(rows, ENGINES, title=f"\nengines ({profile}; ilp)"), *errors])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser("moe_plans", __doc__, quick=QUICK)
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"MoE checkpoint directory (default {DEFAULT_MODEL})")
     ap.add_argument("--db", default=None, help="database (default: $BITPLAN_DB, else a temporary file)")
     ap.add_argument("--budget", default="3.0bpw", help="budget of the allocation study (default 3.0bpw)")
@@ -189,7 +192,6 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens, windows of 512 (default 8192)")
     ap.add_argument("--skip-engines", action="store_true", help="only the allocation study")
     ap.add_argument("--out-dir", default=None, help="where the engine study's exports go (default: a temporary dir)")
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "moe_plans.json"))
     args = ap.parse_args(argv)
     args.estimators = [x.strip() for x in args.estimators.split(",") if x.strip()]
     args.quantizers = [x.strip() for x in args.quantizers.split(",") if x.strip()]
@@ -206,6 +208,7 @@ def main(argv=None) -> int:
     from bitplan.planner.workflow import eval_windows
 
     torch.manual_seed(0)
+    meta = harness.metadata(args)
     store = Store(args.db or os.environ.get("BITPLAN_DB") or str(Path(tmp) / "bitplan.db"))
     loaded = load_model(args.model)
     windows = eval_windows(loaded.tokenizer, tokens=args.eval_tokens)
@@ -215,18 +218,15 @@ def main(argv=None) -> int:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     result = {"model": args.model, "budget": args.budget, "engine_budget": args.engine_budget,
               "eval": {"corpus": windows.corpus, "tokens": int(windows.ids.numel()), "window": int(windows.ids.shape[1])},
-              "unquantized_perplexity": base, "torch_threads": torch.get_num_threads()}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+              "unquantized_perplexity": base}
     t0 = time.perf_counter()
     result["allocation"] = allocation_study(store, loaded, windows, args)
-    out.write_text(json.dumps(result, indent=2) + "\n")  # a later failure keeps this part
+    harness.write_result(args.out, result, meta)  # a later failure keeps this part
     if not args.skip_engines:
         result["engines"] = engine_study(store, loaded, windows, args)
-        print(format_engines(result["engines"]), flush=True)
+        print(format_engines(result["engines"], f"{args.estimators[0]}, {args.quantizers[0]}"), flush=True)
     result["seconds"] = time.perf_counter() - t0
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    harness.done(harness.write_result(args.out, result, meta))
     return 0
 
 

@@ -8,20 +8,24 @@ on re-run).  An expert's predicted error is the sum of its three matrices' profi
 each expert's routing share (its fraction of the layer's top-k slots), and Spearman ρ of predicted
 error against measured KL: over all (expert, bits) pairs, within each bit width, and for routing share
 alone as a baseline (does the estimator know more than how often the expert runs?).  Prints a table
-and writes JSON (`bench/results/moe_sensitivity.json`, `--output`).
+and writes JSON (`bench/results/moe_sensitivity.json`, `--out`).
 
     python bench/moe_sensitivity.py [--model DIR] [--tokens 4096] [--kl-tokens 512]
+    python bench/moe_sensitivity.py --quick     # 256 estimator tokens, KL on 64
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import numpy as np
 
@@ -55,7 +59,7 @@ def expert_kl(model, experts, bits, batches, group_size: int, device: str) -> np
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser("moe_sensitivity", __doc__, quick={"tokens": 256, "kl_tokens": 64, "seq_len": 64})
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"MoE checkpoint directory (default {DEFAULT_MODEL})")
     ap.add_argument("--calib", default="shakespeare:calib", help="calibration text (default shakespeare:calib)")
     ap.add_argument("--tokens", type=int, default=4096, help="estimators' calibration tokens (default 4096)")
@@ -64,7 +68,6 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="2,3", help="bit widths (default 2,3)")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "moe_sensitivity.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
     from bitplan.profiler.validate import spearman
 
     torch.manual_seed(0)
+    meta = harness.metadata(args)
     loaded = load_model(args.model)
     model = loaded.model
     options = parse_options(args.bits, group_size=args.group_size)
@@ -137,37 +141,27 @@ def main(argv=None) -> int:
             for i, (l, e, _) in enumerate(experts)],
     }
     print(format_table(result))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    harness.done(harness.write_result(args.out, result, meta))
     return 0
 
 
 def format_table(r: dict) -> str:
     bits = r["bits"]
-    head = (f"{'layer':>5} {'exp':>3} {'share':>6} {'tokens':>6} {'mean w':>6}  "
-            + " ".join(f"{f'kl {b}b':>9}" for b in bits) + "  "
-            + " ".join(f"{f'hess {b}b':>9}" for b in bits) + "  "
-            + " ".join(f"{f'fish {b}b':>9}" for b in bits))
-    lines = [head, "-" * len(head)]
-    for x in r["experts"]:
-        w = "-" if x["routing_weight"] is None else f"{x['routing_weight']:.3f}"
-        lines.append(f"{x['layer']:>5} {x['expert']:>3} {x['share']:>6.3f} {x['tokens_routed']:>6} {w:>6}  "
-                     + " ".join(f"{x[f'kl_{b}b']:>9.2e}" for b in bits) + "  "
-                     + " ".join(f"{x[f'hessian_{b}b']:>9.2e}" for b in bits) + "  "
-                     + " ".join(f"{x[f'fisher_{b}b']:>9.2e}" for b in bits)
-                     + ("  fallback" if x["fallback"] else ""))
-    lines.append("")
-    lines.append(f"Spearman ρ vs measured KL ({r['tokens']['estimators']} estimator tokens, {r['tokens']['kl']} KL tokens)")
+    experts = [("layer", "layer", "d"), ("exp", "expert", "d"), ("share", "share", ".3f"),
+               ("tokens", "tokens_routed", "d"), ("mean w", "routing_weight", ".3f"),
+               *[(f"{short} {b}b", f"{key}_{b}b", ".2e") for short, key in (("kl", "kl"), ("hess", "hessian"),
+                                                                            ("fish", "fisher")) for b in bits],
+               ("", lambda x: "fallback" if x["fallback"] else "", "<")]
     cols = ["all"] + [f"{b}b" for b in bits]
-    lines.append(f"{'predictor':<16}" + "".join(f"{c:>9}" for c in cols) + "   | routed experts only")
-    for name, v in r["spearman"].items():
-        only = r["spearman_routed_only"][name]
-        lines.append(f"{name:<16}" + "".join(f"{v[c]:>9.3f}" for c in cols) + "   | "
-                     + "".join(f"{only[c]:>9.3f}" for c in cols))
-    lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
-    return "\n".join(lines)
+    rho = [("predictor", "name", "<"), *[(c, lambda x, c=c: x["all_experts"][c], ".3f") for c in cols],
+           *[(f"routed {c}", lambda x, c=c: x["routed"][c], ".3f") for c in cols]]
+    rows = [{"name": name, "all_experts": v, "routed": r["spearman_routed_only"][name]}
+            for name, v in r["spearman"].items()]
+    return "\n".join([
+        harness.table(r["experts"], experts),
+        harness.table(rows, rho, title=f"\nSpearman ρ vs measured KL ({r['tokens']['estimators']} estimator tokens, "
+                                       f"{r['tokens']['kl']} KL tokens; 'routed': routed experts only)"),
+        "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())])
 
 
 if __name__ == "__main__":

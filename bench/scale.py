@@ -8,22 +8,25 @@ kv_a 576x7168, kv_b 32768x512, o 7168x16384); layers 0-2 a dense MLP (gate/up 18
 the module's size. Budget 3.25 bits per weight.
 
 Each allocator runs in its own (spawned) process, so its peak RSS (`resource.getrusage`, problem
-included) is its own. Prints a table and writes JSON (`bench/results/scale.json`, `--output`).
+included) is its own. Prints a table and writes JSON (`bench/results/scale.json`, `--out`).
 
     python bench/scale.py [--time-limit 60] [--full] [--full-time-limit 60] [--only greedy,ilp:cpsat]
+    python bench/scale.py --quick      # 4 layers, a 10 s limit: checks that it runs
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
+import harness  # bench/harness.py
+
+harness.leave_sys_path()
 
 import numpy as np
 
@@ -32,10 +35,10 @@ GROUP = 128
 ATTN = [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384)]  # q_a, q_b, kv_a, kv_b, o
 
 
-def shapes() -> np.ndarray:
-    """[modules, 2] (out, in) of every planned matrix, in layer order."""
+def shapes(layers: int = 61) -> np.ndarray:
+    """[modules, 2] (out, in) of every planned matrix of the first `layers` layers, in layer order."""
     out = []
-    for layer in range(61):
+    for layer in range(layers):
         out += ATTN
         if layer < 3:
             out += [(18432, 7168), (18432, 7168), (7168, 18432)]
@@ -44,12 +47,12 @@ def shapes() -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def deepseek_problem(seed: int = 0, bpw: float = 3.25):
-    """The AllocationProblem of the module docstring."""
+def deepseek_problem(seed: int = 0, bpw: float = 3.25, layers: int = 61):
+    """The AllocationProblem of the module docstring (its first `layers` layers)."""
     from bitplan.planner.problem import AllocationProblem
 
     rng = np.random.default_rng(seed)
-    shp = shapes()
+    shp = shapes(layers)
     numel = shp[:, 0] * shp[:, 1]
     groups = shp[:, 0] * -(-shp[:, 1] // GROUP)
     size = numel[:, None] * BITS + np.where(BITS < 16, groups[:, None] * (16 + BITS), 0)
@@ -78,11 +81,11 @@ def runs(args, registry) -> list[tuple[str, str, dict, float | None]]:
     return out
 
 
-def worker(label, name, params, time_limit, seed, queue):
+def worker(label, name, params, time_limit, seed, layers, queue):
     """One allocator in this process: build the problem, solve, report time, status and peak RSS."""
     from bitplan.planner.allocators import ALLOCATORS
 
-    p, numel = deepseek_problem(seed)
+    p, numel = deepseek_problem(seed, layers=layers)
     t0 = time.perf_counter()
     a = ALLOCATORS[name](p, seed=0, time_limit=time_limit, **params)
     seconds = time.perf_counter() - t0
@@ -97,24 +100,30 @@ def worker(label, name, params, time_limit, seed, queue):
     })
 
 
+COLUMNS = [("allocator", "label", "<"), ("time s", "seconds", ".2f"), ("pred.err", "predicted_error", ".6f"),
+           ("bits/w", "bits_per_weight", ".4f"), ("to LP bound", "gap_to_lp_bound", ".2e"),
+           ("RSS MiB", "peak_rss_mib", ".0f"), ("status", "status", "<")]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser("scale", __doc__, quick={"layers": 4, "time_limit": 10.0})
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per ilp backend (reduced model)")
     ap.add_argument("--full", action="store_true", help="also run each backend on the whole, unreduced model")
     ap.add_argument("--full-time-limit", type=float, default=60.0, help="seconds per ilp backend, whole model")
     ap.add_argument("--only", help="comma-separated labels, e.g. greedy,ilp:cpsat")
+    ap.add_argument("--layers", type=int, default=61, help="decoder layers of the problem (default 61: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = ap.parse_args(argv)
+    meta = harness.metadata(args)
 
     from bitplan.planner.allocators import ALLOCATORS
 
-    p, numel = deepseek_problem(args.seed)
+    p, numel = deepseek_problem(args.seed, layers=args.layers)
     ctx = mp.get_context("spawn")
     rows = []
     for label, name, params, limit in runs(args, ALLOCATORS):
         queue = ctx.Queue()
-        proc = ctx.Process(target=worker, args=(label, name, params, limit, args.seed, queue))
+        proc = ctx.Process(target=worker, args=(label, name, params, limit, args.seed, args.layers, queue))
         proc.start()
         row = queue.get()
         proc.join()
@@ -129,22 +138,13 @@ def main(argv=None) -> int:
         r["gap_to_lp_bound"] = (r["predicted_error"] - lp) / r["predicted_error"]
         r["excess_over_best"] = (r["predicted_error"] - best) / best
 
-    head = f"{'allocator':<16}{'time s':>8}{'pred.err':>14}{'bits/w':>8}{'to LP bound':>13}{'RSS MiB':>9}  status"
-    print(f"DeepSeek-V3-shaped: {p.n_units} modules x {p.n_options} options, budget 3.25 bpw, "
-          f"{os.cpu_count()} cores")
-    print(head + "\n" + "-" * (len(head) + 20))
-    for r in rows:
-        print(f"{r['label']:<16}{r['seconds']:>8.2f}{r['predicted_error']:>14.6f}{r['bits_per_weight']:>8.4f}"
-              f"{r['gap_to_lp_bound']:>13.2e}{r['peak_rss_mib']:>9.0f}  {r['status']}")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"problem": {"modules": p.n_units, "options": p.n_options, "bpw": 3.25,
-                                           "budget_bits": p.budget, "params": numel, "seed": args.seed,
-                                           "lp_bound": lp},
-                               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                           "platform": platform.platform()},
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(harness.table(rows, COLUMNS, title=f"DeepSeek-V3-shaped: {p.n_units} modules x {p.n_options} options, "
+                                              f"budget 3.25 bpw, {os.cpu_count()} cores"))
+    out = harness.write_result(args.out, {"problem": {"modules": p.n_units, "options": p.n_options, "bpw": 3.25,
+                                                      "layers": args.layers, "budget_bits": p.budget,
+                                                      "params": numel, "seed": args.seed, "lp_bound": lp},
+                                          "rows": rows}, meta)
+    harness.done(out)
     return 0
 
 
