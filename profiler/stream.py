@@ -1,9 +1,11 @@
 """Block-by-block forward passes, GPTQ-style: only one decoder block is on the compute device at a time.
 
-A catcher in place of block 0 records the hidden states and keyword arguments (attention mask,
-rotary tables, ...) that the model feeds its blocks; then each block in turn is moved to the device,
-runs on every calibration batch with hooks feeding its linears' inputs to `H += Xᵀ X`, and its
-outputs become the next block's inputs.
+The model runs once per calibration batch with every block replaced by a pass-through recorder, which
+keeps the arguments the model hands *that* block (attention mask, rotary tables, ...: they differ
+between blocks of models that mix attention kinds, such as Gemma 2/3's sliding-window and global
+layers, with their own masks and rotary bases) and block 0's hidden states; then each block in turn
+is moved to the device, runs on every calibration batch with its own arguments and hooks feeding its
+linears' inputs to `H += Xᵀ X`, and its outputs become the next block's inputs.
 
 The hidden states carried from block to block (`Carry`) stay in memory while they fit under an
 activation budget, else go to disk, one file per batch.  A `BlockCheckpoint` keeps them, with the
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.types import Module
+from bitplan.db.types import InvalidInput, Module
 from bitplan.profiler.model import decoder_layers
 from bitplan.profiler.moe import ExpertMLP
 
@@ -35,46 +37,121 @@ class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0 to record its inputs, then stops the forward pass."""
+class _Recorder(nn.Module):
+    """Stands in for block `i`: records the arguments the model hands it and returns its input unchanged
+    (as the real block returns its output: a tensor, or a tuple); the last one stops the forward pass."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, i: int, last: bool, as_tuple: bool, seen: list):
         super().__init__()
-        self.block = block
-        self.inputs: list[tuple[torch.Tensor, dict]] = []
+        self.i, self.last, self.as_tuple, self.seen = i, last, as_tuple, seen
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append((hidden_states, kwargs))
-        raise _Caught
+        self.seen.append((self.i, hidden_states, args, kwargs))
+        if self.last:
+            raise _Caught
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
+BlockArgs = tuple[tuple, dict]
+"""The positional (after the hidden states) and keyword arguments the model gives one block in one batch."""
+
+
+def _record(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, as_tuple: bool) -> list | None:
+    """`[(i, hidden, args, kwargs)]` of one forward pass with every block a `_Recorder`, or None when the
+    blocks did not pass their hidden states on untouched (the model reads their output as a tuple, or
+    transforms it between blocks, or does not call each block once in order)."""
+    seen: list = []
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, i == len(layers) - 1, as_tuple, seen)
+    try:
+        model(ids, use_cache=False)
+    except _Caught:
+        pass
+    if [i for i, *_ in seen] != list(range(len(layers))):
+        return None
+    h0 = seen[0][1]
+    for _, h, _, _ in seen[1:]:
+        if h is not h0 and not (isinstance(h, torch.Tensor) and h.shape == h0.shape and torch.equal(h, h0)):
+            return None
+    return seen
+
+
+class _Shared:
+    """Hands back one tensor for all equal tensors it is given: every calibration sequence has the same
+    length, so masks, rotary tables and position ids repeat batch after batch, and are held once (a
+    float mask of 2,048 tokens is 16 MiB per batch)."""
+
+    def __init__(self):
+        self.pool: dict[tuple, list[torch.Tensor]] = {}
+        self.seen: dict[int, torch.Tensor] = {}  # by id, within one batch: many blocks get the same tensor
+
+    def batch(self, x):
+        self.seen.clear()
+        return self._share(x)
+
+    def _share(self, x):
+        if isinstance(x, torch.Tensor):
+            if id(x) not in self.seen:
+                same = self.pool.setdefault((x.shape, x.dtype, x.device), [])
+                self.seen[id(x)] = next((t for t in same if torch.equal(t, x)), None)
+                if self.seen[id(x)] is None:
+                    same.append(x)
+                    self.seen[id(x)] = x
+            return self.seen[id(x)]
+        if type(x) in (tuple, list):
+            return type(x)(self._share(v) for v in x)
+        if type(x) is dict:
+            return {k: self._share(v) for k, v in x.items()}
+        return x
+
+
+@torch.no_grad()
 def block_inputs(model: nn.Module, batches: torch.Tensor, device: str,
-                 put: Callable[[int, torch.Tensor], None] | None = None) -> list[dict]:
-    """Keyword arguments of decoder block 0 for each batch row; its hidden states `[1, T, d]` go to `put(row, h)`.
+                 put: Callable[[int, torch.Tensor], None] | None = None) -> list[list[BlockArgs]]:
+    """`[batch row][block]`: the arguments the model's own forward gives each decoder block; block 0's
+    hidden states `[1, T, d]` go to `put(row, h)`.
 
-    `put=None` drops them: a resumed pass takes its hidden states from the checkpoint and needs only
-    the keyword arguments, which every block shares.
+    Recorded, not copied from block 0: blocks of one model may get different masks and rotary tables.
+    Arguments are assumed not to depend on the hidden states (masks, rotary tables, position ids do
+    not); a model that changes the hidden states between blocks cannot be streamed and raises
+    InvalidInput.  Equal tensors, within a batch or across batches, are held once.  `put=None` drops
+    the hidden states: a resumed pass takes them from the checkpoint and needs only the arguments.
     """
     layers = decoder_layers(model)
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    blocks = list(layers)
     # embeddings, rotary tables and the like run on the device; the blocks stay where they are
     _move_outside(model, layers, device)
-    kwargs = []
+    out, shared = [], _Shared()
+    # whether the model reads a block's output as a tensor or as a tuple shows only by trying (a real
+    # block, which would tell, is not on the device); with one block nothing reads its output
+    as_tuple = None if len(layers) > 1 else False
     try:
         for s, row in enumerate(batches):
-            try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
-            except _Caught:
-                pass
-            hidden, kw = catcher.inputs.pop()
-            kwargs.append(kw)
+            ids = row.unsqueeze(0).to(device)
+            seen = None
+            tries = [False, True] if as_tuple is None else [as_tuple]
+            for t in tries:
+                try:
+                    seen = _record(model, layers, ids, t)
+                except Exception:
+                    if t is tries[-1]:
+                        raise
+                    continue  # a model that reads a tuple may fail on a tensor
+                if seen is not None:
+                    as_tuple = t
+                    break
+            if seen is None:
+                raise InvalidInput(
+                    f"cannot stream {type(model).__name__} block by block: its forward does not pass each "
+                    f"decoder block's output, unchanged, to the next block")
+            out.append(shared.batch([(args, kw) for _, _, args, kw in seen]))
             if put is not None:
-                put(s, hidden)
+                put(s, seen[0][1])
     finally:
-        layers[0] = catcher.block
+        for i, b in enumerate(blocks):
+            layers[i] = b
         _move_outside(model, layers, "cpu")
-    return kwargs
+    return out
 
 
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device: str) -> None:
@@ -263,10 +340,10 @@ def stream_blocks(
     try:
         with torch.no_grad():
             if start == 0:
-                kwargs = block_inputs(model, batches, device, carry.put)
+                block_args = block_inputs(model, batches, device, carry.put)
                 carry.advance()
             else:
-                kwargs = block_inputs(model, batches, device)
+                block_args = block_inputs(model, batches, device)
                 carry.block = start
             for i in tqdm(range(start, len(layers)), desc=desc, unit="block", initial=start, total=len(layers),
                           disable=not progress):
@@ -279,7 +356,8 @@ def stream_blocks(
                 last = i == len(layers) - 1  # its outputs feed nothing
                 try:
                     for s in range(len(batches)):
-                        out = block(carry.get(s), **kwargs[s])
+                        args, kw = block_args[s][i]
+                        out = block(carry.get(s), *args, **kw)
                         if not last:
                             carry.put(s, out[0] if isinstance(out, tuple) else out)
                 finally:

@@ -194,3 +194,68 @@ def test_head_hessian_is_streamed_and_equals_a_whole_model_pass(loaded, batches)
     torch.testing.assert_close(got[head[0][0].name], want, rtol=1e-5, atol=1e-6)
     assert all(isinstance(b, torch.nn.Module) and not isinstance(b, (stream._Skip, stream._Replay))
                for b in decoder_layers(model))  # the blocks are back
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, d: int, as_tuple: bool):
+        super().__init__()
+        self.lin, self.as_tuple = torch.nn.Linear(d, d), as_tuple
+
+    def forward(self, h, scale, *, shift):
+        out = h + torch.tanh(self.lin(h)) * scale + shift
+        return (out, None) if self.as_tuple else out
+
+
+class _Toy(torch.nn.Module):
+    """A causal LM in miniature whose blocks each get their own arguments, positional and keyword."""
+
+    def __init__(self, as_tuple: bool = False, between: bool = False, n: int = 3, d: int = 8):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(num_hidden_layers=n)
+        self.embed = torch.nn.Embedding(16, d)
+        self.layers = torch.nn.ModuleList(_ToyBlock(d, as_tuple) for _ in range(n))
+        self.as_tuple, self.between = as_tuple, between
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, ids, use_cache=False):
+        h = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, torch.tensor(float(i + 1)), shift=torch.full((ids.shape[1], 1), 0.1 * i))
+            h = h[0] if self.as_tuple else h
+            if self.between:
+                h = h * 2
+        return h
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_each_block_gets_its_own_arguments_tensor_or_tuple_outputs(as_tuple):
+    torch.manual_seed(0)
+    model = _Toy(as_tuple)
+    blocks = list(model.layers)
+    ids = torch.randint(0, 16, (2, 5))
+    args = stream.block_inputs(model, ids, "cpu")
+    assert list(model.layers) == blocks
+    assert [[float(a[0]) for a, _ in per_batch] for per_batch in args] == [[1.0, 2.0, 3.0]] * 2
+    outs = []
+    h = model.layers[-1].register_forward_hook(lambda _m, _a, out: outs.append(out[0] if as_tuple else out))
+    try:
+        stream_blocks(model, ids, [], lambda *_: None, progress=False, activation_budget=1 << 30)
+        with torch.no_grad():
+            want = [model(row.unsqueeze(0)) for row in ids]
+    finally:
+        h.remove()
+    for got, w in zip(outs[:2], want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
+def test_a_model_that_changes_hidden_states_between_blocks_is_refused():
+    from bitplan.db.types import InvalidInput
+
+    model = _Toy(between=True)
+    blocks = list(model.layers)
+    with pytest.raises(InvalidInput, match="block by block"):
+        stream.block_inputs(model, torch.randint(0, 16, (1, 5)), "cpu")
+    assert list(model.layers) == blocks
