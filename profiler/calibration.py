@@ -2,6 +2,9 @@
 
 The plays are split by genre so calibration and evaluation never share a line: the tragedies are
 held out for evaluation (`shakespeare:eval`), everything else calibrates (`shakespeare:calib`).
+
+Every window starts the way the model's own tokenizer starts a text (`token_batches`): with BOS for the
+tokenizers that add one (Llama 3, Gemma, Mistral, ...), with nothing for those that add nothing.
 """
 
 from __future__ import annotations
@@ -51,22 +54,71 @@ def load_text(spec: str) -> tuple[str, str]:
     return spec, "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
 
 
-def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int) -> tuple[torch.Tensor, CalibrationRef]:
-    """`[n_tokens // seq_len, seq_len]` token ids from the start of the text, and its fingerprint."""
+# A plain probe: an empty one would find no text to locate the prefix by.
+_PROBE = "Hello, world."
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before any text: `[bos]` where it adds a BOS, else `[]`.
+
+    Read off the tokenizer's own rule (`add_bos_token`, its post-processor template, the GGUF's
+    `tokenizer.ggml.add_bos_token`) by comparing `tokenizer(x)` with `tokenizer(x, add_special_tokens=False)`:
+    what precedes the text counts; what follows it (an EOS) does not, since a window is cut from running
+    text and never ends where a document does.
+    """
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i]
+    # the text itself tokenized differently with special tokens on: the leading special ids are the prefix
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    n = 0
+    while n < len(full) and full[n] in special:
+        n += 1
+    return full[:n]
+
+
+def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int, *,
+                  skip_text: int = 0) -> tuple[torch.Tensor, CalibrationRef]:
+    """`[n_tokens // seq_len, seq_len]` token ids from the start of the text, and its fingerprint.
+
+    Each window is the tokenizer's `special_prefix` (BOS for Llama 3, Gemma, Mistral, ...) followed by the
+    next `seq_len - len(prefix)` text tokens: the text runs on from one window to the next, none of it lost
+    or repeated, and every window starts as the model was trained to see a sequence start.  A model whose
+    tokenizer adds nothing before a text (GPT-2, Qwen, ...) gets plain consecutive slices of the text, as it
+    would from its own tokenizer; no BOS is invented for it, whatever `bos_token` it declares.  Scorers
+    never take position 0 as a target, so a BOS is context, never a predicted token.  `n_tokens` and the
+    fingerprint count the windows' positions, prefix included, so a change of prefix changes the fingerprint.
+    `skip_text`: start after that many text tokens (`text_tokens_used` of windows drawn before).
+    """
     if n_tokens < seq_len:
         raise InvalidInput(f"--tokens {n_tokens} is below one sequence of {seq_len}; ask for at least {seq_len}")
+    prefix = special_prefix(tokenizer)
+    step = seq_len - len(prefix)
+    if step < 1:
+        raise InvalidInput(f"a sequence of {seq_len} leaves no room for text after the tokenizer's "
+                           f"{len(prefix)} leading special tokens; ask for a longer one")
     name, text = load_text(spec)
     n_seq = n_tokens // seq_len
+    need = skip_text + n_seq * step
     # tokenize only as much text as needed (about 4 characters a token; retry with more if short)
-    chars = n_tokens * 6
+    chars = (skip_text + n_tokens) * 6
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= n_seq * seq_len or chars >= len(text):
+        if len(ids) >= need or chars >= len(text):
             break
         chars *= 2
-    if len(ids) < n_seq * seq_len:
-        raise InvalidInput(f"{spec!r} has only {len(ids)} tokens; ask for --tokens {len(ids) // seq_len * seq_len} "
-                           f"or fewer")
-    ids = torch.tensor(ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+    if len(ids) < need:
+        raise InvalidInput(f"{spec!r} has only {len(ids)} tokens; ask for --tokens "
+                           f"{max(0, len(ids) - skip_text) // step * seq_len} or fewer")
+    body = torch.tensor(ids[skip_text:need], dtype=torch.long).view(n_seq, step)
+    ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n_seq, -1), body], dim=1)
     fp = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     return ids, CalibrationRef(name=name, fingerprint=fp, n_tokens=ids.numel(), seq_len=ids.shape[1])
+
+
+def text_tokens_used(tokenizer, n_tokens: int, seq_len: int) -> int:
+    """How many text tokens `token_batches(..., n_tokens, seq_len)` takes (its windows' positions less
+    their special prefixes)."""
+    return n_tokens // seq_len * (seq_len - len(special_prefix(tokenizer)))
