@@ -70,6 +70,8 @@ def profile_id(p: Profile) -> str:
     # A latency table is content too; without one the id is what it always was.
     extra = () if p.latency is None else (
         p.latency_source, list(p.latency_batches), hashlib.sha256(np.ascontiguousarray(p.latency).tobytes()).hexdigest())
+    if p.estimated:  # likewise: only a profile that has estimated rows hashes them
+        extra = (*extra, sorted(p.estimated.items()))
     return content_id(p.model.model_dump(), p.calibration.model_dump(), p.estimator, p.device,
                       [o.model_dump() for o in p.options], [m.model_dump() for m in p.modules],
                       p.fixed_bits, digest.hexdigest(), *extra, prefix="prof-")
@@ -83,7 +85,11 @@ def _profile_row(p: Profile) -> ProfileRow:
         id=p.id, model_id=_model_key(p.model), calibration_id=p.calibration.fingerprint or None,
         model_ref=p.model.model_dump(), calibration_ref=p.calibration.model_dump(),
         estimator=p.estimator, device=p.device, options=[o.model_dump() for o in p.options],
-        modules=_pack_json([m.model_dump(mode="json") for m in p.modules]),
+        # `estimated` rides in the modules blob, as an "estimated" key of those modules: no schema
+        # migration, and code that predates it reads the rows still (Module ignores the key).
+        modules=_pack_json([{**m.model_dump(mode="json"), **({"estimated": p.estimated[m.name]}
+                                                             if m.name in p.estimated else {})}
+                            for m in p.modules]),
         # float errors barely compress; the int sizes repeat per shape and shrink ~10x.
         error=pack_array(p.error), size_bits=pack_array(p.size_bits, compress=True),
         fixed_bits=p.fixed_bits, seconds=p.seconds, created_at=p.created_at,
@@ -93,10 +99,12 @@ def _profile_row(p: Profile) -> ProfileRow:
 
 
 def _profile(r: ProfileRow) -> Profile:
+    mods = _unpack_json(r.modules)
+    estimated = {m["name"]: m.pop("estimated") for m in mods if "estimated" in m}
     return Profile(
         id=r.id, model=ModelRef(**r.model_ref), calibration=CalibrationRef(**r.calibration_ref),
         estimator=r.estimator, device=r.device, options=[Option(**o) for o in r.options],
-        modules=[Module(**m) for m in _unpack_json(r.modules)],
+        modules=[Module(**m) for m in mods], estimated=estimated,
         error=unpack_array(r.error), size_bits=unpack_array(r.size_bits),
         fixed_bits=r.fixed_bits, seconds=r.seconds, created_at=r.created_at,
         latency=None if r.latency is None else unpack_array(r.latency),

@@ -26,6 +26,10 @@ PLAN_FORMAT = "bitplan.plan/1"
 # group (packed like the weights).  Changing these changes every size the planner reasons about.
 SCALE_BITS = 16
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
+# The input embedding as a planned module (`bitplan profile --embeddings plan`); with a tied head it
+# stands for the pair.  It takes no option under EMBED_MIN_BITS (planner/engines.py `constrain` says why).
+EMBED_ROLE = "embed_tokens"
+EMBED_MIN_BITS = 4
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -214,6 +218,10 @@ class Profile(BaseModel):
     latency: np.ndarray | None = None
     latency_batches: list[int] = []
     latency_source: str = ""
+    # Optional: modules whose error row is an estimate where the estimator meant to measure, and why
+    # (module name -> reason; profiler/calibrate.py: too few routed tokens behind a measured KL).
+    # Empty for other profiles, whose files and stored rows stay as they were.
+    estimated: dict[str, str] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -245,6 +253,8 @@ class Profile(BaseModel):
         if len(set(names)) != M:
             dup = sorted({n for n in names if names.count(n) > 1})[:3]
             raise ValueError(f"duplicate module names: {dup}")
+        if unknown := sorted(set(self.estimated) - set(names)):
+            raise ValueError(f"estimated names modules the profile does not have: {unknown[:3]}")
         return self
 
     def _check_latency(self, M: int, O: int) -> None:
@@ -281,9 +291,15 @@ class Profile(BaseModel):
         """Weights the plan assigns (the denominator of bits per weight)."""
         return sum(m.numel for m in self.modules)
 
+    @property
+    def plan_embeddings(self) -> bool:
+        """Whether the profile covers the input embedding (and a tied head with it), or leaves it in
+        `fixed_bits`.  Read from the modules, so a stored row or file needs no field of its own."""
+        return any(m.role == EMBED_ROLE for m in self.modules)
+
     def to_dict(self) -> dict:
         """The interchange format `bitplan.profile/1` (README); latency keys only when there is a table,
-        so files without one read and write as they always did."""
+        `estimated` only when not empty, so files without them read and write as they always did."""
         d = {
             "format": PROFILE_FORMAT,
             "id": self.id,
@@ -301,6 +317,8 @@ class Profile(BaseModel):
             "seconds": self.seconds,
             "created_at": self.created_at.isoformat(),
         }
+        if self.estimated:
+            d["estimated"] = dict(self.estimated)
         if self.latency is not None:
             d["latency_source"], d["latency_batches"] = self.latency_source, list(self.latency_batches)
             for i, m in enumerate(d["modules"]):

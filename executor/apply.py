@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Plan, UnknownModule
-from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import QUANTIZERS, GPTQCache, QuantizedWeight, quantize
+from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
+from bitplan.executor.quantize import QUANTIZERS, GPTQCache, QuantizedWeight, quantize, quantizer_for
+from bitplan.profiler.model import tied_head
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,23 @@ def quantized_weights(
         if not option.quantized:
             yield module, linear, None
             continue
-        H = hessians.get(module.name) if quantizer == "gptq" and hessians is not None else None
-        yield module, linear, quantize(linear.weight, option, quantizer, H, cache=cache, name=module.name)
+        q = quantizer_for(module, quantizer)
+        H = hessians.get(module.name) if q == "gptq" and hessians is not None else None
+        yield module, linear, quantize(linear.weight, option, q, H, cache=cache, name=module.name)
 
 
 def quantized_linears(planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False,
                       quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
                       cache: GPTQCache | None = None) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
-    """`quantized_weights` as `(name, linear, QuantLinear or None)`."""
+    """`quantized_weights` as `(name, linear, QuantLinear or None)`; a planned embedding as a `QuantEmbedding`."""
     for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
-        bias = linear.bias.detach() if linear.bias is not None else None
-        yield module.name, linear, None if qw is None else QuantLinear.from_quantized(qw, bias)
+        if qw is None:
+            yield module.name, linear, None
+        elif isinstance(linear, nn.Embedding):
+            yield module.name, linear, QuantEmbedding.from_quantized(qw, linear.weight.dtype, linear.padding_idx)
+        else:
+            bias = linear.bias.detach() if linear.bias is not None else None
+            yield module.name, linear, QuantLinear.from_quantized(qw, bias)
 
 
 def missing_hessians(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
@@ -68,7 +75,8 @@ def missing_hessians(planned: list[tuple[Module, nn.Linear]], plan: Plan, quanti
     """The quantized modules of `plan` whose GPTQ needs an `H` that neither `hessians` nor `cache` has."""
     if quantizer != "gptq":
         return []
-    return [m.name for m, _ in planned if plan.assignment[m.name].quantized
+    return [m.name for m, _ in planned
+            if plan.assignment[m.name].quantized and quantizer_for(m, quantizer) == "gptq"
             and (hessians is None or m.name not in hessians)
             and (cache is None or not cache.has(m.name, plan.assignment[m.name]))]
 
@@ -103,12 +111,16 @@ def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], pl
                    hessians: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """In place: swap planned linears for QuantLinear and round the rest through `storage_dtype`.
 
-    The result computes exactly what the written checkpoint computes once reloaded.
+    The result computes exactly what the written checkpoint computes once reloaded.  A quantized embedding
+    with a tied head gets a `QuantTiedHead` on it, as the loader builds.
     """
+    head = tied_head(model)
     quantized = list(quantized_linears(planned, plan, quantizer=quantizer, hessians=hessians))
     for name, linear, qlinear in quantized:
         if qlinear is not None:
             model.set_submodule(name, qlinear.to(linear.weight.device))
+            if isinstance(qlinear, QuantEmbedding) and head is not None:
+                model.set_submodule(next(n for n, m in model.named_modules() if m is head), QuantTiedHead(qlinear))
     for key, t in model.state_dict(keep_vars=True).items():
         if t.is_floating_point() and not key.endswith(".scales"):  # scales are stored as fp16
             t.data = t.data.to(storage_dtype).to(t.dtype)
@@ -134,6 +146,15 @@ def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear
         for key, t in qlinear.state_dict().items():
             state[f"{name}.{key}"] = t.to(storage_dtype) if key == "bias" else t
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def config_dict(model: nn.Module) -> dict:
+    """The model's `config.json` content, naming its class in `architectures` (engines pick the model class
+    from it; a config read from a GGUF has none)."""
+    config = model.config.to_dict()
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    return config
 
 
 def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: str = "rtn") -> dict:
@@ -172,7 +193,7 @@ def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Modu
         state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians, cache)
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
-        config = model.config.to_dict()
+        config = config_dict(model)
         config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer)
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
@@ -222,6 +243,13 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes of the weight files of a checkpoint directory."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+def checkpoint_bytes(source: str | Path) -> int:
+    """Bytes of a checkpoint's weights: its safetensors (or PyTorch) files, or the GGUF file (the embedded
+    model's included)."""
+    from bitplan.profiler.model import resolve
+
+    directory, gguf = resolve(str(source))
+    if gguf is not None:
+        return (directory / gguf).stat().st_size
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)

@@ -85,17 +85,29 @@ def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
     weights in `dtype`: the unquantized model of the same architecture, the baseline of a speed test."""
     import copy
 
-    from bitplan.executor.quant_linear import QuantLinear
+    from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
 
     twin = copy.deepcopy(model)
+    heads = []
     for name, mod in list(twin.named_modules()):
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantEmbedding):
+            emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, dtype=dtype,
+                               device=mod.scales.device)
+            emb.weight.data.copy_(mod.dequantized_weight(torch.float32))
+            twin.set_submodule(name, emb)
+        elif isinstance(mod, QuantTiedHead):
+            heads.append(name)
+        elif isinstance(mod, QuantLinear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=dtype,
                             device=mod.scales.device)
             lin.weight.data.copy_(mod.dequantized_weight(torch.float32))
             if mod.bias is not None:
                 lin.bias.data.copy_(mod.bias)
             twin.set_submodule(name, lin)
+    for name in heads:  # a tied pair's head: tied again, to the twin's embedding, as the model had it
+        head = nn.Linear(*twin.get_input_embeddings().weight.shape[::-1], bias=False, device="meta")
+        head.weight = twin.get_input_embeddings().weight
+        twin.set_submodule(name, head)
     return twin.to(dtype)
 
 
@@ -141,7 +153,7 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
     vocab` float32: keep the windows few).  `cache` (an `executor.quantize.GPTQCache`) runs GPTQ once
     per (module, option) over all the plans.
     """
-    from bitplan.executor.quantize import quantize_dequantize
+    from bitplan.executor.quantize import quantize_dequantize, quantizer_for
     from bitplan.profiler.kl import mean_kl
 
     model.to(device)
@@ -154,8 +166,10 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
             for m, lin in planned:
                 W = originals[m.name]
                 opt = assignment[m.name]
-                H = hessians[m.name] if hessians is not None and opt.quantized else None
-                lin.weight.data = quantize_dequantize(W, opt, quantizer, H, cache=cache, name=m.name)
+                H = hessians.get(m.name) if hessians is not None and opt.quantized else None
+                # a tied embedding's Parameter is the head's too: both read the quantized values
+                lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), H, cache=cache,
+                                                      name=m.name)
             nll, kl, count = 0.0, 0.0, 0
             for row, logp in zip(windows, base):
                 ids = row.unsqueeze(0).to(device)

@@ -31,8 +31,9 @@ which is exactly our unsigned code and zero.
 `^blk\\.7\\.attn_q\\.weight$=q4_k` per planned GGUF tensor (lower case, fully anchored, so no two lines
 match one tensor: llama.cpp `regex_search`es every line and takes the first match), the types of
 `executor/formats.py` (K-quant where `in_features % 256 == 0`, else Q4_0/Q5_0/Q8_0), and
-`llama-quantize.sh` with the command line.  Converting the checkpoint to an F16 GGUF
-(`convert_hf_to_gguf.py`) is the user's step; nothing here runs llama.cpp.
+`llama-quantize.sh` with the command line: from a GGUF source, requantize that file, keeping its own
+types for the tensors the plan leaves out; from a Hugging Face checkpoint, convert it to an F16 GGUF
+first (`convert_hf_to_gguf.py`, the user's step).  Nothing here runs llama.cpp.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.db.types import InvalidInput, Module, Option, Plan
+from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan
 from bitplan.executor.apply import (_replace_dir, _write_shards, apply_plan, check_plan_matches, check_quantizer,
-                                    quantized_weights)
+                                    config_dict, quantized_weights)
 from bitplan.executor.quantize import GPTQCache, QuantizedWeight
 from bitplan.executor.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
                                       vllm_group)
@@ -137,30 +138,51 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
                           overwrite=overwrite, progress=progress, quantizer=quantizer, hessians=hessians,
                           cache=cache)
     check_plan_matches(planned, plan)
-    check_quantizer(planned, plan, quantizer, hessians, cache)
     modules = [m for m, _ in planned]
+    if fmt == "llamacpp":
+        return export_llamacpp(plan, modules, out_dir, overwrite=overwrite)
+    check_embedding(plan, modules, fmt)
+    modules = [m for m in modules if m.role != EMBED_ROLE]  # at 16 bits: no rule or target for it
+    check_quantizer(planned, plan, quantizer, hessians, cache)
     with _atomic_dir(out_dir, overwrite) as tmp:
-        if fmt == "llamacpp":
-            _write_llamacpp(plan, modules, tmp)
-        else:
-            writer = partial(_gptq_tensors, v2=gptq_v2(plan)) if fmt == "gptqmodel" else _ct_tensors
-            state = _base_state(model, planned, storage_dtype)
-            for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
-                prefix = module.name
-                if qw is None:  # 16 bits: stored as in our own format
-                    continue
-                state.pop(f"{prefix}.weight")
-                state.update({f"{prefix}.{k}": v.contiguous() for k, v in writer(module, qw).items()})
-            _write_shards(state, tmp, {"format": "pt"})
-            config = model.config.to_dict()
-            qc = gptq_config(plan, modules) if fmt == "gptqmodel" else compressed_tensors_config(plan, modules)
-            config["quantization_config"] = qc
-            config["dtype"] = str(storage_dtype).removeprefix("torch.")
-            _write_json(tmp / "config.json", config)
-            if fmt == "gptqmodel":  # GPTQModel and AutoGPTQ also read the config from here
-                _write_json(tmp / "quantize_config.json", qc)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        writer = partial(_gptq_tensors, v2=gptq_v2(plan)) if fmt == "gptqmodel" else _ct_tensors
+        state = _base_state(model, planned, storage_dtype)
+        for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
+            prefix = module.name
+            if qw is None:  # 16 bits: stored as in our own format
+                continue
+            state.pop(f"{prefix}.weight")
+            state.update({f"{prefix}.{k}": v.contiguous() for k, v in writer(module, qw).items()})
+        _write_shards(state, tmp, {"format": "pt"})
+        config = config_dict(model)
+        qc = gptq_config(plan, modules) if fmt == "gptqmodel" else compressed_tensors_config(plan, modules)
+        config["quantization_config"] = qc
+        config["dtype"] = str(storage_dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", config)
+        if fmt == "gptqmodel":  # GPTQModel and AutoGPTQ also read the config from here
+            _write_json(tmp / "quantize_config.json", qc)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_json(tmp / "bitplan_plan.json", plan.to_dict())
+    return Path(out_dir).expanduser().resolve()
+
+
+def check_embedding(plan: Plan, modules: list[Module], fmt: str) -> None:
+    """GPTQ and compressed-tensors checkpoints carry no quantized embedding (GPTQModel and vLLM quantize
+    linears only, a head tied to the embedding included): a plan that quantizes it is refused, never
+    written as something other than the plan."""
+    for m in modules:
+        option = plan.assignment[m.name]
+        if m.role == EMBED_ROLE and option.quantized:
+            raise InvalidInput(f"--format {fmt} cannot carry a quantized embedding ({m.name} at {option.label} in "
+                               f"plan {plan.id}): plan with --engine vllm, which leaves it at 16 bits, or profile with "
+                               f"--embeddings keep; --format bitplan and llamacpp carry it")
+
+
+def export_llamacpp(plan: Plan, modules: list[Module], out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """The llama.cpp files of `plan`: they need the planned modules' names and shapes, not their weights."""
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_llamacpp(plan, modules, tmp)
         _write_json(tmp / "bitplan_plan.json", plan.to_dict())
     return Path(out_dir).expanduser().resolve()
 
@@ -368,20 +390,49 @@ def llamacpp_lines(types: Mapping[str, str]) -> list[str]:
     return [f"^{re.escape(tensor)}$={t}" for tensor, t in types.items()]
 
 
-def llamacpp_command(plan: Plan, types: Mapping[str, str]) -> str:
-    base = LLAMA_FTYPE[Counter(t for t in types.values() if t != "f16").most_common(1)[0][0]
-                       if any(t != "f16" for t in types.values()) else "f16"]
-    # the embedding (and an unplanned output) stay 16-bit: the plan's fixed bits count them so
-    extra = [] if "output.weight" in types else ["--output-tensor-type", "f16"]
-    return shlex.join(["llama-quantize", "--tensor-type-file", "tensor_types.txt", "--token-embedding-type", "f16",
-                       *extra, "MODEL-F16.gguf", f"{plan.model.name}-{plan.id}.gguf", base])
+def source_gguf_types(source: str) -> dict[str, str] | None:
+    """GGUF tensor name -> lower-case type of a GGUF source (read from its header), or None when the source
+    is a Hugging Face directory or is not on this machine."""
+    import gguf
+
+    from bitplan.profiler.model import resolve
+
+    try:
+        directory, name = resolve(source)
+    except InvalidInput:
+        return None
+    if name is None:
+        return None
+    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(directory / name).tensors}
+
+
+def llamacpp_command(plan: Plan, types: Mapping[str, str], source: Mapping[str, str] | None = None) -> str:
+    """The `llama-quantize` line for `types`.  Tensors the plan leaves out keep what the plan's size
+    counted: from a GGUF `source`, the source's own types (`--allow-requantize`); from a 16-bit
+    checkpoint converted to an F16 GGUF, f16."""
+    quantized = [t for t in types.values() if t != "f16"]
+    base = LLAMA_FTYPE[Counter(quantized).most_common(1)[0][0] if quantized else "f16"]
+    keep = []
+    for tensor, flag in (("token_embd.weight", "--token-embedding-type"), ("output.weight", "--output-tensor-type")):
+        if tensor not in types and (source is None or tensor in source):
+            keep += [flag, source[tensor] if source is not None else "f16"]
+    requantize, model_in = (["--allow-requantize"], f"{plan.model.name}.gguf") if source is not None else \
+        ([], "MODEL-F16.gguf")
+    return shlex.join(["llama-quantize", *requantize, "--tensor-type-file", "tensor_types.txt", *keep,
+                       model_in, f"{plan.model.name}-{plan.id}.gguf", base])
 
 
 def _write_llamacpp(plan: Plan, modules: list[Module], tmp: Path) -> None:
     types = llamacpp_types(plan, modules)
+    source = source_gguf_types(plan.model.source) if plan.model.source else None
     (tmp / "tensor_types.txt").write_text("\n".join(llamacpp_lines(types)) + "\n")
-    cmd = llamacpp_command(plan, types)
-    (tmp / "llama-quantize.sh").write_text(
-        "#!/bin/sh\n# Convert the model to an F16 GGUF first (llama.cpp's convert_hf_to_gguf.py --outtype f16\n"
-        f"# --outfile MODEL-F16.gguf), then, from this folder, plan {plan.id}:\n{cmd}\n")
+    cmd = llamacpp_command(plan, types, source)
+    if source is not None:
+        how = (f"# {plan.model.name} is a GGUF: quantize it again from that file (copied or linked here as\n"
+               f"# {plan.model.name}.gguf).  Requantizing a quantized GGUF adds its error to the plan's; start\n"
+               f"# from an F16 or BF16 GGUF of the same model if you have one.")
+    else:
+        how = ("# Convert the checkpoint to an F16 GGUF first (llama.cpp's convert_hf_to_gguf.py --outtype f16\n"
+               "# --outfile MODEL-F16.gguf).")
+    (tmp / "llama-quantize.sh").write_text(f"#!/bin/sh\n{how}\n# Then, from this folder, plan {plan.id}:\n{cmd}\n")
     (tmp / "llama-quantize.sh").chmod(0o755)

@@ -110,6 +110,8 @@ def gguf_tensor_name(name: str) -> str:
     Mixtral, Qwen2/3-MoE, DeepSeek layouts); routed experts map to their layer's 3-D `ffn_*_exps`."""
     if name == "lm_head":
         return "output.weight"
+    if name == "model.embed_tokens":  # with a tied head, the pair's one tensor (llama.cpp reads it for both)
+        return "token_embd.weight"
     m = _LAYER_RE.match(name)
     if m:
         layer, rest = m.groups()
@@ -119,4 +121,4 @@ def gguf_tensor_name(name: str) -> str:
         if rest in _HF_TO_GGUF:
             return f"blk.{layer}.{_HF_TO_GGUF[rest]}.weight"
     raise InvalidInput(f"no GGUF tensor name is known for module {name!r} (llamacpp export knows Llama-style "
-                       f"attention and MLP, routed and shared experts, lm_head); export another --format")
+                       f"attention and MLP, routed and shared experts, lm_head, embed_tokens); export another --format")

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
 from bitplan.executor.apply import QUANT_METHOD
-from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
+from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead, fuse_quantized_experts
+from bitplan.profiler.model import tied_head
 from bitplan.profiler.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         raise NotACausalLM(f"{path} is not a bitplan, GPTQ or compressed-tensors checkpoint (no quantization_config "
                            f"with quant_method {QUANT_METHOD!r}, gptq or compressed-tensors in config.json)")
     model = skeleton(path, dtype)
+    head = tied_head(model)  # before the swaps: a quantized embedding takes its tied head along
     for name, spec in qc["modules"].items():
         option = Option(**spec)
         if not option.quantized:
             continue
         linear = model.get_submodule(name)
+        if isinstance(linear, nn.Embedding):
+            emb = QuantEmbedding(linear.num_embeddings, linear.embedding_dim, option, linear.padding_idx,
+                                 dtype=dtype)
+            model.set_submodule(name, emb)
+            if head is not None:
+                model.set_submodule(_name_of(model, head), QuantTiedHead(emb))
+            continue
         model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, option,
                                               bias=linear.bias is not None, dtype=dtype))
     return finish(model, read_weights(path), path, dtype, device), tokenizer_of(path), qc
@@ -83,6 +92,7 @@ def skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # `apply` and the exports write MoE experts under their un-fused names (profiler/moe.py)
     unfuse_experts(model)
+    model.tie_weights()  # as `from_pretrained` would: a tied head is then seen sharing the embedding's weight
     return model
 
 
@@ -103,7 +113,8 @@ def finish(model: nn.Module, state: dict[str, torch.Tensor], path: Path, dtype: 
     state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
              for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    if not isinstance(model.get_input_embeddings(), QuantEmbedding):  # a quantized pair is tied by QuantTiedHead
+        model.tie_weights()
     missing = sorted(k for k in result.missing_keys if not _is_tied(model, k) and not k.startswith(filled))
     if missing or result.unexpected_keys:
         raise InvalidInput(f"{path}: checkpoint does not match its config: missing {missing[:3]}, "
@@ -119,8 +130,10 @@ def tokenizer_of(path: Path):
 
 def _is_tied(model, key: str) -> bool:
     out = model.get_output_embeddings()
-    return out is not None and key.startswith(_name_of(model, out)) and \
-        out.weight is model.get_input_embeddings().weight
+    # a quantized head (QuantLinear, or the tied pair's QuantTiedHead) has no `weight` to compare
+    weight = getattr(out, "weight", None)
+    return weight is not None and key.startswith(_name_of(model, out)) and \
+        weight is getattr(model.get_input_embeddings(), "weight", None)
 
 
 def _name_of(model, module) -> str:

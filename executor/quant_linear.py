@@ -72,6 +72,70 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, option={self.option.label}"
 
 
+class QuantEmbedding(QuantLinear):
+    """`nn.Embedding` over QuantLinear's packed buffers: the table `[V, d]` is stored as the weight of a
+    `d -> V` linear (`out_features` = vocabulary), so its groups run along the hidden dimension, inside
+    one row, and a lookup gathers the rows' code words, scales and zeros and dequantizes only those
+    (`kernels/reference.py`, on any device: no fused kernel for it).  `linear(x)` is the same weight
+    as a head, `x @ Wᵀ`, for a tied pair (`QuantTiedHead`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, option: Option, padding_idx: int | None = None,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__(embedding_dim, num_embeddings, option, bias=False, device=device, dtype=dtype)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        # token ids carry no dtype: the rows come out in this one's, which follows `.to(dtype)` as a weight would
+        self.register_buffer("dtype_of_rows", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
+                       padding_idx: int | None = None) -> "QuantEmbedding":
+        V, d = qw.q.shape
+        emb = cls(V, d, qw.option, padding_idx=padding_idx, dtype=dtype)
+        for i, t in enumerate(reference.pack(qw.q.T, qw.option.bits)):
+            getattr(emb, f"qweight_s{i}").copy_(t)
+        if qw.zeros is not None:
+            for i, t in enumerate(reference.pack(qw.zeros.T, qw.option.bits)):
+                getattr(emb, f"qzeros_s{i}").copy_(t)
+        emb.scales.copy_(qw.scales.T)
+        return emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        zeros = None
+        if not self.option.symmetric:
+            zeros = reference.unpack([t[:, flat] for t in self._packed("qzeros")], self.option.bits,
+                                     self.scales.shape[0])
+        rows = reference.dequantize([t[:, flat] for t in self._packed("qweight")], self.scales[:, flat], zeros,
+                                    self.option.bits, self.group_size, self.in_features,
+                                    dtype=self.dtype_of_rows.dtype)
+        return rows.T.reshape(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return QuantLinear.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, option={self.option.label}"
+
+
+class QuantTiedHead(nn.Module):
+    """The head of a tied pair: the `QuantEmbedding`'s packed weight used as a linear.
+
+    It holds the embedding by reference, not as a submodule, so the weight is stored, loaded and moved
+    once, with the embedding (as a tied nn.Linear's weight is the embedding's Parameter).
+    """
+
+    def __init__(self, embedding: QuantEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not registered: see the class docstring
+        self.in_features, self.out_features = embedding.in_features, embedding.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"tied to the quantized embedding ({self.embedding.option.label})"
+
+
 class QuantExpertLinears(ExpertLinears):
     """Routed experts whose linears are all `QuantLinear`s.  On CUDA each projection of every active
     expert runs as one launch whatever the experts' widths (`kernels/moe.py`); on the CPU, and while

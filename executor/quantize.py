@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.db.types import Option
+from bitplan.db.types import EMBED_ROLE, Module, Option
 
 # Smallest scale we store: a constant group (range 0) still needs a finite, fp16-representable scale.
 MIN_SCALE = 2.0**-20
@@ -180,6 +180,17 @@ def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.
 
 
 QUANTIZERS = ("rtn", "gptq")
+
+
+def quantizer_for(module: Module, quantizer: str) -> str:
+    """The quantizer a module really gets: the embedding always RTN.
+
+    A lookup's input is one-hot, so its `H` is diagonal (token counts) and GPTQ has no correlation
+    between columns to spread an error over: it would be RTN at the cost of a pass.  A tied pair's
+    head does have correlated inputs, but GPTQ on them would trade the rows' own error (what every
+    lookup reads) for the head's; RTN keeps every row as close as the grid allows for both uses.
+    """
+    return "rtn" if module.role == EMBED_ROLE else quantizer
 
 
 def quantizer_settings(quantizer: str) -> dict:

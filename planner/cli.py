@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bitplan.db.types import BitplanError, Evaluation, Plan, Profile
+from bitplan.db.types import BitplanError, Evaluation, InvalidInput, Plan, Profile
 
 log = logging.getLogger("bitplan")
 
@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine, not news
     if args.quiet:
-        # progress bars go to stderr too; --quiet silences both
+        # progress bars go to stderr too; --quiet silences ours and transformers' (read when it is imported)
         import os
         os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         return args.func(args) or 0
     except BitplanError as e:
@@ -69,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--options", default="2,3,4,8", help="bit widths to consider (default 2,3,4,8)")
     c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     estimator_args(c)
+    embeddings_arg(c)
     c.add_argument("--validate", action="store_true",
                    help="instead of storing a profile: rank-correlate --validate-estimators against measured KL "
                         "(single-module KL on --validate-layers) and print the table")
@@ -165,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--budgets", default="3.0bpw,3.5bpw,4.0bpw", help="comma-separated budgets")
     c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
     estimator_args(c)
+    embeddings_arg(c)
     c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
     c.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
@@ -187,6 +190,14 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--quantizer", choices=["rtn", "gptq"],
                    help="where each option's ΔW comes from; apply uses the same one (default gptq: with the "
                         "profile's H, act-order, damp 0.1; rtn: round to nearest, needs no H)")
+
+
+def embeddings_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--embeddings", choices=["plan", "keep"],
+                   help="plan (default; keep with --imatrix): the input embedding (with a tied head, the pair: one "
+                        "tensor) is a module the plan gives 4 bits or more (RTN, groups inside each row), counted in "
+                        "bits/weight; keep: it stays 16-bit, outside the plan, counted only by size budgets "
+                        "(docs/embeddings.md)")
 
 
 def plan_options(c: argparse.ArgumentParser) -> None:
@@ -227,7 +238,7 @@ def cmd_profile(args):
                           estimator=args.estimator, quantizer=args.quantizer, calib=args.calib, tokens=args.tokens,
                           seq_len=args.seq_len, device=args.device, force=args.force, progress=not args.quiet,
                           latency=args.latency, latency_batches=args.latency_batches, resume=args.resume,
-                          imatrix=args.imatrix)
+                          imatrix=args.imatrix, embeddings=args.embeddings)
     if args.output:
         write_json(profile.to_dict(), args.output)
     _emit(args, profile.to_dict(), format_profile(profile))
@@ -235,7 +246,11 @@ def cmd_profile(args):
 
 def cmd_validate(args):
     from bitplan.planner.workflow import run_validate
-    layers = [int(x) for x in args.validate_layers.split(",") if x.strip()]
+    try:
+        layers = [int(x) for x in args.validate_layers.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInput(f"--validate-layers {args.validate_layers!r}: give layer numbers separated by commas, "
+                           f"e.g. 0,8,16") from None
     result = run_validate(args.model, options=args.options, group_size=args.group_size, quantizer=args.quantizer,
                           calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, device=args.device, layers=layers,
                           progress=not args.quiet, estimators=_csv(args.validate_estimators), imatrix=args.imatrix)
@@ -352,7 +367,8 @@ def cmd_demo(args):
     from bitplan.planner.workflow import run_demo
     rows = run_demo(_store(args), source=args.model, budgets=_csv(args.budgets), allocators=_csv(args.allocators),
                     estimator=args.estimator, quantizer=args.quantizer, tokens=args.tokens,
-                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet, imatrix=args.imatrix)
+                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet, imatrix=args.imatrix,
+                    embeddings=args.embeddings)
     _emit(args, {"rows": rows}, format_rows(rows))
 
 
@@ -363,8 +379,21 @@ def format_profile(p: Profile) -> str:
     return (f"profile {p.id}: {p.model.name}, estimator {p.estimator}, {len(p.modules)} modules x "
             f"{len(p.options)} options ({', '.join(o.label for o in p.options)}), "
             f"{p.calibration.n_tokens} tokens of {p.calibration.name or '?'}, {p.seconds:.0f} s"
+            + (", embedding planned" if p.plan_embeddings else "")
             + (f", latency {p.latency_source} at batches {','.join(map(str, p.latency_batches))}"
-               if p.latency is not None else ""))
+               if p.latency is not None else "")
+            + _format_estimated(p.estimated))
+
+
+def _format_estimated(estimated: dict[str, str], shown: int = 10) -> str:
+    if not estimated:
+        return ""
+    n = len(estimated)
+    lines = [f"\n  {n} module{'s' if n > 1 else ''}' errors estimated where they were to be measured:"]
+    lines += [f"    {name}: {why}" for name, why in list(estimated.items())[:shown]]
+    if len(estimated) > shown:
+        lines.append(f"    ... and {len(estimated) - shown} more (--json lists them all)")
+    return "\n".join(lines)
 
 
 def format_plan(plan: Plan, profile: Profile | None = None) -> str:
@@ -456,7 +485,6 @@ def _maybe_profile(store, pid):
 
 
 def _read_json(path: str) -> dict:
-    from bitplan.db.types import InvalidInput
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -464,7 +492,6 @@ def _read_json(path: str) -> dict:
 
 
 def raise_input(msg: str):
-    from bitplan.db.types import InvalidInput
     raise InvalidInput(msg)
 
 

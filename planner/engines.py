@@ -31,6 +31,12 @@ perplexity is measured here; llama.cpp's own K-quants differ (sub-block scales, 
 
 Ties compose with `--granularity` ties and with pins: a unit is a connected component of both
 partitions (`planner/plan.py:unit_of`), and may take only an option every member may.
+
+**The embedding** (a profile made with `--embeddings plan`; with a tied head, the pair) takes 4 bits or
+more (`_embedding_allows` says why), as an allowed mask like a pin's; `llamacpp` gives it a GGUF type
+like any module (`token_embd.weight`); `vllm` quantizes no embedding (neither GPTQ nor
+compressed-tensors checkpoints carry one), so its plans leave it out, at 16 bits in the fixed bits
+(`without_embedding`), as a profile made with `--embeddings keep` has it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bitplan.db.types import InvalidInput, Module, Option, Profile
+from bitplan.db.types import EMBED_MIN_BITS, EMBED_ROLE, InvalidInput, Module, Option, Profile
 from bitplan.executor.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,18 @@ def tie_keys(modules: Sequence[Module], engine: str) -> list[tuple]:
     return [("module", m.name) for m in modules]
 
 
+def _embedding_allows(m: Module, o: Option) -> bool:
+    """The embedding (a tied pair too) takes no option under EMBED_MIN_BITS, on every engine.
+
+    Why not 2 or 3 bits (docs/embeddings.md): the estimators see the lookup only through the calibration
+    text's tokens (4,096 tokens of the embedded model's text read 1,155 of its 49,152 rows), so the error
+    of every other row is invisible to the profile and would be the planner's to take for free; and on
+    the embedded model the embedding alone at 2 bits took perplexity from 34.6 to 3,047, at 3 bits cost
+    four times the KL of 4 bits.
+    """
+    return m.role != EMBED_ROLE or not o.quantized or o.bits >= EMBED_MIN_BITS
+
+
 def _vllm_allows(m: Module, o: Option) -> bool:
     if not o.quantized:
         return True
@@ -82,14 +100,20 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
     """`(profile with the engine's exact sizes, allowed [M, O], notes)`; InvalidInput for a module the
     engine can run at none of the profile's options."""
     check_engine(engine)
+    if engine == "vllm":
+        profile = without_embedding(profile)
     M, O = profile.error.shape
     allowed = np.ones((M, O), dtype=bool)
     notes: list[str] = []
+    for i, m in enumerate(profile.modules):
+        if m.role == EMBED_ROLE:
+            allowed[i] = [_embedding_allows(m, o) for o in profile.options]
     if engine == "bitplan":
+        _check_some(profile, allowed, engine, f"the embedding takes {EMBED_MIN_BITS} bits or more")
         return profile, allowed, notes
     if engine == "vllm":
         for i, m in enumerate(profile.modules):
-            allowed[i] = [_vllm_allows(m, o) for o in profile.options]
+            allowed[i] &= [_vllm_allows(m, o) for o in profile.options]
         _check_some(profile, allowed, engine, "GPTQ 2/3/4/8 bits (routed experts 4/8), group size "
                                               "32/64/128/per-channel dividing in_features, dimensions x bits multiples of 32")
         return profile, allowed, notes
@@ -97,7 +121,7 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
     for i, m in enumerate(profile.modules):
         for j, o in enumerate(profile.options):
             t = gguf_type(m.shape, o)
-            allowed[i, j] = t is not None
+            allowed[i, j] &= t is not None
             if t is not None:
                 size[i, j] = t.size_bits(*m.shape)
     _check_some(profile, allowed, engine, "GGUF types Q2_K..Q6_K, Q8_0 (in_features % 256 == 0) or Q4_0/Q5_0/Q8_0 "
@@ -112,10 +136,31 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
     return profile.model_copy(update={"size_bits": size}), allowed, notes
 
 
+def without_embedding(profile: Profile) -> Profile:
+    """`profile` with the embedding moved out of the modules into `fixed_bits` at 16 bits, as `--embeddings
+    keep` profiles it: for vLLM, which quantizes no embedding (nor a head tied to one; GPTQ and
+    compressed-tensors checkpoints carry none), so a plan for it leaves the embedding as it is."""
+    keep = [i for i, m in enumerate(profile.modules) if m.role != EMBED_ROLE]
+    if len(keep) == len(profile.modules):
+        return profile
+    out = [m for m in profile.modules if m.role == EMBED_ROLE]
+    update = {"modules": [profile.modules[i] for i in keep], "error": profile.error[keep],
+              "size_bits": profile.size_bits[keep], "fixed_bits": profile.fixed_bits + sum(16 * m.numel for m in out)}
+    if profile.latency is not None:
+        update["latency"] = profile.latency[keep]
+    if getattr(profile, "estimated", None):
+        update["estimated"] = {k: v for k, v in profile.estimated.items() if k not in {m.name for m in out}}
+    return profile.model_copy(update=update)
+
+
 def _check_some(profile: Profile, allowed: np.ndarray, engine: str, rule: str) -> None:
     none = np.flatnonzero(~allowed.any(axis=1))
     if none.size:
         m = profile.modules[int(none[0])]
+        if m.role == EMBED_ROLE:
+            raise InvalidInput(f"the embedding {m.name} takes {EMBED_MIN_BITS} bits or more, and the profile's options "
+                               f"{[o.label for o in profile.options]} have none that the {engine} engine runs; "
+                               f"profile with --options including 4, 8 or 16, or with --embeddings keep")
         raise InvalidInput(f"the {engine} engine can run module {m.name} {list(m.shape)} at none of the profile's "
                            f"options {[o.label for o in profile.options]} ({rule}); profile with --options "
                            f"including 8 or 16, or plan with --engine bitplan")

@@ -207,7 +207,12 @@ def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, 
     pin_texts = [f"{pattern}{op}{bits}" for pattern, op, bits in parsed]  # normalised: same pins, same id
     allowed = apply_pins(profile.modules, profile.options, parsed)
     # the engine's exact sizes (GGUF types) and allowed options; the error stays the profile's
+    names = [m.name for m in profile.modules]
     profile, engine_allowed, _ = constrain(profile, engine)
+    if len(profile.modules) != len(names):  # the engine leaves a module out of the plan (vLLM: the embedding)
+        pos = {n: i for i, n in enumerate(names)}
+        allowed = allowed[[pos[m.name] for m in profile.modules]]
+        budget_bits = budget.planned_bits(profile.n_params, profile.fixed_bits)
     allowed &= engine_allowed
     latency_budget, objective, batch = planning_terms(profile, latency_budget, objective)
     problem, unit = problem_from_profile(profile, budget_bits, allowed, granularity, engine=engine,

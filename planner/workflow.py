@@ -36,7 +36,7 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
                 tokens: int | None = None, seq_len: int | None = None, device: str | None = None,
                 force: bool = False, loaded=None, progress: bool = True, latency: str | None = None,
                 latency_batches: str | Sequence[int] | None = None, resume: bool = False,
-                imatrix: str | None = None, cache=None) -> Profile:
+                imatrix: str | None = None, cache=None, embeddings: str | None = None) -> Profile:
     """Profile `source` (or reuse the stored profile of the same model, text and settings).
 
     What is finished is kept in `profile_work_dir` until the profile is stored; `resume` continues
@@ -52,6 +52,10 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
 
     `latency` (`roofline:GPU` or `measured`) also fills the latency table at `latency_batches`
     (default 1,16,256): the result is the error profile with that table, stored under its own id.
+
+    `embeddings` (`plan` or `keep`; default `profiler.profile.DEFAULT_EMBEDDINGS`, `keep` with an imatrix):
+    whether the input embedding (and a head tied to it) is a planned module or stays at 16 bits in
+    `fixed_bits`.
     """
     from bitplan.profiler import profile as prof
     from bitplan.profiler.calibration import CALIB, token_batches
@@ -66,7 +70,8 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             loaded = load_model(source)
         base = run_profile(store, source, options=options, group_size=group_size, estimator=estimator,
                            quantizer=quantizer, calib=calib, tokens=tokens, seq_len=seq_len, device=device,
-                           force=force, loaded=loaded, progress=progress, resume=resume, imatrix=imatrix)
+                           force=force, loaded=loaded, progress=progress, resume=resume, imatrix=imatrix,
+                           embeddings=embeddings)
         return add_latency(store, base, latency, batches, force=force)
 
     opts = parse_options(options, group_size)
@@ -75,13 +80,14 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
     estimator = estimator or ("imatrix" if imatrix else prof.DEFAULT_ESTIMATOR)
     quantizer = quantizer or prof.DEFAULT_QUANTIZER
     name = prof.estimator_name(estimator, quantizer, imatrix)  # a missing imatrix fails before the model loads
+    embeddings = prof.check_embeddings(embeddings, estimator)
     calib, tokens = calib or CALIB, tokens or prof.DEFAULT_TOKENS
     seq_len, device = seq_len or prof.DEFAULT_SEQ_LEN, device or prof.default_device()
     if loaded is None:
         check_causal_lm(source)
         loaded = load_model(source)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
-    pid = prof.profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device)
+    pid = prof.profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device, embeddings)
     if cache is not None:
         cache.claim(pid)
     if not force:
@@ -100,7 +106,7 @@ def run_profile(store: Store, source: str, *, options: str = "2,3,4,8", group_si
             shutil.rmtree(work)
     profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib, n_tokens=tokens,
                                  seq_len=seq_len, device=device, progress=progress, work_dir=work, imatrix=imatrix,
-                                 cache=cache)
+                                 cache=cache, embeddings=embeddings)
     saved = store.save_profile(profile)
     shutil.rmtree(work, ignore_errors=True)
     return saved
@@ -325,13 +331,13 @@ def _evaluate_rows(store: Store, profile: Profile, rows: list[dict], tokens: int
     from bitplan.executor.evaluate import evaluate_plans
     from bitplan.executor.quantize import GPTQCache
     from bitplan.profiler import profile as prof
-    from bitplan.profiler.model import planned_linears
+    from bitplan.profiler.model import planned_for
 
     done = [r for r in rows if r["plan_id"]]
     if not done:
         return
     loaded = loaded or profile_model(profile, "evaluating plans")
-    planned = planned_linears(loaded.model)
+    planned = planned_for(loaded.model, {m.name for m in profile.modules})
     plans = [store.get_plan(r["plan_id"]) for r in done]
     quantizer, hessians = plan_quantizer(store, plans[0]), None
     if quantizer == "gptq":
@@ -361,9 +367,9 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
     computed again, and the `H` collected for those it lacks is kept in it for the next plan.
     """
     from bitplan.executor.apply import missing_hessians
-    from bitplan.executor.export import check_format, export_plan
+    from bitplan.executor.export import check_format, export_llamacpp, export_plan
     from bitplan.profiler import profile as prof
-    from bitplan.profiler.model import check_causal_lm, load_model, planned_linears
+    from bitplan.profiler.model import check_causal_lm, load_model, planned_for
 
     check_format(fmt)
     if isinstance(plan, str):
@@ -371,10 +377,15 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    if fmt == "llamacpp" and loaded is None:
+        # a text file of tensor types: the profile's module names and shapes suffice, no weights needed
+        modules = _profile_modules(store, plan)
+        if modules is not None:
+            return export_llamacpp(plan, modules, out, overwrite=overwrite)
     if loaded is None:
         check_causal_lm(plan.model.source)
         loaded = load_model(plan.model.source)
-    planned = planned_linears(loaded.model)
+    planned = planned_for(loaded.model, plan.assignment)
     quantizer = plan_quantizer(store, plan)
     hessians = None
     if cache is not None:
@@ -385,6 +396,17 @@ def run_apply(store: Store, plan: Plan | str, out: str | Path, *, overwrite: boo
             cache.hessians = hessians
     return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
                        progress=progress, quantizer=quantizer, hessians=hessians, cache=cache)
+
+
+def _profile_modules(store: Store, plan: Plan) -> list | None:
+    """The planned modules as the plan's stored profile names them, or None when this store lacks it."""
+    try:
+        modules = store.get_profile(plan.profile_id).modules
+    except NotFound:
+        return None
+    if {m.name for m in modules} != set(plan.assignment):
+        raise InvalidInput(f"plan {plan.id} does not assign exactly the modules of its profile {plan.profile_id}")
+    return list(modules)
 
 
 def plan_quantizer(store: Store, plan: Plan) -> str:
@@ -454,7 +476,7 @@ def run_eval(store: Store, checkpoint: str, *, text: str | None = None, tokens: 
     path = Path(checkpoint)
     ev = Evaluation(plan_id=plan_id, checkpoint=str(path.resolve()) if path.exists() else checkpoint,
                     corpus=windows.corpus, n_tokens=int(windows.ids.numel()), window=int(windows.ids.shape[1]),
-                    perplexity=ppl, bytes_on_disk=checkpoint_bytes(path) if path.is_dir() else 0,
+                    perplexity=ppl, bytes_on_disk=checkpoint_bytes(checkpoint),
                     device=device, seconds=time.perf_counter() - t0, speed=speed)
     return store.save_evaluation(ev)
 
@@ -473,7 +495,7 @@ def _stored_plan_id(store: Store, plan_id: str | None) -> str | None:
 def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
              allocators: list[str] = ("ilp", "uniform"), estimator: str | None = None, quantizer: str | None = None,
              tokens: int | None = None, eval_tokens: int = EVAL_TOKENS, out_dir: str | Path = "runs",
-             progress: bool = True, imatrix: str | None = None) -> list[dict]:
+             progress: bool = True, imatrix: str | None = None, embeddings: str | None = None) -> list[dict]:
     """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
 
     Returns one row per (budget, allocator) plus the unquantized baseline, each with its stored ids.
@@ -492,7 +514,7 @@ def run_demo(store: Store, *, source: str = "smollm2-135m", budgets: list[str] =
     t0 = time.perf_counter()
     cache = GPTQCache()
     profile = run_profile(store, source, estimator=estimator, quantizer=quantizer, tokens=tokens, loaded=loaded,
-                          progress=progress, imatrix=imatrix, cache=cache)
+                          progress=progress, imatrix=imatrix, cache=cache, embeddings=embeddings)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
     windows = eval_windows(loaded.tokenizer, tokens=eval_tokens)
     t0 = time.perf_counter()

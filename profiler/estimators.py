@@ -36,4 +36,13 @@ def hutchinson(dW: torch.Tensor, t: torch.Tensor, n_tokens: int) -> float:
     return 0.5 * float(t) * float((dW.double() ** 2).sum())
 
 
+def embedding_hessian(dW: torch.Tensor, counts: torch.Tensor, H: torch.Tensor | None, n_tokens: int) -> float:
+    """`hessian` of an input embedding `[V, d]`: the lookup's `H` is `diag(counts)` over the rows (each read
+    adds its row's error to the residual stream), so its term is `Σ_v counts_v ||ΔW_v||²`; a tied head adds
+    its own `tr(ΔW H ΔWᵀ)` with `H: [d, d]` of the head's inputs."""
+    dW = dW.to(torch.float64)
+    lookup = float(counts.to(torch.float64) @ (dW ** 2).sum(dim=1))
+    return max((lookup + (0.0 if H is None else float(((dW @ H.to(torch.float64)) * dW).sum()))) / n_tokens, 0.0)
+
+
 ESTIMATORS = {"hessian": hessian, "fisher": fisher, "imatrix": imatrix, "hutchinson": hutchinson}

@@ -14,7 +14,7 @@
 - **Parent replay**: `prepare(parent, rows)` runs the parent once on a generation's rows, recording
   every block's input; an offspring then runs only from the first block where it differs from the
   parent (bit-identical to a full pass: the earlier blocks are the parent's).
-- **Splits** (`token_splits`): the calibration text of the profile is tokenized; the tokens the
+- **Splits** (`token_splits`): the calibration text of the profile is tokenized; the text tokens the
   profile was measured on are skipped, the next `fitness_tokens` form the fitness pool the search
   selects on, and the `heldout_tokens` after them are held out — seen by neither the profile nor the
   search's selection — for the overfitting check.
@@ -34,12 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitplan.db.types import InvalidInput, Module, Option, Profile
-from bitplan.executor.quantize import quantize
+from bitplan.db.types import CalibrationRef, InvalidInput, Module, Option, Profile
+from bitplan.executor.quantize import quantize, quantizer_for
 from bitplan.kernels import reference
-from bitplan.profiler.calibration import token_batches
+from bitplan.profiler.calibration import text_tokens_used, token_batches
 from bitplan.profiler.kl import Replayer
-from bitplan.profiler.model import planned_linears
+from bitplan.profiler.model import is_embedding, planned_for
+from bitplan.profiler.profile import DEFAULT_SEQ_LEN
 
 DEFAULT_FITNESS_TOKENS = 1024
 DEFAULT_HELDOUT_TOKENS = 512
@@ -51,10 +52,12 @@ class VariantStore:
     """Every module's weight at every option: packed codes kept, dequantized tensors in a bounded LRU."""
 
     def __init__(self, weights: Sequence[torch.Tensor], options: Sequence[Option],
-                 cache_mib: float = DEFAULT_CACHE_MIB, quantizer: str = "rtn",
-                 hessians: Sequence[torch.Tensor] | None = None):
+                 cache_mib: float = DEFAULT_CACHE_MIB, quantizer: str | Sequence[str] = "rtn",
+                 hessians: Sequence[torch.Tensor | None] | None = None):
         self.weights, self.options = list(weights), list(options)
         self.quantizer, self.hessians = quantizer, hessians  # GPTQ: each module's H, as `apply` has it
+        # one per module where they differ (a planned embedding is RTN under a GPTQ profile)
+        self.quantizers = [quantizer] * len(self.weights) if isinstance(quantizer, str) else list(quantizer)
         self.packed: dict[tuple[int, int], tuple] = {}
         self.cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.cache_bytes, self.max_bytes = 0, int(cache_mib * 2**20)
@@ -65,7 +68,7 @@ class VariantStore:
         self.quantized += 1
         if not opt.quantized or opt.bits not in reference.SHARDS:
             return ("dense", W.detach().to(torch.bfloat16))  # what a 16-bit option stores
-        qw = quantize(W.detach(), opt, self.quantizer, None if self.hessians is None else self.hessians[m])
+        qw = quantize(W.detach(), opt, self.quantizers[m], None if self.hessians is None else self.hessians[m])
         return ("packed", reference.pack(qw.q.T.contiguous(), opt.bits), qw.scales.T.contiguous(),
                 None if qw.zeros is None else qw.zeros.T.contiguous(), opt.bits, qw.group_size, W.shape[1])
 
@@ -113,10 +116,13 @@ class KLFitness:
         self.model, self.planned, self.device, self.chunk = model, planned, device, chunk
         self.linears = [lin for _, lin in planned]
         self.original = [lin.weight.data for lin in self.linears]
-        self.store = VariantStore(self.original, options, cache_mib, quantizer, hessians)
+        self.store = VariantStore(self.original, options, cache_mib,
+                                  [quantizer_for(m, quantizer) for m, _ in planned], hessians)
         n_layers = model.config.num_hidden_layers
         # a module outside the blocks (an untied lm_head) changes only what follows the last block
-        self.layer = np.array([n_layers if m.layer is None else m.layer for m, _ in planned], dtype=np.int64)
+        # ... and the embedding (with a tied head, the pair: one Parameter, so one swap) every block's input
+        self.layer = np.array([0 if is_embedding(m) else n_layers if m.layer is None else m.layer
+                               for m, _ in planned], dtype=np.int64)
         self.n_rows, self.row_tokens = int(fitness_ids.shape[0]), int(fitness_ids.shape[1])
         self.heldout_rows = list(range(self.n_rows, self.n_rows + int(heldout_ids.shape[0])))
         self.installed = np.full(len(planned), -1, dtype=np.int64)  # -1: the original weight
@@ -192,16 +198,18 @@ class KLFitness:
         self.close()
 
 
-def token_splits(tokenizer, spec: str, skip: int, fitness_tokens: int, heldout_tokens: int,
+def token_splits(tokenizer, calib: CalibrationRef, fitness_tokens: int, heldout_tokens: int,
                  row_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(fitness [n, row_tokens], heldout [m, row_tokens])` from `spec` after its first `skip` tokens
-    (the profile's calibration tokens, rounded up to whole rows), fitness first, disjoint."""
+    """`(fitness [n, row_tokens], heldout [m, row_tokens])` from the text of `calib` after the text tokens
+    its windows used (rounded up to whole rows), fitness first, disjoint."""
     if fitness_tokens < row_tokens or heldout_tokens < row_tokens:
         raise InvalidInput(f"fitness and held-out tokens must each be at least one row of {row_tokens}")
-    skip_rows = -(-skip // row_tokens)
+    used = text_tokens_used(tokenizer, calib.n_tokens, calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens))
+    row_text = text_tokens_used(tokenizer, row_tokens, row_tokens)
     n_fit, n_held = fitness_tokens // row_tokens, heldout_tokens // row_tokens
-    ids, _ = token_batches(tokenizer, spec, (skip_rows + n_fit + n_held) * row_tokens, row_tokens)
-    return ids[skip_rows:skip_rows + n_fit], ids[skip_rows + n_fit:]
+    ids, _ = token_batches(tokenizer, calib.name, (n_fit + n_held) * row_tokens, row_tokens,
+                           skip_text=-(-used // row_text) * row_text)
+    return ids[:n_fit], ids[n_fit:]
 
 
 def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DEFAULT_FITNESS_TOKENS,
@@ -214,20 +222,19 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
     if profile.model.fingerprint and loaded.ref.fingerprint != profile.model.fingerprint:
         raise InvalidInput(f"the model at {profile.model.source or profile.model.name} is not the one "
                            f"profile {profile.id} was measured on (fingerprints differ)")
-    planned = {m.name: (m, lin) for m, lin in planned_linears(loaded.model)}
+    planned = {m.name: (m, lin) for m, lin in planned_for(loaded.model, {m.name for m in profile.modules})}
     missing = [m.name for m in profile.modules if m.name not in planned]
     if missing:
         raise InvalidInput(f"profile {profile.id} names modules the model lacks: {missing[:3]}")
     spec = profile.calibration.name
     if not spec:
         raise InvalidInput(f"profile {profile.id} records no calibration text to draw fitness tokens from")
-    fit, held = token_splits(loaded.tokenizer, spec, profile.calibration.n_tokens, fitness_tokens,
-                             heldout_tokens, row_tokens)
+    fit, held = token_splits(loaded.tokenizer, profile.calibration, fitness_tokens, heldout_tokens, row_tokens)
     planned = [planned[m.name] for m in profile.modules]
     hessians = None
     if quantizer == "gptq":  # the variants are the ones `apply` writes: GPTQ from H of the profile's tokens
         H = gptq_hessians(loaded, profile, planned, device=device)
-        hessians = [H[m.name] for m, _ in planned]
+        hessians = [H.get(m.name) for m, _ in planned]  # none for the embedding: RTN
     return KLFitness(loaded.model, planned, profile.options, fit, held, device=device, cache_mib=cache_mib,
                      describe={"text": spec, "skip_tokens": profile.calibration.n_tokens},
                      quantizer=quantizer, hessians=hessians)

@@ -18,7 +18,7 @@ Two things keep it affordable:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import Module, Option
-from bitplan.executor.quantize import GPTQCache, quantize_dequantize
-from bitplan.profiler.model import decoder_layers
+from bitplan.executor.quantize import GPTQCache, quantize_dequantize, quantizer_for
+from bitplan.profiler.model import decoder_layers, is_embedding
+from bitplan.profiler.moe import record_routing
 from bitplan.profiler.stream import _Replay, _Skip, outside_hessians, stream_blocks
 
 DEFAULT_KL_TOKENS = 512
@@ -125,7 +126,7 @@ class Replayer:
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
              batches: torch.Tensor, *, quantizer: str = "rtn", device: str = "cpu", chunk: int = 128,
              progress: bool = True, hessian_batches: torch.Tensor | None = None,
-             cache: GPTQCache | None = None) -> np.ndarray:
+             cache: GPTQCache | None = None, routing: dict | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
     With `quantizer="gptq"` the blocks are streamed once more to collect each module's `H`, on
@@ -133,11 +134,18 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     from the whole calibration text, the one the other estimators and `apply` use, not a GPTQ fitted
     to the few tokens it is then measured on.  Where `cache` holds every module's result (`calibrated`
     after the Fisher table's GPTQ) nothing is streamed or quantized again.
+
+    `routing`, if given, receives the base model's routing records over `batches` (`moe.record_routing`):
+    how many of the measured tokens each expert's KL rests on (`calibrated` distrusts too few).
     """
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
     model.to(device)
-    replayer = Replayer(model, batches, device)
+    # the base pass, once: no extra forward for the routing counts
+    with record_routing(model) if routing is not None else nullcontext({}) as records:
+        replayer = Replayer(model, batches, device)
+    if routing is not None:
+        routing.update(records)
     bar = tqdm(total=len(planned) * len(options), desc="kl (module x option)", unit="fwd",
                disable=not progress)
 
@@ -145,12 +153,15 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
         model.to(device)
         for m, lin in mods:
             W = lin.weight.data
-            Hm = None if H is None else H[m.name]
+            Hm = None if H is None or m.name not in H else H[m.name]
             for o, opt in enumerate(options):
-                lin.weight.data = quantize_dequantize(W, opt, quantizer, Hm, cache=cache, name=m.name)
+                # a tied pair's head holds this same Parameter: the swap reaches the lookup and the head
+                lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache,
+                                                      name=m.name)
                 try:
-                    # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks
-                    first = len(replayer.layers) if m.layer is None else m.layer
+                    # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks;
+                    # the embedding changes every block's input: run them all
+                    first = 0 if is_embedding(m) else len(replayer.layers) if m.layer is None else m.layer
                     error[index[m.name], o] = replayer.kl_from(first, chunk)
                 finally:
                     lin.weight.data = W
@@ -158,14 +169,17 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
 
     try:
         cached = cache is not None and all(cache.has(m.name, o) for m, _ in planned
+                                                   if quantizer_for(m, quantizer) == "gptq"
                                                    for o in options if o.quantized)
         if quantizer == "gptq" and not cached:
             hb = batches if hessian_batches is None else hessian_batches
             stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, H), device,
                           progress=False)
-            outside = [(m, lin) for m, lin in planned if m.layer is None]  # an untied lm_head
+            # an untied lm_head
+            outside = [(m, lin) for m, lin in planned if m.layer is None and not is_embedding(m)]
             if outside:
                 measure(outside, outside_hessians(model, hb, outside, device))
+            measure([(m, emb) for m, emb in planned if is_embedding(m)])  # RTN: no H
         else:
             measure(planned)
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.db.types import InvalidInput, ModelRef, Module, NotACausalLM
+from bitplan.db.types import EMBED_ROLE, InvalidInput, ModelRef, Module, NotACausalLM
 from bitplan.profiler.moe import classify_linears, unfuse_experts
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,27 @@ def resolve(source: str) -> tuple[Path, str | None]:
     return path, None
 
 
+def check_gguf(path: Path) -> None:
+    """Reject a file that is not a whole GGUF with a message that says so (transformers reports a file cut
+    short mid-tensor as a failed reshape).  Reading the header costs seconds, so callers check after a
+    failed load."""
+    import gguf
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise NotACausalLM(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    size = path.stat().st_size
+    try:
+        tensors = gguf.GGUFReader(path).tensors  # maps each tensor's data: a short file fails here
+        end = max((t.data_offset + t.n_bytes for t in tensors), default=0)
+    except (ValueError, IndexError, OSError) as e:
+        raise InvalidInput(f"{path} is truncated or damaged ({size:,} bytes; {' '.join(str(e).split())[:120]}); "
+                           f"copy or download it again") from e
+    if end > size:
+        raise InvalidInput(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
+                           f"copy or download it again")
+
+
 def check_causal_lm(source: str):
     """Load only the config and reject anything that is not a causal LM, before any real work."""
     from transformers import AutoConfig
@@ -63,6 +84,8 @@ def check_causal_lm(source: str):
     try:
         config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as e:
+        if gguf:
+            check_gguf(directory / gguf)
         raise NotACausalLM(f"{source}: cannot read its config ({' '.join(str(e).split())[:200]})") from e
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise NotACausalLM(f"{source} is a {config.model_type!r} model, not a causal language model")
@@ -77,7 +100,12 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
     directory, gguf = resolve(source)
     kw = {"gguf_file": gguf} if gguf else {}
     log.info("loading %s", source)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
+    except (ValueError, OSError, RuntimeError):
+        if gguf:
+            check_gguf(directory / gguf)
+        raise
     model.eval()
     # fused MoE experts -> per-expert nn.Linears, before anything names, hooks or fingerprints a module
     unfuse_experts(model)
@@ -109,12 +137,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise NotACausalLM(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def planned_linears(model: nn.Module) -> list[tuple[Module, nn.Linear]]:
+def planned_linears(model: nn.Module,
+                    embeddings: bool = False) -> list[tuple[Module, nn.Linear | nn.Embedding]]:
     """Every quantizable matrix: the linears of the decoder blocks, and an untied `lm_head`.
 
     In an MoE block (experts un-fused by `load_model`) a routed expert's matrices carry their `expert`
     index and role `gate_proj`/`up_proj`/`down_proj`, a shared expert's have role `shared_<role>`, and
     routers and gates are left out (16 bits; `bitplan.profiler.moe.classify_linears` says why).
+
+    `embeddings`: the input embedding comes first, as the `nn.Embedding` with role `EMBED_ROLE`, shape
+    `[vocab, hidden]` and no layer.  A head tied to it is not listed apart: the embedding module stands
+    for the pair (one weight, one option), so its size counts once.
     """
     layers = decoder_layers(model)
     index = {id(layer): i for i, layer in enumerate(layers)}
@@ -131,11 +164,35 @@ def planned_linears(model: nn.Module) -> list[tuple[Module, nn.Linear]]:
             out.append((Module(name=f"{prefix}.{i}.{sub}", shape=tuple(mod.weight.shape), layer=index[id(layer)],
                                role=role, expert=expert), mod))
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    tied = tied_head(model) is not None
     if isinstance(head, nn.Linear) and not tied:
         name = next(n for n, m in model.named_modules() if m is head)
         out.append((Module(name=name, shape=tuple(head.weight.shape), role="lm_head"), head))
+    if embeddings:
+        emb = model.get_input_embeddings()
+        if not isinstance(emb, nn.Embedding):
+            raise NotACausalLM(f"{type(model).__name__}'s input embedding is a {type(emb).__name__}, not an "
+                               f"nn.Embedding: it cannot be planned; profile with --embeddings keep")
+        name = next(n for n, m in model.named_modules() if m is emb)
+        out.insert(0, (Module(name=name, shape=tuple(emb.weight.shape), role=EMBED_ROLE), emb))
     return out
+
+
+def planned_for(model: nn.Module, names) -> list[tuple[Module, nn.Linear | nn.Embedding]]:
+    """`planned_linears` with the embedding exactly when `names` (a profile's or plan's modules) hold it."""
+    emb = model.get_input_embeddings()
+    return planned_linears(model, embeddings=any(n in names for n, m in model.named_modules() if m is emb))
+
+
+def tied_head(model: nn.Module) -> nn.Linear | None:
+    """The output head when it shares its weight with the input embedding, else None."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    return head if weight is not None and weight is getattr(emb, "weight", None) else None
+
+
+def is_embedding(m: Module) -> bool:
+    return m.role == EMBED_ROLE
 
 
 def fixed_bits(model: nn.Module, planned: list[tuple[Module, nn.Linear]], bits: int = 16) -> int:

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from bitplan.db.types import Option
+from bitplan.db.types import InvalidInput, Option
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
-from bitplan.profiler.model import LoadedModel, planned_linears
+from bitplan.profiler.model import LoadedModel, decoder_layers, planned_linears
 from bitplan.profiler.profile import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, profile_model
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ def validate(loaded: LoadedModel, options: list[Option], estimators=("hessian", 
     the easy ordering across bit widths.
     """
     model = loaded.model
+    n_layers = len(decoder_layers(model))
+    missing = sorted(set(layers or ()) - set(range(n_layers)))
+    if missing:
+        raise InvalidInput(f"--validate-layers {','.join(map(str, missing))}: {loaded.ref.name} has layers "
+                           f"0..{n_layers - 1}; pick layers in that range")
     planned = planned_linears(model)
     keep = [i for i, (m, _) in enumerate(planned) if layers is None or m.layer in set(layers)]
     tables, seconds = {}, {}

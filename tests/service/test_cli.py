@@ -109,7 +109,8 @@ def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, capsy
                            "--seq-len", "64", "--json", "-q")
     assert code == 0
     profile = json.loads(out)
-    assert profile["id"].startswith("prof-") and len(profile["modules"]) == 14
+    # 14 linears and the tied embedding (`--embeddings plan`, the default)
+    assert profile["id"].startswith("prof-") and len(profile["modules"]) == 15
     code, out, _ = run_cli(capsys, "plan", profile["id"][:10], "--budget", "4bpw", "--json", "-q")
     assert code == 0
     plan = json.loads(out)
