@@ -13,7 +13,7 @@ from bitplan.db.store import Store
 from bitplan.executor.apply import quantize_model
 from bitplan.executor.load import load_quantized
 from bitplan.planner.workflow import run_apply, run_plan, run_profile
-from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.model import load_model, planned_for
 from bitplan.profiler.profile import gptq_hessians
 
 
@@ -42,10 +42,10 @@ def test_profile_plan_apply_reload(checkpoint, text_file, tmp_path):
 
     reloaded, _, _ = load_quantized(out)
     loaded = load_model(str(path))
-    planned = planned_linears(loaded.model)
+    planned = planned_for(loaded.model, plan.assignment)
     base = loaded.model
     in_memory = load_model(str(path)).model
-    quantize_model(in_memory, planned_linears(in_memory), plan, quantizer="gptq",
+    quantize_model(in_memory, planned_for(in_memory, plan.assignment), plan, quantizer="gptq",
                    hessians=gptq_hessians(loaded, profile, planned, progress=False))
     ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
