@@ -30,7 +30,7 @@ import torch
 from bitplan.db.types import Option
 from bitplan.executor.evaluate import dense_twin, speed_report
 from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import quantize
+from bitplan.kernels.quantize import quantize
 from bitplan.profiler.model import planned_linears
 
 

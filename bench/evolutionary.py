@@ -37,41 +37,6 @@ QUICK = {"generations": 2, "offspring": 3, "patience": 0, "fitness_tokens": 256,
          "row_tokens": 64, "eval_tokens": 1024}
 
 
-def evaluate_choices(oracle, model, windows, choices: dict) -> dict:
-    """Per evaluation window, for each named module choice: the NLL sum over its next-token predictions
-    and the KL(base ‖ plan) sum over its tokens (as `executor.evaluate.evaluate_plans`); the base model's
-    log-probs are computed once per window, with the oracle's weights off."""
-    import torch
-    from torch import nn
-
-    from bitplan.profiler.kl import mean_kl
-
-    out = {name: {"nll": [], "kl": []} for name in choices}
-    with torch.no_grad():
-        for row in windows:
-            ids = row.unsqueeze(0)
-            oracle.close()  # the original weights
-            base = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
-            for name, choice in choices.items():
-                oracle._install(np.asarray(choice))
-                logits = model(ids, use_cache=False).logits[0].float()
-                nll = nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
-                out[name]["nll"].append(float(nll))
-                out[name]["kl"].append(mean_kl(base, logits)[0])
-    oracle.close()
-    return out
-
-
-def summarize(per_window: dict, window: int, n_windows: int | None = None) -> dict:
-    """Perplexity and mean per-token KL of each choice over its first `n_windows` windows (all: None)."""
-    res = {}
-    for name, v in per_window.items():
-        nll, kl = np.asarray(v["nll"][:n_windows]), np.asarray(v["kl"][:n_windows])
-        res[name] = {"perplexity": float(np.exp(nll.sum() / (len(nll) * (window - 1)))),
-                     "kl": float(kl.sum() / (len(kl) * window)), "tokens": int(len(nll) * window)}
-    return res
-
-
 MEASURED = [("plan", "plan", "<"), ("perplexity", "perplexity", ".2f"), ("KL", "kl", ".4f"), ("tokens", "tokens", "d")]
 
 
@@ -107,7 +72,7 @@ def main(argv=None) -> int:
     from bitplan.db.types import Budget
     from bitplan.planner.allocators import evolutionary, ilp
     from bitplan.planner.plan import problem_from_profile
-    from bitplan.planner.workflow import eval_windows
+    from bitplan.executor.evaluate import eval_windows, evaluate_choices, summarize_windows
     from bitplan.profiler.fitness import kl_fitness_for_profile
     from bitplan.profiler.model import load_model
 
@@ -141,7 +106,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     per_window = evaluate_choices(oracle, loaded.model, windows.ids, choices)
     window = int(windows.ids.shape[1])
-    measured = summarize(per_window, window)
+    measured = summarize_windows(per_window, window)
     ev_seconds = time.perf_counter() - t0
     info = {k: v for k, v in result.info.items() if k != "history"}
     row = {"status": result.status, "profile_id": profile.id, "model": profile.model.name,
@@ -160,7 +125,7 @@ def main(argv=None) -> int:
            "start_choice": start_m.tolist(), "choice": final_m.tolist()}
     if args.report_tokens:
         n = max(1, args.report_tokens // window)
-        row["measured_first"] = summarize(per_window, window, n)
+        row["measured_first"] = summarize_windows(per_window, window, n)
     row.update(windows=per_window, history=result.info["history"])
     bulky = ("history", "windows", "start_choice", "choice", "measured", "measured_first")
     print(json.dumps({k: v for k, v in row.items() if k not in bulky}, indent=2, default=str))

@@ -1,7 +1,7 @@
 """GPTQ of one weight on the CPU and on the GPU, side by side: time and agreement.
 
 Profiling with `--quantizer gptq` runs GPTQ for every (module, option); it runs where the weight is
-(`executor/quantize.py:gptq`).  This times one call per device on random correlated inputs, for the
+(`kernels/quantize.py:gptq`).  This times one call per device on random correlated inputs, for the
 shapes given, and checks that both devices give the same codes (up to float rounding).
 
     python bench/gptq_device.py --shapes 576x1536,4096x4096,4096x14336 --bits 4
@@ -23,7 +23,7 @@ harness.leave_sys_path()
 import torch
 
 from bitplan.db.types import Option
-from bitplan.executor.quantize import gptq
+from bitplan.kernels.quantize import gptq
 
 COLUMNS = [("N", "N", "d"), ("K", "K", "d"), ("cpu s", "cpu_s", ".2f"), ("gpu s", "gpu_s", ".2f"),
            ("speedup", "speedup", ".1f"), ("same codes", "same_codes", ".4f"), ("cpu threads", "cpu_threads", "d")]

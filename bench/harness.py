@@ -55,6 +55,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bitplan.db.files import atomic_write
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("BITPLAN_BENCH_RESULTS") or BENCH / "results")
 SCRATCH = Path(tempfile.gettempdir()) / "bitplan-bench"  # where --quick runs write
@@ -145,16 +147,8 @@ def write_result(path: str | Path, payload: dict[str, Any], meta: dict[str, Any]
     run saves after each step, so that a run cut short still leaves its rows)."""
     if "meta" in payload:
         raise ValueError("the payload has its own 'meta': pass it to metadata(**extra) instead")
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": dict(meta, written=_now()), **payload}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(path, json.dumps(doc, indent=2, default=_jsonable) + "\n")
 
 
 Column = tuple  # (header, key or callable(row), format spec), e.g. ("time s", "seconds", ".2f")

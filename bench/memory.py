@@ -53,7 +53,7 @@ def whole_hessian_table(model, planned, options, batches, device: str):
     import numpy as np
     import torch
 
-    from bitplan.executor.quantize import quantize_dequantize
+    from bitplan.kernels.quantize import quantize_dequantize
     from bitplan.profiler.estimators import hessian
     from bitplan.profiler.stream import _accumulate, _expert_of
 
@@ -72,7 +72,7 @@ def whole_hessian_table(model, planned, options, batches, device: str):
     for i, (m, lin) in enumerate(planned):
         W = lin.weight.detach()
         for j, opt in enumerate(options):
-            error[i, j] = hessian(quantize_dequantize(W, opt, "rtn", None) - W, H[m.name], batches.numel())
+            error[i, j] = hessian(quantize_dequantize(W, opt) - W, H[m.name], batches.numel())
     model.to("cpu")
     return error
 
@@ -152,11 +152,11 @@ def child(args) -> dict:
     if args.mode == "whole":
         error = whole_hessian_table(model, planned, options, batches, args.device)
     elif args.mode == "fisher":
-        error = error_table(model, planned, options, batches, "fisher", "rtn", args.device, progress=False)
+        error = error_table(model, planned, options, batches, "fisher", device=args.device, progress=False)
     else:
         if args.mode == "streamed-disk":
             stream.default_activation_budget = lambda device: 0
-        error = error_table(model, planned, options, batches, "hessian", "rtn", args.device, progress=False)
+        error = error_table(model, planned, options, batches, "hessian", device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     return {"mode": args.mode, "seconds": seconds, "load_seconds": load_s, "load_rss": load_rss,
             "rss_before": base, "peak_rss": _status("VmHWM"),

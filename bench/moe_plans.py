@@ -64,11 +64,12 @@ def plan_row(plan) -> dict:
             "predicted_error": plan.predicted_error, "status": plan.status}
 
 
-def check_ilp(store, profile, budget: str, plan, **kw) -> dict:
+def check_ilp(ws, profile, budget: str, plan, **kw) -> dict:
     """The same problem on `highs`: its predicted error, and whether cbc's plan matches it."""
-    from bitplan.planner.workflow import run_plan
+    from bitplan.planner.app.usecases import run_plan
+    from bitplan.planner.request import PlanRequest
 
-    other = run_plan(store, profile, budget, "ilp", params={"backend": "highs"}, **kw)
+    other = run_plan(ws, profile, PlanRequest(budget=budget, params={"backend": "highs"}, **kw))
     same = abs(other.predicted_error - plan.predicted_error) <= 1e-9 * max(1.0, abs(plan.predicted_error))
     if not same:
         print(f"warning: ilp cbc and highs disagree on {plan.id}: {plan.predicted_error:.6g} vs "
@@ -76,10 +77,11 @@ def check_ilp(store, profile, budget: str, plan, **kw) -> dict:
     return {"highs_predicted_error": other.predicted_error, "cbc_equals_highs": same}
 
 
-def allocation_study(store, loaded, windows, args) -> dict:
+def allocation_study(ws, loaded, windows, args) -> dict:
     from bitplan.executor.evaluate import evaluate_plans
     from bitplan.profiler.model import planned_linears
-    from bitplan.planner.workflow import run_plan, run_profile
+    from bitplan.planner.app.usecases import ProfileRequest, run_plan, run_profile
+    from bitplan.planner.request import PlanRequest
     from bitplan.profiler.profile import gptq_hessians
 
     planned = planned_linears(loaded.model)
@@ -88,21 +90,21 @@ def allocation_study(store, loaded, windows, args) -> dict:
         hessians = None
         for estimator in args.estimators:
             t0 = time.perf_counter()
-            profile = run_profile(store, args.model, estimator=estimator, quantizer=quantizer, tokens=args.tokens,
-                                  loaded=loaded, progress=False)
+            profile = run_profile(ws, args.model, ProfileRequest(estimator=estimator, quantizer=quantizer,
+                                                                 tokens=args.tokens))
             rows = []
             for name, granularity, split, allocator in PLANS:
                 kw = dict(granularity=granularity, budget_split=split)
-                plan = run_plan(store, profile, args.budget, allocator, **kw)
+                plan = run_plan(ws, profile, PlanRequest(budget=args.budget, allocator=allocator, **kw))
                 row = {"plan": name, "granularity": granularity, "budget_split": split, "allocator": allocator,
                        **plan_row(plan)}
                 if allocator == "ilp":
-                    row.update(check_ilp(store, profile, args.budget, plan, **kw))
+                    row.update(check_ilp(ws, profile, args.budget, plan, **kw))
                 rows.append((row, plan))
-            if quantizer == "gptq" and hessians is None:
+            if profile.quantizer.method == "gptq" and hessians is None:
                 hessians = gptq_hessians(loaded, profile, planned, progress=False)
             measured = evaluate_plans(loaded.model, planned, [p.assignment for _, p in rows], windows.ids,
-                                      quantizer=quantizer, hessians=hessians, progress=False)
+                                      quantizer=profile.quantizer, hessians=hessians, progress=False)
             for (row, _), m in zip(rows, measured):
                 row.update(m)
             out.append({"estimator": estimator, "quantizer": quantizer, "profile_id": profile.id,
@@ -116,39 +118,39 @@ def smallest_bpw(e) -> str:
     return e.args[0].split("smallest feasible plan: ")[1].split("bpw")[0]
 
 
-def engine_study(store, loaded, windows, args) -> list[dict]:
+def engine_study(ws, loaded, windows, args) -> list[dict]:
     from bitplan.db.types import InfeasibleBudget
     from bitplan.executor.evaluate import evaluate_plans
     from bitplan.profiler.model import planned_linears
-    from bitplan.planner.workflow import run_apply, run_eval, run_plan, run_profile
+    from bitplan.planner.app.usecases import ProfileRequest, run_apply, run_eval, run_plan, run_profile
+    from bitplan.planner.request import PlanRequest
 
-    profile = run_profile(store, args.model, estimator=args.estimators[0], quantizer=args.quantizers[0],
-                          tokens=args.tokens, loaded=loaded, progress=False)
+    profile = run_profile(ws, args.model, ProfileRequest(estimator=args.estimators[0], quantizer=args.quantizers[0],
+                                                         tokens=args.tokens))
     formats = {"bitplan": ["bitplan"], "vllm": ["gptqmodel", "compressed-tensors"], "llamacpp": ["bitplan"]}
     budgets = {args.engine_budget}
     rows, plans = [], {}
     for engine in ("vllm", "llamacpp"):
         try:
-            plans[(engine, args.engine_budget)] = run_plan(store, profile, args.engine_budget, "ilp", engine=engine)
+            plans[(engine, args.engine_budget)] = run_plan(ws, profile, PlanRequest(budget=args.engine_budget,
+                                                                                    engine=engine))
         except InfeasibleBudget as e:
             rows.append({"engine": engine, "budget": args.engine_budget, "error": str(e)})
             print(f"{engine} at {args.engine_budget}: {e}", flush=True)
             least = f"{smallest_bpw(e)}bpw"
-            plans[(engine, least)] = run_plan(store, profile, least, "ilp", engine=engine)
+            plans[(engine, least)] = run_plan(ws, profile, PlanRequest(budget=least, engine=engine))
             budgets.add(least)
     for b in budgets:
-        plans[("bitplan", b)] = run_plan(store, profile, b, "ilp")
+        plans[("bitplan", b)] = run_plan(ws, profile, PlanRequest(budget=b))
     root = Path(args.out_dir)
     for (engine, budget), plan in sorted(plans.items(), key=lambda kv: (float(kv[0][1][:-3]), kv[0][0] != "bitplan")):
         for fmt in formats[engine]:
-            out = run_apply(store, plan, root / f"{engine}-{budget}-{fmt}", overwrite=True, loaded=loaded,
-                            progress=False, fmt=fmt)
-            ev = run_eval(store, str(out), windows=windows, plan_id=plan.id, progress=False)
+            out = run_apply(ws, plan, root / f"{engine}-{budget}-{fmt}", overwrite=True, fmt=fmt)
+            ev = run_eval(ws, str(out), tokens=args.eval_tokens, plan_id=plan.id)
             row = {"engine": engine, "budget": budget, "format": fmt, "checkpoint": str(out),
                    "perplexity": ev.perplexity, "bytes_on_disk": ev.bytes_on_disk, **plan_row(plan)}
             if engine == "llamacpp":
-                tt = run_apply(store, plan, root / f"{engine}-{budget}-llamacpp", overwrite=True, loaded=loaded,
-                               progress=False, fmt="llamacpp")
+                tt = run_apply(ws, plan, root / f"{engine}-{budget}-llamacpp", overwrite=True, fmt="llamacpp")
                 row["tensor_types"] = str(tt / "tensor_types.txt")
             rows.append(row)
             print(f"{engine:>9} {budget:>9} {fmt:>18} {plan.bits_per_weight:7.4f} {plan.predicted_error:9.4f} "
@@ -157,7 +159,7 @@ def engine_study(store, loaded, windows, args) -> list[dict]:
     done = [r for r in rows if "plan_id" in r]
     ids = list(dict.fromkeys(r["plan_id"] for r in done))
     measured = dict(zip(ids, evaluate_plans(loaded.model, planned_linears(loaded.model),
-                                            [store.get_plan(i).assignment for i in ids], windows.ids, progress=False)))
+                                            [ws.store.get_plan(i).assignment for i in ids], windows.ids, progress=False)))
     for r in done:
         r["kl"], r["in_memory_perplexity"] = measured[r["plan_id"]]["kl"], measured[r["plan_id"]]["perplexity"]
     return rows
@@ -204,14 +206,15 @@ def main(argv=None) -> int:
 
     from bitplan.db.store import Store
     from bitplan.executor.evaluate import perplexity
+    from bitplan.planner.app.workspace import Workspace
     from bitplan.profiler.model import load_model
-    from bitplan.planner.workflow import eval_windows
 
     torch.manual_seed(0)
     meta = harness.metadata(args)
     store = Store(args.db or os.environ.get("BITPLAN_DB") or str(Path(tmp) / "bitplan.db"))
     loaded = load_model(args.model)
-    windows = eval_windows(loaded.tokenizer, tokens=args.eval_tokens)
+    ws = Workspace(store, progress=False).adopt(args.model, loaded)
+    windows = ws.windows(loaded.tokenizer, tokens=args.eval_tokens)
     t0 = time.perf_counter()
     base = perplexity(loaded.model, windows.ids, progress=False)
     print(f"unquantized: perplexity {base:.3f} on {windows.ids.numel()} tokens of {windows.corpus} "
@@ -220,10 +223,10 @@ def main(argv=None) -> int:
               "eval": {"corpus": windows.corpus, "tokens": int(windows.ids.numel()), "window": int(windows.ids.shape[1])},
               "unquantized_perplexity": base}
     t0 = time.perf_counter()
-    result["allocation"] = allocation_study(store, loaded, windows, args)
+    result["allocation"] = allocation_study(ws, loaded, windows, args)
     harness.write_result(args.out, result, meta)  # a later failure keeps this part
     if not args.skip_engines:
-        result["engines"] = engine_study(store, loaded, windows, args)
+        result["engines"] = engine_study(ws, loaded, windows, args)
         print(format_engines(result["engines"], f"{args.estimators[0]}, {args.quantizers[0]}"), flush=True)
     result["seconds"] = time.perf_counter() - t0
     harness.done(harness.write_result(args.out, result, meta))

@@ -38,7 +38,7 @@ def expert_kl(model, experts, bits, batches, group_size: int, device: str) -> np
     import torch
 
     from bitplan.db.types import Option
-    from bitplan.executor.quantize import quantize_dequantize
+    from bitplan.kernels.quantize import quantize_dequantize
     from bitplan.profiler.kl import Replayer
 
     out = np.zeros((len(experts), len(bits)))
@@ -49,7 +49,7 @@ def expert_kl(model, experts, bits, batches, group_size: int, device: str) -> np
             originals = [lin.weight.data for lin in linears]
             for j, b in enumerate(bits):
                 for lin, W in zip(linears, originals):
-                    lin.weight.data = quantize_dequantize(W, Option(bits=b, group_size=group_size), "rtn")
+                    lin.weight.data = quantize_dequantize(W, Option(bits=b, group_size=group_size))
                 try:
                     out[i, j] = replayer.kl_from(layer)
                 finally:

@@ -11,6 +11,7 @@ import io
 import json
 import uuid
 import zlib
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -22,7 +23,7 @@ from bitplan.db.session import make_engine
 from bitplan.db.tables import (JOB_STATES, Base, CalibrationRow, EvaluationRow, JobRow, ModelRow, PlanRow,
                                ProfileRow, utcnow)
 from bitplan.db.types import (CalibrationRef, Evaluation, InvalidInput, Kind, ModelRef, Module, NotFound,
-                              Option, Plan, Profile, content_id)
+                              Option, Plan, Profile, Quantizer, content_id)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _Row = TypeVar("_Row", bound=Base)
@@ -62,19 +63,16 @@ def _model_key(ref: ModelRef) -> str:
     return ref.fingerprint or content_id(ref.name, ref.source, prefix="nofp-")
 
 
-def profile_id(p: Profile) -> str:
+def content_profile_id(p: Profile) -> str:
     """The content id of a profile that came without one: same measurements, same id."""
     digest = hashlib.sha256()
     for a in (p.error, p.size_bits):
         digest.update(np.ascontiguousarray(a).tobytes())
-    # A latency table is content too; without one the id is what it always was.
-    extra = () if p.latency is None else (
-        p.latency_source, list(p.latency_batches), hashlib.sha256(np.ascontiguousarray(p.latency).tobytes()).hexdigest())
-    if p.estimated:  # likewise: only a profile that has estimated rows hashes them
-        extra = (*extra, sorted(p.estimated.items()))
-    return content_id(p.model.model_dump(), p.calibration.model_dump(), p.estimator, p.device,
-                      [o.model_dump() for o in p.options], [m.model_dump() for m in p.modules],
-                      p.fixed_bits, digest.hexdigest(), *extra, prefix="prof-")
+    latency = None if p.latency is None else hashlib.sha256(np.ascontiguousarray(p.latency).tobytes()).hexdigest()
+    return content_id(p.model.model_dump(), p.calibration.model_dump(), p.estimator, p.quantizer.model_dump(),
+                      p.device, [o.model_dump() for o in p.options], [m.model_dump() for m in p.modules],
+                      p.fixed_bits, digest.hexdigest(), p.latency_source, list(p.latency_batches), latency,
+                      sorted(p.estimated.items()), prefix="prof-")
 
 
 # ---------------------------------------------------------------------------------- row <-> type
@@ -84,9 +82,10 @@ def _profile_row(p: Profile) -> ProfileRow:
     return ProfileRow(
         id=p.id, model_id=_model_key(p.model), calibration_id=p.calibration.fingerprint or None,
         model_ref=p.model.model_dump(), calibration_ref=p.calibration.model_dump(),
-        estimator=p.estimator, device=p.device, options=[o.model_dump() for o in p.options],
-        # `estimated` rides in the modules blob, as an "estimated" key of those modules: no schema
-        # migration, and code that predates it reads the rows still (Module ignores the key).
+        estimator=p.estimator, quantizer=p.quantizer.model_dump(), device=p.device,
+        options=[o.model_dump() for o in p.options],
+        # `estimated` rides in the modules blob, as an "estimated" key of those modules (Module ignores
+        # the key, so a reader that does not know it reads the rows all the same).
         modules=_pack_json([{**m.model_dump(mode="json"), **({"estimated": p.estimated[m.name]}
                                                              if m.name in p.estimated else {})}
                             for m in p.modules]),
@@ -103,7 +102,8 @@ def _profile(r: ProfileRow) -> Profile:
     estimated = {m["name"]: m.pop("estimated") for m in mods if "estimated" in m}
     return Profile(
         id=r.id, model=ModelRef(**r.model_ref), calibration=CalibrationRef(**r.calibration_ref),
-        estimator=r.estimator, device=r.device, options=[Option(**o) for o in r.options],
+        estimator=r.estimator, quantizer=Quantizer(**r.quantizer), device=r.device,
+        options=[Option(**o) for o in r.options],
         modules=[Module(**m) for m in mods], estimated=estimated,
         error=unpack_array(r.error), size_bits=unpack_array(r.size_bits),
         fixed_bits=r.fixed_bits, seconds=r.seconds, created_at=r.created_at,
@@ -161,6 +161,16 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def work_dir(self, key: str) -> Path:
+        """Where unfinished work named `key` (a profile id) keeps what it finished: `<db file>.work/<key>`
+        beside a SQLite file, else under the user data dir."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            db = Path(url.database)
+            return db.with_name(db.name + ".work") / key
+        import platformdirs
+        return Path(platformdirs.user_data_dir("bitplan")) / "work" / key
+
     # ------------------------------------------------------------------------- models, calibration
 
     def save_model(self, ref: ModelRef, *, n_params: int = 0, config: dict | None = None) -> str:
@@ -212,7 +222,7 @@ class Store:
     def save_profile(self, profile: Profile) -> Profile:
         """Store a profile (upserting its model and calibration); a stored id returns the stored one."""
         if not profile.id:
-            profile = profile.model_copy(update={"id": profile_id(profile)})
+            profile = profile.model_copy(update={"id": content_profile_id(profile)})
         def write() -> Profile:
             with self._session.begin() as s:
                 if (row := s.get(ProfileRow, profile.id)) is not None:

@@ -90,6 +90,7 @@ class ProfileRow(Base):
     model_ref: Mapped[dict[str, Any]] = mapped_column(JSON)
     calibration_ref: Mapped[dict[str, Any]] = mapped_column(JSON)
     estimator: Mapped[str] = mapped_column(String(64))
+    quantizer: Mapped[dict[str, Any]] = mapped_column(JSON)  # Quantizer's dump, e.g. {"method": "rtn"}
     device: Mapped[str] = mapped_column(String(64), default="cpu")
     options: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     # zlib(JSON list of Module dicts): 45k MoE modules are megabytes of repetitive text.

@@ -13,13 +13,16 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
-PROFILE_FORMAT = "bitplan.profile/1"
+PROFILE_FORMAT = "bitplan.profile/2"
+# still read: its `estimator` carried the quantizer as a suffix ("fisher/gptq"), `Profile.from_dict` splits it
+PROFILE_FORMAT_1 = "bitplan.profile/1"
+# a plan names its profile by id only, so the quantizer moving into the profile leaves plans as they are
 PLAN_FORMAT = "bitplan.plan/1"
 
 # Scales are stored in fp16; an asymmetric option also stores one integer zero of `bits` bits per
@@ -129,6 +132,111 @@ def parse_options(spec: str, group_size: int | None = 64, symmetric: bool = Fals
         raise InvalidInput(f"bad --options {spec!r}: give comma-separated bit widths from {ALLOWED_BITS}") from e
 
 
+# ----------------------------------------------------------------------------------- quantizers
+
+QuantizerMethod = Literal["rtn", "gptq"]
+QUANTIZER_METHODS: tuple[str, ...] = get_args(QuantizerMethod)
+_QUANTIZER_EXAMPLE = "gptq:damp=0.05,block_size=64,act_order=false"
+
+
+class Quantizer(BaseModel):
+    """Where an option's ΔW comes from: round-to-nearest (`rtn`), or GPTQ (`gptq`) with its settings.
+
+    Part of what a profile means and of its id: a profile predicts the checkpoints its quantizer writes,
+    and `apply` quantizes its plans with the same one (`kernels/quantize.py`).  The settings are GPTQ's
+    (`kernels.quantize.gptq` says what each does and why these defaults); RTN has none, so an RTN
+    quantizer keeps them at their defaults and its dump leaves them out: every RTN quantizer is one.
+    Text form (`parse`, `label`): `rtn`, `gptq`, `gptq:damp=0.05,block_size=64,act_order=false`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: QuantizerMethod = "rtn"
+    damp: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+    block_size: int = Field(default=128, ge=1)
+    act_order: bool = True
+
+    @model_validator(mode="after")
+    def _rtn_has_no_settings(self) -> "Quantizer":
+        if self.method == "rtn" and (given := [k for k, v in self._all_settings().items() if v != _default(k)]):
+            raise ValueError(f"rtn takes no settings ({', '.join(given)} given): they are GPTQ's, "
+                             f"e.g. {_QUANTIZER_EXAMPLE!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return {"method": "rtn"} if self.method == "rtn" else handler(self)
+
+    def _all_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "method"}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of `kernels.quantize.gptq` (`{}` for RTN)."""
+        return {} if self.method == "rtn" else self._all_settings()
+
+    @property
+    def label(self) -> str:
+        """`rtn`, `gptq`, or `gptq:` and the settings that differ from the defaults; `parse` reads it back."""
+        changed = [f"{k}={_setting_text(v)}" for k, v in self.settings.items() if v != _default(k)]
+        return self.method + (":" + ",".join(changed) if changed else "")
+
+    def __str__(self) -> str:
+        return self.label
+
+    @classmethod
+    def parse(cls, text: str) -> "Quantizer":
+        """`"rtn"`, `"gptq"` or `"gptq:damp=0.05,block_size=64,act_order=false"` (any subset of the settings,
+        the rest at their defaults); anything else raises InvalidInput saying what to write."""
+        spec = str(text).strip()
+        method, colon, rest = (s.strip() for s in spec.partition(":"))
+        if method not in QUANTIZER_METHODS:
+            raise InvalidInput(f"unknown quantizer {text!r}: write 'rtn', 'gptq', or GPTQ with settings, "
+                               f"e.g. {_QUANTIZER_EXAMPLE!r}")
+        if method == "rtn" and colon:
+            raise InvalidInput(f"bad quantizer {text!r}: rtn takes no settings; write 'rtn', or GPTQ with "
+                               f"settings, e.g. {_QUANTIZER_EXAMPLE!r}")
+        settings: dict[str, Any] = {}
+        for item in rest.split(",") if colon else ():
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if key not in cls.model_fields or key == "method":
+                names = [k for k in cls.model_fields if k != "method"]
+                raise InvalidInput(f"unknown gptq setting {key!r} in {text!r}: the settings are "
+                                   f"{', '.join(names[:-1])} and {names[-1]}, e.g. {_QUANTIZER_EXAMPLE!r}")
+            if not eq or key in settings:
+                raise InvalidInput(f"bad quantizer {text!r}: give each setting once as key=value, "
+                                   f"e.g. {_QUANTIZER_EXAMPLE!r}")
+            settings[key] = _read_setting(key, value, text)
+        try:
+            return cls(method=method, **settings)
+        except ValidationError as e:
+            key = next((str(err["loc"][0]) for err in e.errors() if err["loc"]), "")
+            rule = {"damp": "damp must be a finite number > 0", "block_size": "block_size must be an integer >= 1"}
+            raise InvalidInput(f"bad quantizer {text!r}: {rule.get(key, _one_line(e))}, "
+                               f"e.g. {_QUANTIZER_EXAMPLE!r}") from None
+
+
+def _default(setting: str) -> Any:
+    return Quantizer.model_fields[setting].default
+
+
+def _setting_text(v: Any) -> str:
+    # repr: a float reads back as the same float
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v)
+
+
+def _read_setting(key: str, value: str, text: str) -> Any:
+    kind = type(_default(key))
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise InvalidInput(f"bad quantizer {text!r}: {key}={value!r} must be {want}, "
+                           f"e.g. {_QUANTIZER_EXAMPLE!r}") from None
+
+
 # -------------------------------------------------------------------------------------- modules
 
 
@@ -152,7 +260,7 @@ class Module(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # Routing fields only where measured: a dense module serialises, stores and hashes as before.
+        # Routing fields only where measured: a dense model's modules carry no MoE keys.
         d = handler(self)
         for k in ("tokens_routed", "routing_weight", "routing_weight_total", "fallback"):
             if d.get(k) is None or d.get(k) is False:
@@ -178,7 +286,7 @@ class CalibrationRef(BaseModel):
     name: str = ""
     fingerprint: str = ""
     n_tokens: int = 0
-    seq_len: int = 0  # tokens per sequence; 0 in profiles made before it was recorded
+    seq_len: int = 0  # tokens per sequence; 0: not recorded (readers assume the default length)
 
 
 # ------------------------------------------------------------------------------------- profiles
@@ -204,7 +312,8 @@ class Profile(BaseModel):
     id: str = ""
     model: ModelRef
     calibration: CalibrationRef = CalibrationRef()
-    estimator: str
+    estimator: str  # the estimator alone: "calibrated", "fisher", "imatrix:<sha256 prefix>", ...
+    quantizer: Quantizer = Quantizer()  # what ΔW came from, and what `apply` quantizes this profile's plans with
     device: str = "cpu"
     options: list[Option]
     modules: list[Module]
@@ -220,8 +329,16 @@ class Profile(BaseModel):
     latency_source: str = ""
     # Optional: modules whose error row is an estimate where the estimator meant to measure, and why
     # (module name -> reason; profiler/calibrate.py: too few routed tokens behind a measured KL).
-    # Empty for other profiles, whose files and stored rows stay as they were.
     estimated: dict[str, str] = {}
+
+    @field_validator("estimator")
+    @classmethod
+    def _estimator_alone(cls, v: str) -> str:
+        if "/" in v:
+            name, _, method = v.partition("/")
+            raise ValueError(f"estimator {v!r} carries a quantizer: give estimator {name!r} and the quantizer "
+                             f"apart (quantizer {{'method': {method!r}}})")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -298,14 +415,15 @@ class Profile(BaseModel):
         return any(m.role == EMBED_ROLE for m in self.modules)
 
     def to_dict(self) -> dict:
-        """The interchange format `bitplan.profile/1` (README); latency keys only when there is a table,
-        `estimated` only when not empty, so files without them read and write as they always did."""
+        """The interchange format `bitplan.profile/2` (docs/formats.md); the latency keys and `estimated` are
+        optional there, written only when the profile has a latency table or estimated rows."""
         d = {
             "format": PROFILE_FORMAT,
             "id": self.id,
             "model": self.model.model_dump(),
             "calibration": self.calibration.model_dump(),
             "estimator": self.estimator,
+            "quantizer": self.quantizer.model_dump(),
             "device": self.device,
             "options": [o.model_dump() for o in self.options],
             "modules": [
@@ -327,16 +445,20 @@ class Profile(BaseModel):
 
     @classmethod
     def from_dict(cls, d: Any) -> "Profile":
-        """Parse `bitplan.profile/1`; any defect raises InvalidInput naming the field."""
+        """Parse `bitplan.profile/2`, or `/1`; any defect raises InvalidInput naming the field."""
         if not isinstance(d, dict):
             raise InvalidInput("a profile file must be a JSON object")
-        if d.get("format") != PROFILE_FORMAT:
-            raise InvalidInput(f"profile format must be {PROFILE_FORMAT!r}, got {d.get('format')!r}")
+        if d.get("format") not in (PROFILE_FORMAT, PROFILE_FORMAT_1):
+            raise InvalidInput(f"profile format must be {PROFILE_FORMAT!r} (or {PROFILE_FORMAT_1!r}), "
+                               f"got {d.get('format')!r}")
         try:
             mods = d["modules"]
             if not isinstance(mods, list):
                 raise TypeError("modules must be a list")
             fields = {k: v for k, v in d.items() if k not in ("format", "modules")}
+            if d["format"] == PROFILE_FORMAT_1 and isinstance(fields.get("estimator"), str):
+                fields["estimator"], _, method = fields["estimator"].partition("/")
+                fields["quantizer"] = _PROFILE_1_GPTQ if method == "gptq" else {"method": method or "rtn"}
             fields["modules"] = [{k: m[k] for k in m if k not in ("error", "size_bits", "latency")} for m in mods]
             fields["error"] = [m["error"] for m in mods]
             fields["size_bits"] = [m["size_bits"] for m in mods]
@@ -354,6 +476,10 @@ class Profile(BaseModel):
         except json.JSONDecodeError as e:
             raise InvalidInput(f"malformed profile JSON: {e}") from e
         return cls.from_dict(d)
+
+
+# the settings of every GPTQ profile in the /1 format, whatever the defaults are now
+_PROFILE_1_GPTQ = {"method": "gptq", "damp": 0.1, "block_size": 128, "act_order": True}
 
 
 # -------------------------------------------------------------------------------------- budgets

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -20,9 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.types import InvalidInput, Module, Plan, UnknownModule
+from bitplan.db.files import atomic_dir, write_json
+from bitplan.db.types import InvalidInput, Module, Plan, Quantizer, UnknownModule
 from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
-from bitplan.executor.quantize import QUANTIZERS, GPTQCache, QuantizedWeight, quantize, quantizer_for
+from bitplan.kernels.quantize import GPTQCache, QuantizedWeight, quantize, quantizer_for
 from bitplan.profiler.model import tied_head
 
 log = logging.getLogger(__name__)
@@ -33,31 +32,31 @@ MAX_SHARD_BYTES = 2 * 2**30
 
 
 def quantized_weights(
-    planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False, quantizer: str = "rtn",
+    planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False, quantizer: Quantizer = Quantizer(),
     hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None,
 ) -> Iterator[tuple[Module, nn.Linear, QuantizedWeight | None]]:
     """Quantize one planned linear at a time, in model order (so one block is in flight at a time).
 
     Yields `(module, linear, QuantizedWeight)`, or `None` in its place for a 16-bit option.
-    `quantizer="gptq"` needs `hessians[name] = Σ xxᵀ` of every quantized module's inputs (the profiler's
+    A GPTQ `quantizer` needs `hessians[name] = Σ xxᵀ` of every quantized module's inputs (the profiler's
     `bitplan.profiler.stream.collect_hessians`), the same statistics the profile's GPTQ ΔW came from,
     except for those whose result `cache` already holds.
     """
     check_plan_matches(planned, plan)
     check_quantizer(planned, plan, quantizer, hessians, cache)
-    bar = tqdm(planned, desc=f"quantizing ({quantizer})", unit="module", disable=not progress)
+    bar = tqdm(planned, desc=f"quantizing ({quantizer.label})", unit="module", disable=not progress)
     for module, linear in bar:
         option = plan.assignment[module.name]
         if not option.quantized:
             yield module, linear, None
             continue
         q = quantizer_for(module, quantizer)
-        H = hessians.get(module.name) if q == "gptq" and hessians is not None else None
+        H = hessians.get(module.name) if q.method == "gptq" and hessians is not None else None
         yield module, linear, quantize(linear.weight, option, q, H, cache=cache, name=module.name)
 
 
 def quantized_linears(planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False,
-                      quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                      quantizer: Quantizer = Quantizer(), hessians: Mapping[str, torch.Tensor] | None = None,
                       cache: GPTQCache | None = None) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
     """`quantized_weights` as `(name, linear, QuantLinear or None)`; a planned embedding as a `QuantEmbedding`."""
     for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
@@ -70,23 +69,21 @@ def quantized_linears(planned: list[tuple[Module, nn.Linear]], plan: Plan, progr
             yield module.name, linear, QuantLinear.from_quantized(qw, bias)
 
 
-def missing_hessians(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
+def missing_hessians(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: Quantizer,
                      hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None) -> list[str]:
     """The quantized modules of `plan` whose GPTQ needs an `H` that neither `hessians` nor `cache` has."""
-    if quantizer != "gptq":
-        return []
     return [m.name for m, _ in planned
-            if plan.assignment[m.name].quantized and quantizer_for(m, quantizer) == "gptq"
+            if plan.assignment[m.name].quantized and quantizer_for(m, quantizer).method == "gptq"
             and (hessians is None or m.name not in hessians)
-            and (cache is None or not cache.has(m.name, plan.assignment[m.name]))]
+            and (cache is None or not cache.has(m.name, plan.assignment[m.name], quantizer))]
 
 
-def check_quantizer(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: str,
+def check_quantizer(planned: list[tuple[Module, nn.Linear]], plan: Plan, quantizer: Quantizer,
                     hessians: Mapping[str, torch.Tensor] | None, cache: GPTQCache | None = None) -> None:
-    """An unknown quantizer, or GPTQ without every quantized module's `H` (or cached result), fails before
-    any work."""
-    if quantizer not in QUANTIZERS:
-        raise InvalidInput(f"unknown quantizer {quantizer!r}; choose one of {list(QUANTIZERS)}")
+    """GPTQ without every quantized module's `H` (or cached result) fails before any work."""
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
+                        f"not {type(quantizer).__name__}")
     missing = missing_hessians(planned, plan, quantizer, hessians, cache)
     if missing:
         raise InvalidInput(f"the gptq quantizer needs the input statistics H of every quantized module; "
@@ -107,7 +104,7 @@ def check_plan_matches(planned: list[tuple[Module, nn.Linear]], plan: Plan) -> N
 
 
 def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
-                   storage_dtype: torch.dtype = torch.bfloat16, quantizer: str = "rtn",
+                   storage_dtype: torch.dtype = torch.bfloat16, quantizer: Quantizer = Quantizer(),
                    hessians: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """In place: swap planned linears for QuantLinear and round the rest through `storage_dtype`.
 
@@ -129,7 +126,7 @@ def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], pl
 
 def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
                          storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-                         quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                         quantizer: Quantizer = Quantizer(), hessians: Mapping[str, torch.Tensor] | None = None,
                          cache: GPTQCache | None = None) -> dict:
     """What the checkpoint stores, without modifying `model`."""
     state, seen = {}, set()
@@ -157,53 +154,44 @@ def config_dict(model: nn.Module) -> dict:
     return config
 
 
-def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: str = "rtn") -> dict:
-    config = {
+def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: Quantizer = Quantizer()) -> dict:
+    """What `config.json` records of the quantization; the loaders need `quant_method` and `modules` alone
+    (`quantizer` and `quantizer_settings` say where the codes came from, `{}` settings for RTN)."""
+    return {
         "quant_method": QUANT_METHOD,
         "format": CHECKPOINT_FORMAT,
         "plan_id": plan.id,
+        "quantizer": quantizer.method,
+        "quantizer_settings": quantizer.settings,
         "storage_dtype": str(storage_dtype).removeprefix("torch."),
         "modules": {name: opt.model_dump() for name, opt in sorted(plan.assignment.items())},
     }
-    if quantizer != "rtn":  # recorded only when not RTN, so RTN checkpoints stay what they were
-        config["quantizer"] = quantizer
-    return config
 
 
 def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
                out_dir: str | Path, *, storage_dtype: torch.dtype = torch.bfloat16,
-               overwrite: bool = False, progress: bool = True, quantizer: str = "rtn",
+               overwrite: bool = False, progress: bool = True, quantizer: Quantizer = Quantizer(),
                hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None) -> Path:
     """Write the quantized checkpoint of `model` under `plan` to `out_dir`, atomically.
 
-    `quantizer`: `rtn` (default), or `gptq` with `hessians[name] = Σ xxᵀ` for every quantized module
+    `quantizer`: RTN (default), or GPTQ with `hessians[name] = Σ xxᵀ` for every quantized module
     (`bitplan.profiler.stream.collect_hessians`) whose result `cache` does not hold; the format is the
     same either way.
     """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
     check_plan_matches(planned, plan)
     check_quantizer(planned, plan, quantizer, hessians, cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians, cache)
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
         config = config_dict(model)
         config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer)
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / "bitplan_plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "bitplan_plan.json", plan.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(out_dir).expanduser().resolve()
     log.info("wrote %s", out)
     return out
 
@@ -230,17 +218,6 @@ def _write_shards(state: dict, directory: Path, metadata: dict) -> None:
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only afterwards."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def checkpoint_bytes(source: str | Path) -> int:

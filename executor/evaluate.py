@@ -1,12 +1,35 @@
-"""Measurements on a model: perplexity over fixed windows of held-out text."""
+"""Measurements on a model: perplexity over fixed windows of held-out text, KL to the base model of plans
+(`evaluate_plans`) and of module choices swapped in by a fitness oracle (`evaluate_choices`), decode speed."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from bitplan.db.types import Quantizer
+from bitplan.profiler.calibration import EVAL, token_batches
+
+EVAL_TOKENS = 8192  # held-out tokens a perplexity is measured on
+EVAL_WINDOW = 512  # tokens per scored window
+
+
+@dataclass
+class Windows:
+    """Held-out evaluation text, tokenized once and reused for every model compared."""
+
+    ids: torch.Tensor  # [n, window]
+    corpus: str
+
+
+def eval_windows(tokenizer, text: str | None = None, tokens: int = EVAL_TOKENS, window: int = EVAL_WINDOW) -> Windows:
+    """`tokens` of `text` (default: the held-out plays, `profiler.calibration.EVAL`) as `window`-token rows."""
+    ids, ref = token_batches(tokenizer, text or EVAL, tokens, window)
+    return Windows(ids, ref.name)
 
 
 @torch.no_grad()
@@ -143,17 +166,17 @@ def _weight_gib(model: nn.Module) -> float:
 
 @torch.no_grad()
 def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: torch.Tensor, *,
-                   quantizer: str = "rtn", hessians=None, device: str = "cpu", progress: bool = True,
+                   quantizer: Quantizer = Quantizer(), hessians=None, device: str = "cpu", progress: bool = True,
                    cache=None) -> list[dict]:
     """Perplexity and mean per-token KL(base ‖ plan) of each assignment (module name -> Option) on `windows`.
 
     In memory, one plan after another: each planned weight is replaced by its quantized-dequantized
     value (the values `apply` stores), everything else stays as loaded, and the original weights are
     restored at the end.  The base model's log-probabilities are computed once (`windows.numel() x
-    vocab` float32: keep the windows few).  `cache` (an `executor.quantize.GPTQCache`) runs GPTQ once
+    vocab` float32: keep the windows few).  `cache` (an `kernels.quantize.GPTQCache`) runs GPTQ once
     per (module, option) over all the plans.
     """
-    from bitplan.executor.quantize import quantize_dequantize, quantizer_for
+    from bitplan.kernels.quantize import quantize_dequantize, quantizer_for
     from bitplan.profiler.kl import mean_kl
 
     model.to(device)
@@ -182,3 +205,45 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
         for m, lin in planned:
             lin.weight.data = originals[m.name]
     return out
+
+
+
+@torch.no_grad()
+def evaluate_choices(oracle, model: nn.Module, windows: torch.Tensor, choices: dict) -> dict:
+    """Per evaluation window, for each named module choice: the NLL sum over its next-token predictions
+    and the KL(base ‖ plan) sum over its tokens (as `evaluate_plans` measures them).
+
+    `oracle` is the `profiler.fitness.KLFitness` of `model`: a choice (one option index per planned module
+    of the oracle) is swapped in as the oracle's quantized weights, the values `apply` writes.  The base
+    model's log-probs are computed once per window, with the oracle's weights off; the original weights
+    are back at the end.  Returns `{name: {"nll": [per window], "kl": [per window]}}`, for
+    `summarize_windows` (and paired noise estimates: the same windows for every choice).
+    """
+    from bitplan.profiler.kl import mean_kl
+
+    out = {name: {"nll": [], "kl": []} for name in choices}
+    try:
+        for row in windows:
+            ids = row.unsqueeze(0).to(oracle.device)
+            oracle.close()  # the original weights
+            base = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
+            for name, choice in choices.items():
+                oracle._install(np.asarray(choice))
+                logits = model(ids, use_cache=False).logits[0].float()
+                nll = nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+                out[name]["nll"].append(float(nll))
+                out[name]["kl"].append(mean_kl(base, logits)[0])
+    finally:
+        oracle.close()
+    return out
+
+
+def summarize_windows(per_window: dict, window: int, n_windows: int | None = None) -> dict:
+    """Perplexity and mean per-token KL of each choice of `evaluate_choices` over its first `n_windows`
+    windows of `window` tokens (all of them: None), and the tokens that makes."""
+    res = {}
+    for name, v in per_window.items():
+        nll, kl = np.asarray(v["nll"][:n_windows]), np.asarray(v["kl"][:n_windows])
+        res[name] = {"perplexity": float(np.exp(nll.sum() / (len(nll) * (window - 1)))),
+                     "kl": float(kl.sum() / (len(kl) * window)), "tokens": int(len(nll) * window)}
+    return res

@@ -1,8 +1,8 @@
 """Exports of a plan to what other engines read: GPTQModel/vLLM, compressed-tensors, llama.cpp.
 
 `bitplan apply PLAN --out DIR --format bitplan|gptqmodel|compressed-tensors|llamacpp`.  Every format is
-written atomically (a temporary folder, then a rename: `apply._replace_dir`), quantizes with the same
-quantizer as our own format (`executor/quantize.py`), and carries the plan as `bitplan_plan.json`.
+written atomically (a temporary folder, then a rename: `db.files.atomic_dir`), quantizes with the same
+quantizer as our own format (`kernels/quantize.py`), and carries the plan as `bitplan_plan.json`.
 `bitplan.executor.foreign.load_foreign` reads the first two back into `QuantLinear`s.
 
 **gptqmodel** — GPTQ's packed layout, read by GPTQModel, transformers and vLLM:
@@ -30,7 +30,7 @@ which is exactly our unsigned code and zero.
 **llamacpp** — `tensor_types.txt` for `llama-quantize --tensor-type-file`: one line
 `^blk\\.7\\.attn_q\\.weight$=q4_k` per planned GGUF tensor (lower case, fully anchored, so no two lines
 match one tensor: llama.cpp `regex_search`es every line and takes the first match), the types of
-`executor/formats.py` (K-quant where `in_features % 256 == 0`, else Q4_0/Q5_0/Q8_0), and
+`db/formats.py` (K-quant where `in_features % 256 == 0`, else Q4_0/Q5_0/Q8_0), and
 `llama-quantize.sh` with the command line: from a GGUF source, requantize that file, keeping its own
 types for the tensors the plan leaves out; from a Hugging Face checkpoint, convert it to an F16 GGUF
 first (`convert_hf_to_gguf.py`, the user's step).  Nothing here runs llama.cpp.
@@ -38,26 +38,23 @@ first (`convert_hf_to_gguf.py`, the user's step).  Nothing here runs llama.cpp.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shlex
-import shutil
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan
-from bitplan.executor.apply import (_replace_dir, _write_shards, apply_plan, check_plan_matches, check_quantizer,
+from bitplan.db.files import atomic_dir, write_json
+from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan, Quantizer
+from bitplan.executor.apply import (_write_shards, apply_plan, check_plan_matches, check_quantizer,
                                     config_dict, quantized_weights)
-from bitplan.executor.quantize import GPTQCache, QuantizedWeight
-from bitplan.executor.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
+from bitplan.kernels.quantize import GPTQCache, QuantizedWeight
+from bitplan.db.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
                                       vllm_group)
 
 log = logging.getLogger(__name__)
@@ -128,7 +125,7 @@ def unpack_words(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
 
 def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
                 out_dir: str | Path, fmt: str = "bitplan", *, overwrite: bool = False, progress: bool = True,
-                quantizer: str = "rtn", hessians: Mapping[str, torch.Tensor] | None = None,
+                quantizer: Quantizer = Quantizer(), hessians: Mapping[str, torch.Tensor] | None = None,
                 cache: GPTQCache | None = None,
                 storage_dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write `plan` applied to `model` in format `fmt` to `out_dir`, atomically; returns the folder."""
@@ -144,7 +141,7 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
     check_embedding(plan, modules, fmt)
     modules = [m for m in modules if m.role != EMBED_ROLE]  # at 16 bits: no rule or target for it
     check_quantizer(planned, plan, quantizer, hessians, cache)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writer = partial(_gptq_tensors, v2=gptq_v2(plan)) if fmt == "gptqmodel" else _ct_tensors
         state = _base_state(model, planned, storage_dtype)
         for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
@@ -158,12 +155,12 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
         qc = gptq_config(plan, modules) if fmt == "gptqmodel" else compressed_tensors_config(plan, modules)
         config["quantization_config"] = qc
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         if fmt == "gptqmodel":  # GPTQModel and AutoGPTQ also read the config from here
-            _write_json(tmp / "quantize_config.json", qc)
+            write_json(tmp / "quantize_config.json", qc)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_json(tmp / "bitplan_plan.json", plan.to_dict())
+        write_json(tmp / "bitplan_plan.json", plan.to_dict())
     return Path(out_dir).expanduser().resolve()
 
 
@@ -181,32 +178,10 @@ def check_embedding(plan: Plan, modules: list[Module], fmt: str) -> None:
 
 def export_llamacpp(plan: Plan, modules: list[Module], out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """The llama.cpp files of `plan`: they need the planned modules' names and shapes, not their weights."""
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _write_llamacpp(plan, modules, tmp)
-        _write_json(tmp / "bitplan_plan.json", plan.to_dict())
+        write_json(tmp / "bitplan_plan.json", plan.to_dict())
     return Path(out_dir).expanduser().resolve()
-
-
-@contextmanager
-def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _base_state(model: nn.Module, planned, storage_dtype: torch.dtype) -> dict:

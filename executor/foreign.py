@@ -22,7 +22,7 @@ import torch
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
 from bitplan.executor.export import unpack_bitstream, unpack_words
 from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import QuantizedWeight
+from bitplan.kernels.quantize import QuantizedWeight
 
 FOREIGN_METHODS = ("gptq", "compressed-tensors")
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bitplan.db.types import Option
-from bitplan.executor.quantize import QuantizedWeight
+from bitplan.kernels.quantize import QuantizedWeight
 from bitplan.kernels import reference
 from bitplan.profiler.moe import ExpertLinears
 
@@ -38,15 +38,19 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
         N, K = qw.q.shape
         layer = cls(K, N, qw.option, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float32)
-        for i, t in enumerate(reference.pack(qw.q.T, qw.option.bits)):
-            getattr(layer, f"qweight_s{i}").copy_(t)
-        if qw.zeros is not None:
-            for i, t in enumerate(reference.pack(qw.zeros.T, qw.option.bits)):
-                getattr(layer, f"qzeros_s{i}").copy_(t)
-        layer.scales.copy_(qw.scales.T)
+        layer.load_codes(qw)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
+
+    def load_codes(self, qw: QuantizedWeight) -> None:
+        """Pack `qw`'s codes, scales and zeros into this layer's buffers (shapes as `__init__` made them)."""
+        for i, t in enumerate(reference.pack(qw.q.T, qw.option.bits)):
+            getattr(self, f"qweight_s{i}").copy_(t)
+        if qw.zeros is not None:
+            for i, t in enumerate(reference.pack(qw.zeros.T, qw.option.bits)):
+                getattr(self, f"qzeros_s{i}").copy_(t)
+        self.scales.copy_(qw.scales.T)
 
     def _packed(self, prefix: str) -> list[torch.Tensor]:
         return [getattr(self, f"{prefix}_s{i}") for i in range(self.n_shards)]
@@ -91,12 +95,7 @@ class QuantEmbedding(QuantLinear):
                        padding_idx: int | None = None) -> "QuantEmbedding":
         V, d = qw.q.shape
         emb = cls(V, d, qw.option, padding_idx=padding_idx, dtype=dtype)
-        for i, t in enumerate(reference.pack(qw.q.T, qw.option.bits)):
-            getattr(emb, f"qweight_s{i}").copy_(t)
-        if qw.zeros is not None:
-            for i, t in enumerate(reference.pack(qw.zeros.T, qw.option.bits)):
-                getattr(emb, f"qzeros_s{i}").copy_(t)
-        emb.scales.copy_(qw.scales.T)
+        emb.load_codes(qw)
         return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -304,6 +304,9 @@ def _tiled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
     GATHER: tl.constexpr = False, SCALE_W: tl.constexpr = False,
 ):
+    # One kernel body, longer than the rest of the code: its constexpr branches are compiled away per
+    # configuration and its pieces (`_expand`, `_pair_dot`, ...) are jit helpers already; what remains is the
+    # K loop and the split-K epilogue, which share the accumulator and the masks.
     P0: tl.constexpr = 32 // W0
     # A tile inside one group takes its scale and zero after the dot, once per output instead of per weight.
     # With SCALE_W it takes them on the weight tile instead (per weight, amortised over BLOCK_M rows), so that

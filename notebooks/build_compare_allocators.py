@@ -4,7 +4,7 @@
     python notebooks/build_compare_allocators.py --execute   # write it, run it top to bottom, keep outputs
 
 The committed notebook keeps the outputs of a full run (`--execute` with `BITPLAN_DB` set to a database
-with an evaluated demo run); tests/test_notebooks.py checks that its cells are these and runs it small.
+with an evaluated demo run); tests/notebooks/test_compare_allocators.py checks that its cells are these and runs it small.
 Environment read by the notebook: BITPLAN_PROFILE_FILE, BITPLAN_DB, BITPLAN_PROFILE_ID,
 BITPLAN_NOTEBOOK_SMALL (see its first cell), BITPLAN_BENCH_RESULTS (its last section).
 """
@@ -70,8 +70,11 @@ from IPython.display import Image, display
 from bitplan.db.session import database_url
 from bitplan.db.store import Store
 from bitplan.db.types import InvalidInput
+from bitplan.db.files import read_profile_file
+from bitplan.planner.app.usecases import run_compare
+from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.plan import allocate, summarize
-from bitplan.planner.workflow import read_profile_file, run_compare
+from bitplan.planner.request import PlanRequest
 
 from bitplan.planner.synthetic import profile_with_modules, synthetic_profile
 
@@ -132,7 +135,7 @@ SWEEP_MD = "## 1. Predicted error vs bits per weight, per allocator (every budge
 
 SWEEP = '''
 t0 = time.perf_counter()
-rows = run_compare(store, profile, BUDGETS, ALLOCATORS)
+rows = [r.model_dump() for r in run_compare(Workspace(store, progress=False), profile, BUDGETS, ALLOCATORS)]
 print(f"{len(rows)} (budget, allocator) pairs solved and stored in {time.perf_counter() - t0:.1f} s "
       "(a plan already stored keeps the solve time it was stored with)\\n")
 
@@ -223,7 +226,7 @@ HEAT_MD = "## 3. Bits by layer × role (and by layer × expert for MoE) of the `
 
 HEAT = '''
 row = next((r for r in rows if r["allocator"] == "ilp" and r["budget"] == HEAT_BUDGET and r["plan_id"]), None)
-heat_plan = store.get_plan(row["plan_id"]) if row else allocate(profile, HEAT_BUDGET, "ilp")
+heat_plan = store.get_plan(row["plan_id"]) if row else allocate(profile, PlanRequest(budget=HEAT_BUDGET))
 print(f"{heat_plan.id}: {heat_plan.allocator}, {heat_plan.budget}, {heat_plan.bits_per_weight:.3f} bits/w, "
       f"predicted error {heat_plan.predicted_error:.4f}, {heat_plan.status}")
 hist = summarize(heat_plan, profile)
@@ -349,7 +352,7 @@ for n in SIZES:
         runs = []
         for _ in range(1 if SMALL else 3):
             t0 = time.perf_counter()
-            plan = allocate(prof, "3.5bpw", alloc)
+            plan = allocate(prof, PlanRequest(budget="3.5bpw", allocator=alloc))
             runs.append((plan.solve_seconds, time.perf_counter() - t0, plan))
         solve_s, wall_s, plan = min(runs, key=lambda r: r[0])
         timing.append({"modules": len(prof.modules), "allocator": alloc, "solve_s": solve_s, "wall_s": wall_s,
@@ -411,7 +414,7 @@ for name, doc in read_results("evolutionary_*.json"):
     if "start_predicted_error" not in doc or doc.get("profile_id", profile.id) != profile.id:
         continue
     try:  # the start must be this profile's ilp plan at the file's budget and granularity
-        start = allocate(profile, doc["budget"], "ilp", granularity=doc.get("granularity", "module"))
+        start = allocate(profile, PlanRequest(budget=doc["budget"], granularity=doc.get("granularity", "module")))
     except Exception:  # another model's budget or granularity: not this profile's file
         continue
     if start.total_bits == doc["start_bits"] and math.isclose(start.predicted_error, doc["start_predicted_error"],

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bitplan.db.types import EMBED_MIN_BITS, EMBED_ROLE, InvalidInput, Module, Option, Profile
-from bitplan.executor.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
+from bitplan.db.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
 
 log = logging.getLogger(__name__)
 

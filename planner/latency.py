@@ -94,7 +94,7 @@ class Objective:
 def batch_index(profile: Profile, batch: int) -> int:
     """Where `batch` sits in the profile's latency table; InvalidInput naming the batches it has."""
     if profile.latency is None:
-        from bitplan.profiler.latency import GPUS  # numpy only: no torch comes with it
+        from bitplan.db.devices import GPUS
         raise InvalidInput(f"profile {profile.id or '(file)'} has no latency table: make one with `bitplan profile "
                            f"MODEL --latency roofline:GPU` (GPU one of {', '.join(GPUS)})")
     if batch not in profile.latency_batches:

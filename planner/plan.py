@@ -1,33 +1,33 @@
-"""`allocate`: profile + budget + allocator -> Plan. The one place that checks, times and names plans.
+"""`allocate`: profile + PlanRequest -> Plan. The one place that checks, times and names plans.
 
-Allocators only solve; here the budget is parsed and turned into bits, pins are applied,
+Allocators only solve; here the budget is turned into bits, pins are applied,
 infeasible budgets are reported in the budget's own unit, the answer is verified (an allocator
 bug raises instead of returning an over-budget plan) and the plan gets its content id.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
 
 from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Module, Plan, Profile, content_id
-from bitplan.planner.allocators import ALLOCATORS, needs_context
-from bitplan.planner.blocks import block_of_units, check_split, solve_per_block
+from bitplan.planner.allocators import lookup_allocator, needs_context
+from bitplan.planner.blocks import block_of_units, solve_per_block
 from bitplan.planner.engines import constrain, tie_keys
 from bitplan.planner.pins import apply_pins, parse_pin
 from bitplan.planner.latency import LatencyBudget, Objective, batch_index, plan_latency, planning_terms
-from bitplan.planner.problem import AllocationProblem, InfeasibleLatency
+from bitplan.planner.problem import AllocationProblem, Assignment, InfeasibleLatency
+from bitplan.planner.request import GRANULARITIES, PlanRequest
 
 
 class AllocatorBug(RuntimeError):
     """An allocator returned a choice that breaks the problem: our bug, never the user's input."""
 
 
-GRANULARITIES = ("module", "expert", "layer", "layer_experts")
 
 
 def unit_of(modules: Sequence[Module], granularity: str = "module", engine: str = "bitplan") -> np.ndarray:
@@ -117,13 +117,6 @@ def problem_from_profile(profile: Profile, budget_bits: int, allowed: np.ndarray
                              **timing), unit
 
 
-def lookup_allocator(name: str):
-    """The named allocator's `solve`, or InvalidInput listing the known names."""
-    if name not in ALLOCATORS:
-        raise InvalidInput(f"unknown allocator {name!r}; known: {sorted(ALLOCATORS)}")
-    return ALLOCATORS[name]
-
-
 def _smallest_plan(profile: Profile, problem: AllocationProblem) -> str:
     """What the smallest plan is, in words: one option everywhere, or each unit's smallest."""
     labels = {profile.options[o].label for o in problem.smallest_choice()}
@@ -136,15 +129,6 @@ def _infeasible(budget: Budget, profile: Profile, smallest_bits: int, what: str)
     need = budget.describe_bits(smallest_bits, profile.n_params, profile.fixed_bits)
     return InfeasibleBudget(f"budget {budget} is below the smallest feasible plan: {need} ({what}); "
                             f"ask for at least that", smallest_bits=smallest_bits)
-
-
-def _check_params(name: str, solve, params: dict) -> None:
-    """Unknown allocator parameters are the user's mistake: say which ones exist."""
-    known = [p for p, v in inspect.signature(solve).parameters.items()
-             if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("seed", "time_limit", "context", "unit")]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise InvalidInput(f"allocator {name!r} has no parameter {unknown}; it takes {known or 'none'}")
 
 
 def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.ndarray:
@@ -168,116 +152,121 @@ def _verify(name: str, problem: AllocationProblem, choice: np.ndarray) -> np.nda
     return choice
 
 
-def allocate(profile: Profile, budget: str | Budget, allocator: str = "ilp", *, pins: Sequence[str] = (),
-             seed: int = 0, time_limit: float | None = None, params: dict | None = None,
-             granularity: str = "module", context=None, latency_budget: str | LatencyBudget | None = None,
-             objective: str | Objective | None = None, engine: str = "bitplan",
-             budget_split: str = "model") -> Plan:
-    """Plan every module of `profile` within `budget` with the named allocator.
+def allocate(profile: Profile, request: PlanRequest, *, context=None) -> Plan:
+    """Plan every module of `profile` as `request` asks (planner/request.py).
 
-    `granularity` ties modules into units that share one option (`unit_of`); a coarser one than
-    "module" is recorded in the plan's `params` and id (a module plan's id is as it always was).
+    `request.granularity` ties modules into units that share one option (`unit_of`).
     `context` goes to allocators that measure the model (`needs_context`, e.g. `evolutionary`: a
     `SearchContext` holding a fitness oracle over the profile's modules), with the module -> unit map;
     its `describe()` is recorded in `params["fitness"]`, so it is part of the plan's id.
     `latency_budget` (`8ms@batch1`) and `objective` (`error|latency|error+λ*latency`) need a profile
-    with a latency table and the `ilp` allocator; they are recorded in `params` (and the id) when given.
-    `engine` (`bitplan`, `vllm`, `llamacpp`: planner/engines.py) adds that engine's ties, allowed options
-    and exact sizes; any but `bitplan` is recorded in `params["engine"]` (and the id).
+    with a latency table and the `ilp` allocator.  `engine` (`bitplan`, `vllm`, `llamacpp`:
+    planner/engines.py) adds that engine's ties, allowed options and exact sizes.
     `budget_split="block"` gives every decoder block the same bits per weight, each solved on its own
-    (MC-MoE's equal budgets per block: planner/blocks.py); recorded in `params` (and the id).
+    (MC-MoE's equal budgets per block: planner/blocks.py).  The plan's `params` lists the allocator's
+    parameters and every setting that differs from the request's default, so a plan reads short.
     Every plan of a profile with a latency table records its latency at each of the table's batches.
 
     Raises InvalidInput (unknown allocator or parameter, bad budget or pin), UnknownModule (a pin
     matching nothing) or InfeasibleBudget (naming the smallest feasible budget in the budget's unit;
     InfeasibleLatency, a kind of it, for a latency budget below the fastest plan within the memory budget).
     """
-    # Look up the allocator and its parameters.
-    solve = lookup_allocator(allocator)
-    params = dict(params or {})
-    _check_params(allocator, solve, params)
-    check_split(budget_split)
-    if budget_split != "model" and needs_context(allocator):
-        raise InvalidInput(f"allocator {allocator!r} searches the whole model: it takes no per-block budget")
+    request = request.checked()
+    setup = _setup(profile, request)
+    result, seconds = _solve(setup, request, context)
+    return _plan(setup, request, context, result, seconds)
 
-    # The problem: budget in bits for the planned modules, pins as the allowed mask.
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    budget_bits = budget.planned_bits(profile.n_params, profile.fixed_bits)
-    parsed = sorted(parse_pin(p) for p in pins)
-    pin_texts = [f"{pattern}{op}{bits}" for pattern, op, bits in parsed]  # normalised: same pins, same id
-    allowed = apply_pins(profile.modules, profile.options, parsed)
+
+@dataclass(frozen=True)
+class _Setup:
+    """What `allocate` solves: the profile as the engine sees it, the knapsack, the module -> unit map."""
+
+    profile: Profile
+    budget: Budget
+    budget_bits: int
+    problem: AllocationProblem
+    unit: np.ndarray
+    latency_budget: LatencyBudget | None
+    objective: Objective
+    batch: int | None
+
+
+def _setup(profile: Profile, request: PlanRequest) -> _Setup:
+    """The budget in bits for the planned modules, pins and the engine's options as the allowed mask,
+    modules tied into units; InfeasibleBudget when not even the smallest plan fits."""
+    budget = Budget.parse(request.budget)
+    allowed = apply_pins(profile.modules, profile.options, [parse_pin(p) for p in request.pins])
     # the engine's exact sizes (GGUF types) and allowed options; the error stays the profile's
     names = [m.name for m in profile.modules]
-    profile, engine_allowed, _ = constrain(profile, engine)
+    profile, engine_allowed, _ = constrain(profile, request.engine)
     if len(profile.modules) != len(names):  # the engine leaves a module out of the plan (vLLM: the embedding)
         pos = {n: i for i, n in enumerate(names)}
         allowed = allowed[[pos[m.name] for m in profile.modules]]
-        budget_bits = budget.planned_bits(profile.n_params, profile.fixed_bits)
     allowed &= engine_allowed
-    latency_budget, objective, batch = planning_terms(profile, latency_budget, objective)
-    problem, unit = problem_from_profile(profile, budget_bits, allowed, granularity, engine=engine,
-                                         latency_batch=batch,
-                                         latency_budget=latency_budget and latency_budget.seconds,
+    budget_bits = budget.planned_bits(profile.n_params, profile.fixed_bits)
+    latency_budget, objective, batch = planning_terms(profile, request.latency_budget, request.objective)
+    problem, unit = problem_from_profile(profile, budget_bits, allowed, request.granularity, engine=request.engine,
+                                         latency_batch=batch, latency_budget=latency_budget and latency_budget.seconds,
                                          objective=objective)
-
-    # Feasible at all? Checked here once, so every allocator gets the same message.
+    # checked here once, so every allocator gets the same message
     if budget_bits < problem.smallest():
         raise _infeasible(budget, profile, problem.smallest(), _smallest_plan(profile, problem))
+    return _Setup(profile, budget, budget_bits, problem, unit, latency_budget, objective, batch)
 
-    # Solve, timed; an allocator's own infeasibility (e.g. uniform's) gets the same kind of message.
+
+def _solve(setup: _Setup, request: PlanRequest, context) -> tuple[Assignment, float]:
+    """The allocator's verified answer and its seconds; its own infeasibility (e.g. uniform's) is reported
+    in the budget's unit as `allocate`'s is."""
+    allocator, solve = request.allocator, lookup_allocator(request.allocator)
+    problem, params = setup.problem, dict(request.params)
     t0 = time.perf_counter()
     try:
-        extra = {"context": context, "unit": unit} if needs_context(allocator) else {}
-        if budget_split == "block":
-            result = solve_per_block(problem, block_of_units(profile.modules, unit), solve, seed=seed,
-                                     time_limit=time_limit, **params)
+        if request.budget_split == "block":
+            result = solve_per_block(problem, block_of_units(setup.profile.modules, setup.unit), solve,
+                                     seed=request.seed, time_limit=request.time_limit, **params)
         else:
-            result = solve(problem, seed=seed, time_limit=time_limit, **params, **extra)
+            extra = {"context": context, "unit": setup.unit} if needs_context(allocator) else {}
+            result = solve(problem, seed=request.seed, time_limit=request.time_limit, **params, **extra)
     except InfeasibleLatency as e:
-        raise InfeasibleLatency(f"latency budget {latency_budget} is below the fastest plan within {budget}: "
-                                f"{latency_budget.describe(e.smallest_seconds)} at batch {latency_budget.batch}; "
-                                "ask for at least that", e.smallest_seconds) from e
+        lb = setup.latency_budget
+        raise InfeasibleLatency(f"latency budget {lb} is below the fastest plan within {setup.budget}: "
+                                f"{lb.describe(e.smallest_seconds)} at batch {lb.batch}; ask for at least that",
+                                e.smallest_seconds) from e
     except InfeasibleBudget as e:
-        what = "equal bits per weight in every block" if budget_split == "block" else ""
-        raise _infeasible(budget, profile, e.smallest_bits,
-                          what or f"the smallest plan {allocator} can make") from e
+        what = ("equal bits per weight in every block" if request.budget_split == "block"
+                else f"the smallest plan {allocator} can make")
+        raise _infeasible(setup.budget, setup.profile, e.smallest_bits, what) from e
     seconds = time.perf_counter() - t0
-    choice = _verify(allocator, problem, result.choice)
+    return Assignment(_verify(allocator, problem, result.choice), result.status), seconds
 
-    # Predictions and the content id (same inputs, same id); unit sums are module sums.
-    total_bits = problem.total_size(choice)
-    if granularity != "module":
-        params["granularity"] = granularity
-    if engine != "bitplan":  # recorded only when constrained, so bitplan plans keep their ids
-        params["engine"] = engine
-    if budget_split != "model":
-        params["budget_split"] = budget_split
-    if extra and hasattr(context, "describe"):
+
+def _plan(setup: _Setup, request: PlanRequest, context, result: Assignment, seconds: float) -> Plan:
+    """The Plan with its predictions (unit sums are module sums) and its content id."""
+    profile, problem, unit, choice = setup.profile, setup.problem, setup.unit, result.choice
+    params = dict(request.params)
+    defaults = PlanRequest()
+    for setting in ("granularity", "engine", "budget_split"):
+        if getattr(request, setting) != getattr(defaults, setting):
+            params[setting] = getattr(request, setting)
+    if needs_context(request.allocator) and hasattr(context, "describe"):
         params["fitness"] = context.describe()
-    if latency_budget is not None:
-        params["latency_budget"] = str(latency_budget)
-    if objective.uses_latency:
-        params.update(objective=str(objective), objective_batch=batch)
+    if setup.latency_budget is not None:
+        params["latency_budget"] = str(setup.latency_budget)
+    if setup.objective.uses_latency:
+        params.update(objective=str(setup.objective), objective_batch=setup.batch)
+    total_bits = problem.total_size(choice)
     module_choice = choice[unit]
+    predicted = (float(profile.error[np.arange(len(unit)), module_choice].sum()) if setup.objective.uses_latency
+                 else problem.total_error(choice))
     return Plan(
-        id=content_id(profile.id, str(budget), allocator, params, pin_texts, seed, prefix="plan-"),
-        profile_id=profile.id,
-        model=profile.model,
-        budget=str(budget),
-        budget_bits=budget_bits,
-        allocator=allocator,
-        params=params,
-        pins=pin_texts,
-        assignment={m.name: profile.options[o] for m, o in zip(profile.modules, choice[unit].tolist())},
-        total_bits=total_bits,
-        fixed_bits=profile.fixed_bits,
-        n_params=profile.n_params,
-        bits_per_weight=total_bits / profile.n_params,
-        predicted_error=(float(profile.error[np.arange(len(unit)), module_choice].sum()) if objective.uses_latency
-                         else problem.total_error(choice)),
-        status=result.status,
-        solve_seconds=seconds,
-        predicted_latency=plan_latency(profile, module_choice),
+        # the time limit stays out: a deadline on the solver, not a different question
+        id=content_id(profile.id, request.model_dump(exclude={"time_limit"}), params.get("fitness"), prefix="plan-"),
+        profile_id=profile.id, model=profile.model, budget=str(setup.budget), budget_bits=setup.budget_bits,
+        allocator=request.allocator, params=params, pins=list(request.pins),
+        assignment={m.name: profile.options[o] for m, o in zip(profile.modules, module_choice.tolist())},
+        total_bits=total_bits, fixed_bits=profile.fixed_bits, n_params=profile.n_params,
+        bits_per_weight=total_bits / profile.n_params, predicted_error=predicted, status=result.status,
+        solve_seconds=seconds, predicted_latency=plan_latency(profile, module_choice),
         latency_source=profile.latency_source or None,
     )
 

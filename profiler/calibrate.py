@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from bitplan.db.types import Module, Option
-from bitplan.executor.quantize import GPTQCache
+from bitplan.db.types import Module, Option, Quantizer
+from bitplan.kernels.quantize import GPTQCache
 from bitplan.profiler.kl import kl_table
 from bitplan.profiler.moe import expert_set_name
 
@@ -66,22 +67,17 @@ def calibration_points(options: list[Option], points: int = DEFAULT_POINTS) -> l
     return sorted(sorted(quantized, key=lambda i: (options[i].bits, i))[:points])
 
 
-class Rescaled(tuple):
-    """`(error [M, O], alpha [M])`, unpacking as `rescale` always returned, and `estimated`: row -> why
-    that row is an estimate rather than a measurement where measured (module docstring)."""
+@dataclass(frozen=True)
+class Rescaled:
+    """The rescaled `error [M, O]`, each row's `alpha [M]`, and `estimated`: row -> why that row is an
+    estimate rather than a measurement where measured (module docstring).  Unpacks as `(error, alpha)`."""
 
-    def __new__(cls, error: np.ndarray, alpha: np.ndarray, estimated: dict[int, str]):
-        self = super().__new__(cls, (error, alpha))
-        self.estimated = estimated
-        return self
+    error: np.ndarray
+    alpha: np.ndarray
+    estimated: dict[int, str]
 
-    @property
-    def error(self) -> np.ndarray:
-        return self[0]
-
-    @property
-    def alpha(self) -> np.ndarray:
-        return self[1]
+    def __iter__(self):
+        return iter((self.error, self.alpha))
 
 
 def _prior_alphas(alpha: np.ndarray, trusted: np.ndarray,
@@ -169,7 +165,8 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
 
 @torch.no_grad()
 def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
-              cheap: np.ndarray, batches: torch.Tensor, *, points: int = DEFAULT_POINTS, quantizer: str = "rtn",
+              cheap: np.ndarray, batches: torch.Tensor, *, points: int = DEFAULT_POINTS,
+              quantizer: Quantizer = Quantizer(),
               device: str = "cpu", progress: bool = True,
               hessian_batches: torch.Tensor | None = None,
               cache: GPTQCache | None = None, min_tokens: int = MIN_KL_TOKENS) -> Rescaled:

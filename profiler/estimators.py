@@ -12,6 +12,8 @@ quantizer `apply` uses and `stats` is what the estimator collected on calibratio
   already divided by the tokens (read from a llama.cpp importance matrix: profiler/imatrix.py).
 - `hutchinson`: HAWQ-V2's `½ · (tr(∇²_W L) / numel) · ||ΔW||²`, the Hessian's mean diagonal from
   Hutchinson's trace estimate (a scalar; profiler/hutchinson.py), loss in nats per token.
+
+The registry of every `--estimator`, these four and the two that measure KL, is `profiler/profile.py` `ESTIMATORS`.
 """
 
 from __future__ import annotations
@@ -44,5 +46,3 @@ def embedding_hessian(dW: torch.Tensor, counts: torch.Tensor, H: torch.Tensor | 
     lookup = float(counts.to(torch.float64) @ (dW ** 2).sum(dim=1))
     return max((lookup + (0.0 if H is None else float(((dW @ H.to(torch.float64)) * dW).sum()))) / n_tokens, 0.0)
 
-
-ESTIMATORS = {"hessian": hessian, "fisher": fisher, "imatrix": imatrix, "hutchinson": hutchinson}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import Module
-from bitplan.profiler.stream import atomic_save
+from bitplan.db.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor, planned: list[tuple
                 if g is not None:
                     f.addcmul_(g.float(), g.float())
             if checkpoint is not None and time.monotonic() - saved_at >= every_s:
-                atomic_save({"n": len(batches), "done": s + 1, "F": dict(zip(names, F))}, checkpoint)
+                state = {"n": len(batches), "done": s + 1, "F": dict(zip(names, F))}
+                atomic_write(checkpoint, partial(torch.save, state))
                 saved_at = time.monotonic()
     # A sequence's mean gradient averages T token gradients, shrinking their squares by ~T; scale back
     # so that ½ Σ F ⊙ ΔW² reads as nats per token.

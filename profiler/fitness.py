@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitplan.db.types import CalibrationRef, InvalidInput, Module, Option, Profile
-from bitplan.executor.quantize import quantize, quantizer_for
+from bitplan.db.types import CalibrationRef, InvalidInput, Module, Option, Profile, Quantizer
+from bitplan.kernels.quantize import quantize, quantizer_for
 from bitplan.kernels import reference
 from bitplan.profiler.calibration import text_tokens_used, token_batches
 from bitplan.profiler.kl import Replayer
@@ -52,12 +52,12 @@ class VariantStore:
     """Every module's weight at every option: packed codes kept, dequantized tensors in a bounded LRU."""
 
     def __init__(self, weights: Sequence[torch.Tensor], options: Sequence[Option],
-                 cache_mib: float = DEFAULT_CACHE_MIB, quantizer: str | Sequence[str] = "rtn",
+                 cache_mib: float = DEFAULT_CACHE_MIB, quantizer: Quantizer | Sequence[Quantizer] = Quantizer(),
                  hessians: Sequence[torch.Tensor | None] | None = None):
         self.weights, self.options = list(weights), list(options)
         self.quantizer, self.hessians = quantizer, hessians  # GPTQ: each module's H, as `apply` has it
         # one per module where they differ (a planned embedding is RTN under a GPTQ profile)
-        self.quantizers = [quantizer] * len(self.weights) if isinstance(quantizer, str) else list(quantizer)
+        self.quantizers = [quantizer] * len(self.weights) if isinstance(quantizer, Quantizer) else list(quantizer)
         self.packed: dict[tuple[int, int], tuple] = {}
         self.cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.cache_bytes, self.max_bytes = 0, int(cache_mib * 2**20)
@@ -110,7 +110,7 @@ class KLFitness:
     def __init__(self, model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: Sequence[Option],
                  fitness_ids: torch.Tensor, heldout_ids: torch.Tensor, *, device: str = "cpu",
                  chunk: int = 128, cache_mib: float = DEFAULT_CACHE_MIB, describe: dict | None = None,
-                 quantizer: str = "rtn", hessians: Sequence[torch.Tensor] | None = None):
+                 quantizer: Quantizer = Quantizer(), hessians: Sequence[torch.Tensor | None] | None = None):
         if fitness_ids.ndim != 2 or heldout_ids.ndim != 2 or fitness_ids.shape[1] != heldout_ids.shape[1]:
             raise InvalidInput("fitness and held-out tokens must be [rows, tokens] with one row length")
         self.model, self.planned, self.device, self.chunk = model, planned, device, chunk
@@ -216,9 +216,8 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
                            heldout_tokens: int = DEFAULT_HELDOUT_TOKENS, row_tokens: int = DEFAULT_ROW_TOKENS,
                            device: str = "cpu", cache_mib: float = DEFAULT_CACHE_MIB) -> KLFitness:
     """The KL oracle of `profile`'s modules on its loaded model, on text after the profile's calibration."""
-    from bitplan.profiler.profile import gptq_hessians, parse_estimator_name
+    from bitplan.profiler.profile import gptq_hessians
 
-    _, quantizer = parse_estimator_name(profile.estimator)
     if profile.model.fingerprint and loaded.ref.fingerprint != profile.model.fingerprint:
         raise InvalidInput(f"the model at {profile.model.source or profile.model.name} is not the one "
                            f"profile {profile.id} was measured on (fingerprints differ)")
@@ -232,9 +231,10 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
     fit, held = token_splits(loaded.tokenizer, profile.calibration, fitness_tokens, heldout_tokens, row_tokens)
     planned = [planned[m.name] for m in profile.modules]
     hessians = None
-    if quantizer == "gptq":  # the variants are the ones `apply` writes: GPTQ from H of the profile's tokens
+    # the variants are the ones `apply` writes: GPTQ from H of the profile's tokens
+    if profile.quantizer.method == "gptq":
         H = gptq_hessians(loaded, profile, planned, device=device)
         hessians = [H.get(m.name) for m, _ in planned]  # none for the embedding: RTN
     return KLFitness(loaded.model, planned, profile.options, fit, held, device=device, cache_mib=cache_mib,
                      describe={"text": spec, "skip_tokens": profile.calibration.n_tokens},
-                     quantizer=quantizer, hessians=hessians)
+                     quantizer=profile.quantizer, hessians=hessians)

@@ -30,7 +30,7 @@ diagonal this is `Σ ΔW² · d` with `d = diag(H) / n`; `imatrix_diagonals` giv
   of its rarest routed expert, over `n`; the module is returned as a fallback (`fallback=True` in the
   profile) and a warning names it.
 
-**Matching.**  Module names map to GGUF tensor names by `bitplan.executor.formats.gguf_tensor_name`
+**Matching.**  Module names map to GGUF tensor names by `bitplan.db.formats.gguf_tensor_name`
 (the names llama.cpp's converter writes, which the llamacpp export uses).  A planned module the imatrix
 lacks is an error (no guessed sensitivity); so is a tensor of the imatrix that this model lacks,
 except routers (`ffn_gate_inp`, `ffn_gate_inp_shexp`, which bitplan leaves unquantized) and
@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from bitplan.db.types import InvalidInput, Module
-from bitplan.executor.formats import gguf_tensor_name
+from bitplan.db.formats import gguf_tensor_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class IMatrix:
     legacy: bool = False
 
 
-def fingerprint(path: str | Path | None) -> str:
+def file_sha256(path: str | Path | None) -> str:
     """sha256 of the imatrix file; InvalidInput if there is no such file."""
     if path is None:
         raise InvalidInput("--estimator imatrix needs --imatrix PATH, a llama.cpp imatrix.gguf of this model")
@@ -99,12 +99,12 @@ def fingerprint(path: str | Path | None) -> str:
 
 def estimator_tag(path: str | Path) -> str:
     """`imatrix:<first 16 hex of the file's sha256>`: the profile's estimator names the file it read."""
-    return f"imatrix:{fingerprint(path)[:16]}"
+    return f"imatrix:{file_sha256(path)[:16]}"
 
 
 def read_imatrix(path: str | Path) -> IMatrix:
     """An imatrix file, GGUF (by its magic) or legacy `.dat`; InvalidInput for anything else."""
-    fp = fingerprint(path)
+    fp = file_sha256(path)
     p = Path(path).expanduser()
     with p.open("rb") as f:
         magic = f.read(4)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.types import Module, Option
-from bitplan.executor.quantize import GPTQCache, quantize_dequantize, quantizer_for
+from bitplan.db.types import Module, Option, Quantizer
+from bitplan.kernels.quantize import GPTQCache, quantize_dequantize, quantizer_for
 from bitplan.profiler.model import decoder_layers, is_embedding
 from bitplan.profiler.moe import record_routing
 from bitplan.profiler.stream import _Replay, _Skip, outside_hessians, stream_blocks
@@ -124,12 +124,12 @@ class Replayer:
 
 @torch.no_grad()
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
-             batches: torch.Tensor, *, quantizer: str = "rtn", device: str = "cpu", chunk: int = 128,
+             batches: torch.Tensor, *, quantizer: Quantizer = Quantizer(), device: str = "cpu", chunk: int = 128,
              progress: bool = True, hessian_batches: torch.Tensor | None = None,
              cache: GPTQCache | None = None, routing: dict | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
-    With `quantizer="gptq"` the blocks are streamed once more to collect each module's `H`, on
+    With a GPTQ `quantizer` the blocks are streamed once more to collect each module's `H`, on
     `hessian_batches` (default `batches`): KL measured on a few tokens must use the ΔW that GPTQ makes
     from the whole calibration text, the one the other estimators and `apply` use, not a GPTQ fitted
     to the few tokens it is then measured on.  Where `cache` holds every module's result (`calibrated`
@@ -168,10 +168,10 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
                 bar.update()
 
     try:
-        cached = cache is not None and all(cache.has(m.name, o) for m, _ in planned
-                                                   if quantizer_for(m, quantizer) == "gptq"
+        cached = cache is not None and all(cache.has(m.name, o, quantizer) for m, _ in planned
+                                                   if quantizer_for(m, quantizer).method == "gptq"
                                                    for o in options if o.quantized)
-        if quantizer == "gptq" and not cached:
+        if quantizer.method == "gptq" and not cached:
             hb = batches if hessian_batches is None else hessian_batches
             stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, H), device,
                           progress=False)

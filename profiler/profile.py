@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
-from bitplan.executor.quantize import (QUANTIZERS, GPTQCache, quantize_dequantize, quantizer_for,
-                                       quantizer_settings)
+from bitplan.db.types import InvalidInput, Module, Option, Profile, Quantizer, content_id
+from bitplan.kernels.quantize import GPTQCache, quantize_dequantize, quantizer_for
 from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # the best plans measured on the embedded model and on tiny-Mixtral: README, "Choosing the estimator"
 DEFAULT_ESTIMATOR = "calibrated"
-DEFAULT_QUANTIZER = "gptq"
+DEFAULT_QUANTIZER = Quantizer(method="gptq")
 DEFAULT_OPTIONS = "2,3,4,8"
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
@@ -37,50 +38,141 @@ DEFAULT_SEQ_LEN = 512
 # (docs/embeddings.md).  `profile_model` itself plans what it is told, by default what `planned_linears` lists.
 EMBEDDINGS = ("plan", "keep")
 DEFAULT_EMBEDDINGS = "plan"
-# kl: measured, not estimated (profiler/kl.py); calibrated: fisher rescaled to measured KL (profiler/calibrate.py)
-ESTIMATOR_NAMES = (*estimators.ESTIMATORS, "kl", "calibrated")
 
 
-def profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
-               device: str, embeddings: str = "keep") -> str:
-    """Same model, text, estimator, quantizer settings, options and embedding setting -> same profile (reused
-    from the store, not recomputed).  RTN adds nothing, so RTN profiles keep the ids they had before GPTQ
-    existed; `embeddings="keep"` adds nothing either, so profiles that leave the embedding out keep theirs."""
-    settings = quantizer_settings(parse_estimator_name(estimator)[1])
-    return content_id(loaded.ref.fingerprint, calib_fp, estimator, [o.model_dump() for o in options], seq_len,
-                      device, *([settings] if settings else []),
-                      *([{"embeddings": embeddings}] if embeddings != "keep" else []), prefix="prof-")
+# ------------------------------------------------------------------------------------ estimators
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What an estimator's error table is made from; `profile_model` fills it."""
+
+    model: nn.Module
+    planned: list[tuple[Module, nn.Module]]
+    options: list[Option]
+    batches: torch.Tensor
+    quantizer: Quantizer
+    device: str = "cpu"
+    progress: bool = True
+    work_dir: str | Path | None = None
+    imatrix: str | Path | None = None
+    cache: GPTQCache | None = None
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """An estimator's `[modules, options]` error, and what the profile must know about its rows."""
+
+    error: np.ndarray
+    estimated: dict[str, str] = field(default_factory=dict)  # module name -> why its row is not measured
+    fallback: frozenset[str] = frozenset()  # modules the estimator has no statistics for
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One `--estimator`: how its error table is made (`table`) and what it needs.
+
+    `formula`: the per-module `(ΔW, stats, n_tokens) -> error` of profiler/estimators.py that `error_table`
+    applies, None for the estimators that measure (`kl`, and `calibrated`'s KL points).
+    `needs_imatrix`: reads a llama.cpp importance matrix (`profile_model(imatrix=...)`), whose hash the
+    profile's `estimator` field then carries (`estimator_name`).
+    `default_tokens`: calibration tokens when `profile_model` is given none.
+    `plans_embedding`: whether it can estimate the input embedding (`--embeddings plan`).
+    """
+
+    name: str
+    table: Callable[[TableInputs], ErrorTable]
+    formula: Callable[[torch.Tensor, torch.Tensor, int], float] | None = None
+    needs_imatrix: bool = False
+    default_tokens: int = DEFAULT_TOKENS
+    plans_embedding: bool = True
+
+
+def _cheap(t: TableInputs, estimator: str, stats: dict | None = None) -> np.ndarray:
+    return error_table(t.model, t.planned, t.options, t.batches, estimator, t.quantizer, t.device, t.progress,
+                       work_dir=t.work_dir, stats=stats, cache=t.cache)
+
+
+def _hessian_table(t: TableInputs) -> ErrorTable:
+    return ErrorTable(_cheap(t, "hessian"))
+
+
+def _fisher_table(t: TableInputs) -> ErrorTable:
+    return ErrorTable(_cheap(t, "fisher"))
+
+
+def _imatrix_table(t: TableInputs) -> ErrorTable:
+    stats, fallback = imatrix_diagonals(read_imatrix(t.imatrix), [m for m, _ in t.planned])
+    return ErrorTable(_cheap(t, "imatrix", stats), fallback=frozenset(fallback))
+
+
+def _hutchinson_table(t: TableInputs) -> ErrorTable:
+    traces = hutchinson_traces(t.model, t.batches, t.planned, t.device, t.progress)
+    return ErrorTable(_cheap(t, "hutchinson", traces))
+
+
+def _kl_table(t: TableInputs) -> ErrorTable:
+    return ErrorTable(kl_table(t.model, t.planned, t.options, t.batches, quantizer=t.quantizer, device=t.device,
+                               progress=t.progress, cache=t.cache))
+
+
+def _calibrated_table(t: TableInputs) -> ErrorTable:
+    error = _cheap(t, "fisher")
+    # the KL points on the first sequences of the same text, as many as `kl` would measure on
+    rows = max(1, DEFAULT_KL_TOKENS // t.batches.shape[1])
+    # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
+    cal = calibrate(t.model, t.planned, t.options, error, t.batches[:rows], quantizer=t.quantizer, device=t.device,
+                    progress=t.progress, hessian_batches=t.batches, cache=t.cache)
+    return ErrorTable(cal.error, estimated={t.planned[i][0].name: why for i, why in cal.estimated.items()})
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    # fisher's rows rescaled to measured KL at each module's two lowest widths (profiler/calibrate.py)
+    Estimator("calibrated", _calibrated_table),
+    Estimator("fisher", _fisher_table, estimators.fisher),
+    Estimator("hessian", _hessian_table, estimators.hessian),
+    # measured, not estimated: modules x options forward passes (profiler/kl.py)
+    Estimator("kl", _kl_table, default_tokens=DEFAULT_KL_TOKENS),
+    Estimator("hutchinson", _hutchinson_table, estimators.hutchinson),
+    # llama.cpp's importance matrix records matmul inputs, and a lookup is no matmul
+    Estimator("imatrix", _imatrix_table, estimators.imatrix, needs_imatrix=True, plans_embedding=False),
+)}
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator `name`; InvalidInput lists the others."""
+    try:
+        return ESTIMATORS[name]
+    except (KeyError, TypeError):
+        raise InvalidInput(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}") from None
+
+
+def estimator_name(estimator: str, *, imatrix: str | Path | None = None) -> str:
+    """The profile's `estimator` field: the estimator's name, or for one that reads an importance matrix
+    `imatrix:<sha256 prefix>` of the file (what it read is part of what the profile means).  An unknown
+    estimator or a missing file raises InvalidInput."""
+    return estimator_tag(imatrix) if get_estimator(estimator).needs_imatrix else estimator
+
+
+def input_profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
+                     device: str, *, quantizer: Quantizer, embeddings: str) -> str:
+    """Same model, text, estimator (`estimator_name`), quantizer, options, sequence length, device and embedding
+    setting -> same profile (reused from the store, not recomputed)."""
+    return content_id(loaded.ref.fingerprint, calib_fp, estimator, quantizer.model_dump(),
+                      [o.model_dump() for o in options], seq_len, device, {"embeddings": embeddings}, prefix="prof-")
 
 
 def check_embeddings(embeddings: str | None, estimator: str = "") -> str:
-    """`plan` or `keep` (None: the default, `keep` for imatrix); imatrix cannot plan the embedding (llama.cpp's
-    importance matrix records matmul inputs, and a lookup is no matmul)."""
+    """`plan` or `keep` (None: the default, `keep` for an estimator that cannot plan the embedding)."""
+    plans = estimator not in ESTIMATORS or ESTIMATORS[estimator].plans_embedding
     if embeddings is None:
-        return "keep" if estimator == "imatrix" else DEFAULT_EMBEDDINGS
+        return DEFAULT_EMBEDDINGS if plans else "keep"
     if embeddings not in EMBEDDINGS:
         raise InvalidInput(f"unknown --embeddings {embeddings!r}; choose one of {list(EMBEDDINGS)}")
-    if embeddings == "plan" and estimator == "imatrix":
-        raise InvalidInput("an imatrix holds no statistics for the embedding lookup: profile with --embeddings keep, "
-                           "or with another --estimator")
+    if embeddings == "plan" and not plans:
+        raise InvalidInput(f"--estimator {estimator} holds no statistics for the embedding lookup: profile with "
+                           f"--embeddings keep, or with another --estimator")
     return embeddings
-
-
-def estimator_name(estimator: str, quantizer: str = "rtn", imatrix: str | Path | None = None) -> str:
-    """The profile's `estimator` field: `"fisher"` for RTN (the spine's ids stay), `"fisher/gptq"` for GPTQ.
-
-    The quantizer that produced ΔW is part of what a profile means (and of its id), so it is recorded
-    here until `Profile` gets a field of its own.
-    """
-    # TODO(db): a `quantizer: str = "rtn"` field on Profile would hold this instead of the suffix
-    if estimator == "imatrix":  # the file read is part of what the profile means: `imatrix:<sha256 prefix>`
-        estimator = estimator_tag(imatrix)
-    return estimator if quantizer == "rtn" else f"{estimator}/{quantizer}"
-
-
-def parse_estimator_name(name: str) -> tuple[str, str]:
-    """`"fisher/gptq"` -> `("fisher", "gptq")`; `"fisher"` -> `("fisher", "rtn")`."""
-    estimator, _, quantizer = name.partition("/")
-    return estimator, quantizer or "rtn"
 
 
 def profile_model(
@@ -88,7 +180,7 @@ def profile_model(
     options: list[Option],
     *,
     estimator: str = DEFAULT_ESTIMATOR,
-    quantizer: str = DEFAULT_QUANTIZER,
+    quantizer: Quantizer = DEFAULT_QUANTIZER,
     calib: str = CALIB,
     n_tokens: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -99,12 +191,13 @@ def profile_model(
     cache: GPTQCache | None = None,
     embeddings: str = "keep",
 ) -> Profile:
-    """Measure `error[module, option]` with `estimator` on `n_tokens` of `calib`; sizes are exact.
+    """Measure `error[module, option]` with `estimator` (one of ESTIMATORS) on `n_tokens` of `calib`; sizes
+    are exact.
 
-    `quantizer` is what ΔW comes from, the quantizer `apply` will use: `rtn`, or `gptq` (with each
-    module's `H = Σ xxᵀ` from the calibration text, collected by streaming the blocks; for `fisher`
-    that is one extra forward pass).  `n_tokens` defaults to DEFAULT_TOKENS, or DEFAULT_KL_TOKENS for
-    `kl` (modules x options forward passes over them).
+    `quantizer` is what ΔW comes from, the quantizer `apply` will use: RTN, or GPTQ (with each module's
+    `H = Σ xxᵀ` from the calibration text, collected by streaming the blocks; for `fisher` that is one
+    extra forward pass).  `n_tokens` defaults to the estimator's `default_tokens` (DEFAULT_KL_TOKENS for
+    `kl`: modules x options forward passes over them).
 
     An MoE model's expert matrices also get their routing statistics (one more streamed pass), and
     an expert no calibration token reaches gets the fallback error, never zero (profiler/moe.py).
@@ -118,56 +211,40 @@ def profile_model(
     `cache` keeps every GPTQ result for the applies of this profile's plans in the same process.
 
     `embeddings="plan"` makes the input embedding a module of the profile (with a tied head, the pair:
-    `planned_linears`), quantized with RTN whatever `quantizer` is (`executor.quantize.quantizer_for`);
+    `planned_linears`), quantized with RTN whatever `quantizer` is (`kernels.quantize.quantizer_for`);
     `"keep"` leaves it at 16 bits in `fixed_bits`.
     """
-    if estimator not in ESTIMATOR_NAMES:
-        raise InvalidInput(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATOR_NAMES)}")
-    if quantizer not in QUANTIZERS:
-        raise InvalidInput(f"unknown quantizer {quantizer!r}; choose one of {list(QUANTIZERS)}")
+    spec = get_estimator(estimator)
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
+                        f"not {type(quantizer).__name__}")
     check_embeddings(embeddings, estimator)
+    name = estimator_name(estimator, imatrix=imatrix)  # a missing imatrix fails before any pass
     if n_tokens is None:
-        n_tokens = DEFAULT_KL_TOKENS if estimator == "kl" else DEFAULT_TOKENS
+        n_tokens = spec.default_tokens
     t0 = time.perf_counter()
     model = loaded.model
     batches, calib_ref = token_batches(loaded.tokenizer, calib, n_tokens, seq_len)
     planned = planned_linears(model, embeddings == "plan")
     log.info("profiling %d modules x %d options with %s (%s) on %d tokens", len(planned), len(options),
-             estimator, quantizer, batches.numel())
-    stats, fallback = None, []  # what `imatrix` and `hutchinson` collect; error_table uses it as fisher's F
-    estimated: dict[str, str] = {}  # `calibrated` rows not measured: module name -> why (profiler/calibrate.py)
-    if estimator == "imatrix":
-        stats, fallback = imatrix_diagonals(read_imatrix(imatrix), [m for m, _ in planned])
-    elif estimator == "hutchinson":
-        stats = hutchinson_traces(model, batches, planned, device, progress)
-    if estimator == "kl":
-        error = kl_table(model, planned, options, batches, quantizer=quantizer, device=device,
-                         progress=progress, cache=cache)
-    elif estimator == "calibrated":
-        error = error_table(model, planned, options, batches, "fisher", quantizer, device, progress,
-                            work_dir=work_dir, cache=cache)
-        # the KL points on the first sequences of the same text, as many as `kl` would measure on
-        rows = max(1, DEFAULT_KL_TOKENS // batches.shape[1])
-        # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
-        cal = calibrate(model, planned, options, error, batches[:rows], quantizer=quantizer, device=device,
-                        progress=progress, hessian_batches=batches, cache=cache)
-        error, estimated = cal.error, {planned[i][0].name: why for i, why in cal.estimated.items()}
-    else:
-        error = error_table(model, planned, options, batches, estimator, quantizer, device, progress,
-                            work_dir=work_dir, stats=stats, cache=cache)
-    modules = [m if m.name not in fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
+             estimator, quantizer.label, batches.numel())
+    table = spec.table(TableInputs(model, planned, options, batches, quantizer, device, progress, work_dir,
+                                   imatrix, cache))
+    error, estimated = table.error, dict(table.estimated)
+    modules = [m if m.name not in table.fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
         modules = moe.with_routing(modules, routing_stats(model, batches, device, progress))
         error, modules = moe.fill_unrouted(error, modules)
         # their rows are the fallback's now, and `fallback` says so
         estimated = {m.name: estimated[m.name] for m in modules if m.name in estimated and not m.fallback}
     size = np.array([[o.size_bits(*m.shape) for o in options] for m in modules], dtype=np.int64)
-    name = estimator_name(estimator, quantizer, imatrix)
     return Profile(
-        id=profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device, embeddings),
+        id=input_profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device, quantizer=quantizer,
+                            embeddings=embeddings),
         model=loaded.ref,
         calibration=calib_ref,
         estimator=name,
+        quantizer=quantizer,
         device=device,
         options=options,
         modules=modules,
@@ -192,10 +269,11 @@ def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu",
 
 
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
-                estimator: str, quantizer: str = "rtn", device: str = "cpu",
+                estimator: str, quantizer: Quantizer = Quantizer(), device: str = "cpu",
                 progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None,
                 cache: GPTQCache | None = None) -> np.ndarray:
-    """`[modules, options]` error of a cheap estimator (`hessian`, `fisher`), ΔW from `quantizer`.
+    """`[modules, options]` error of an estimator with a per-module `formula` (`hessian`, `fisher`, ...), ΔW
+    from `quantizer`.
 
     With `work_dir` an interrupted table resumes: a streamed pass (`hessian`; the GPTQ `H` of any
     estimator) at the block after its last finished one, with the rows finished so far; the `fisher`
@@ -211,7 +289,9 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
     ckpt = None if work_dir is None else BlockCheckpoint(Path(work_dir) / "blocks", {"error": error})
-    estimate = estimators.ESTIMATORS[estimator]
+    estimate = get_estimator(estimator).formula
+    if estimate is None:
+        raise ValueError(f"{estimator} measures its table (ESTIMATORS[{estimator!r}].table): it has no formula")
     n = batches.numel()
 
     def fill(mods, stats, H=None):
@@ -237,12 +317,12 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
             counts, H = embedding_statistics(model, batches, m, device, progress)
             W = emb.weight.detach()
             for j, opt in enumerate(options):
-                dW = quantize_dequantize(W, opt, "rtn") - W
+                dW = quantize_dequantize(W, opt) - W
                 error[index[m.name], j] = estimators.embedding_hessian(dW, counts, H, n)
         return error
     F = stats if stats is not None else fisher_diagonal(model, batches, planned, device, progress,
                         checkpoint=None if work_dir is None else Path(work_dir) / "fisher.pt")
-    if quantizer == "rtn":
+    if quantizer.method == "rtn":
         for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
             fill([(m, lin)], F)
         return error
@@ -272,15 +352,19 @@ def embedding_statistics(model: nn.Module, batches: torch.Tensor, m: Module, dev
 
 def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Module, nn.Linear]], *,
                   device: str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """`H` of every planned module on the profile's own calibration tokens, for GPTQ after profiling
-    (`apply`, `compare --evaluate`, the evolutionary search's variants).
+    """`H` of every planned module the profile's quantizer runs GPTQ on, from the profile's own calibration
+    tokens, for GPTQ after profiling (`apply`, `compare --evaluate`, the evolutionary search's variants);
+    `{}` for an RTN profile.
 
-    A profile made before its sequence length was recorded gets sequences of the default length (H
-    sums over tokens; only attention context differs).
+    A profile whose calibration records no sequence length (`seq_len` 0) gets sequences of the default
+    length (H sums over tokens; only attention context differs).
     """
     from bitplan.profiler.stream import collect_hessians
 
-    planned = [(m, lin) for m, lin in planned if quantizer_for(m, "gptq") == "gptq"]  # the embedding: RTN, no H
+    # the embedding is RTN whatever the profile's quantizer: no H
+    planned = [(m, lin) for m, lin in planned if quantizer_for(m, profile.quantizer).method == "gptq"]
+    if not planned:
+        return {}
 
     calib = profile.calibration
     seq_len = calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens)

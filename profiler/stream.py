@@ -15,10 +15,10 @@ caller's results so far, after every block, so an interrupted pass resumes at it
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.db.files import atomic_write
 from bitplan.db.types import InvalidInput, Module
 from bitplan.profiler.model import decoder_layers
 from bitplan.profiler.moe import ExpertMLP
@@ -195,14 +196,6 @@ def default_activation_budget(device: str) -> int:
     return budget
 
 
-def atomic_save(obj, path: Path) -> None:
-    """`torch.save` to a temporary name, then rename: a crashed process leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Carry:
     """The hidden states entering the current block, one `[1, T, d]` tensor per calibration batch.
 
@@ -235,7 +228,7 @@ class Carry:
             return
         # clone: a view would save its whole storage
         part = self._dir(self.block + 1).with_suffix(".partial")
-        atomic_save(hidden.detach().to("cpu").clone(), part / f"{s:06d}.pt")
+        atomic_write(part / f"{s:06d}.pt", partial(torch.save, hidden.detach().to("cpu").clone()))
 
     def advance(self) -> None:
         """Every batch has been put: the outputs become the inputs of the next block."""
@@ -282,10 +275,11 @@ class BlockCheckpoint:
         return self.path / "activations"
 
     def commit(self, next_block: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / ".state.tmp.npz"
-        np.savez(tmp, next_block=np.int64(next_block), **self.arrays)
-        os.replace(tmp, self.path / "state.npz")
+        def save(path: Path) -> None:
+            with open(path, "wb") as f:  # a file object: np.savez would append .npz to a temporary name
+                np.savez(f, next_block=np.int64(next_block), **self.arrays)
+
+        atomic_write(self.path / "state.npz", save)
         self.next_block = next_block
 
 
@@ -317,19 +311,7 @@ def stream_blocks(
     if start >= len(layers):
         return
     n_tokens = batches.numel()
-    spill = None
-    if checkpoint is not None:
-        root = checkpoint.activations
-    else:
-        if activation_budget is None:
-            activation_budget = default_activation_budget(device)
-        emb = model.get_input_embeddings().weight
-        need = n_tokens * emb.shape[1] * emb.element_size()
-        root = spill = None if need <= activation_budget else Path(tempfile.mkdtemp(prefix="bitplan-activations-"))
-        if spill is not None:
-            log.info("carrying %.2f GiB of activations on disk in %s (budget %.2f GiB)", need / 2**30, spill,
-                     activation_budget / 2**30)
-    carry = Carry(len(batches), device, root)
+    carry, spill = _carry(model, batches, device, activation_budget, checkpoint)
     if start > 0 and not carry.has(start):
         log.warning("checkpoint %s lacks the inputs of block %d: starting over", checkpoint.path, start)
         start = 0
@@ -347,23 +329,9 @@ def stream_blocks(
                 carry.block = start
             for i in tqdm(range(start, len(layers)), desc=desc, unit="block", initial=start, total=len(layers),
                           disable=not progress):
-                block = layers[i]
-                block.to(device)
                 mine = by_layer.get(i, [])
-                H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-                     for m, lin in mine}
-                hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
                 last = i == len(layers) - 1  # its outputs feed nothing
-                try:
-                    for s in range(len(batches)):
-                        args, kw = block_args[s][i]
-                        out = block(carry.get(s), *args, **kw)
-                        if not last:
-                            carry.put(s, out[0] if isinstance(out, tuple) else out)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                    block.to("cpu")
+                H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last)
                 if not last:
                     carry.advance()
                 on_block(i, mine, H, n_tokens)
@@ -377,10 +345,47 @@ def stream_blocks(
         shutil.rmtree(checkpoint.activations, ignore_errors=True)  # every block is done: nothing reads them
 
 
+def _carry(model: nn.Module, batches: torch.Tensor, device: str, activation_budget: int | None,
+           checkpoint: BlockCheckpoint | None) -> tuple[Carry, Path | None]:
+    """Where the hidden states between blocks live: the checkpoint's folder, the device while they fit in
+    `activation_budget`, else a temporary folder (returned as the second item, for removal)."""
+    if checkpoint is not None:
+        return Carry(len(batches), device, checkpoint.activations), None
+    if activation_budget is None:
+        activation_budget = default_activation_budget(device)
+    emb = model.get_input_embeddings().weight
+    need = batches.numel() * emb.shape[1] * emb.element_size()
+    if need <= activation_budget:
+        return Carry(len(batches), device, None), None
+    spill = Path(tempfile.mkdtemp(prefix="bitplan-activations-"))
+    log.info("carrying %.2f GiB of activations on disk in %s (budget %.2f GiB)", need / 2**30, spill,
+             activation_budget / 2**30)
+    return Carry(len(batches), device, spill), spill
+
+
+def _run_block(model: nn.Module, block: nn.Module, block_args: list, mine: list[tuple[Module, nn.Linear]],
+               carry: Carry, device: str, last: bool) -> dict[str, torch.Tensor]:
+    """One block over every batch (its outputs carried on unless it is the `last`); `H` of its planned linears."""
+    block.to(device)
+    H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
+         for m, lin in mine}
+    hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
+    try:
+        for s, (args, kw) in enumerate(block_args):
+            out = block(carry.get(s), *args, **kw)
+            if not last:
+                carry.put(s, out[0] if isinstance(out, tuple) else out)
+    finally:
+        for h in hooks:
+            h.remove()
+        block.to("cpu")
+    return H
+
+
 def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tuple[Module, nn.Linear]],
                      device: str = "cpu", dtype: torch.dtype = torch.float32,
                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """`H = Σ xxᵀ` of every planned linear (on the CPU, in `dtype`), for `apply_plan(quantizer="gptq")`.
+    """`H = Σ xxᵀ` of every planned linear (on the CPU, in `dtype`), for `apply_plan` with a GPTQ quantizer.
 
     Statistics of the unquantized model, as the profile's GPTQ ΔW uses (a routed expert's weighted by
     `w²`, so GPTQ minimises the error the block output sees).  Holds every `H` at once:

@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny random Llama saved as a real Hugging Face checkpoint, with its own tokenizer;
-synthetic profiles; small random allocation problems.
+"""Shared fixtures: a tiny random Llama saved as a real Hugging Face checkpoint, with its own tokenizer (and
+an untied copy), loaded; synthetic profiles; small random allocation problems; tiny MoE checkpoints and the
+architecture matrix; a store; the whole-model KL that cached replays must reproduce.  And the `gpu` marker:
+tests marked `gpu` are skipped here, in one place, where there is no CUDA device.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on generated text.
+
+conftest.py is not importable under `--import-mode=importlib`: a helper that tests share is handed to them
+by a fixture that returns it (`build_arch`, `direct_kl`, ...).
 """
 
 from __future__ import annotations
@@ -62,6 +67,38 @@ def tiny_checkpoint(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    """The tiny Llama, loaded (`bitplan.profiler.model.load_model`): one per test module, shared by its tests,
+    which must leave it as they found it (a test that changes weights works on a `copy.deepcopy`)."""
+    from bitplan.profiler.model import load_model
+
+    return load_model(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def untied_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny Llama's checkpoint with its own, untied, head (random as the rest, same tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("untied")
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def untied_loaded(untied_checkpoint):
+    """`untied_checkpoint`, loaded: one per test module, as `loaded`."""
+    from bitplan.profiler.model import load_model
+
+    return load_model(str(untied_checkpoint))
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "calib.txt"
@@ -73,6 +110,44 @@ def text_file(tmp_path_factory):
 def make_profile():
     """The builder of a synthetic SmolLM2-shaped profile (no model needed)."""
     return synthetic.synthetic_profile
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh file database (`bitplan.db` in the test's temporary directory), closed after the test."""
+    from bitplan.db.store import Store
+
+    s = Store(str(tmp_path / "bitplan.db"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch):
+    """A fresh database file made `BITPLAN_DB` (the CLI's default `--db`) for the test's duration; its path."""
+    url = str(tmp_path / "bitplan.db")
+    monkeypatch.setenv("BITPLAN_DB", url)
+    return url
+
+
+def direct_kl(model, quantized, rows) -> float:
+    """Mean per-token KL(model ‖ quantized) over `rows: [n, T]` by whole-model passes, no caching: the
+    definition every cached replay (`kl_table`, the evolutionary oracle) must reproduce."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for row in rows:
+            p = torch.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
+            q = torch.log_softmax(quantized(row.unsqueeze(0)).logits[0].float(), -1)
+            total += float((p.exp() * (p - q)).sum())
+    return total / rows.numel()
+
+
+@pytest.fixture(scope="session", name="direct_kl")
+def direct_kl_fixture():
+    """`direct_kl(model, quantized, rows)`: the whole-model KL (see `direct_kl` above)."""
+    return direct_kl
 
 
 # ------------------------------------------------------------------------ random allocation problems
@@ -129,6 +204,19 @@ def moe_checkpoint(tmp_path_factory):
             made[kind] = d
         return made[kind]
     return build
+
+
+MOE_KINDS = ("mixtral", "qwen2_moe")
+"""The kinds `make_moe` builds."""
+
+
+@pytest.fixture(scope="module", params=MOE_KINDS)
+def moe_loaded(request, moe_checkpoint):
+    """Each tiny MoE of `MOE_KINDS` in turn, loaded (experts un-fused): one per test module and kind, shared
+    by its tests, which must leave it as they found it (a test that changes weights loads its own)."""
+    from bitplan.profiler.model import load_model
+
+    return load_model(str(moe_checkpoint(request.param)))
 
 
 # ------------------------------------------------------------------- the architecture test matrix
@@ -211,3 +299,22 @@ def arch_family(request):
 def build_arch():
     """`make_arch`, for test modules (conftest.py is not importable under `--import-mode=importlib`)."""
     return make_arch
+
+
+# ------------------------------------------------------------------------------------- gpu marker
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: where there is none (or no torch), they are skipped."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    try:
+        import torch
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+        for item in gpu:
+            item.add_marker(skip)

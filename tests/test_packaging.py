@@ -31,8 +31,8 @@ def run(code: str, cwd: str | Path = "/", unset: tuple[str, ...] = ()) -> str:
 def test_planner_imports_without_torch():
     """Planning a stored profile must work on a machine without torch: allocators, workflow, service, store."""
     out = run("import sys, bitplan.planner.plan, bitplan.planner.allocators, bitplan.planner.pins, "
-              "bitplan.planner.workflow, bitplan.planner.cli, "
-              "bitplan.planner.service, bitplan.db.store; "
+              "bitplan.planner.app.usecases, bitplan.planner.app.cli, "
+              "bitplan.planner.app.service, bitplan.db.store; "
               "print(sorted(m for m in ('torch', 'transformers', 'highspy') if m in sys.modules))")
     assert out == "[]"
 

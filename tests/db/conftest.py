@@ -1,4 +1,4 @@
-"""Small profiles, plans and evaluations, and a fresh file database per test."""
+"""Small profiles, plans and evaluations (the fresh file database per test, `store`, is tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from bitplan.db.store import Store
-from bitplan.db.types import (CalibrationRef, Evaluation, ModelRef, Module, Option, Plan, Profile,
+from bitplan.db.types import (CalibrationRef, Evaluation, ModelRef, Module, Plan, Profile,
                               content_id, parse_options)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "bitplan.db"))
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -87,3 +87,57 @@ def test_store_honours_bitplan_db(tmp_path, monkeypatch, make_profile):
     assert (tmp_path / "env.db").exists()
     with Store(str(tmp_path / "env.db")) as s:
         assert len(s.list_profiles()) == 1
+
+
+def test_0004_splits_the_quantizer_off_the_estimator(tmp_path, make_profile):
+    """A database at 0003 with profiles whose estimator carries GPTQ as a suffix opens migrated: the estimator
+    alone, the quantizer in its own column (GPTQ with the settings those profiles were made with)."""
+    from sqlalchemy import insert, select
+
+    from bitplan.db.store import _profile_row
+    from bitplan.db.tables import CalibrationRow, ModelRow, ProfileRow
+    from bitplan.db.types import Quantizer
+
+    path = str(tmp_path / "old.db")
+    engine = make_engine(path, migrate=False)
+    db_session.upgrade(engine, "0003")
+    assert "quantizer" not in {c["name"] for c in inspect(engine).get_columns("profiles")}
+    old = {"prof-gptq": "fisher/gptq", "prof-rtn": "hessian", "prof-imatrix": "imatrix:0123456789abcdef/gptq"}
+    with engine.begin() as conn:
+        for i, (id, estimator) in enumerate(old.items()):
+            p = make_profile(i, id=id)
+            row = _profile_row(p)
+            if i == 0:
+                conn.execute(insert(CalibrationRow.__table__).values(id="fp-cal", name="c", n_tokens=0, description="",
+                                                                     created_at=p.created_at))
+            if i < 2:
+                conn.execute(insert(ModelRow.__table__).values(id=row.model_id, name=p.model.name, source="",
+                                                               n_params=0, created_at=p.created_at))
+            values = {c.name: getattr(row, c.name) for c in ProfileRow.__table__.columns if c.name != "quantizer"}
+            conn.execute(insert(ProfileRow.__table__).values({**values, "estimator": estimator}))
+    engine.dispose()
+
+    with Store(path) as store:  # opening migrates to head
+        got = {p.id: p for p in store.list_profiles()}
+        with store.engine.connect() as conn:
+            head = ScriptDirectory.from_config(db_session.alembic_config()).get_current_head()
+            assert head == "0004"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head
+    assert (got["prof-gptq"].estimator, got["prof-gptq"].quantizer) == ("fisher", Quantizer(method="gptq"))
+    assert got["prof-gptq"].quantizer.model_dump() == {"method": "gptq", "damp": 0.1, "block_size": 128,
+                                                       "act_order": True}
+    assert (got["prof-rtn"].estimator, got["prof-rtn"].quantizer) == ("hessian", Quantizer())
+    assert got["prof-imatrix"].estimator == "imatrix:0123456789abcdef"
+    assert got["prof-imatrix"].quantizer.method == "gptq"
+    assert got["prof-rtn"].error.shape == (5, 4)  # the rest of the row is as stored
+
+    # and back: the suffix returns, the column goes
+    engine = make_engine(path, migrate=False)
+    cfg = db_session.alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+        rows = dict(conn.execute(select(ProfileRow.__table__.c.id, ProfileRow.__table__.c.estimator)).all())
+    assert rows == old
+    assert "quantizer" not in {c["name"] for c in inspect(engine).get_columns("profiles")}
+    engine.dispose()

@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bitplan.db.store import Store, pack_array, unpack_array
+from bitplan.db.store import Store, content_profile_id, pack_array, unpack_array
 from bitplan.db.tables import PlanRow
-from bitplan.db.types import CalibrationRef, InvalidInput, ModelRef, NotFound
+from bitplan.db.types import CalibrationRef, InvalidInput, ModelRef, NotFound, Quantizer
 
 
 def assert_same_profile(a, b):
@@ -59,6 +59,23 @@ def test_profile_save_is_idempotent(store, make_profile):
     again = store.save_profile(make_profile(estimator="fisher"))
     assert again.estimator == "hessian"
     assert len(store.list_profiles()) == 1
+
+
+def test_profile_quantizer_round_trip(store, make_profile):
+    q = Quantizer.parse("gptq:damp=0.05,act_order=false")
+    p = store.save_profile(make_profile(quantizer=q))
+    got = store.get_profile(p.id)
+    assert got.quantizer == q and got.estimator == "hessian"
+    assert_same_profile(got, p)
+    assert store.get_profile(store.save_profile(make_profile(1)).id).quantizer == Quantizer()
+
+
+def test_content_id_hashes_the_quantizer(make_profile):
+    rtn = content_profile_id(make_profile())
+    gptq = content_profile_id(make_profile(quantizer=Quantizer(method="gptq")))
+    damp = content_profile_id(make_profile(quantizer=Quantizer.parse("gptq:damp=0.05")))
+    assert len({rtn, gptq, damp}) == 3
+    assert content_profile_id(make_profile(quantizer=Quantizer.parse("gptq:damp=0.05"))) == damp
 
 
 def test_profile_upserts_model_and_calibration(store, make_profile):

@@ -4,16 +4,11 @@ import json
 import pytest
 import torch
 
-from bitplan.db.types import InvalidInput, ModelRef, Option, Plan
+from bitplan.db.types import InvalidInput, ModelRef, Option, Plan, Quantizer
 from bitplan.executor.apply import apply_plan, quantize_model
 from bitplan.executor.load import load_quantized
-from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.model import planned_linears
 from bitplan.profiler.stream import collect_hessians
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_model(str(tiny_checkpoint))
 
 
 def plan_for(planned, bits=3) -> Plan:
@@ -31,14 +26,17 @@ def test_apply_with_gptq(loaded, tmp_path):
     calib = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     H = collect_hessians(model, calib, planned, progress=False)
     assert set(H) == {m.name for m, _ in planned}
-    out = apply_plan(plan, model, None, planned, tmp_path / "gptq", progress=False, quantizer="gptq",
-                     hessians=H)
+    gptq = Quantizer(method="gptq")
+    out = apply_plan(plan, model, None, planned, tmp_path / "gptq", progress=False, quantizer=gptq, hessians=H)
     rtn_out = apply_plan(plan, model, None, planned, tmp_path / "rtn", progress=False)
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["quantizer"] == "gptq"
-    assert "quantizer" not in json.loads((rtn_out / "config.json").read_text())["quantization_config"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["quantizer"]) == ("bitplan", "gptq")
+    assert qc["quantizer_settings"] == {"damp": 0.1, "block_size": 128, "act_order": True}
+    qc = json.loads((rtn_out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["quantizer"], qc["quantizer_settings"]) == ("bitplan", "rtn", {})
     reloaded, _, _ = load_quantized(out)
     in_memory = copy.deepcopy(model)
-    quantize_model(in_memory, planned_linears(in_memory), plan, quantizer="gptq", hessians=H)
+    quantize_model(in_memory, planned_linears(in_memory), plan, quantizer=gptq, hessians=H)
     rtn_model, _, _ = load_quantized(rtn_out)
     with torch.no_grad():
         base = torch.log_softmax(model(calib).logits, -1)
@@ -51,11 +49,27 @@ def test_apply_with_gptq(loaded, tmp_path):
         assert kl(got) < kl(rtn_model(calib).logits)
 
 
+def test_a_checkpoint_that_records_no_quantizer_loads(loaded, tmp_path):
+    """The loaders need `quant_method` and `modules` alone: a checkpoint written without the quantizer keys
+    (RTN ones recorded none; GPTQ ones the method only) loads the same."""
+    planned = planned_linears(loaded.model)
+    out = apply_plan(plan_for(planned), loaded.model, None, planned, tmp_path / "q", progress=False)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_quantized(out)[0](ids).logits
+        config = json.loads((out / "config.json").read_text())
+        for key in ("quantizer", "quantizer_settings"):
+            del config["quantization_config"][key]
+        (out / "config.json").write_text(json.dumps(config))
+        torch.testing.assert_close(load_quantized(out)[0](ids).logits, want, rtol=0, atol=0)
+
+
 def test_gptq_without_hessians_fails_before_writing(loaded, tmp_path):
     planned = planned_linears(loaded.model)
     plan = plan_for(planned)
     with pytest.raises(InvalidInput, match="needs the input statistics"):
+        apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False,
+                   quantizer=Quantizer(method="gptq"))
+    with pytest.raises(TypeError, match="quantizer must be a Quantizer"):
         apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False, quantizer="gptq")
-    with pytest.raises(InvalidInput, match="unknown quantizer"):
-        apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False, quantizer="awq")
     assert not (tmp_path / "q").exists()

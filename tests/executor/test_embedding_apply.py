@@ -10,42 +10,21 @@ import json
 import pytest
 import torch
 
-from bitplan.db.types import InvalidInput, ModelRef, Option, Plan
+from bitplan.db.types import InvalidInput, Option
 from bitplan.executor.apply import apply_plan, quantize_model
 from bitplan.executor.evaluate import dense_twin
 from bitplan.executor.export import export_plan
 from bitplan.executor.foreign import load_foreign
 from bitplan.executor.load import load_quantized
 from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
-from bitplan.executor.quantize import rtn
-from bitplan.profiler.model import load_model, planned_linears
-
-
-def untied_copy(tied_checkpoint, directory):
-    """The tiny Llama's checkpoint with its own, untied, head (random as the rest, same tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tied_checkpoint)
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tied_checkpoint).save_pretrained(directory)
-    return directory
+from bitplan.kernels.quantize import rtn
+from bitplan.profiler.model import planned_linears
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint, tmp_path_factory):
-    return {True: load_model(str(tiny_checkpoint)),
-            False: load_model(str(untied_copy(tiny_checkpoint, tmp_path_factory.mktemp("untied"))))}
-
-
-def make_plan(planned, choose) -> Plan:
-    assignment = {m.name: choose(m) for m, _ in planned}
-    total = sum(assignment[m.name].size_bits(*m.shape) for m, _ in planned)
-    n = sum(m.numel for m, _ in planned)
-    return Plan(id="plan-embedding-test", profile_id="prof-test", model=ModelRef(name="tiny"), budget="4bpw",
-                budget_bits=total, allocator="manual", assignment=assignment, total_bits=total, n_params=n,
-                bits_per_weight=total / n, predicted_error=0.0, status="manual", solve_seconds=0.0)
+def models(loaded, untied_loaded):
+    """The tiny Llama by whether its head is tied to its embedding."""
+    return {True: loaded, False: untied_loaded}
 
 
 def mixed(m) -> Option:
@@ -57,16 +36,11 @@ def mixed(m) -> Option:
     return Option(bits={"q_proj": 3, "k_proj": 4, "v_proj": 8, "o_proj": 2}.get(m.role, 4), group_size=64)
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 @pytest.mark.parametrize("tie", [True, False])
-def test_reloaded_embedding_gives_the_in_memory_logits(models, tie, tmp_path):
+def test_reloaded_embedding_gives_the_in_memory_logits(models, tie, tmp_path, manual_plan, logits):
     loaded = models[tie]
     planned = planned_linears(loaded.model, embeddings=True)
-    plan = make_plan(planned, mixed)
+    plan = manual_plan(planned, mixed)
     out = apply_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path / "q", progress=False)
     reloaded, _, qc = load_quantized(out)
     assert qc["modules"]["model.embed_tokens"]["bits"] == 4
@@ -113,11 +87,11 @@ def test_a_lookup_dequantizes_the_gathered_rows(option):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_llamacpp_types_name_the_embedding(models, tie, tmp_path):
+def test_llamacpp_types_name_the_embedding(models, tie, tmp_path, manual_plan):
     loaded = models[tie]
     planned = planned_linears(loaded.model, embeddings=True)
     # rows of 96: legacy types only (Q4_0 / Q8_0)
-    plan = make_plan(planned, lambda m: Option(bits=8 if m.role == "embed_tokens" else 4, group_size=32))
+    plan = manual_plan(planned, lambda m: Option(bits=8 if m.role == "embed_tokens" else 4, group_size=32))
     out = export_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path / "gguf", "llamacpp", progress=False)
     lines = (out / "tensor_types.txt").read_text().splitlines()
     assert r"^token_embd\.weight$=q8_0" in lines
@@ -125,17 +99,17 @@ def test_llamacpp_types_name_the_embedding(models, tie, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["gptqmodel", "compressed-tensors"])
-def test_gptq_formats_refuse_a_quantized_embedding(models, fmt, tmp_path):
+def test_gptq_formats_refuse_a_quantized_embedding(models, fmt, tmp_path, manual_plan, logits):
     loaded = models[False]
     planned = planned_linears(loaded.model, embeddings=True)
     vllm = lambda m: Option(bits=4, group_size=32)  # noqa: E731 (every dimension x 4 bits fills whole words)
     head = lambda m: Option(bits=8, group_size=32) if m.role == "lm_head" else vllm(m)  # noqa: E731 (300 outputs)
     with pytest.raises(InvalidInput, match="cannot carry a quantized embedding.*--embeddings keep"):
-        export_plan(make_plan(planned, head), loaded.model, loaded.tokenizer, planned, tmp_path / "no", fmt,
+        export_plan(manual_plan(planned, head), loaded.model, loaded.tokenizer, planned, tmp_path / "no", fmt,
                     progress=False)
     assert not (tmp_path / "no").exists()
     # the embedding kept at 16 bits: written as the plan says, and the untied quantized head reloads
-    plan = make_plan(planned, lambda m: Option(bits=16) if m.role == "embed_tokens" else head(m))
+    plan = manual_plan(planned, lambda m: Option(bits=16) if m.role == "embed_tokens" else head(m))
     out = export_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path / "ok", fmt, progress=False)
     assert "embed_tokens" not in (out / "config.json").read_text()
     model, _, _ = load_foreign(out)

@@ -10,22 +10,13 @@ import re
 import pytest
 import torch
 
-from bitplan.db.types import ModelRef, Option, Plan
+from bitplan.db.types import Option
 from bitplan.executor.apply import apply_plan
 from bitplan.executor.export import export_plan, pack_bitstream, pack_words, unpack_bitstream, unpack_words
 from bitplan.executor.foreign import load_foreign
-from bitplan.executor.formats import VLLM_FUSED, gguf_tensor_name
+from bitplan.db.formats import VLLM_FUSED, gguf_tensor_name
 from bitplan.executor.load import load_quantized
 from bitplan.profiler.model import load_model, planned_linears
-
-
-def make_plan(planned, choose) -> Plan:
-    assignment = {m.name: choose(m) for m, _ in planned}
-    total = sum(assignment[m.name].size_bits(*m.shape) for m, _ in planned)
-    n = sum(m.numel for m, _ in planned)
-    return Plan(id="plan-export-test", profile_id="prof-test", model=ModelRef(name="tiny"), budget="4bpw",
-                budget_bits=total, allocator="manual", assignment=assignment, total_bits=total, n_params=n,
-                bits_per_weight=total / n, predicted_error=0.0, status="manual", solve_seconds=0.0)
 
 
 def mixed(m) -> Option:
@@ -40,22 +31,16 @@ def mixed(m) -> Option:
     return o if layer == 0 else Option(bits=4, group_size=32, symmetric=True)
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    loaded = load_model(str(tiny_checkpoint))
+def tiny(loaded):
     return loaded, planned_linears(loaded.model)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def reference(tiny, tmp_path_factory, manual_plan, logits):
     """Logits of the mixed plan in our own format, reloaded."""
     loaded, planned = tiny
-    plan = make_plan(planned, mixed)
+    plan = manual_plan(planned, mixed)
     out = apply_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path_factory.mktemp("own") / "ck",
                      progress=False)
     model, _, _ = load_quantized(out)
@@ -64,7 +49,7 @@ def reference(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["gptqmodel", "compressed-tensors"])
-def test_export_round_trips_to_our_logits(fmt, tiny, reference, tmp_path):
+def test_export_round_trips_to_our_logits(fmt, tiny, reference, tmp_path, logits):
     loaded, planned = tiny
     plan, ids, expected = reference
     out = export_plan(plan, loaded.model, loaded.tokenizer, planned, tmp_path / fmt, fmt, progress=False)
@@ -168,9 +153,9 @@ def test_dynamic_rules_resolve_every_module_hf_and_vllm_names(tiny, reference, t
                 assert json.dumps(pick(gptqmodel_resolve(qc, f"{parent}.{fused}"))) == shards.pop()
 
 
-def test_symmetric_plan_is_gptq_v1_with_zero_minus_one(tiny, tmp_path):
+def test_symmetric_plan_is_gptq_v1_with_zero_minus_one(tiny, tmp_path, manual_plan):
     loaded, planned = tiny
-    plan = make_plan(planned, lambda m: Option(bits=4, group_size=32, symmetric=True))
+    plan = manual_plan(planned, lambda m: Option(bits=4, group_size=32, symmetric=True))
     out = export_plan(plan, loaded.model, None, planned, tmp_path / "v1", "gptqmodel", progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["checkpoint_format"], qc["sym"], qc["bits"], qc["dynamic"]) == ("gptq", True, 4, {})
@@ -200,9 +185,9 @@ def test_compressed_tensors_groups_target_exact_names(tiny, reference, tmp_path)
 # ------------------------------------------------------------------------------------ llama.cpp
 
 
-def test_llamacpp_tensor_types_are_anchored_lowercase_and_exclusive(tiny, tmp_path):
+def test_llamacpp_tensor_types_are_anchored_lowercase_and_exclusive(tiny, tmp_path, manual_plan):
     loaded, planned = tiny
-    plan = make_plan(planned, lambda m: Option(bits=8 if m.name.endswith("down_proj") else 4))
+    plan = manual_plan(planned, lambda m: Option(bits=8 if m.name.endswith("down_proj") else 4))
     out = export_plan(plan, loaded.model, None, planned, tmp_path / "l", "llamacpp", progress=False)
     lines = (out / "tensor_types.txt").read_text().split()
     tensors = [gguf_tensor_name(m.name) for m, _ in planned]
@@ -218,9 +203,9 @@ def test_llamacpp_tensor_types_are_anchored_lowercase_and_exclusive(tiny, tmp_pa
     assert "--tensor-type-file tensor_types.txt" in cmd and cmd.rstrip().endswith("Q4_0")
 
 
-def test_llamacpp_refuses_width_without_gguf_type(tiny, tmp_path):
+def test_llamacpp_refuses_width_without_gguf_type(tiny, tmp_path, manual_plan):
     loaded, planned = tiny
-    plan = make_plan(planned, lambda m: Option(bits=3))
+    plan = manual_plan(planned, lambda m: Option(bits=3))
     with pytest.raises(ValueError, match="--engine llamacpp"):
         export_plan(plan, loaded.model, None, planned, tmp_path / "l", "llamacpp", progress=False)
     assert not (tmp_path / "l").exists()
@@ -229,7 +214,7 @@ def test_llamacpp_refuses_width_without_gguf_type(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------ MoE
 
 
-def test_moe_exports_name_experts_for_every_engine(moe_checkpoint, tmp_path):
+def test_moe_exports_name_experts_for_every_engine(moe_checkpoint, tmp_path, manual_plan, logits):
     loaded = load_model(str(moe_checkpoint("mixtral")))
     planned = planned_linears(loaded.model)
 
@@ -238,7 +223,7 @@ def test_moe_exports_name_experts_for_every_engine(moe_checkpoint, tmp_path):
             return Option(bits=8 if m.layer == 0 else 4, group_size=32, symmetric=True)
         return Option(bits=4 if "self_attn" in m.name else 16, group_size=32, symmetric=True)
 
-    plan = make_plan(planned, vllm_like)
+    plan = manual_plan(planned, vllm_like)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     own = apply_plan(plan, loaded.model, None, planned, tmp_path / "own", progress=False)
     expected = logits(load_quantized(own)[0], ids)

@@ -3,8 +3,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from bitplan.db.types import Option
-from bitplan.executor.quantize import gptq, quantize, rtn
+from bitplan.db.types import Option, Quantizer
+from bitplan.kernels.quantize import gptq, quantize, rtn
 
 
 @lru_cache(maxsize=None)
@@ -98,17 +98,22 @@ def test_dead_inputs_are_zeroed():
 def test_quantize_dispatch():
     W = torch.randn(4, 64)
     assert torch.equal(quantize(W, Option(bits=4)).q, rtn(W, Option(bits=4)).q)
+    assert torch.equal(quantize(W, Option(bits=4), Quantizer()).q, rtn(W, Option(bits=4)).q)
     with pytest.raises(ValueError, match="needs"):
+        quantize(W, Option(bits=4), Quantizer(method="gptq"))
+    H = torch.eye(64) + 0.1
+    for text in ("gptq", "gptq:damp=0.05,block_size=16,act_order=false"):
+        q = Quantizer.parse(text)
+        assert torch.equal(quantize(W, Option(bits=4), q, H).q, gptq(W, H, Option(bits=4), **q.settings).q)
+    with pytest.raises(TypeError, match=r"quantizer must be a Quantizer \(e\.g\. Quantizer\.parse\('gptq'\)\)"):
         quantize(W, Option(bits=4), "gptq")
-    with pytest.raises(ValueError, match="unknown quantizer"):
-        quantize(W, Option(bits=4), "awq")
 
 
 def reference_gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp=0.01,
                    blocksize=128) -> torch.Tensor:
     """IST-DASLab/gptq `fasterquant` transcribed (group params from `W` at each group's first column), on
     rtn's grid; exact when groups align with blocks (the reference reads stale in-block columns otherwise)."""
-    from bitplan.executor.quantize import _codes, _grid
+    from bitplan.kernels.quantize import _codes, _grid
 
     W, H, K, gs = W.clone().float(), H.clone().double(), W.shape[1], opt.group_size
     dead = torch.diag(H) == 0
@@ -144,7 +149,7 @@ def test_matches_the_reference_implementation(opt):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("opt", [Option(bits=3, group_size=64), Option(bits=2, group_size=None, symmetric=True)],
                          ids=lambda o: o.label)
 def test_gptq_runs_where_the_weight_is(opt):

@@ -3,7 +3,7 @@ import torch
 
 from bitplan.db.types import Option
 from bitplan.executor.quant_linear import QuantLinear
-from bitplan.executor.quantize import quantize_dequantize, rtn
+from bitplan.kernels.quantize import quantize_dequantize, rtn
 
 OPTIONS = [Option(bits=b, group_size=g, symmetric=s) for b in (2, 3, 4, 8) for g in (64, 128, None)
            for s in (False, True)]

@@ -15,12 +15,6 @@ def with_budget(p: AllocationProblem, budget: int) -> AllocationProblem:
     return AllocationProblem(p.error, p.size, p.allowed, budget)
 
 
-def assert_valid(p: AllocationProblem, choice: np.ndarray) -> None:
-    assert choice.shape == (p.n_units,)
-    assert p.allowed[np.arange(p.n_units), choice].all(), "chose a disallowed option"
-    assert p.total_size(choice) <= p.budget, "over budget"
-
-
 def brute_force(p: AllocationProblem) -> float:
     """Least error over every allowed combination: the reference for `dp` itself."""
     best = np.inf
@@ -32,7 +26,7 @@ def brute_force(p: AllocationProblem) -> float:
 
 
 @pytest.mark.parametrize("seed", range(30), ids=lambda s: f"seed{s}")
-def test_dp_matches_brute_force(seed, random_problem):
+def test_dp_matches_brute_force(seed, random_problem, assert_valid):
     p = random_problem(seed)
     if p.n_options ** p.n_units > 20_000:
         p = AllocationProblem(p.error[:4], p.size[:4], p.allowed[:4], p.budget)
@@ -44,7 +38,7 @@ def test_dp_matches_brute_force(seed, random_problem):
 
 
 @pytest.mark.parametrize("seed", range(200), ids=lambda s: f"seed{s}")
-def test_ilp_equals_dp(seed, random_problem):
+def test_ilp_equals_dp(seed, random_problem, assert_valid):
     p = random_problem(seed)
     exact, found = dp.solve(p), ilp.solve(p)
     assert found.status == "optimal"
@@ -54,7 +48,7 @@ def test_ilp_equals_dp(seed, random_problem):
 
 
 @pytest.mark.parametrize("seed", range(40), ids=lambda s: f"seed{s}")
-def test_greedy_exact_at_lagrangian_points(seed, convex_problem):
+def test_greedy_exact_at_lagrangian_points(seed, convex_problem, assert_valid):
     """At a budget that ends exactly on a segment boundary (in greedy order) greedy is the optimum."""
     p = convex_problem(seed)
     # segments, independently of the hull code: consecutive options, best error removed per bit first
@@ -71,7 +65,7 @@ def test_greedy_exact_at_lagrangian_points(seed, convex_problem):
 
 
 @pytest.mark.parametrize("seed", range(60), ids=lambda s: f"seed{s}")
-def test_greedy_bounds_the_optimum_from_both_sides(seed, random_problem, convex_problem):
+def test_greedy_bounds_the_optimum_from_both_sides(seed, random_problem, convex_problem, assert_valid):
     """At any budget: bound <= optimum <= greedy, and greedy within budget."""
     p = random_problem(seed) if seed % 2 else convex_problem(seed)
     if seed % 2 == 0:
@@ -86,7 +80,7 @@ def test_greedy_bounds_the_optimum_from_both_sides(seed, random_problem, convex_
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("seed", range(25), ids=lambda s: f"seed{s}")
-def test_every_allocator_within_budget_and_allowed(name, seed, random_problem):
+def test_every_allocator_within_budget_and_allowed(name, seed, random_problem, assert_valid):
     p = random_problem(1000 + seed)
     a = ALLOCATORS[name](p, seed=seed)
     assert_valid(p, a.choice)
@@ -133,7 +127,7 @@ def test_uniform_pinned_unit_takes_the_nearest_option_preferring_the_larger():
 
 
 @pytest.mark.parametrize("seed", range(10), ids=lambda s: f"seed{s}")
-def test_dp_discretised_stays_within_budget(seed, random_problem):
+def test_dp_discretised_stays_within_budget(seed, random_problem, assert_valid):
     p = random_problem(seed)
     jitter = np.random.default_rng(seed).integers(0, 7, p.size.shape)
     p = AllocationProblem(p.error, p.size * 1000 + jitter, p.allowed, 0)  # gcd 1: many exact cells
@@ -144,7 +138,7 @@ def test_dp_discretised_stays_within_budget(seed, random_problem):
     assert p.total_error(coarse.choice) >= p.total_error(dp.solve(p).choice) - 1e-12
 
 
-def test_ilp_with_a_loose_gap_says_so(random_problem):
+def test_ilp_with_a_loose_gap_says_so(random_problem, assert_valid):
     p = random_problem(4)
     a = ilp.solve(p, gap_rel=0.05)
     assert_valid(p, a.choice)
@@ -152,7 +146,7 @@ def test_ilp_with_a_loose_gap_says_so(random_problem):
     assert a.status.startswith("feasible (gap ≤ ") and a.info["gap"] <= 0.05
 
 
-def test_greedy_at_scale():
+def test_greedy_at_scale(assert_valid):
     """45,000 units x 7 options (a large MoE): runs (well under a second here) and fits."""
     p = large_problem()
     a = greedy.solve(p)

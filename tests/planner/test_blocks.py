@@ -11,6 +11,7 @@ from bitplan.planner.allocators import ALLOCATORS
 from bitplan.planner.pins import apply_pins, parse_pin
 from bitplan.planner.blocks import block_budgets, block_of_units, smallest_budget, solve_per_block
 from bitplan.planner.plan import allocate, problem_from_profile, unit_of
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.problem import AllocationProblem
 from bitplan.planner.synthetic import synthetic_profile
 
@@ -86,8 +87,8 @@ def test_smallest_budget_is_the_boundary(seed):
 @pytest.mark.parametrize("granularity", ["module", "expert"])
 def test_allocate_per_block_keeps_every_block_within_its_share(budget, granularity):
     profile = synthetic_profile(n_layers=4, n_experts=4, seed=1)
-    plan = allocate(profile, budget, "ilp", granularity=granularity, budget_split="block")
-    free = allocate(profile, budget, "ilp", granularity=granularity)
+    plan = allocate(profile, PlanRequest(budget=budget, allocator="ilp", granularity=granularity, budget_split="block"))
+    free = allocate(profile, PlanRequest(budget=budget, allocator="ilp", granularity=granularity))
     assert plan.params["budget_split"] == "block" and plan.id != free.id
     assert plan.total_bits <= plan.budget_bits
     assert plan.predicted_error >= free.predicted_error - 1e-12  # the whole-model knapsack is a relaxation
@@ -119,20 +120,20 @@ def test_per_block_infeasible_names_the_budget_every_block_needs():
     need = smallest_budget(p, block_of_units(profile.modules, unit))
     assert need > p.smallest() + profile.n_params // 10
     between = f"{(need + p.smallest()) / 2 / profile.n_params:.4f}bpw"
-    assert allocate(profile, between, "ilp", pins=pins).total_bits < need  # the whole model fits below it
+    assert allocate(profile, PlanRequest(budget=between, allocator="ilp", pins=pins)).total_bits < need  # the whole model fits below it
     with pytest.raises(InfeasibleBudget, match="equal bits per weight in every block") as e:
-        allocate(profile, between, "ilp", pins=pins, budget_split="block")
+        allocate(profile, PlanRequest(budget=between, allocator="ilp", pins=pins, budget_split="block"))
     assert e.value.smallest_bits == need
-    ok = allocate(profile, f"{need / profile.n_params + 1e-4:.5f}bpw", "ilp", pins=pins, budget_split="block")
+    ok = allocate(profile, PlanRequest(budget=f"{need / profile.n_params + 1e-4:.5f}bpw", allocator="ilp", pins=pins, budget_split="block"))
     assert ok.total_bits <= ok.budget_bits
 
 
 def test_bad_split_and_whole_model_search_are_refused():
     profile = synthetic_profile(n_layers=2, n_experts=2)
     with pytest.raises(InvalidInput, match="unknown budget split"):
-        allocate(profile, "3bpw", "ilp", budget_split="layer")
+        allocate(profile, PlanRequest(budget="3bpw", allocator="ilp", budget_split="layer"))
     with pytest.raises(InvalidInput, match="no per-block budget"):
-        allocate(profile, "3bpw", "evolutionary", budget_split="block")
+        allocate(profile, PlanRequest(budget="3bpw", allocator="evolutionary", budget_split="block"))
 
 
 def test_layer_experts_ties_every_expert_of_a_layer_and_leaves_attention_free():
@@ -140,21 +141,20 @@ def test_layer_experts_ties_every_expert_of_a_layer_and_leaves_attention_free():
     unit = unit_of(profile.modules, "layer_experts")
     # per layer: 4 attention modules alone + one unit of all experts; plus lm_head
     assert len(set(unit.tolist())) == 3 * (4 + 1) + 1
-    plan = allocate(profile, "3bpw", "ilp", granularity="layer_experts")
+    plan = allocate(profile, PlanRequest(budget="3bpw", allocator="ilp", granularity="layer_experts"))
     for layer in range(3):
         experts = [n for m in profile.modules if m.layer == layer and m.expert is not None for n in [m.name]]
         assert len({plan.assignment[n] for n in experts}) == 1
     assert plan.params["granularity"] == "layer_experts"
     # ties only remove plans: the per-expert optimum is at least as good on the predicted error
-    assert allocate(profile, "3bpw", "ilp", granularity="expert").predicted_error <= plan.predicted_error + 1e-12
+    assert allocate(profile, PlanRequest(budget="3bpw", allocator="ilp", granularity="expert")).predicted_error <= plan.predicted_error + 1e-12
 
 
-def test_cli_budget_split(tmp_path, monkeypatch, capsys):
+def test_cli_budget_split(db, tmp_path, capsys):
     """`bitplan plan --budget-split block` stores a plan whose every block is within its share."""
     import json
 
-    from bitplan.planner.cli import main
-    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
+    from bitplan.planner.app.cli import main
     profile = synthetic_profile(n_layers=3, n_experts=2, seed=2)
     f = tmp_path / "profile.json"
     f.write_text(json.dumps(profile.to_dict()))
@@ -162,5 +162,5 @@ def test_cli_budget_split(tmp_path, monkeypatch, capsys):
                  "-q"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["params"]["budget_split"] == "block" and plan["bits_per_weight"] <= 3.0
-    want = allocate(profile, "3.0bpw", budget_split="block")
+    want = allocate(profile, PlanRequest(budget="3.0bpw", budget_split="block"))
     assert plan["assignment"] == {k: v.model_dump() for k, v in want.assignment.items()}

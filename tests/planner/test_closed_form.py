@@ -4,8 +4,9 @@
 import numpy as np
 import pytest
 
-from bitplan.planner.allocators import closed_form, dp, ilp, uniform
+from bitplan.planner.allocators import closed_form, dp, uniform
 from bitplan.planner.plan import allocate
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.synthetic import large_problem
 from bitplan.planner.problem import AllocationProblem
 
@@ -24,11 +25,6 @@ def exponential_problem(seed: int, U: int = 12, theta: float | np.ndarray = 2.0)
                              int(rng.uniform(2.2, 7) * numel.sum()), numel)
 
 
-def assert_valid(p: AllocationProblem, choice: np.ndarray) -> None:
-    assert p.allowed[np.arange(p.n_units), choice].all(), "chose a disallowed option"
-    assert p.total_size(choice) <= p.budget, "over budget"
-
-
 def assert_no_single_move_improves(p: AllocationProblem, choice: np.ndarray) -> None:
     rows = np.arange(p.n_units)
     left = p.budget - p.total_size(choice)
@@ -37,7 +33,7 @@ def assert_no_single_move_improves(p: AllocationProblem, choice: np.ndarray) -> 
 
 
 @pytest.mark.parametrize("seed", range(120), ids=lambda s: f"seed{s}")
-def test_within_budget_allowed_and_not_better_than_dp(seed, random_problem):
+def test_within_budget_allowed_and_not_better_than_dp(seed, random_problem, assert_valid):
     p = random_problem(2000 + seed)
     a = closed_form.solve(p)
     assert_valid(p, a.choice)
@@ -50,7 +46,7 @@ def test_within_budget_allowed_and_not_better_than_dp(seed, random_problem):
 
 
 @pytest.mark.parametrize("seed", range(60), ids=lambda s: f"seed{s}")
-def test_between_dp_and_uniform_on_convex_problems(seed, convex_problem):
+def test_between_dp_and_uniform_on_convex_problems(seed, convex_problem, assert_valid):
     p = convex_problem(seed, U=8, O=5)
     rng = np.random.default_rng(seed)
     p = AllocationProblem(p.error, p.size, p.allowed, int(rng.integers(p.smallest(), p.largest() + 1)))
@@ -60,7 +56,7 @@ def test_between_dp_and_uniform_on_convex_problems(seed, convex_problem):
     assert p.total_error(dp.solve(p).choice) - 1e-12 <= error <= p.total_error(uniform.solve(p).choice) + 1e-12
 
 
-def test_gap_to_dp_is_small_on_exponential_curves():
+def test_gap_to_dp_is_small_on_exponential_curves(assert_valid):
     """On curves s·2^(−2b) the fitted model is exact; rounding and repair lose little."""
     gaps = []
     for seed in range(80):
@@ -108,7 +104,7 @@ def test_continuous_optimum_equalises_marginal_loss():
     np.testing.assert_allclose(marginal[inside], 2.0 ** log2_lam, rtol=1e-8)
 
 
-def test_units_without_a_curve():
+def test_units_without_a_curve(assert_valid):
     """A unit with one allowed option, one whose error never falls, one with no error at all: still valid."""
     error = np.array([[4.0, 2, 1], [1, 2, 3], [0, 0, 0], [8, 2, 0.5], [5, 1, 0]])
     size = np.array([[2, 3, 4], [2, 3, 4], [2, 3, 4], [2, 3, 4], [2, 3, 4]]) * 10
@@ -122,7 +118,7 @@ def test_units_without_a_curve():
         assert a.choice[0] == 1 and a.choice[1] == 0 and a.choice[2] == 0
 
 
-def test_at_scale():
+def test_at_scale(assert_valid):
     """45,000 units x 7 options (a large MoE), noisy exponential curves: gap under 1% (its time is
     measured by bench/scale.py, not asserted here)."""
     p = large_problem()
@@ -135,7 +131,8 @@ def test_at_scale():
 def test_gap_to_ilp_on_the_synthetic_profile(make_profile):
     profile = make_profile()
     for budget in ("3.0bpw", "3.5bpw", "4.0bpw"):
-        cf, opt = allocate(profile, budget, "closed_form"), allocate(profile, budget, "ilp")
+        cf = allocate(profile, PlanRequest(budget=budget, allocator="closed_form"))
+        opt = allocate(profile, PlanRequest(budget=budget, allocator="ilp"))
         assert opt.status == "optimal"
         assert cf.total_bits <= cf.budget_bits
         gap = (cf.predicted_error - opt.predicted_error) / opt.predicted_error

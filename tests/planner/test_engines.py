@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from bitplan.db.types import InvalidInput
-from bitplan.executor.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
+from bitplan.db.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
 from bitplan.planner.plan import allocate, unit_of
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.synthetic import synthetic_profile
 
 
@@ -27,7 +28,7 @@ def test_gguf_sizes_are_exact():
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_engine_plans_satisfy_ties_and_budget(engine, n_experts):
     profile = synthetic_profile(n_layers=4, n_experts=n_experts)
-    plan = allocate(profile, "4.5bpw", "ilp", engine=engine)  # SmolLM2 rows of 576: Q4_0 at least
+    plan = allocate(profile, PlanRequest(budget="4.5bpw", allocator="ilp", engine=engine))  # SmolLM2 rows of 576: Q4_0 at least
     assert plan.params["engine"] == engine and plan.total_bits <= plan.budget_bits
     groups_share_option(plan, profile, vllm_group if engine == "vllm" else llamacpp_group)
     sizes = []
@@ -42,7 +43,7 @@ def test_engine_plans_satisfy_ties_and_budget(engine, n_experts):
             assert o.bits in ((4, 8) if m.expert is not None else (2, 3, 4, 8))
             sizes.append(o.size_bits(*m.shape))
     assert sum(sizes) == plan.total_bits  # the plan's size is the engine's, to the bit
-    unconstrained = allocate(profile, "4.5bpw", "ilp")
+    unconstrained = allocate(profile, PlanRequest(budget="4.5bpw", allocator="ilp"))
     assert unconstrained.predicted_error <= plan.predicted_error + 1e-12 and unconstrained.id != plan.id
 
 
@@ -62,8 +63,7 @@ def test_ties_compose_with_granularity_and_pins():
     # expert granularity ties an expert's three matrices, llama.cpp ties each kind across experts: one unit
     assert len({units[i] for i, m in enumerate(profile.modules) if m.layer == 2 and m.expert is not None}) == 1
     # layer ties with vLLM's 4/8-bit experts put every layer at 4 bits at least; the pin puts layer 0 at 8
-    plan = allocate(profile, "6bpw", "ilp", engine="vllm", granularity="layer",
-                    pins=["model.layers.0.self_attn.q_proj>=8"])
+    plan = allocate(profile, PlanRequest(budget="6bpw", allocator="ilp", engine="vllm", granularity="layer", pins=["model.layers.0.self_attn.q_proj>=8"]))
     assert plan.assignment["model.layers.0.self_attn.k_proj"].bits == 8  # tied to q by vLLM
     assert plan.assignment["model.layers.0.mlp.experts.1.down_proj"].bits == 8  # and to its layer
     assert plan.params == {"granularity": "layer", "engine": "vllm"}
@@ -71,7 +71,7 @@ def test_ties_compose_with_granularity_and_pins():
 
 def test_llamacpp_rows_off_super_blocks_get_no_2_or_3_bits():
     profile = synthetic_profile(n_layers=2)
-    plan = allocate(profile, "4.3bpw", "greedy", engine="llamacpp")
+    plan = allocate(profile, PlanRequest(budget="4.3bpw", allocator="greedy", engine="llamacpp"))
     for m in profile.modules:
         if m.shape[1] % 256:
             assert plan.assignment[m.name].bits >= 4, m.name
@@ -80,13 +80,13 @@ def test_llamacpp_rows_off_super_blocks_get_no_2_or_3_bits():
 def test_engine_errors_are_one_line():
     profile = synthetic_profile(n_layers=2)
     with pytest.raises(InvalidInput, match="unknown engine 'tgi'"):
-        allocate(profile, "4bpw", engine="tgi")
+        allocate(profile, PlanRequest(budget="4bpw", engine="tgi"))
     narrow = synthetic_profile(options="2,3", n_layers=2)
     with pytest.raises(InvalidInput, match="llamacpp engine can run module .* none of the profile's options"):
-        allocate(narrow, "4bpw", engine="llamacpp")
+        allocate(narrow, PlanRequest(budget="4bpw", engine="llamacpp"))
 
 
 def test_bitplan_engine_keeps_plan_ids():
     profile = synthetic_profile(n_layers=2)
-    assert allocate(profile, "3.5bpw").id == allocate(profile, "3.5bpw", engine="bitplan").id
+    assert allocate(profile, PlanRequest(budget="3.5bpw")).id == allocate(profile, PlanRequest(budget="3.5bpw", engine="bitplan")).id
     assert np.array_equal(unit_of(profile.modules), unit_of(profile.modules, engine="bitplan"))

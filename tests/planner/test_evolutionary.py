@@ -11,6 +11,7 @@ from bitplan.db.types import InfeasibleBudget, InvalidInput
 from bitplan.planner import synthetic
 from bitplan.planner.allocators import dp, evolutionary as evo, ilp, uniform
 from bitplan.planner.plan import allocate, problem_from_profile
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.problem import AllocationProblem
 
 FAST = {"generations": 6, "offspring": 6, "patience": None}
@@ -68,7 +69,7 @@ def test_needs_an_oracle_and_sane_parameters(make_profile):
     with pytest.raises(InvalidInput, match="needs the model"):
         evo.solve(p)
     with pytest.raises(InvalidInput, match="needs the model"):
-        allocate(make_profile(n_layers=2), "3.5bpw", "evolutionary")
+        allocate(make_profile(n_layers=2), PlanRequest(budget="3.5bpw", allocator="evolutionary"))
     with pytest.raises(InvalidInput, match="survivors"):
         evo.solve(p, context=evo.AdditiveOracle(p), survivors=[1, 2])
     with pytest.raises(InvalidInput, match="stage_tokens"):
@@ -107,6 +108,23 @@ def test_resumed_search_equals_an_uninterrupted_one(tmp_path):
     # another search must not pick this state up
     with pytest.raises(InvalidInput, match="another search"):
         evo.solve(p, generations=8, context=evo.SearchContext(oracle(), state), **{**kw, "offspring": 5})
+
+
+def test_state_file_is_one_line_of_json_with_sorted_keys(tmp_path):
+    """The resumable state's file format: one line, keys sorted, the fields a resumed search reads."""
+    p = synthetic.convex_problem(6, U=8, O=4)
+    p = AllocationProblem(p.error, p.size, p.allowed, (p.smallest() + p.largest()) // 2)
+    state = tmp_path / "search.json"
+    evo.solve(p, generations=2, offspring=4, patience=None,
+              context=evo.SearchContext(evo.AdditiveOracle(p, noise=0.1), state))
+    text = state.read_text()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    stored = json.loads(text)
+    assert list(stored) == sorted(stored) and stored["format"] == evo.STATE_FORMAT == "bitplan.evolutionary/1"
+    assert set(stored) == {"format", "key", "generation", "start", "start_status", "parent", "tokens",
+                           "heldout_tokens", "start_heldout", "heldout", "best_heldout", "best_generation",
+                           "stale", "accepted", "seconds", "history"}
+    assert stored["generation"] == len(stored["history"]) == 2
 
 
 @pytest.mark.parametrize("seed", range(20), ids=lambda s: f"seed{s}")
@@ -163,8 +181,7 @@ def test_allocate_ties_units_and_records_the_oracle(make_profile):
     profile = make_profile(n_layers=3)
     modules, _ = problem_from_profile(profile, 10**12)  # the oracle scores module choices
     ctx = evo.SearchContext(evo.AdditiveOracle(modules, noise=1e-3))
-    plan = allocate(profile, "3.2bpw", "evolutionary", granularity="layer", context=ctx,
-                    params={"generations": 3, "offspring": 4})
+    plan = allocate(profile, PlanRequest(budget="3.2bpw", allocator="evolutionary", granularity="layer", params={"generations": 3, "offspring": 4}), context=ctx)
     assert plan.total_bits <= plan.budget_bits and plan.status.startswith("heuristic")
     for layer in range(3):
         assert len({o for n, o in plan.assignment.items() if n.startswith(f"model.layers.{layer}.")}) == 1
@@ -191,21 +208,10 @@ def tiny(seed: int = 0):
     return model, planned_linears(model), parse_options("2,3,4,8"), fit, held
 
 
-def direct_kl(model, quantized, rows) -> float:
-    import torch
-    total = 0.0
-    with torch.no_grad():
-        for row in rows:
-            p = torch.log_softmax(model(row[None]).logits[0].float(), -1)
-            q = torch.log_softmax(quantized(row[None]).logits[0].float(), -1)
-            total += float((p.exp() * (p - q)).sum())
-    return total / rows.numel()
-
-
 def test_variants_are_the_quantizer_s_and_the_cache_is_bounded():
     import torch
 
-    from bitplan.executor.quantize import quantize_dequantize
+    from bitplan.kernels.quantize import quantize_dequantize
     from bitplan.profiler.fitness import VariantStore
 
     _, planned, options, _, _ = tiny()
@@ -223,8 +229,8 @@ def test_variants_are_the_quantizer_s_and_the_cache_is_bounded():
     assert store.packed_bytes() < numel * (2 + 3 + 4 + 8) / 8 * 1.3
 
 
-def test_kl_fitness_equals_whole_model_passes_with_and_without_replay():
-    from bitplan.executor.quantize import quantize_dequantize
+def test_kl_fitness_equals_whole_model_passes_with_and_without_replay(direct_kl):
+    from bitplan.kernels.quantize import quantize_dequantize
     from bitplan.profiler.fitness import KLFitness
 
     model, planned, options, fit, held = tiny()
@@ -278,17 +284,22 @@ def test_search_on_the_kl_fitness_counts_tokens_and_reports_held_out():
     assert torch.is_tensor(planned[0][1].weight)
 
 
-def test_plan_cli_loads_the_profile_s_model_and_resumes(tiny_checkpoint, text_file, tmp_path):
-    from bitplan.db.store import Store
+@pytest.fixture(scope="module")
+def tiny_profile(loaded, text_file):
+    """The tiny Llama's profile (default estimator and quantizer, 128 calibration tokens), made once here."""
     from bitplan.db.types import parse_options
-    from bitplan.planner.cli import main
-    from bitplan.profiler.model import load_model
     from bitplan.profiler.profile import profile_model
 
+    return profile_model(loaded, parse_options("2,3,4,8"), calib=str(text_file), n_tokens=128, seq_len=64,
+                         progress=False)
+
+
+def test_plan_cli_loads_the_profile_s_model_and_resumes(tiny_profile, tmp_path):
+    from bitplan.db.store import Store
+    from bitplan.planner.app.cli import main
+
     db = f"sqlite:///{tmp_path / 'bitplan.db'}"
-    loaded = load_model(str(tiny_checkpoint))
-    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,3,4,8"), calib=str(text_file),
-                                                   n_tokens=128, seq_len=64, progress=False))
+    profile = Store(db).save_profile(tiny_profile)
     state = tmp_path / "state.json"
     args = ["plan", profile.id, "--allocator", "evolutionary", "--budget", "3.5bpw", "--generations", "2",
             "--offspring", "3", "--search-state", str(state), "--db", db, "-q", "--json"]
@@ -299,20 +310,17 @@ def test_plan_cli_loads_the_profile_s_model_and_resumes(tiny_checkpoint, text_fi
     assert plan.total_bits <= plan.budget_bits and plan.params["fitness"]["skip_tokens"] == 128
 
 
-def test_compare_runs_the_search_beside_the_additive_allocators(tiny_checkpoint, text_file, tmp_path):
+def test_compare_runs_the_search_beside_the_additive_allocators(tiny_profile, tmp_path):
     """`bitplan compare --allocators ilp,evolutionary --evaluate`: one model for the searches and the
     evaluation, every plan within budget, the search's parameters in its plan, and refused without it."""
     from bitplan.db.store import Store
-    from bitplan.db.types import InvalidInput, parse_options
-    from bitplan.planner.cli import main
-    from bitplan.planner.workflow import run_compare
-    from bitplan.profiler.model import load_model
-    from bitplan.profiler.profile import profile_model
+    from bitplan.db.types import InvalidInput
+    from bitplan.planner.app.cli import main
+    from bitplan.planner.app.usecases import run_compare
+    from bitplan.planner.app.workspace import Workspace
 
     db = f"sqlite:///{tmp_path / 'bitplan.db'}"
-    loaded = load_model(str(tiny_checkpoint))
-    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,3,4,8"), calib=str(text_file),
-                                                   n_tokens=128, seq_len=64, progress=False))
+    profile = Store(db).save_profile(tiny_profile)
     out = tmp_path / "cmp.json"
     args = ["compare", profile.id, "--allocators", "ilp,evolutionary", "--budgets", "3bpw,4bpw", "--generations",
             "2", "--offspring", "3", "--evaluate", "--eval-tokens", "128", "--db", db, "-q", "--output", str(out)]
@@ -326,4 +334,4 @@ def test_compare_runs_the_search_beside_the_additive_allocators(tiny_checkpoint,
         if r["allocator"] == "evolutionary":
             assert plan.status.startswith("heuristic (KL fitness") and plan.params["generations"] == 2
     with pytest.raises(InvalidInput, match="evolutionary allocator"):
-        run_compare(Store(db), profile.id, "3bpw", ["ilp"], params={"generations": 2})
+        run_compare(Workspace(Store(db)), profile.id, "3bpw", ["ilp"], PlanRequest(params={"generations": 2}))

@@ -8,6 +8,7 @@ import pytest
 from bitplan.db.types import InvalidInput, ModelRef, Module, Profile, parse_options
 from bitplan.planner.allocators import ALLOCATORS, dp, needs_context
 from bitplan.planner.plan import allocate, problem_from_profile, unit_of
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.problem import AllocationProblem
 
 
@@ -83,7 +84,7 @@ def test_unit_problem_sums_errors_sizes_and_weights(make_profile):
 @pytest.mark.parametrize("granularity,budget", [("layer", "3.2bpw"), ("expert", "3.5bpw"), ("expert", "2.9bpw")])
 def test_every_allocator_shares_options_within_units(allocator, granularity, budget):
     profile = moe_profile()
-    plan = allocate(profile, budget, allocator, granularity=granularity)
+    plan = allocate(profile, PlanRequest(budget=budget, allocator=allocator, granularity=granularity))
     assert_units_share_options(plan, profile, granularity)
     assert plan.total_bits <= plan.budget_bits
     assert plan.total_bits == sum(o.size_bits(*m.shape) for m, o in zip(profile.modules, plan.assignment.values()))
@@ -98,7 +99,7 @@ def test_exact_allocators_equal_dp_on_the_summed_problem(granularity):
         best = summed_problem(profile, granularity, budget_bits)
         opt = best.total_error(dp.solve(best).choice)
         for allocator in ("dp", "ilp"):
-            plan = allocate(profile, budget, allocator, granularity=granularity)
+            plan = allocate(profile, PlanRequest(budget=budget, allocator=allocator, granularity=granularity))
             assert plan.status == "optimal"
             assert plan.predicted_error == pytest.approx(opt, rel=1e-9)
 
@@ -107,14 +108,14 @@ def test_layer_plan_equals_brute_force_on_a_tiny_model():
     profile = moe_profile(layers=2, experts=2, seed=2)  # 3 units at layer granularity: 4^3 plans
     p = summed_problem(profile, "layer", int(3.4 * profile.n_params))
     best = min(p.total_error(np.array(c)) for c in np.ndindex(4, 4, 4) if p.total_size(np.array(c)) <= p.budget)
-    assert allocate(profile, "3.4bpw", "ilp", granularity="layer").predicted_error == pytest.approx(best, rel=1e-12)
+    assert allocate(profile, PlanRequest(budget="3.4bpw", allocator="ilp", granularity="layer")).predicted_error == pytest.approx(best, rel=1e-12)
 
 
 def test_coarser_units_cost_error_and_module_ids_are_unchanged(make_profile):
     profile = make_profile()
-    module = allocate(profile, "3.5bpw", "ilp")
-    assert module.id == allocate(profile, "3.5bpw", "ilp", granularity="module").id and module.params == {}
-    layer = allocate(profile, "3.5bpw", "ilp", granularity="layer")
+    module = allocate(profile, PlanRequest(budget="3.5bpw", allocator="ilp"))
+    assert module.id == allocate(profile, PlanRequest(budget="3.5bpw", allocator="ilp", granularity="module")).id and module.params == {}
+    layer = allocate(profile, PlanRequest(budget="3.5bpw", allocator="ilp", granularity="layer"))
     assert layer.id != module.id and layer.params == {"granularity": "layer"}
     assert layer.predicted_error >= module.predicted_error  # a tied plan is a module plan too
     assert_units_share_options(layer, profile, "layer")
@@ -122,8 +123,7 @@ def test_coarser_units_cost_error_and_module_ids_are_unchanged(make_profile):
 
 def test_pins_apply_to_every_member_of_a_unit(make_profile):
     profile = make_profile()
-    plan = allocate(profile, "3.5bpw", "ilp", pins=["model.layers.0.mlp.down_proj>=8"], granularity="layer")
+    plan = allocate(profile, PlanRequest(budget="3.5bpw", allocator="ilp", pins=["model.layers.0.mlp.down_proj>=8"], granularity="layer"))
     assert {plan.assignment[m.name].bits for m in profile.modules if m.layer == 0} == {8}
     with pytest.raises(InvalidInput, match="no option every module of one layer may take: model.layers.0"):
-        allocate(profile, "3.5bpw", "ilp", pins=["model.layers.0.mlp.down_proj=8", "model.layers.0.self_attn.q_proj=4"],
-                 granularity="layer")
+        allocate(profile, PlanRequest(budget="3.5bpw", allocator="ilp", pins=["model.layers.0.mlp.down_proj=8", "model.layers.0.self_attn.q_proj=4"], granularity="layer"))

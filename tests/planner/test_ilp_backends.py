@@ -26,14 +26,8 @@ def moe_problem(U: int, seed: int = 0) -> AllocationProblem:
     return AllocationProblem(error, size, np.ones((U, 7), dtype=bool), int(3.25 * numel.sum()))
 
 
-def assert_valid(p: AllocationProblem, choice: np.ndarray) -> None:
-    assert choice.shape == (p.n_units,)
-    assert p.allowed[np.arange(p.n_units), choice].all(), "chose a disallowed option"
-    assert p.total_size(choice) <= p.budget, "over budget"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_equals_dp_on_200_problems(backend):
+def test_every_backend_equals_dp_on_200_problems(backend, assert_valid):
     """Both with the Lagrangian reduction and on the whole model; cpsat within its reported rounding."""
     for seed in range(200):
         p = random_problem(seed)
@@ -56,7 +50,7 @@ def test_cbc_preprocessing_cannot_hide_the_optimum(seed):
         assert p.total_error(ilp.solve(p, backend="cbc", reduce=reduce).choice) == pytest.approx(opt, rel=1e-9, abs=1e-12)
 
 
-def test_cpsat_coarse_scale_reports_its_rounding():
+def test_cpsat_coarse_scale_reports_its_rounding(assert_valid):
     """A coarse objective resolution is still optimal on scaled errors, says so, and stays within the bound."""
     for seed in range(20):
         p = random_problem(seed)
@@ -78,7 +72,7 @@ def mid():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_time_limited_run_reports_an_honest_gap(mid, backend):
+def test_time_limited_run_reports_an_honest_gap(mid, backend, assert_valid):
     """The whole model with a short time limit: a plan within budget, and its gap brackets the optimum."""
     p, opt = mid
     a = ilp.solve(p, backend=backend, reduce=False, time_limit=0.3)
@@ -94,7 +88,7 @@ def test_time_limited_run_reports_an_honest_gap(mid, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reduced_model_is_exact_at_scale(mid, backend):
+def test_reduced_model_is_exact_at_scale(mid, backend, assert_valid):
     """The default (Lagrangian reduction) proves the 3,000-module optimum on every stack but HiGHS, which
     may stop at its limit: then its plan is at least greedy's and its gap honest."""
     p, opt = mid

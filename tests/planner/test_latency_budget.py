@@ -10,9 +10,9 @@ import pytest
 from bitplan.db.store import Store
 from bitplan.db.types import InfeasibleBudget, InvalidInput
 from bitplan.planner.allocators import ALLOCATORS, ilp
-from bitplan.planner.cli import main
 from bitplan.planner.latency import LatencyBudget, Objective
 from bitplan.planner.plan import allocate
+from bitplan.planner.request import PlanRequest
 from bitplan.planner.problem import AllocationProblem, InfeasibleLatency
 from bitplan.planner.synthetic import random_problem, synthetic_profile
 from bitplan.profiler.latency import roofline_latency, with_latency
@@ -111,43 +111,42 @@ def timed_profile():
 
 
 def test_plans_meet_both_budgets_and_record_their_latency(timed_profile):
-    free = allocate(timed_profile, "3.5bpw")
+    free = allocate(timed_profile, PlanRequest(budget="3.5bpw"))
     assert set(free.predicted_latency) == {1, 16, 256} and free.latency_source == "roofline:H100"
-    fastest = allocate(timed_profile, "3.5bpw", objective="latency").predicted_latency[1]
+    fastest = allocate(timed_profile, PlanRequest(budget="3.5bpw", objective="latency")).predicted_latency[1]
     for frac in (0.25, 0.5, 0.9):
         target = fastest + frac * (free.predicted_latency[1] - fastest)
         budget = LatencyBudget.parse(f"{target * 1e6:.3f}us@batch1")
-        plan = allocate(timed_profile, "3.5bpw", latency_budget=budget)
+        plan = allocate(timed_profile, PlanRequest(budget="3.5bpw", latency_budget=budget))
         assert plan.bits_per_weight <= 3.5 and plan.predicted_latency[1] <= budget.seconds
         assert plan.predicted_error >= free.predicted_error and plan.status == "optimal"
         assert plan.params["latency_budget"] == str(budget) and plan.id != free.id
 
 
 def test_granularity_layer_with_a_latency_budget(timed_profile):
-    free = allocate(timed_profile, "3.5bpw", granularity="layer")
-    plan = allocate(timed_profile, "3.5bpw", granularity="layer",
-                    latency_budget=f"{free.predicted_latency[16] * 1e6 - 0.5:.3f}us@batch16")
+    free = allocate(timed_profile, PlanRequest(budget="3.5bpw", granularity="layer"))
+    plan = allocate(timed_profile, PlanRequest(budget="3.5bpw", granularity="layer", latency_budget=f"{free.predicted_latency[16] * 1e6 - 0.5:.3f}us@batch16"))
     assert plan.predicted_latency[16] < free.predicted_latency[16] and plan.bits_per_weight <= 3.5
 
 
 def test_infeasible_latency_names_the_fastest_plan(timed_profile):
-    fastest = allocate(timed_profile, "3.5bpw", objective="latency").predicted_latency[1]
+    fastest = allocate(timed_profile, PlanRequest(budget="3.5bpw", objective="latency")).predicted_latency[1]
     with pytest.raises(InfeasibleBudget, match=r"latency budget 10us@batch1 is below the fastest plan within "
                                                r"3.5bpw: [0-9.]+us at batch 1; ask for at least that") as e:
-        allocate(timed_profile, "3.5bpw", latency_budget="10us@batch1")
+        allocate(timed_profile, PlanRequest(budget="3.5bpw", latency_budget="10us@batch1"))
     # the problem's row is whole picoseconds, rounded up: at most 1 ps per module above the table's sum
     assert 0 <= e.value.smallest_seconds - fastest <= len(timed_profile.modules) * 1e-12
     need = str(e.value).split(": ")[1].split("us")[0]
-    allocate(timed_profile, "3.5bpw", latency_budget=f"{need}us@batch1")  # what it names is feasible
+    allocate(timed_profile, PlanRequest(budget="3.5bpw", latency_budget=f"{need}us@batch1"))  # what it names is feasible
 
 
 def test_clear_errors(timed_profile):
     with pytest.raises(InvalidInput, match="has batches 1, 16, 256"):
-        allocate(timed_profile, "3.5bpw", latency_budget="1ms@batch8")
+        allocate(timed_profile, PlanRequest(budget="3.5bpw", latency_budget="1ms@batch8"))
     with pytest.raises(InvalidInput, match="bitplan profile MODEL --latency roofline:GPU"):
-        allocate(synthetic_profile(n_layers=1), "3.5bpw", latency_budget="1ms@batch1")
+        allocate(synthetic_profile(n_layers=1), PlanRequest(budget="3.5bpw", latency_budget="1ms@batch1"))
     with pytest.raises(InvalidInput, match="use --allocator ilp"):
-        allocate(timed_profile, "3.5bpw", "greedy", objective="error+1*latency")
+        allocate(timed_profile, PlanRequest(budget="3.5bpw", allocator="greedy", objective="error+1*latency"))
     for bad in ("8ms", "8 ms at batch 1", "-1ms@batch1", "8ms@batch0", "8h@batch1"):
         with pytest.raises(InvalidInput, match="8ms@batch1"):
             LatencyBudget.parse(bad)
@@ -164,7 +163,7 @@ def test_parsing():
 
 
 def test_objective_trades_error_for_latency(timed_profile):
-    plans = [allocate(timed_profile, "4bpw", objective=f"error+{lam}*latency") for lam in (0, 1, 30, 1000)]
+    plans = [allocate(timed_profile, PlanRequest(budget="4bpw", objective=f"error+{lam}*latency")) for lam in (0, 1, 30, 1000)]
     lat = [p.predicted_latency[1] for p in plans]
     err = [p.predicted_error for p in plans]
     assert lat == sorted(lat, reverse=True) and err == sorted(err) and lat[-1] < lat[0]
@@ -173,27 +172,19 @@ def test_objective_trades_error_for_latency(timed_profile):
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_plan_with_a_latency_budget(tmp_path, monkeypatch, capsys, timed_profile):
-    db = str(tmp_path / "bitplan.db")
-    monkeypatch.setenv("BITPLAN_DB", db)
+def test_cli_plan_with_a_latency_budget(db, tmp_path, run_cli, timed_profile):
     f = tmp_path / "profile.json"
     f.write_text(json.dumps(timed_profile.to_dict()))
-    free = allocate(timed_profile, "3.5bpw")
-    fastest = allocate(timed_profile, "3.5bpw", objective="latency")
+    free = allocate(timed_profile, PlanRequest(budget="3.5bpw"))
+    fastest = allocate(timed_profile, PlanRequest(budget="3.5bpw", objective="latency"))
     budget = f"{(free.predicted_latency[1] + fastest.predicted_latency[1]) / 2 * 1e6:.3f}us@batch1"
-    code, out, _ = run_cli(capsys, "plan", "--profile-file", str(f), "--budget", "3.5bpw", "--latency-budget",
+    code, out, _ = run_cli("plan", "--profile-file", str(f), "--budget", "3.5bpw", "--latency-budget",
                            budget, "--json", "-q")
     assert code == 0
     plan = json.loads(out)
     assert plan["predicted_latency"]["1"] <= LatencyBudget.parse(budget).seconds and plan["bits_per_weight"] <= 3.5
     assert plan["params"]["latency_budget"] == budget and plan["latency_source"] == "roofline:H100"
-    code, out, _ = run_cli(capsys, "show", plan["id"])
+    code, out, _ = run_cli("show", plan["id"])
     assert code == 0 and "latency " in out and "at batch 256" in out and f"budget {budget}" in out
 
     # bad requests: one line, exit 2, nothing stored
@@ -201,7 +192,7 @@ def test_cli_plan_with_a_latency_budget(tmp_path, monkeypatch, capsys, timed_pro
                           (["--latency-budget", "1ms@batch3"], "has batches 1, 16, 256"),
                           (["--latency-budget", budget, "--allocator", "dp"], "use --allocator ilp"),
                           (["--objective", "speed"], "nats per millisecond")):
-        code, out, err = run_cli(capsys, "plan", "--profile-file", str(f), *extra)
+        code, out, err = run_cli("plan", "--profile-file", str(f), *extra)
         assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and needle in err
     assert [p.id for p in Store(db).list_plans()] == [plan["id"]]
 
@@ -209,29 +200,28 @@ def test_cli_plan_with_a_latency_budget(tmp_path, monkeypatch, capsys, timed_pro
 def test_cli_profile_latency_help():
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "bitplan.planner.cli", "profile", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "bitplan.planner.app.cli", "profile", "--help"], capture_output=True,
                        text=True)
     assert "--latency SOURCE" in r.stdout and "roofline:GPU" in r.stdout and "--latency-batches" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "bitplan.planner.cli", "plan", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bitplan.planner.app.cli", "plan", "--help"], capture_output=True, text=True)
     text = " ".join(r.stdout.split())  # argparse wraps lines anywhere
     assert "--latency-budget" in text and "nats per millisecond" in text
 
 
-def test_cli_profile_with_a_roofline_then_plan(tmp_path, monkeypatch, capsys, tiny_checkpoint, text_file):
-    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
+def test_cli_profile_with_a_roofline_then_plan(db, run_cli, tiny_checkpoint, text_file):
     argv = ["profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128", "--seq-len", "64",
             "--latency", "roofline:h100", "--latency-batches", "16,1", "--json", "-q"]
-    code, out, _ = run_cli(capsys, *argv)
+    code, out, _ = run_cli(*argv)
     assert code == 0
     profile = json.loads(out)
     assert profile["latency_source"] == "roofline:H100" and profile["latency_batches"] == [1, 16]
     assert len(profile["modules"][0]["latency"]) == 4 and len(profile["modules"][0]["latency"][0]) == 2
-    code, out, _ = run_cli(capsys, *argv)  # stored: reused, same id
+    code, out, _ = run_cli(*argv)  # stored: reused, same id
     assert code == 0 and json.loads(out)["id"] == profile["id"]
-    stored = Store(str(tmp_path / "bitplan.db")).list_profiles()
+    stored = Store(db).list_profiles()
     assert sorted(p.latency is not None for p in stored) == [False, True]  # the error profile and this one
-    code, out, _ = run_cli(capsys, "plan", profile["id"][:12], "--budget", "8bpw", "--latency-budget", "1s@batch16",
+    code, out, _ = run_cli("plan", profile["id"][:12], "--budget", "8bpw", "--latency-budget", "1s@batch16",
                            "--json", "-q")
     assert code == 0 and json.loads(out)["predicted_latency"]["16"] < 1
-    code, _, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--latency", "roofline:TPU")
+    code, _, err = run_cli("profile", str(tiny_checkpoint), "--latency", "roofline:TPU")
     assert code == 2 and "H100, H200, A100, L40S, RTX4090" in err

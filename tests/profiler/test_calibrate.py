@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from bitplan.db.types import parse_options
+from bitplan.db.types import Quantizer, parse_options
 from bitplan.profiler.calibrate import calibration_points, rescale
 from bitplan.profiler.calibration import token_batches
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
-from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.model import planned_linears
 from bitplan.profiler.profile import profile_model
 
 
@@ -33,13 +33,12 @@ def test_points_are_the_lowest_quantized_widths():
     assert calibration_points(parse_options("16")) == []
 
 
-def test_calibrated_profile_equals_kl_at_its_points(tiny_checkpoint, text_file):
-    loaded = load_model(str(tiny_checkpoint))
+def test_calibrated_profile_equals_kl_at_its_points(loaded, text_file):
     opts = parse_options("2,3,4")
     fisher = profile_model(loaded, opts, estimator="fisher", calib=str(text_file), n_tokens=128,
-                           quantizer="rtn", seq_len=64, progress=False)
+                           quantizer=Quantizer(), seq_len=64, progress=False)
     cal = profile_model(loaded, opts, estimator="calibrated", calib=str(text_file), n_tokens=128,
-                        quantizer="rtn", seq_len=64, progress=False)
+                        quantizer=Quantizer(), seq_len=64, progress=False)
     assert cal.estimator == "calibrated" and cal.id != fisher.id
     batches, _ = token_batches(loaded.tokenizer, str(text_file), 128, 64)
     rows = max(1, DEFAULT_KL_TOKENS // 64)
@@ -50,20 +49,20 @@ def test_calibrated_profile_equals_kl_at_its_points(tiny_checkpoint, text_file):
     np.testing.assert_allclose(ratio, alpha, rtol=1e-5)
 
 
-def test_calibrated_gptq_points_use_h_of_the_whole_calibration_text(tiny_checkpoint, text_file):
+def test_calibrated_gptq_points_use_h_of_the_whole_calibration_text(loaded, text_file):
     """KL is measured on the first DEFAULT_KL_TOKENS only, but GPTQ's ΔW there must come from H of all the
     calibration tokens (what the fisher rows and `apply` use), not from a GPTQ fitted to the measured ones."""
-    loaded = load_model(str(tiny_checkpoint))
     opts = parse_options("2,3,4")
     n, seq = 2 * DEFAULT_KL_TOKENS, 64
-    cal = profile_model(loaded, opts, estimator="calibrated", quantizer="gptq", calib=str(text_file), n_tokens=n,
+    GPTQ = Quantizer(method="gptq")
+    cal = profile_model(loaded, opts, estimator="calibrated", quantizer=GPTQ, calib=str(text_file), n_tokens=n,
                         seq_len=seq, progress=False)
     batches, _ = token_batches(loaded.tokenizer, str(text_file), n, seq)
     rows = DEFAULT_KL_TOKENS // seq
     assert rows < len(batches)
     planned = planned_linears(loaded.model)
-    whole = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer="gptq", hessian_batches=batches,
+    whole = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer=GPTQ, hessian_batches=batches,
                      progress=False)
-    own = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer="gptq", progress=False)
+    own = kl_table(loaded.model, planned, opts[:2], batches[:rows], quantizer=GPTQ, progress=False)
     assert not np.allclose(whole, own, rtol=1e-3)  # the test can tell the two apart
     np.testing.assert_allclose(cal.error[:, :2], whole, rtol=1e-5, atol=1e-9)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bitplan.db.store import Store
-from bitplan.db.types import Module, Profile, parse_options
-from bitplan.planner.cli import format_profile
+from bitplan.db.types import Module, Profile, Quantizer, parse_options
+from bitplan.planner.app.cli import format_profile
 from bitplan.profiler.calibrate import MIN_KL_TOKENS, rescale
 from bitplan.profiler.calibration import token_batches
 from bitplan.profiler.model import load_model
@@ -112,7 +112,7 @@ def test_calibrated_moe_profile_has_no_free_quantized_option(moe_checkpoint, sta
     opts = parse_options("2,3,4,16")
     n, seq = 4 * KL_TOKENS, 64
     # RTN for speed: the KL sample, and what it routes where, are the same with GPTQ
-    prof = profile_model(loaded, opts, estimator="calibrated", quantizer="rtn", calib=str(starved_text),
+    prof = profile_model(loaded, opts, estimator="calibrated", quantizer=Quantizer(), calib=str(starved_text),
                          n_tokens=n, seq_len=seq, progress=False)
     batches, _ = token_batches(loaded.tokenizer, str(starved_text), n, seq)
     with torch.no_grad(), record_routing(loaded.model) as rec:

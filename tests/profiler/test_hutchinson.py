@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bitplan.db.types import parse_options
-from bitplan.executor.quantize import quantize_dequantize
+from bitplan.db.types import Quantizer, parse_options
+from bitplan.kernels.quantize import quantize_dequantize
 from bitplan.profiler.hutchinson import FLOOR_FRACTION, clamp, trace_estimates
 from bitplan.profiler.model import load_model, planned_linears
 from bitplan.profiler.profile import profile_model
@@ -77,7 +77,7 @@ def test_profile_with_hutchinson(kind, tiny_checkpoint, moe_checkpoint, text_fil
     loaded = load_model(str(tiny_checkpoint if kind == "llama" else moe_checkpoint("mixtral")))
     options = parse_options("2,3,4,8")
     p = profile_model(loaded, options, estimator="hutchinson", calib=str(text_file), n_tokens=128,
-                      quantizer="rtn", seq_len=64, progress=False)
+                      quantizer=Quantizer(), seq_len=64, progress=False)
     planned = planned_linears(loaded.model)
     assert p.estimator == "hutchinson" and [m.name for m in p.modules] == [m.name for m, _ in planned]
     assert np.all(np.isfinite(p.error)) and np.all(p.error > 0)
@@ -85,22 +85,21 @@ def test_profile_with_hutchinson(kind, tiny_checkpoint, moe_checkpoint, text_fil
     # error = ½ (tr/numel) ||ΔW||²: one positive factor per module
     m, lin = planned[0]
     W = lin.weight.detach()
-    sq = np.array([float(((quantize_dequantize(W, o, "rtn") - W).double() ** 2).sum()) for o in options])
+    sq = np.array([float(((quantize_dequantize(W, o) - W).double() ** 2).sum()) for o in options])
     ratio = p.error[0] / sq
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
 
 
-def test_validate_takes_a_list_of_estimators(tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
+def test_validate_takes_a_list_of_estimators(db, tiny_checkpoint, text_file, capsys):
     import json
 
-    from bitplan.planner.cli import main
-    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
+    from bitplan.planner.app.cli import main
     common = ["profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1", "--options", "2,4",
               "--calib", str(text_file), "--tokens", "64", "--seq-len", "32", "--json", "-q"]
     assert main([*common, "--validate-estimators", "hutchinson"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert set(r["spearman"]) == {"hutchinson"} and -1 <= r["spearman"]["hutchinson"] <= 1
     assert main([*common, "--validate-estimators", "hessian,nope"]) == 2
-    assert "unknown estimator 'nope' to validate" in capsys.readouterr().err
+    assert "unknown estimator 'nope'" in capsys.readouterr().err
     assert main([*common, "--validate-estimators", "imatrix"]) == 2
     assert "needs --imatrix PATH" in capsys.readouterr().err

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.db.types import InvalidInput, parse_options
-from bitplan.executor.formats import gguf_tensor_name
-from bitplan.executor.quantize import quantize_dequantize
+from bitplan.db.types import InvalidInput, Quantizer, parse_options
+from bitplan.db.formats import gguf_tensor_name
+from bitplan.kernels.quantize import quantize_dequantize
 from bitplan.profiler import estimators
 from bitplan.profiler.calibration import token_batches
-from bitplan.profiler.imatrix import (Entry, collect_imatrix, fingerprint, imatrix_diagonals, read_imatrix,
+from bitplan.profiler.imatrix import (Entry, collect_imatrix, file_sha256, imatrix_diagonals, read_imatrix,
                                       write_imatrix)
 from bitplan.profiler.model import load_model, planned_linears
 from bitplan.profiler.profile import profile_model
@@ -30,8 +30,7 @@ def case(request, tiny_checkpoint, moe_checkpoint, text_file):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_checkpoint, text_file):
-    loaded = load_model(str(tiny_checkpoint))
+def llama(loaded, text_file):
     batches, _ = token_batches(loaded.tokenizer, str(text_file), TOKENS, SEQ)
     return loaded, batches
 
@@ -104,9 +103,9 @@ def test_imatrix_error_is_hessian_with_diagonal_H(case, text_file, tmp_path):
     path = write_imatrix(tmp_path / "imatrix.gguf", collect_imatrix(model, batches, planned_linears(model),
                                                                     progress=False))
     p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file),
-                      quantizer="rtn", n_tokens=TOKENS,
+                      quantizer=Quantizer(), n_tokens=TOKENS,
                       seq_len=SEQ, progress=False)
-    assert p.estimator == f"imatrix:{fingerprint(path)[:16]}"
+    assert p.estimator == f"imatrix:{file_sha256(path)[:16]}"
     n = batches.numel()
     for i, (m, lin) in enumerate(planned_linears(model)):
         assert p.modules[i].name == m.name
@@ -114,7 +113,7 @@ def test_imatrix_error_is_hessian_with_diagonal_H(case, text_file, tmp_path):
             continue
         H = torch.diag(squares[m.name][0])  # the diagonal of Σxxᵀ (an expert: over its routed tokens, unweighted)
         W = lin.weight.detach()
-        want = [estimators.hessian(quantize_dequantize(W, o, "rtn") - W, H, n) for o in OPTIONS]
+        want = [estimators.hessian(quantize_dequantize(W, o) - W, H, n) for o in OPTIONS]
         np.testing.assert_allclose(p.error[i], want, rtol=1e-5)
     assert np.all(np.diff(p.error, axis=1) < 0) and np.all(p.error > 0)
 
@@ -125,7 +124,7 @@ def test_profile_id_follows_the_imatrix_content(llama, text_file, tmp_path):
     a = write_imatrix(tmp_path / "a.gguf", entries)
     entries["blk.0.attn_q.weight"].in_sum2 *= 4
     b = write_imatrix(tmp_path / "b.gguf", entries)
-    kw = dict(estimator="imatrix", quantizer="rtn", calib=str(text_file), n_tokens=TOKENS, seq_len=SEQ,
+    kw = dict(estimator="imatrix", quantizer=Quantizer(), calib=str(text_file), n_tokens=TOKENS, seq_len=SEQ,
               progress=False)
     pa, pb = profile_model(loaded, OPTIONS, imatrix=a, **kw), profile_model(loaded, OPTIONS, imatrix=b, **kw)
     assert pa.id != pb.id and pa.estimator != pb.estimator
@@ -180,7 +179,7 @@ def test_expert_without_tokens_gets_the_fallback(moe_checkpoint, text_file, tmp_
     want = e.in_sum2[hot].sum(0) / e.counts[hot].sum() * e.counts[hot].min() / n
     np.testing.assert_allclose(d[fallback[0]].numpy(), want, rtol=1e-6)
     p = profile_model(loaded, OPTIONS, estimator="imatrix", imatrix=path, calib=str(text_file),
-                      quantizer="rtn", n_tokens=TOKENS,
+                      quantizer=Quantizer(), n_tokens=TOKENS,
                       seq_len=SEQ, progress=False)
     flagged = {m.name for m in p.modules if m.fallback}
     assert fallback[0] in flagged and np.all(p.error > 0)
@@ -270,17 +269,16 @@ def test_damaged_gguf_imatrix(llama, good_entries, tmp_path):
         read_imatrix(write_imatrix(tmp_path / "nan.gguf", e))
 
 
-def test_cli_profile_with_imatrix(llama, good_entries, tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
+def test_cli_profile_with_imatrix(db, llama, good_entries, tiny_checkpoint, text_file, tmp_path, capsys):
     import json
 
-    from bitplan.planner.cli import main
-    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
+    from bitplan.planner.app.cli import main
     path = write_imatrix(tmp_path / "imatrix.gguf", good_entries)
     common = ["profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", str(TOKENS), "--seq-len",
               str(SEQ), "--quantizer", "rtn", "-q"]
     assert main([*common, "--imatrix", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["estimator"] == f"imatrix:{fingerprint(path)[:16]}" and len(out["modules"]) == 14
+    assert out["estimator"] == f"imatrix:{file_sha256(path)[:16]}" and len(out["modules"]) == 14
     assert main([*common, "--estimator", "imatrix", "--imatrix", str(tmp_path / "missing.gguf")]) == 2
     assert "no such imatrix file" in capsys.readouterr().err
     assert main([*common, "--estimator", "hessian", "--imatrix", str(path)]) == 2

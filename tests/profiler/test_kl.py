@@ -4,32 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.db.types import parse_options
-from bitplan.executor.quantize import quantize_dequantize
+from bitplan.db.types import Quantizer, parse_options
+from bitplan.kernels.quantize import quantize_dequantize
 from bitplan.profiler.kl import kl_table, mean_kl
-from bitplan.profiler.model import load_model, planned_linears
+from bitplan.profiler.model import planned_linears
 from bitplan.profiler.profile import profile_model
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_model(str(tiny_checkpoint))
 
 
 def batches_for(model, n=2, T=32, seed=0):
     return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
-
-
-def direct_kl(model, quantized, batches) -> float:
-    """Whole-model passes, no caching: the definition the cached replay must reproduce."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in batches:
-            p = torch.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
-            q = torch.log_softmax(quantized(row.unsqueeze(0)).logits[0].float(), -1)
-            total += float((p.exp() * (p - q)).sum())
-            count += row.numel()
-    return total / count
 
 
 def test_mean_kl_chunks_agree_and_vanish_on_equal_inputs():
@@ -41,7 +24,7 @@ def test_mean_kl_chunks_agree_and_vanish_on_equal_inputs():
     assert a[1] == b[1] == 50 and a[0] == pytest.approx(b[0], rel=1e-5) and a[0] > 0
 
 
-def test_kl_table_matches_whole_model_passes(loaded):
+def test_kl_table_matches_whole_model_passes(loaded, direct_kl):
     """The replay from cached block inputs gives the KL of an ordinary forward pass, module by module."""
     model = loaded.model
     planned = planned_linears(model)
@@ -66,9 +49,9 @@ def test_kl_profile_decreases_with_bits(loaded, text_file):
     """
     tables = {}
     for quantizer in ("rtn", "gptq"):
-        p = profile_model(loaded, parse_options("2,3,4,8"), estimator="kl", quantizer=quantizer,
+        p = profile_model(loaded, parse_options("2,3,4,8"), estimator="kl", quantizer=Quantizer.parse(quantizer),
                           calib=str(text_file), n_tokens=128, seq_len=64, progress=False)
-        assert p.estimator == ("kl" if quantizer == "rtn" else "kl/gptq")
+        assert p.estimator == "kl" and p.quantizer.method == quantizer
         assert p.error.shape == (14, 4) and np.all(p.error >= 0) and np.all(p.error[:, 0] > 0)
         assert p.error[:, 3].sum() < 1e-3 * p.error[:, 0].sum()
         above = p.error[:, 0] > 1e-5
@@ -79,7 +62,7 @@ def test_kl_profile_decreases_with_bits(loaded, text_file):
     assert tables["gptq"][:, 0].sum() < tables["rtn"][:, 0].sum()
 
 
-def test_kl_untied_head(loaded):
+def test_kl_untied_head(direct_kl):
     """An untied lm_head is measured too (its module has no layer: all blocks are replayed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,7 +74,7 @@ def test_kl_untied_head(loaded):
     assert planned[-1][0].role == "lm_head"
     batches = batches_for(model)
     for quantizer in ("rtn", "gptq"):
-        table = kl_table(model, planned[-1:], parse_options("2"), batches, quantizer=quantizer,
+        table = kl_table(model, planned[-1:], parse_options("2"), batches, quantizer=Quantizer.parse(quantizer),
                          progress=False)
         quantized = copy.deepcopy(model)
         head = quantized.get_output_embeddings()
@@ -101,12 +84,13 @@ def test_kl_untied_head(loaded):
         assert table[0, 0] > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_kl_table_gptq_on_cuda_matches_cpu(loaded):
     """GPTQ's H is collected on the CPU while the model runs on the GPU: GPTQ brings it to the weight's
     device (it crashed with a device mismatch once), and the table matches the CPU one."""
     model, planned = loaded.model, planned_linears(loaded.model)
     batches, opts = batches_for(model), parse_options("2")
-    cpu = kl_table(model, planned[:2], opts, batches, quantizer="gptq", progress=False)
-    cuda = kl_table(model, planned[:2], opts, batches, quantizer="gptq", device="cuda", progress=False)
+    gptq = Quantizer(method="gptq")
+    cpu = kl_table(model, planned[:2], opts, batches, quantizer=gptq, progress=False)
+    cuda = kl_table(model, planned[:2], opts, batches, quantizer=gptq, device="cuda", progress=False)
     np.testing.assert_allclose(cuda, cpu, rtol=1e-3, atol=1e-7)

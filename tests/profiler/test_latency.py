@@ -120,11 +120,11 @@ def test_with_latency_gets_its_own_id_and_validates():
 def test_profile_with_latency_round_trips_through_json():
     p = profile_with_latency()
     d = json.loads(json.dumps(p.to_dict()))
-    assert d["format"] == "bitplan.profile/1" and d["latency_batches"] == [1, 16, 256]
+    assert d["format"] == "bitplan.profile/2" and d["latency_batches"] == [1, 16, 256]
     assert np.array_equal(np.array(d["modules"][0]["latency"]), p.latency[0])
     back = Profile.from_dict(d)
     assert back == p and np.array_equal(back.latency, p.latency)
-    # a file without latency reads as it always did
+    # a file without latency reads as a profile without a table
     old = synthetic_profile(n_layers=2).to_dict()
     assert "latency_source" not in old and "latency" not in old["modules"][0]
     assert Profile.from_dict(old).latency is None

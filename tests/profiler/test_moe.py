@@ -19,11 +19,6 @@ KINDS = ("mixtral", "qwen2_moe")
 OPTIONS = parse_options("2,3,4,8")
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def loaded(request, moe_checkpoint):
-    return load_model(str(moe_checkpoint(request.param)))
-
-
 def _ids(model, shape=(2, 24), seed=0):
     return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -49,8 +44,8 @@ def test_unfused_forward_equals_fused(kind, moe_checkpoint):
     assert "model.layers.0.mlp.experts.3.down_proj.weight" in unfused.state_dict()
 
 
-def test_planned_modules_include_every_expert_matrix(loaded):
-    model = loaded.model
+def test_planned_modules_include_every_expert_matrix(moe_loaded):
+    model = moe_loaded.model
     cfg = model.config
     n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
     planned = planned_linears(model)
@@ -71,9 +66,9 @@ def test_planned_modules_include_every_expert_matrix(loaded):
         assert shared == []
 
 
-def test_routing_stats_and_per_expert_hessians(loaded, text_file):
+def test_routing_stats_and_per_expert_hessians(moe_loaded, text_file):
     """Routing statistics count tokens x top_k per layer; an expert's H is Σ w² xxᵀ over its own tokens."""
-    model = loaded.model
+    model = moe_loaded.model
     batches = _ids(model, (3, 16), seed=2)
     planned = planned_linears(model)
     got = {}
@@ -106,13 +101,13 @@ def test_routing_stats_and_per_expert_hessians(loaded, text_file):
 
 
 @pytest.mark.parametrize("estimator", ["hessian", "fisher"])
-def test_profile_carries_routing_stats(loaded, text_file, estimator, tmp_path):
-    p = profile_model(loaded, OPTIONS, estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64,
+def test_profile_carries_routing_stats(moe_loaded, text_file, estimator, tmp_path):
+    p = profile_model(moe_loaded, OPTIONS, estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64,
                       progress=False)
-    assert [m.name for m in p.modules] == [m.name for m, _ in planned_linears(loaded.model)]
+    assert [m.name for m in p.modules] == [m.name for m, _ in planned_linears(moe_loaded.model)]
     experts = [m for m in p.modules if m.expert is not None]
-    top_k = loaded.model.config.num_experts_per_tok
-    for layer in range(loaded.model.config.num_hidden_layers):
+    top_k = moe_loaded.model.config.num_experts_per_tok
+    for layer in range(moe_loaded.model.config.num_hidden_layers):
         downs = [m for m in experts if m.layer == layer and m.role == "down_proj"]
         assert sum(m.tokens_routed for m in downs) == 256 * top_k
         assert sum(m.routing_weight_total for m in downs) > 0

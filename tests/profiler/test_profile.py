@@ -2,15 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.db.types import InvalidInput, NotACausalLM, parse_options
+from bitplan.db.types import InvalidInput, NotACausalLM, Quantizer, parse_options
 from bitplan.profiler.model import check_causal_lm, fixed_bits, load_model, planned_linears
 from bitplan.profiler.profile import profile_model
 from bitplan.profiler.stream import stream_blocks
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_model(str(tiny_checkpoint))
 
 
 def test_streamed_hessians_equal_a_whole_model_pass(loaded):
@@ -50,7 +45,7 @@ def test_streamed_hessians_equal_a_whole_model_pass(loaded):
 def test_profile_tables(loaded, text_file, estimator):
     options = parse_options("2,3,4,8")
     p = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256,
-                      quantizer="rtn", seq_len=64, progress=False)
+                      quantizer=Quantizer(), seq_len=64, progress=False)
     planned = planned_linears(loaded.model)
     assert [m.name for m in p.modules] == [m.name for m, _ in planned] and len(p.modules) == 14
     assert p.error.shape == p.size_bits.shape == (14, 4)
@@ -62,7 +57,7 @@ def test_profile_tables(loaded, text_file, estimator):
     assert p.fixed_bits == fixed_bits(loaded.model, planned) > 0
     assert p.calibration.n_tokens == 256 and p.estimator == estimator
     again = profile_model(loaded, options, estimator=estimator, calib=str(text_file), n_tokens=256,
-                          quantizer="rtn", seq_len=64, progress=False)
+                          quantizer=Quantizer(), seq_len=64, progress=False)
     assert again.id == p.id and np.allclose(again.error, p.error)
 
 

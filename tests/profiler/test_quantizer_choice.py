@@ -1,30 +1,25 @@
 import numpy as np
 import pytest
 
-from bitplan.db.types import InvalidInput, parse_options
-from bitplan.profiler.model import load_model
-from bitplan.profiler.profile import estimator_name, parse_estimator_name, profile_model
+from bitplan.db.types import InvalidInput, Quantizer, parse_options
+from bitplan.profiler.profile import DEFAULT_QUANTIZER, profile_model
+
+RTN, GPTQ = Quantizer(), Quantizer(method="gptq")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_model(str(tiny_checkpoint))
-
-
-def test_estimator_names_round_trip():
-    assert estimator_name("fisher") == "fisher" and estimator_name("fisher", "gptq") == "fisher/gptq"
-    assert parse_estimator_name("fisher/gptq") == ("fisher", "gptq")
-    assert parse_estimator_name("hessian") == ("hessian", "rtn")
+def test_the_default_quantizer_is_gptq_at_its_defaults():
+    assert DEFAULT_QUANTIZER == GPTQ and DEFAULT_QUANTIZER.label == "gptq"
 
 
 @pytest.mark.parametrize("estimator", ["hessian", "fisher"])
 def test_gptq_profile(loaded, text_file, estimator):
-    """GPTQ's ΔW: recorded in the estimator name (so a new id), and below RTN's layer-output error."""
+    """GPTQ's ΔW: recorded as the profile's quantizer (so a new id), and below RTN's layer-output error."""
     options = parse_options("2,3,4,8")
     kw = dict(estimator=estimator, calib=str(text_file), n_tokens=256, seq_len=64, progress=False)
-    rtn = profile_model(loaded, options, quantizer="rtn", **kw)
-    gptq = profile_model(loaded, options, quantizer="gptq", **kw)
-    assert rtn.estimator == estimator and gptq.estimator == f"{estimator}/gptq" and gptq.id != rtn.id
+    rtn = profile_model(loaded, options, quantizer=RTN, **kw)
+    gptq = profile_model(loaded, options, quantizer=GPTQ, **kw)
+    assert rtn.estimator == gptq.estimator == estimator and gptq.id != rtn.id
+    assert (rtn.quantizer, gptq.quantizer) == (RTN, GPTQ)
     assert gptq.error.shape == rtn.error.shape and np.all(gptq.error[:, 0] > 0)
     assert np.all(np.diff(gptq.error[:, :3], axis=1) < 0)
     if estimator == "hessian":  # what GPTQ minimizes, on the same calibration text
@@ -34,24 +29,27 @@ def test_gptq_profile(loaded, text_file, estimator):
 
 
 def test_unknown_quantizer_or_estimator(loaded, text_file):
-    with pytest.raises(InvalidInput, match="unknown quantizer"):
-        profile_model(loaded, parse_options("4"), quantizer="awq", calib=str(text_file), progress=False)
-    with pytest.raises(InvalidInput, match="unknown estimator"):
+    with pytest.raises(TypeError, match=r"quantizer must be a Quantizer \(e\.g\. Quantizer\.parse\('gptq'\)\)"):
+        profile_model(loaded, parse_options("4"), quantizer="gptq", calib=str(text_file), progress=False)
+    with pytest.raises(InvalidInput, match="unknown quantizer 'awq'"):
+        Quantizer.parse("awq")
+    with pytest.raises(InvalidInput, match="unknown estimator 'obs'; choose one of"):
         profile_model(loaded, parse_options("4"), estimator="obs", calib=str(text_file),
                       progress=False)
+    with pytest.raises(InvalidInput, match="unknown estimator 'fisher/gptq'"):
+        profile_model(loaded, parse_options("4"), estimator="fisher/gptq", calib=str(text_file), progress=False)
 
 
-def test_gptq_settings_are_part_of_the_profile_id(loaded, text_file, monkeypatch):
-    """A GPTQ profile measured with other settings is not reused silently; RTN ids do not depend on GPTQ's."""
-    from bitplan.executor import quantize
-
+def test_gptq_settings_are_part_of_the_profile(loaded, text_file):
+    """A GPTQ profile measured with other settings is another profile, not reused silently; its settings
+    reach the quantizer."""
     options = parse_options("2,4")
     kw = dict(estimator="hessian", calib=str(text_file), n_tokens=128, seq_len=64, progress=False)
-    before = profile_model(loaded, options, quantizer="gptq", **kw)
-    rtn = profile_model(loaded, options, quantizer="rtn", **kw)
-    monkeypatch.setattr(quantize.gptq, "__kwdefaults__", {**quantize.gptq.__kwdefaults__, "damp": 0.01})
-    assert quantize.quantizer_settings("gptq")["damp"] == 0.01
-    after = profile_model(loaded, options, quantizer="gptq", **kw)
-    assert after.id != before.id and after.estimator == before.estimator
-    assert not np.allclose(after.error, before.error)  # the setting really reached the quantizer
-    assert profile_model(loaded, options, quantizer="rtn", **kw).id == rtn.id
+    default = profile_model(loaded, options, quantizer=GPTQ, **kw)
+    damp = profile_model(loaded, options, quantizer=Quantizer.parse("gptq:damp=0.05"), **kw)
+    assert damp.id != default.id and damp.estimator == default.estimator
+    assert damp.quantizer.label == "gptq:damp=0.05" and damp.quantizer.damp == 0.05
+    assert not np.allclose(damp.error, default.error)
+    again = profile_model(loaded, options, quantizer=Quantizer.parse("gptq:damp=0.05"), **kw)
+    assert again.id == damp.id and np.array_equal(again.error, damp.error)
+    assert profile_model(loaded, options, quantizer=Quantizer.parse("gptq:damp=0.1"), **kw).id == default.id

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from bitplan.db.store import Store
-from bitplan.db.types import parse_options
-from bitplan.planner.cli import parser
-from bitplan.planner.workflow import profile_work_dir, run_profile
+from bitplan.db.types import Quantizer, parse_options
+from bitplan.planner.app.cli import parser
+from bitplan.planner.app.usecases import ProfileRequest, run_profile
+from bitplan.planner.app.workspace import Workspace
 from bitplan.profiler import fisher, profile, stream
 from bitplan.profiler.model import decoder_layers, load_model, planned_linears
 from bitplan.profiler.profile import error_table, profile_model
@@ -18,8 +19,9 @@ N_LAYERS = 4
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory, tiny_checkpoint):
-    """A 4-layer random Llama (an untied head, so the outside pass runs too), saved and loaded as a checkpoint."""
+def llama4(tmp_path_factory, tiny_checkpoint):
+    """A 4-layer random Llama (an untied head, so the outside pass runs too), saved and loaded as a checkpoint
+    (not conftest's 2-layer `loaded`: resuming needs finished blocks on both sides of an interruption)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("llama4")
@@ -34,8 +36,8 @@ def loaded(tmp_path_factory, tiny_checkpoint):
 
 
 @pytest.fixture
-def batches(loaded):
-    return torch.randint(0, loaded.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+def batches(llama4):
+    return torch.randint(0, llama4.model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def _hessians(model, batches, **kw):
@@ -44,8 +46,8 @@ def _hessians(model, batches, **kw):
     return got
 
 
-def test_activations_on_disk_are_bit_identical(loaded, batches, tmp_path, monkeypatch):
-    model = loaded.model
+def test_activations_on_disk_are_bit_identical(llama4, batches, tmp_path, monkeypatch):
+    model = llama4.model
     monkeypatch.setattr(stream.tempfile, "tempdir", str(tmp_path))  # where the spill folder goes
     in_memory = _hessians(model, batches, activation_budget=1 << 40)
     on_disk = _hessians(model, batches, activation_budget=0)
@@ -55,8 +57,8 @@ def test_activations_on_disk_are_bit_identical(loaded, batches, tmp_path, monkey
     want = error_table(model, planned, OPTIONS, batches, "hessian", progress=False)
     monkeypatch.setattr(stream, "default_activation_budget", lambda device: 0)
     written = []
-    save = stream.atomic_save
-    monkeypatch.setattr(stream, "atomic_save", lambda obj, path: (written.append(path), save(obj, path)))
+    save = stream.atomic_write
+    monkeypatch.setattr(stream, "atomic_write", lambda path, data: (written.append(path), save(path, data)))
     got = error_table(model, planned, OPTIONS, batches, "hessian", progress=False)
     assert np.array_equal(got, want)
     # two streamed passes (the blocks' H, then the untied head's inputs), each handing every block its
@@ -95,25 +97,25 @@ def _count_block_calls(model):
     pytest.param("hessian", "gptq", marks=pytest.mark.slow),
     pytest.param("fisher", "gptq", marks=pytest.mark.slow),
 ])
-def test_resume_continues_after_the_last_finished_block(loaded, text_file, tmp_path, monkeypatch, estimator,
+def test_resume_continues_after_the_last_finished_block(llama4, text_file, tmp_path, monkeypatch, estimator,
                                                         quantizer):
-    kw = dict(estimator=estimator, quantizer=quantizer, calib=str(text_file), n_tokens=128, seq_len=32,
-              progress=False)
-    want = profile_model(loaded, OPTIONS, **kw)
+    kw = dict(estimator=estimator, quantizer=Quantizer.parse(quantizer), calib=str(text_file), n_tokens=128,
+              seq_len=32, progress=False)
+    want = profile_model(llama4, OPTIONS, **kw)
     work = tmp_path / "work"
     with monkeypatch.context() as m:
         seen = []
         _interrupt_on_block(m, 2, seen)
         with pytest.raises(Interrupted):
-            profile_model(loaded, OPTIONS, work_dir=work, **kw)
+            profile_model(llama4, OPTIONS, work_dir=work, **kw)
         assert seen == [0, 1]
     assert (work / "blocks" / "state.npz").exists()
     with monkeypatch.context() as m:
         seen = []
         _interrupt_on_block(m, -1, seen)
-        calls, hooks = _count_block_calls(loaded.model)
+        calls, hooks = _count_block_calls(llama4.model)
         try:
-            got = profile_model(loaded, OPTIONS, work_dir=work, **kw)
+            got = profile_model(llama4, OPTIONS, work_dir=work, **kw)
         finally:
             for h in hooks:
                 h.remove()
@@ -127,8 +129,8 @@ def test_resume_continues_after_the_last_finished_block(loaded, text_file, tmp_p
     assert not (work / "blocks" / "activations").exists()
 
 
-def test_fisher_resumes_from_saved_accumulators(loaded, batches, tmp_path):
-    model = loaded.model
+def test_fisher_resumes_from_saved_accumulators(llama4, batches, tmp_path):
+    model = llama4.model
     planned = planned_linears(model)
     want = fisher.fisher_diagonal(model, batches, planned, progress=False)
     ckpt = tmp_path / "fisher.pt"
@@ -151,33 +153,34 @@ def test_fisher_resumes_from_saved_accumulators(loaded, batches, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_cli_resume(loaded, text_file, tmp_path, monkeypatch):
+def test_cli_resume(llama4, text_file, tmp_path, monkeypatch):
     """`bitplan profile --resume`: the interrupted run leaves its work beside the database, the resumed one
     stores the same profile as an uninterrupted run and removes it."""
     assert parser().parse_args(["profile", "--resume"]).resume
     store = Store(str(tmp_path / "a.db"))
-    kw = dict(estimator="hessian", options="2,4", calib=str(text_file), tokens=128, seq_len=32, device="cpu",
-              loaded=loaded, progress=False)
+    request = ProfileRequest(estimator="hessian", options="2,4", calib=str(text_file), tokens=128, seq_len=32,
+                             device="cpu")
+    ws = Workspace(store, progress=False).adopt("x", llama4)
     with monkeypatch.context() as m:
         _interrupt_on_block(m, 3, [])
         with pytest.raises(Interrupted):
-            run_profile(store, "x", **kw)
+            run_profile(ws, "x", request)
     work = next((tmp_path / "a.db.work").iterdir())
-    assert work == profile_work_dir(store, work.name)
+    assert work == store.work_dir(work.name)
     with np.load(work / "blocks" / "state.npz") as z:
         assert int(z["next_block"]) == 3
     seen = []
     with monkeypatch.context() as m:
         _interrupt_on_block(m, -1, seen)
-        got = run_profile(store, "x", resume=True, **kw)
+        got = run_profile(ws, "x", request, resume=True)
     assert seen == [3] and got.id == work.name and not work.exists()
-    want = run_profile(Store(str(tmp_path / "b.db")), "x", **kw)
+    want = run_profile(Workspace(Store(str(tmp_path / "b.db")), progress=False).adopt("x", llama4), "x", request)
     assert np.array_equal(got.error, want.error)
 
 
-def test_head_hessian_is_streamed_and_equals_a_whole_model_pass(loaded, batches):
+def test_head_hessian_is_streamed_and_equals_a_whole_model_pass(llama4, batches):
     """An untied head's H comes from replaying the streamed last block's outputs, not a whole-model pass."""
-    model = loaded.model
+    model = llama4.model
     head = [(m, lin) for m, lin in planned_linears(model) if m.layer is None]
     assert [m.role for m, _ in head] == ["lm_head"]
     want = torch.zeros(head[0][1].in_features, head[0][1].in_features, dtype=torch.float64)

@@ -17,6 +17,7 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
+    # the first schema, table by table, as alembic writes it: read as a list, not split into functions
     op.create_table('calibration_sets',
     sa.Column('id', sa.String(length=128), nullable=False),
     sa.Column('name', sa.String(length=512), nullable=False),

@@ -3,20 +3,6 @@
 import json
 
 import numpy as np
-import pytest
-
-from bitplan.planner.cli import main
-
-
-@pytest.fixture()
-def db(tmp_path, monkeypatch):
-    monkeypatch.setenv("BITPLAN_DB", str(tmp_path / "bitplan.db"))
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_gguf(path, tensors: dict[str, np.ndarray]) -> None:
@@ -31,13 +17,13 @@ def write_gguf(path, tensors: dict[str, np.ndarray]) -> None:
     w.close()
 
 
-def test_truncated_gguf_says_truncated(tmp_path, capsys):
+def test_truncated_gguf_says_truncated(tmp_path, run_cli):
     whole = tmp_path / "model.gguf"
     write_gguf(whole, {"token_embd.weight": np.ones((64, 32), np.float32),
                        "output.weight": np.ones((64, 32), np.float32)})
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole.read_bytes()[:-1000])
-    code, out, err = run_cli(capsys, "eval", str(cut))
+    code, out, err = run_cli("eval", str(cut))
     assert code == 2 and "truncated" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
@@ -60,18 +46,18 @@ def test_checkpoint_names_its_architecture(tiny_checkpoint):
     assert config_dict(model)["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_validate_layers_the_model_lacks(db, tiny_checkpoint, text_file, capsys):
+def test_validate_layers_the_model_lacks(db, tiny_checkpoint, text_file, run_cli):
     for layers, says in (("0,7", "has layers 0..1"), ("0,x", "layer numbers")):
-        code, out, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens",
+        code, out, err = run_cli("profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens",
                                  "128", "--seq-len", "64", "--validate", "--validate-layers", layers, "-q")
         assert code == 2 and says in err and "Traceback" not in err, err
 
 
-def test_llamacpp_types_without_loading_the_model(db, tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
+def test_llamacpp_types_without_loading_the_model(db, tiny_checkpoint, text_file, tmp_path, run_cli, monkeypatch):
+    code, out, err = run_cli("profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
                              "--seq-len", "64", "--estimator", "fisher", "--quantizer", "rtn", "--json", "-q")
     assert code == 0, err
-    code, out, err = run_cli(capsys, "plan", json.loads(out)["id"], "--budget", "6bpw", "--engine", "llamacpp",
+    code, out, err = run_cli("plan", json.loads(out)["id"], "--budget", "6bpw", "--engine", "llamacpp",
                              "--json", "-q")
     assert code == 0, err
 
@@ -79,7 +65,7 @@ def test_llamacpp_types_without_loading_the_model(db, tiny_checkpoint, text_file
         raise AssertionError("the llama.cpp type file needs no weights")
 
     monkeypatch.setattr("bitplan.profiler.model.load_model", no_loading)
-    code, _, err = run_cli(capsys, "apply", json.loads(out)["id"], "--out", str(tmp_path / "q"), "--format",
+    code, _, err = run_cli("apply", json.loads(out)["id"], "--out", str(tmp_path / "q"), "--format",
                            "llamacpp", "-q")
     assert code == 0, err
     script = (tmp_path / "q" / "llama-quantize.sh").read_text()
@@ -90,9 +76,10 @@ def test_llamacpp_command_from_a_gguf_keeps_its_embedding_type(make_profile):
     """From a GGUF source the script requantizes that file and keeps its token embedding's own type."""
     from bitplan.executor.export import llamacpp_command
     from bitplan.planner.plan import allocate
+    from bitplan.planner.request import PlanRequest
 
     profile = make_profile()
-    plan = allocate(profile, "4.5bpw")
+    plan = allocate(profile, PlanRequest(budget="4.5bpw"))
     cmd = llamacpp_command(plan, {"blk.0.attn_q.weight": "q4_0"}, {"token_embd.weight": "q8_0"})
     assert "--allow-requantize" in cmd and "--token-embedding-type q8_0" in cmd and "f16" not in cmd
     assert "--token-embedding-type f16" in llamacpp_command(plan, {"blk.0.attn_q.weight": "q4_0"})

@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 
 from bitplan.db.store import Store
-from bitplan.planner.service import create_app
+from bitplan.planner.app.service import create_app
 
 
 
@@ -52,7 +52,7 @@ def test_create_read_list(server):
         assert c.get("/v1/plans", params={"profile_id": "prof-other"}).json() == []
         profiles = c.get("/v1/profiles").json()
         assert [p["id"] for p in profiles] == ["prof-synthetic"] and profiles[0]["n_modules"] == 211
-        assert c.get("/v1/profiles/prof-synthetic").json()["format"] == "bitplan.profile/1"
+        assert c.get("/v1/profiles/prof-synthetic").json()["format"] == "bitplan.profile/2"
         assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
 
 
@@ -83,3 +83,19 @@ def test_bearer_token(tmp_path):
     with TestClient(app) as c:
         assert c.get("/v1/profiles").status_code == 401
         assert c.get("/v1/profiles", headers={"Authorization": "Bearer s3cret"}).json() == []
+
+
+def test_every_route_documents_its_response(tmp_path):
+    """/openapi.json gives a schema for every route's success response, and the error shape for 4xx."""
+    spec = create_app(str(tmp_path / "o.db"), token="").openapi()
+    routes = [(path, method, op) for path, ops in spec["paths"].items() for method, op in ops.items()]
+    assert len(routes) == 6
+    for path, method, op in routes:
+        ok = next(v for k, v in op["responses"].items() if k.startswith("2"))
+        schema = ok["content"]["application/json"]["schema"]
+        assert schema.get("$ref") or schema.get("items", {}).get("$ref"), (method, path, schema)
+        assert {"404", "422"} <= set(op["responses"]), (method, path)
+    plan = spec["components"]["schemas"]["PlanDocument"]["properties"]
+    assert {"assignment", "bits_per_weight", "size_mib", "status"} <= set(plan)
+    body = spec["components"]["schemas"]["PlanBody"]
+    assert body.get("additionalProperties") is False and "profile_id" in body["required"]

@@ -7,39 +7,18 @@ import sys
 import pytest
 
 from bitplan.db.store import Store
-from bitplan.planner.cli import main
-
-
-@pytest.fixture()
-def db(tmp_path, monkeypatch):
-    url = str(tmp_path / "bitplan.db")
-    monkeypatch.setenv("BITPLAN_DB", url)
-    return url
-
-
-@pytest.fixture()
-def profile_file(tmp_path, make_profile):
-    p = tmp_path / "profile.json"
-    p.write_text(json.dumps(make_profile().to_dict()))
-    return p
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_for_every_command():
     for cmd in ([], ["profile"], ["plan"], ["apply"], ["eval"], ["ls"], ["show"], ["serve"], ["demo"]):
-        r = subprocess.run([sys.executable, "-m", "bitplan.planner.cli", *cmd, "--help"], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "bitplan.planner.app.cli", *cmd, "--help"], capture_output=True,
                            text=True)
         assert r.returncode == 0 and "usage: bitplan" in r.stdout
 
 
-def test_plan_from_profile_file(db, profile_file, tmp_path, capsys):
+def test_plan_from_profile_file(db, profile_file, tmp_path, run_cli):
     out_file = tmp_path / "plan.json"
-    code, out, _ = run_cli(capsys, "plan", "--profile-file", str(profile_file), "--budget", "3.5bpw",
+    code, out, _ = run_cli("plan", "--profile-file", str(profile_file), "--budget", "3.5bpw",
                            "--output", str(out_file), "--json")
     assert code == 0
     plan = json.loads(out)
@@ -47,9 +26,9 @@ def test_plan_from_profile_file(db, profile_file, tmp_path, capsys):
     assert plan["bits_per_weight"] <= 3.5 and plan["allocator"] == "ilp" and plan["status"] == "optimal"
     assert {"assignment", "total_bits", "bits_per_weight", "predicted_error", "allocator", "status",
             "solve_seconds", "id"} <= set(plan)
-    code, out, _ = run_cli(capsys, "show", plan["id"])
+    code, out, _ = run_cli("show", plan["id"])
     assert code == 0 and "bits/weight" in out and "q_proj" in out
-    code, out, _ = run_cli(capsys, "ls", "--json")
+    code, out, _ = run_cli("ls", "--json")
     listing = json.loads(out)
     assert [p["id"] for p in listing["plans"]] == [plan["id"]]
     assert [p["id"] for p in listing["profiles"]] == ["prof-synthetic"]
@@ -64,68 +43,68 @@ BAD_PLANS = {
 
 
 @pytest.mark.parametrize("case", BAD_PLANS, ids=list(BAD_PLANS))
-def test_bad_plan_requests_write_nothing(case, db, profile_file, tmp_path, capsys):
+def test_bad_plan_requests_write_nothing(case, db, profile_file, tmp_path, run_cli):
     extra, needle = BAD_PLANS[case]
     out_file = tmp_path / "plan.json"
-    code, out, err = run_cli(capsys, "plan", "--profile-file", str(profile_file), "--output", str(out_file), *extra)
+    code, out, err = run_cli("plan", "--profile-file", str(profile_file), "--output", str(out_file), *extra)
     assert code != 0 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
     assert not out_file.exists() and Store(db).list_plans() == []
 
 
-def test_profile_file_without_id(db, tmp_path, capsys, make_profile):
+def test_profile_file_without_id(db, tmp_path, run_cli, make_profile):
     d = make_profile().to_dict()
     del d["id"]
     (tmp_path / "p.json").write_text(json.dumps(d))
-    code, out, _ = run_cli(capsys, "plan", "--profile-file", str(tmp_path / "p.json"), "--json")
+    code, out, _ = run_cli("plan", "--profile-file", str(tmp_path / "p.json"), "--json")
     assert code == 0
     stored = Store(db).get_profile(json.loads(out)["profile_id"])
     assert stored.id.startswith("prof-") and len(stored.modules) == len(d["modules"])
 
 
-def test_malformed_profile_json(db, tmp_path, capsys, make_profile):
+def test_malformed_profile_json(db, tmp_path, run_cli, make_profile):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "bitplan.profile/1", "modules": [')
-    code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
+    code, _, err = run_cli("plan", "--profile-file", str(bad))
     assert code != 0 and "malformed profile JSON" in err and err.count("\n") == 1
     bad.write_text(json.dumps({**make_profile().to_dict(), "options": [{"bits": 7}]}))
-    code, _, err = run_cli(capsys, "plan", "--profile-file", str(bad))
+    code, _, err = run_cli("plan", "--profile-file", str(bad))
     assert code != 0 and "malformed profile" in err and err.count("\n") == 1
     assert Store(db).list_profiles() == []
 
 
-def test_missing_checkpoint_and_not_a_causal_lm(db, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "profile", str(tmp_path / "nope"))
+def test_missing_checkpoint_and_not_a_causal_lm(db, tmp_path, run_cli):
+    code, _, err = run_cli("profile", str(tmp_path / "nope"))
     assert code != 0 and "no such checkpoint" in err
     (tmp_path / "enc").mkdir()
     (tmp_path / "enc" / "config.json").write_text('{"model_type": "vit"}')
-    code, _, err = run_cli(capsys, "profile", str(tmp_path / "enc"))
+    code, _, err = run_cli("profile", str(tmp_path / "enc"))
     assert code != 0 and "not a causal language model" in err
     assert Store(db).list_profiles() == []
 
 
-def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "256",
+def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, run_cli):
+    code, out, _ = run_cli("profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "256",
                            "--seq-len", "64", "--json", "-q")
     assert code == 0
     profile = json.loads(out)
     # 14 linears and the tied embedding (`--embeddings plan`, the default)
     assert profile["id"].startswith("prof-") and len(profile["modules"]) == 15
-    code, out, _ = run_cli(capsys, "plan", profile["id"][:10], "--budget", "4bpw", "--json", "-q")
+    code, out, _ = run_cli("plan", profile["id"][:10], "--budget", "4bpw", "--json", "-q")
     assert code == 0
     plan = json.loads(out)
     assert plan["bits_per_weight"] <= 4.0
-    code, out, _ = run_cli(capsys, "apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
+    code, out, _ = run_cli("apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
     assert code == 0 and json.loads(out)["checkpoint"] == str(tmp_path / "q")
-    code, _, err = run_cli(capsys, "apply", plan["id"], "--out", str(tmp_path / "q"), "-q")
+    code, _, err = run_cli("apply", plan["id"], "--out", str(tmp_path / "q"), "-q")
     assert code != 0 and "--overwrite" in err
-    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "256",
+    code, out, _ = run_cli("eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "256",
                            "--window", "64", "--json", "-q")
     assert code == 0
     ev = json.loads(out)
     assert ev["plan_id"] == plan["id"] and 1 < ev["perplexity"] < 1e6 and ev["id"]
     # another database does not know the plan: the evaluation is kept without the link
-    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
+    code, out, _ = run_cli("eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
                            "--window", "64", "--json", "-q", "--db", str(tmp_path / "other.db"))
     assert code == 0 and json.loads(out)["plan_id"] is None
     assert len(Store(str(tmp_path / "other.db")).list_evaluations()) == 1

@@ -40,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from pydantic import ValidationError
+
     try:
         return args.func(args) or 0
     except BitplanError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # a setting of the wrong type or range, caught by the request's schema
+        err = e.errors()[0]
+        where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
+        print(f"error: {where}: {err['msg']}", file=sys.stderr)
         return 2
 
 
@@ -56,12 +63,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cmd(name, func, help):
+    for name, func, arguments, help in COMMANDS:
         c = sub.add_parser(name, parents=[common], help=help, description=help)
         c.set_defaults(func=func)
-        return c
+        arguments(c)
+    return p
 
-    c = cmd("profile", cmd_profile, "measure every module's quantization error at every option; stores a Profile")
+
+def _profile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("model", nargs="?", default="smollm2-135m",
                    help="Hugging Face checkpoint directory, .gguf file, or 'smollm2-135m' (default)")
     c.add_argument("--calib", help="calibration text: a file, a glob, or shakespeare:calib (default)")
@@ -85,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
                    help="continue an interrupted profile of the same model and settings where it stopped: "
                         "hessian and GPTQ statistics from the block after the last finished one, fisher from "
                         "its last saved accumulators (saved every 5 min); kl and calibrated's KL points restart")
-    c.add_argument("--output", help="also write the profile as bitplan.profile/1 JSON to this file")
+    c.add_argument("--output", help="also write the profile as bitplan.profile/2 JSON to this file")
     c.add_argument("--latency", metavar="SOURCE",
                    help="also fill the latency table (seconds per module, option and batch), which "
                         "`plan --latency-budget` needs: roofline:GPU for GPU in H100, H200, A100, L40S, RTX4090 "
@@ -94,9 +103,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-batches", default="1,16,256", metavar="B,B,...",
                    help="batch sizes of the latency table (default 1,16,256)")
 
-    c = cmd("plan", cmd_plan, "choose an option for every module under a memory budget; stores a Plan")
+
+def _plan_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
-    c.add_argument("--profile-file", help="plan from a bitplan.profile/1 JSON file instead (no model needed)")
+    c.add_argument("--profile-file", help="plan from a bitplan.profile/2 JSON file instead (no model needed)")
     c.add_argument("--budget", default="3.5bpw", help="3.5bpw (overheads included), 900MiB, 0.9GiB, ...")
     c.add_argument("--allocator", default="ilp",
                    help="ilp (default), closed_form, greedy, dp, uniform, or evolutionary (loads the profile's "
@@ -117,9 +127,10 @@ def parser() -> argparse.ArgumentParser:
                         "same bits per weight, solved block by block (MC-MoE's allocation, a baseline)")
     c.add_argument("--output", help="also write the plan as JSON to this file")
 
-    c = cmd("compare", cmd_compare, "plan every budget with every allocator; stores every plan, prints a table")
+
+def _compare_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("profile", nargs="?", help="stored profile id (or unique prefix)")
-    c.add_argument("--profile-file", help="a bitplan.profile/1 JSON file instead")
+    c.add_argument("--profile-file", help="a bitplan.profile/2 JSON file instead")
     c.add_argument("--allocators", default="ilp,closed_form,greedy,uniform",
                    help="comma-separated allocators (default ilp,closed_form,greedy,uniform; evolutionary too, "
                         "which loads the profile's model once for all budgets)")
@@ -133,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens for --evaluate (default 2048)")
     c.add_argument("--output", help="also write the table as JSON to this file")
 
-    c = cmd("apply", cmd_apply, "quantize the model with a stored plan and write the checkpoint")
+
+def _apply_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("plan", help="stored plan id (or unique prefix), or a plan JSON file")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -142,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
                         "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
                         "llama-quantize command line)")
 
-    c = cmd("eval", cmd_eval, "measure perplexity of a checkpoint on held-out text; stores an Evaluation")
+
+def _eval_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("checkpoint", help="checkpoint written by apply, any HF directory, .gguf, or smollm2-135m")
     c.add_argument("--text", help="evaluation text: a file, a glob, or shakespeare:eval (default)")
     c.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
@@ -152,17 +165,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--speed-batches", default="1,16", metavar="B,B,...",
                    help="on cuda: batch sizes of the decode-speed test (128 new tokens after 512); '' for none")
 
-    c = cmd("ls", cmd_ls, "list stored profiles, plans and evaluations")
+
+def _ls_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("kind", nargs="?", choices=["profiles", "plans", "evaluations"], help="only this kind")
 
-    c = cmd("show", cmd_show, "show one stored profile, plan or evaluation")
+
+def _show_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("id", help="id or unique prefix")
 
-    c = cmd("serve", cmd_serve, "start the HTTP service (OpenAPI docs at /docs)")
+
+def _serve_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8000)
 
-    c = cmd("demo", cmd_demo, "the main job: profile, plan (ilp and uniform), apply, reload, evaluate")
+
+def _demo_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--model", default="smollm2-135m", help="model to run on (default: the embedded SmolLM2)")
     c.add_argument("--budgets", default="3.0bpw,3.5bpw,4.0bpw", help="comma-separated budgets")
     c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
@@ -171,7 +188,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
     c.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
-    return p
 
 
 def estimator_args(c: argparse.ArgumentParser) -> None:
@@ -187,9 +203,10 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--imatrix", metavar="PATH",
                    help="a llama.cpp imatrix.gguf (or legacy .dat) of this model, for --estimator imatrix (implied): "
                         "each module's H diagonal is its in_sum2/counts; the file's hash goes into the profile id")
-    c.add_argument("--quantizer", choices=["rtn", "gptq"],
+    c.add_argument("--quantizer", metavar="rtn|gptq[:KEY=VALUE,...]",
                    help="where each option's ΔW comes from; apply uses the same one (default gptq: with the "
-                        "profile's H, act-order, damp 0.1; rtn: round to nearest, needs no H)")
+                        "profile's H, damp=0.1, block_size=128, act_order=true; e.g. gptq:damp=0.05 changes one; "
+                        "rtn: round to nearest, needs no H)")
 
 
 def embeddings_arg(c: argparse.ArgumentParser) -> None:
@@ -223,6 +240,26 @@ def _store(args):
     return Store(args.db)
 
 
+def _workspace(args, **kw):
+    from bitplan.planner.app.workspace import Workspace
+    return Workspace(_store(args), progress=not args.quiet, **kw)
+
+
+def _profile_request(args):
+    """The profile settings `profile` and `demo` share (`demo` has no calibration or option flags)."""
+    from bitplan.planner.app.usecases import ProfileRequest
+    names = ("options", "group_size", "estimator", "quantizer", "calib", "tokens", "seq_len", "device", "imatrix",
+             "embeddings", "latency", "latency_batches")
+    return ProfileRequest(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+def _plan_request(args, **given):
+    """The plan settings `plan` and `compare` share, plus the command's own (`given`)."""
+    from bitplan.planner.request import PlanRequest
+    return PlanRequest(pins=args.pin, seed=args.seed, time_limit=args.time_limit, granularity=args.granularity,
+                       engine=args.engine, params=_search_params(args), **given)
+
+
 def _emit(args, obj: dict, human: str) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str) if args.json else human)
 
@@ -231,29 +268,26 @@ def _emit(args, obj: dict, human: str) -> None:
 
 
 def cmd_profile(args):
-    from bitplan.planner.workflow import run_profile, write_json
+    from bitplan.db.files import write_json
+    from bitplan.planner.app.usecases import run_profile
     if args.validate:
         return cmd_validate(args)
-    profile = run_profile(_store(args), args.model, options=args.options, group_size=args.group_size,
-                          estimator=args.estimator, quantizer=args.quantizer, calib=args.calib, tokens=args.tokens,
-                          seq_len=args.seq_len, device=args.device, force=args.force, progress=not args.quiet,
-                          latency=args.latency, latency_batches=args.latency_batches, resume=args.resume,
-                          imatrix=args.imatrix, embeddings=args.embeddings)
+    profile = run_profile(_workspace(args), args.model, _profile_request(args), force=args.force, resume=args.resume)
     if args.output:
-        write_json(profile.to_dict(), args.output)
+        write_json(args.output, profile.to_dict())
     _emit(args, profile.to_dict(), format_profile(profile))
 
 
 def cmd_validate(args):
-    from bitplan.planner.workflow import run_validate
+    from bitplan.planner.app.usecases import run_validate
     try:
         layers = [int(x) for x in args.validate_layers.split(",") if x.strip()]
     except ValueError:
         raise InvalidInput(f"--validate-layers {args.validate_layers!r}: give layer numbers separated by commas, "
                            f"e.g. 0,8,16") from None
-    result = run_validate(args.model, options=args.options, group_size=args.group_size, quantizer=args.quantizer,
-                          calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, device=args.device, layers=layers,
-                          progress=not args.quiet, estimators=_csv(args.validate_estimators), imatrix=args.imatrix)
+    request = _profile_request(args).model_copy(update={"latency": None})
+    result = run_validate(_workspace(args), args.model, request, layers=layers,
+                          estimators=_csv(args.validate_estimators))
     _emit(args, result, format_validation(result))
 
 
@@ -270,63 +304,62 @@ def format_validation(r: dict) -> str:
 
 
 def cmd_plan(args):
-    from bitplan.planner.workflow import run_plan, write_json
-    store = _store(args)
-    profile = _profile_arg(store, args)
-    plan = run_plan(store, profile, args.budget, args.allocator, pins=args.pin, seed=args.seed,
-                    time_limit=args.time_limit, granularity=args.granularity,
-                    latency_budget=args.latency_budget, objective=args.objective,
-                    params=_search_params(args), search_state=args.search_state, progress=not args.quiet,
-                    engine=args.engine, budget_split=args.budget_split)
+    from bitplan.db.files import write_json
+    from bitplan.planner.app.usecases import run_plan
+    request = _plan_request(args, budget=args.budget, allocator=args.allocator, latency_budget=args.latency_budget,
+                            objective=args.objective, budget_split=args.budget_split).checked()
+    ws = _workspace(args)
+    profile = _profile_arg(ws.store, args)
+    plan = run_plan(ws, profile, request, search_state=args.search_state)
     if args.output:
-        write_json(plan.to_dict(), args.output)
+        write_json(args.output, plan.to_dict())
     _emit(args, plan.to_dict(), format_plan(plan, profile))
 
 
-def _search_params(args) -> dict | None:
+def _search_params(args) -> dict:
     """--generations / --offspring: the evolutionary allocator's parameters (any other allocator refuses them)."""
-    given = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
-    return given or None
+    return {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
 
 
 def cmd_compare(args):
-    from bitplan.planner.workflow import parse_budgets, run_compare, write_json
+    from bitplan.db.files import write_json
+    from bitplan.planner.app.usecases import run_compare
+    from bitplan.planner.budgets import parse_budgets
     budgets = parse_budgets(args.budgets)  # a bad budget fails before the profile is read
-    store = _store(args)
-    rows = run_compare(store, _profile_arg(store, args), budgets, _csv(args.allocators), pins=args.pin,
-                       seed=args.seed, time_limit=args.time_limit, granularity=args.granularity,
-                       engine=args.engine, evaluate=args.evaluate, eval_tokens=args.eval_tokens,
-                       progress=not args.quiet, params=_search_params(args))
+    request = _plan_request(args)
+    ws = _workspace(args)
+    rows = [r.model_dump() for r in run_compare(ws, _profile_arg(ws.store, args), budgets, _csv(args.allocators),
+                                                request, evaluate=args.evaluate, eval_tokens=args.eval_tokens)]
     if args.output:
-        write_json({"rows": rows}, args.output)
+        write_json(args.output, {"rows": rows})
     _emit(args, {"rows": rows}, format_compare(rows))
 
 
 def _profile_arg(store, args) -> Profile:
     """The profile named by a stored id or by --profile-file (exactly one of them)."""
-    from bitplan.planner.workflow import read_profile_file
+    from bitplan.db.files import read_profile_file
     if bool(args.profile) == bool(args.profile_file):
         raise_input("give a stored profile id or --profile-file FILE (one of them)")
     return read_profile_file(args.profile_file) if args.profile_file else _find(store, args.profile, "profile")
 
 
 def cmd_apply(args):
-    from bitplan.planner.workflow import run_apply
-    store = _store(args)
+    from bitplan.planner.app.usecases import run_apply
+    ws = _workspace(args)
     if Path(args.plan).is_file():
         plan = Plan.from_dict(_read_json(args.plan))
     else:
-        plan = _find(store, args.plan, "plan")
-    out = run_apply(store, plan, args.out, overwrite=args.overwrite, progress=not args.quiet, fmt=args.format)
+        plan = _find(ws.store, args.plan, "plan")
+    out = run_apply(ws, plan, args.out, overwrite=args.overwrite, fmt=args.format)
     _emit(args, {"id": plan.id, "checkpoint": str(out)}, f"wrote {out} (plan {plan.id}, "
           f"{plan.bits_per_weight:.3f} bpw, {plan.size_mib:.1f} MiB)")
 
 
 def cmd_eval(args):
-    from bitplan.planner.workflow import run_eval
+    from bitplan.planner.app.usecases import run_eval
     batches = [int(b) for b in args.speed_batches.split(",") if b.strip()]
-    ev = run_eval(_store(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
-                  device=args.device, speed_batches=batches, progress=not args.quiet)
+    ev = run_eval(_workspace(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
+                  device=args.device, speed_batches=batches)
     _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))
 
 
@@ -349,7 +382,7 @@ def cmd_show(args):
     if kind == "profile":
         _emit(args, obj.to_dict(), format_profile(obj))
     elif kind == "plan":
-        from bitplan.planner.heatmap import expert_heatmap
+        from bitplan.planner.app.heatmap import expert_heatmap
         profile = _maybe_profile(store, obj.profile_id)
         _emit(args, obj.to_dict(), "\n".join(filter(None, [format_plan(obj, profile), expert_heatmap(obj, profile)])))
     else:
@@ -359,16 +392,16 @@ def cmd_show(args):
 def cmd_serve(args):
     import uvicorn
 
-    from bitplan.planner.service import create_app
+    from bitplan.planner.app.service import create_app
     uvicorn.run(create_app(args.db), host=args.host, port=args.port)
 
 
 def cmd_demo(args):
-    from bitplan.planner.workflow import run_demo
-    rows = run_demo(_store(args), source=args.model, budgets=_csv(args.budgets), allocators=_csv(args.allocators),
-                    estimator=args.estimator, quantizer=args.quantizer, tokens=args.tokens,
-                    eval_tokens=args.eval_tokens, out_dir=args.out, progress=not args.quiet, imatrix=args.imatrix,
-                    embeddings=args.embeddings)
+    from bitplan.planner.app.usecases import run_demo
+    rows = run_demo(_workspace(args, keep_gptq=True), source=args.model, budgets=_csv(args.budgets),
+                    allocators=_csv(args.allocators), profile_request=_profile_request(args),
+                    eval_tokens=args.eval_tokens, out_dir=args.out)
+    rows = [r.model_dump() for r in rows]
     _emit(args, {"rows": rows}, format_rows(rows))
 
 
@@ -376,7 +409,7 @@ def cmd_demo(args):
 
 
 def format_profile(p: Profile) -> str:
-    return (f"profile {p.id}: {p.model.name}, estimator {p.estimator}, {len(p.modules)} modules x "
+    return (f"profile {p.id}: {p.model.name}, estimator {p.estimator} ({p.quantizer.label}), {len(p.modules)} modules x "
             f"{len(p.options)} options ({', '.join(o.label for o in p.options)}), "
             f"{p.calibration.n_tokens} tokens of {p.calibration.name or '?'}, {p.seconds:.0f} s"
             + (", embedding planned" if p.plan_embeddings else "")
@@ -410,7 +443,7 @@ def format_plan(plan: Plan, profile: Profile | None = None) -> str:
               f"  predicted error  {plan.predicted_error:.6g}"]
     if plan.predicted_latency:
         from bitplan.planner.latency import format_seconds
-        lines.append(f"  latency          " + ", ".join(f"{format_seconds(t)} at batch {b}"
+        lines.append("  latency          " + ", ".join(f"{format_seconds(t)} at batch {b}"
                                                          for b, t in sorted(plan.predicted_latency.items()))
                      + f" ({plan.latency_source}" + (f", budget {plan.params['latency_budget']})"
                                                      if "latency_budget" in plan.params else ")"))
@@ -444,7 +477,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def format_compare(rows: list[dict]) -> str:
     """The sweep as a table, one row per (budget, allocator); an infeasible pair shows its message."""
-    measured = any("perplexity" in r for r in rows)
+    measured = any(r.get("perplexity") is not None for r in rows)
     head = (f"{'budget':>9} {'allocator':>12} {'pred.err':>10} {'bits/w':>7} {'MiB':>9} {'time s':>8}  "
             + (f"{'ppl':>9} {'KL':>8}  " if measured else "") + f"{'status':<28} plan")
     out = [head, "-" * len(head)]
@@ -460,7 +493,8 @@ def format_compare(rows: list[dict]) -> str:
 
 def _summary(o) -> dict:
     if isinstance(o, Profile):
-        return {"id": o.id, "model": o.model.name, "estimator": o.estimator, "modules": len(o.modules),
+        return {"id": o.id, "model": o.model.name, "estimator": o.estimator, "quantizer": o.quantizer.label,
+                "modules": len(o.modules),
                 "tokens": o.calibration.n_tokens, "created_at": o.created_at.isoformat(timespec="seconds")}
     if isinstance(o, Plan):
         return {"id": o.id, "profile_id": o.profile_id, "budget": o.budget, "allocator": o.allocator,
@@ -497,6 +531,21 @@ def raise_input(msg: str):
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+
+# name, what it runs, its arguments, its help line
+COMMANDS = [
+    ("profile", cmd_profile, _profile_arguments, "measure every module's quantization error at every option; stores a Profile"),
+    ("plan", cmd_plan, _plan_arguments, "choose an option for every module under a memory budget; stores a Plan"),
+    ("compare", cmd_compare, _compare_arguments, "plan every budget with every allocator; stores every plan, prints a table"),
+    ("apply", cmd_apply, _apply_arguments, "quantize the model with a stored plan and write the checkpoint"),
+    ("eval", cmd_eval, _eval_arguments, "measure perplexity of a checkpoint on held-out text; stores an Evaluation"),
+    ("ls", cmd_ls, _ls_arguments, "list stored profiles, plans and evaluations"),
+    ("show", cmd_show, _show_arguments, "show one stored profile, plan or evaluation"),
+    ("serve", cmd_serve, _serve_arguments, "start the HTTP service (OpenAPI docs at /docs)"),
+    ("demo", cmd_demo, _demo_arguments, "the main job: profile, plan (ilp and uniform), apply, reload, evaluate"),
+]
 
 
 if __name__ == "__main__":

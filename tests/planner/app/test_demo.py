@@ -3,7 +3,8 @@
 import pytest
 
 from bitplan.db.store import Store
-from bitplan.planner.workflow import run_demo
+from bitplan.planner.app.usecases import ProfileRequest, run_demo
+from bitplan.planner.app.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -11,9 +12,9 @@ pytestmark = pytest.mark.slow
 def test_demo_on_the_embedded_model(tmp_path):
     pytest.importorskip("gguf")
     store = Store(str(tmp_path / "e2e.db"))
-    rows = run_demo(store, budgets=["3.5bpw"], tokens=1024, eval_tokens=2048, out_dir=tmp_path / "runs",
-                    progress=False)
-    base, ilp, uniform = rows
+    rows = run_demo(Workspace(store, progress=False, keep_gptq=True), budgets=["3.5bpw"],
+                    profile_request=ProfileRequest(tokens=1024), eval_tokens=2048, out_dir=tmp_path / "runs")
+    base, ilp, uniform = (r.model_dump() for r in rows)
     assert base["allocator"] == "unquantized" and 10 < base["perplexity"] < 100
     assert ilp["allocator"] == "ilp" and uniform["allocator"] == "uniform"
     assert ilp["bits_per_weight"] <= 3.5 and uniform["bits_per_weight"] <= 3.5

@@ -10,21 +10,12 @@ from fastapi.testclient import TestClient
 
 from bitplan.db.store import Store
 from bitplan.db.types import InvalidInput
-from bitplan.planner.cli import main
-from bitplan.planner.service import create_app
-from bitplan.planner.workflow import parse_budgets, run_compare
-
-
-@pytest.fixture()
-def store(tmp_path):
-    return Store(str(tmp_path / "cmp.db"))
-
-
-@pytest.fixture()
-def profile_file(tmp_path, make_profile):
-    p = tmp_path / "profile.json"
-    p.write_text(json.dumps(make_profile().to_dict()))
-    return p
+from bitplan.planner.app.cli import main
+from bitplan.planner.app.service import create_app
+from bitplan.planner.app.usecases import run_compare
+from bitplan.planner.app.workspace import Workspace
+from bitplan.planner.request import PlanRequest
+from bitplan.planner.budgets import parse_budgets
 
 
 def test_parse_budgets():
@@ -40,7 +31,7 @@ def test_parse_budgets():
 def test_every_pair_is_solved_and_stored(store, make_profile):
     profile = make_profile()
     allocators = ["ilp", "closed_form", "greedy", "uniform"]
-    rows = run_compare(store, profile, "2bpw,3:4:0.5,60MiB", allocators)
+    rows = [r.model_dump() for r in run_compare(Workspace(store), profile, "2bpw,3:4:0.5,60MiB", allocators)]
     assert [(r["budget"], r["allocator"]) for r in rows] == [
         (b, a) for b in ("2bpw", "3bpw", "3.5bpw", "4bpw", "60MiB") for a in allocators]
     for r in rows:
@@ -61,10 +52,10 @@ def test_every_pair_is_solved_and_stored(store, make_profile):
 
 def test_bad_input_fails_before_solving(store, make_profile):
     for kwargs, match in (({"allocators": ["ilp", "simplex"]}, "unknown allocator 'simplex'"),
-                          ({"granularity": "row"}, "unknown granularity"),
+                          ({"request": PlanRequest(granularity="row")}, "unknown granularity"),
                           ({"budgets": "3bpw,lots"}, "bad budget")):
         with pytest.raises(InvalidInput, match=match):
-            run_compare(store, make_profile(), **{"budgets": "3bpw", "allocators": ["ilp"], **kwargs})
+            run_compare(Workspace(store), make_profile(), **{"budgets": "3bpw", "allocators": ["ilp"], **kwargs})
     assert store.list_plans() == []
 
 
@@ -87,7 +78,7 @@ def test_cli_compare_table_json_and_output(tmp_path, profile_file, capsys, monke
 
 
 def test_cli_compare_help():
-    r = subprocess.run([sys.executable, "-m", "bitplan.planner.cli", "compare", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "bitplan.planner.app.cli", "compare", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "--granularity" in r.stdout and "START:STOP:STEP" in r.stdout
 

@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 from bitplan.db.store import Store
 from bitplan.executor.apply import quantize_model
 from bitplan.executor.load import load_quantized
-from bitplan.planner.workflow import run_apply, run_plan, run_profile
+from bitplan.planner.app.usecases import ProfileRequest, run_apply, run_plan, run_profile
+from bitplan.planner.app.workspace import Workspace
+from bitplan.planner.request import PlanRequest
 from bitplan.profiler.model import load_model, planned_for
 from bitplan.profiler.profile import gptq_hessians
 
@@ -29,23 +31,23 @@ def checkpoint(arch_family, build_arch, tiny_checkpoint, tmp_path_factory):
 def test_profile_plan_apply_reload(checkpoint, text_file, tmp_path):
     family, path = checkpoint
     with Store(str(tmp_path / "bitplan.db")) as store:
-        profile = run_profile(store, str(path), options="2,4", calib=str(text_file), tokens=128, seq_len=32,
-                              progress=False)
-        assert profile.estimator.startswith("calibrated")
+        ws = Workspace(store, progress=False)
+        profile = run_profile(ws, str(path), ProfileRequest(options="2,4", calib=str(text_file), tokens=128, seq_len=32))
+        assert profile.estimator == "calibrated" and profile.quantizer.method == "gptq"
         quantized = [j for j, o in enumerate(profile.options) if o.quantized and o.bits < 8]
         zero = [(profile.modules[i].name, profile.options[quantized[j]].label)
                 for i, j in zip(*(profile.error[:, quantized] <= 0).nonzero())]
         assert not zero, f"{family}: predicted error 0 at a quantized option: {zero[:5]}"
-        plan = run_plan(store, profile, "3.5bpw")
+        plan = run_plan(ws, profile, PlanRequest(budget="3.5bpw"))
         assert plan.total_bits <= plan.budget_bits
-        out = run_apply(store, plan, tmp_path / "q", progress=False)
+        out = run_apply(ws, plan, tmp_path / "q")
 
     reloaded, _, _ = load_quantized(out)
     loaded = load_model(str(path))
     planned = planned_for(loaded.model, plan.assignment)
     base = loaded.model
     in_memory = load_model(str(path)).model
-    quantize_model(in_memory, planned_for(in_memory, plan.assignment), plan, quantizer="gptq",
+    quantize_model(in_memory, planned_for(in_memory, plan.assignment), plan, quantizer=profile.quantizer,
                    hessians=gptq_hessians(loaded, profile, planned, progress=False))
     ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

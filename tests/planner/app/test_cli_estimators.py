@@ -2,55 +2,41 @@
 
 import json
 
-import pytest
-
-from bitplan.planner.cli import format_validation, main
+from bitplan.planner.app.cli import format_validation
 
 
-@pytest.fixture()
-def db(tmp_path, monkeypatch):
-    url = str(tmp_path / "bitplan.db")
-    monkeypatch.setenv("BITPLAN_DB", url)
-    return url
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_path, capsys):
+def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_path, run_cli):
     common = ["--calib", str(text_file), "--tokens", "256", "--seq-len", "64", "--json", "-q"]
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "fisher", *common)
+    code, out, _ = run_cli("profile", str(tiny_checkpoint), "--estimator", "fisher", *common)
     assert code == 0
     gptq = json.loads(out)  # GPTQ is the default quantizer
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "fisher", "--quantizer", "rtn",
+    code, out, _ = run_cli("profile", str(tiny_checkpoint), "--estimator", "fisher", "--quantizer", "rtn",
                            *common)
     rtn = json.loads(out)
-    assert gptq["estimator"] == "fisher/gptq" and rtn["estimator"] == "fisher" and gptq["id"] != rtn["id"]
+    assert gptq["estimator"] == rtn["estimator"] == "fisher" and gptq["id"] != rtn["id"]
+    assert gptq["quantizer"]["method"] == "gptq" and rtn["quantizer"] == {"method": "rtn"}
     # GPTQ's ΔW is smaller in the metric it optimises, so its predicted errors differ from RTN's
     assert [m["error"] for m in gptq["modules"]] != [m["error"] for m in rtn["modules"]]
-    code, out, _ = run_cli(capsys, "plan", gptq["id"], "--budget", "3.5bpw", "--json", "-q")
+    code, out, _ = run_cli("plan", gptq["id"], "--budget", "3.5bpw", "--json", "-q")
     plan = json.loads(out)
-    code, out, err = run_cli(capsys, "apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
+    code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
     assert code == 0, err
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quantizer"] == "gptq"
-    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
+    code, out, _ = run_cli("eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
                            "--window", "64", "--json", "-q")
     assert code == 0 and 1 < json.loads(out)["perplexity"] < 1e6
 
 
-def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, capsys):
-    code, out, _ = run_cli(capsys, "profile", str(tiny_checkpoint), "--estimator", "kl", "--quantizer", "rtn",
+def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, run_cli):
+    code, out, _ = run_cli("profile", str(tiny_checkpoint), "--estimator", "kl", "--quantizer", "rtn",
                            "--options", "2,4", "--calib", str(text_file), "--tokens", "64", "--seq-len", "32", "--json", "-q")
     assert code == 0
     kl = json.loads(out)
     assert kl["estimator"] == "kl"
     flat = [x for m in kl["modules"] for x in m["error"]]
     assert min(flat) >= 0 and max(flat) > 0
-    code, out, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1",
+    code, out, err = run_cli("profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1",
                              "--options", "2,4", "--calib", str(text_file), "--tokens", "128", "--seq-len", "32",
                              "--json", "-q")
     assert code == 0, err
@@ -59,7 +45,7 @@ def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, capsys):
     assert all(-1 <= rho <= 1 for rho in r["spearman"].values())
     assert "Spearman" in format_validation(r) and "fisher" in format_validation(r)
     # with GPTQ, the KL truth quantizes with H of the estimators' 128 tokens, not of its own 64
-    code, out, err = run_cli(capsys, "profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1",
+    code, out, err = run_cli("profile", str(tiny_checkpoint), "--validate", "--validate-layers", "1",
                              "--options", "2,4", "--quantizer", "gptq", "--calib", str(text_file), "--tokens", "128",
                              "--seq-len", "32", "--json", "-q")
     assert code == 0, err

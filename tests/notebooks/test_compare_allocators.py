@@ -19,9 +19,12 @@ pytest.importorskip("matplotlib")
 from bitplan.db.store import Store  # noqa: E402
 from bitplan.db.types import Evaluation  # noqa: E402
 from bitplan.planner import synthetic  # noqa: E402
-from bitplan.planner.workflow import run_plan  # noqa: E402
+from bitplan.planner.app.usecases import run_plan  # noqa: E402
+from bitplan.planner.app.workspace import Workspace  # noqa: E402
+from bitplan.planner.request import PlanRequest  # noqa: E402
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[2]  # tests/notebooks/ -> the repository root
+NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = NOTEBOOKS / "compare_allocators.ipynb"
 
 
@@ -59,7 +62,7 @@ def _store_evaluated_plans(db: Path) -> None:
         profile = store.save_profile(synthetic.synthetic_profile(seed=3))
         for i, (budget, alloc) in enumerate([("3bpw", "ilp"), ("3.5bpw", "ilp"), ("4bpw", "ilp"),
                                              ("3bpw", "uniform"), ("4bpw", "uniform")]):
-            plan = run_plan(store, profile, budget, alloc)
+            plan = run_plan(Workspace(store), profile, PlanRequest(budget=budget, allocator=alloc))
             store.save_evaluation(Evaluation(plan_id=plan.id, checkpoint=f"/nowhere/{plan.id}", corpus="synthetic",
                                              n_tokens=1024, window=256,
                                              perplexity=20 * math.exp(plan.predicted_error * (0.9 + 0.05 * i))))

@@ -10,13 +10,11 @@ with what is stored.
 
 from __future__ import annotations
 
-import inspect
-
 from dataclasses import dataclass
 
 import torch
 
-from bitplan.db.types import EMBED_ROLE, Module, Option
+from bitplan.db.types import EMBED_ROLE, Module, Option, Quantizer
 
 # Smallest scale we store: a constant group (range 0) still needs a finite, fp16-representable scale.
 MIN_SCALE = 2.0**-20
@@ -179,10 +177,7 @@ def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.
     return out
 
 
-QUANTIZERS = ("rtn", "gptq")
-
-
-def quantizer_for(module: Module, quantizer: str) -> str:
+def quantizer_for(module: Module, quantizer: Quantizer) -> Quantizer:
     """The quantizer a module really gets: the embedding always RTN.
 
     A lookup's input is one-hot, so its `H` is diagonal (token counts) and GPTQ has no correlation
@@ -190,22 +185,13 @@ def quantizer_for(module: Module, quantizer: str) -> str:
     head does have correlated inputs, but GPTQ on them would trade the rows' own error (what every
     lookup reads) for the head's; RTN keeps every row as close as the grid allows for both uses.
     """
-    return "rtn" if module.role == EMBED_ROLE else quantizer
-
-
-def quantizer_settings(quantizer: str) -> dict:
-    """The settings that shape a quantizer's ΔW (GPTQ's keyword defaults; RTN has none), so that what was
-    measured with one setting is never reused for another: profile ids include them."""
-    if quantizer != "gptq":
-        return {}
-    return {name: p.default for name, p in inspect.signature(gptq).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return Quantizer() if module.role == EMBED_ROLE else quantizer
 
 
 class GPTQCache:
-    """GPTQ's result for each (module, option), kept so that one process runs GPTQ once per pair.
+    """GPTQ's result for each (module, option, settings), kept so that one process runs GPTQ once per pair.
 
-    A profile with `--quantizer gptq` quantizes every module at every option; `apply` then quantizes
+    A profile with a GPTQ quantizer quantizes every module at every option; `apply` then quantizes
     each plan's modules again, from the same `H`, and `compare --evaluate` every compared plan's.  On
     the embedded model that is 840 GPTQ runs for the profile and up to 210 more per plan (`bitplan
     demo`: 6 plans).  With one cache passed to all of them, the plans' GPTQ is a lookup.
@@ -229,16 +215,12 @@ class GPTQCache:
         self.profile_id = profile_id
         return self
 
-    @staticmethod
-    def _key(name: str, option: Option, params: dict) -> tuple:
-        return name, option, tuple(sorted({**quantizer_settings("gptq"), **params}.items()))
-
-    def has(self, name: str, option: Option, **gptq_params) -> bool:
-        return self._key(name, option, gptq_params) in self._kept
+    def has(self, name: str, option: Option, quantizer: Quantizer) -> bool:
+        return (name, option, quantizer) in self._kept
 
     def gptq(self, name: str, W: torch.Tensor, H: torch.Tensor | None, option: Option,
-             **gptq_params) -> QuantizedWeight:
-        key = self._key(name, option, gptq_params)
+             quantizer: Quantizer) -> QuantizedWeight:
+        key = (name, option, quantizer)
         kept = self._kept.get(key)
         if kept is not None:
             return QuantizedWeight(q=kept.q.to(W.device, torch.int32), scales=kept.scales.to(W.device),
@@ -246,7 +228,7 @@ class GPTQCache:
                                    option=option)
         if H is None:
             raise ValueError(f"the gptq quantizer needs the input statistics H of {name}")
-        qw = gptq(W, H, option, **gptq_params)
+        qw = gptq(W, H, option, **quantizer.settings)
         size = qw.q.numel() + 2 * qw.scales.numel() + (0 if qw.zeros is None else qw.zeros.numel())
         if self.bytes + size <= self.max_bytes:
             self._kept[key] = QuantizedWeight(q=qw.q.to("cpu", torch.uint8), scales=qw.scales.cpu(),
@@ -256,22 +238,23 @@ class GPTQCache:
         return qw
 
 
-def quantize(W: torch.Tensor, option: Option, quantizer: str = "rtn", H: torch.Tensor | None = None, *,
-             cache: GPTQCache | None = None, name: str | None = None, **gptq_params) -> QuantizedWeight:
-    """`rtn(W, option)` or `gptq(W, H, option, **gptq_params)`; GPTQ needs `H`, unless `cache` holds module
-    `name`'s result (RTN is cheaper than a lookup and never cached)."""
-    if quantizer == "rtn":
+def quantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer(), H: torch.Tensor | None = None,
+             *, cache: GPTQCache | None = None, name: str | None = None) -> QuantizedWeight:
+    """`rtn(W, option)` or `gptq(W, H, option, **quantizer.settings)`; GPTQ needs `H`, unless `cache` holds
+    module `name`'s result (RTN is cheaper than a lookup and never cached)."""
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
+                        f"not {type(quantizer).__name__}")
+    if quantizer.method == "rtn":
         return rtn(W, option)
-    if quantizer == "gptq":
-        if cache is not None:
-            return cache.gptq(name, W, H, option, **gptq_params)
-        if H is None:
-            raise ValueError("the gptq quantizer needs the module's input statistics H")
-        return gptq(W, H, option, **gptq_params)
-    raise ValueError(f"unknown quantizer {quantizer!r}; choose one of {QUANTIZERS}")
+    if cache is not None:
+        return cache.gptq(name, W, H, option, quantizer)
+    if H is None:
+        raise ValueError("the gptq quantizer needs the module's input statistics H")
+    return gptq(W, H, option, **quantizer.settings)
 
 
-def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: str = "rtn",
+def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer(),
                         H: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
     device, where the quantizer runs (GPTQ brings `H` there); `kwargs` as `quantize`'s."""

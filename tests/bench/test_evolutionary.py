@@ -1,22 +1,24 @@
-"""bench/evolutionary.py at a coarser granularity: the start and the result tie an expert's matrices,
-stay within budget, and are measured on the same evaluation windows as a stored plan of the profile."""
+"""bench/evolutionary.py end to end, run as the script it is (never imported): at a coarser granularity
+the start and the result tie an expert's matrices, stay within budget, and are measured on the same
+evaluation windows as a stored plan of the profile.  Its measuring functions are the library's,
+`bitplan.executor.evaluate` (tests/executor/test_evaluate.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "evolutionary.py"
+ROOT = Path(__file__).resolve().parents[2]  # tests/bench/ -> the repository root
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_evolutionary", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# a whole bench run in a subprocess (a minute or two): with the end-to-end runs, not the fast suite
+pytestmark = pytest.mark.slow
 
 
 def test_expert_granularity_ties_experts_and_measures_on_shared_windows(moe_checkpoint, text_file, tmp_path):
@@ -24,7 +26,9 @@ def test_expert_granularity_ties_experts_and_measures_on_shared_windows(moe_chec
 
     from bitplan.db.store import Store
     from bitplan.db.types import parse_options
-    from bitplan.planner.workflow import run_plan
+    from bitplan.planner.app.usecases import run_plan
+    from bitplan.planner.app.workspace import Workspace
+    from bitplan.planner.request import PlanRequest
     from bitplan.profiler.model import load_model
     from bitplan.profiler.profile import profile_model
 
@@ -34,14 +38,17 @@ def test_expert_granularity_ties_experts_and_measures_on_shared_windows(moe_chec
     store = Store(db)
     profile = store.save_profile(profile_model(loaded, parse_options("2,3,4,8"), calib=str(text_file),
                                                n_tokens=128, seq_len=64, progress=False))
-    stored = run_plan(store, profile, "3.5bpw", "ilp", granularity="expert")
+    stored = run_plan(Workspace(store), profile, PlanRequest(budget="3.5bpw", granularity="expert"))
     out = tmp_path / "evo.json"
     args = ["--db", db, "--profile", profile.id, "--budget", "3.5bpw", "--granularity", "expert",
             "--generations", "2", "--offspring", "3", "--patience", "0", "--fitness-tokens", "256",
             "--heldout-tokens", "128", "--row-tokens", "64", "--eval-text", str(text_file),
             "--eval-tokens", "1024", "--report-tokens", "512", "--also", stored.id, "--threads", "1",
             "--out", str(out)]
-    assert _bench().main(args) == 0
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    r = subprocess.run([sys.executable, "bench/evolutionary.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
     row = json.loads(out.read_text())
 
     experts = {}

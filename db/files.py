@@ -1,0 +1,82 @@
+"""Atomic writes: a reader, or a process that dies halfway, sees the old file (or folder) or the new one.
+
+Every file bitplan writes outside the database (profile and plan JSON, search states, latency caches,
+streamed activations, checkpoints, exports, benchmark results) goes through these two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bitplan.db.types import InvalidInput, Profile
+
+
+def _temporary(path: Path) -> Path:
+    # beside the target (a rename within one file system is atomic); the pid keeps two writers apart
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write `data` to `path` through a temporary file and a rename, creating the folder.
+
+    `data` is text (UTF-8), bytes, or a function that writes the file at the path it is given
+    (`torch.save`, `safetensors.save_file`).  Returns the path."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            data(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
+    """`obj` as JSON (keys sorted, so equal objects give equal bytes), written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out`; on success it becomes `out`, on any error it is
+    removed.  An existing `out` is refused unless `overwrite`, then moved aside and removed only after
+    the new folder is in place."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_profile_file(path: str | Path) -> Profile:
+    """A `bitplan.profile/2` (or `/1`) JSON file (docs/formats.md), validated."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidInput(f"no such profile file: {path}")
+    return Profile.from_json(p.read_text(encoding="utf-8"))

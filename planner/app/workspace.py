@@ -1,0 +1,91 @@
+"""`Workspace`: what the use cases of one process share, in one object.
+
+The store; the model loaded last (profiling, searching, applying and evaluating one model load it
+once); the GPTQ results of the profile in use (`kernels.quantize.GPTQCache`: a profile's GPTQ runs
+once for the profile and every plan applied after it); the evaluation windows, tokenized once.
+Model-side imports happen inside the methods, so planning a stored profile needs no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from bitplan.db.store import Store
+from bitplan.db.types import InvalidInput, Profile, content_id
+
+log = logging.getLogger(__name__)
+
+
+class Workspace:
+    """The store and the loaded state the use cases share (`progress`: show progress bars).
+
+    `keep_gptq`: keep every GPTQ result of the current profile for the applies after it (memory:
+    a byte per weight and option, up to `GPTQCache.max_bytes`); worth it when one process applies
+    several plans of one profile (`bitplan demo`, `compare --evaluate`).
+    """
+
+    def __init__(self, store: Store, *, progress: bool = True, keep_gptq: bool = False):
+        self.store, self.progress, self.keep_gptq = store, progress, keep_gptq
+        self._source: str | None = None
+        self._loaded = None  # profiler.model.LoadedModel of `_source`
+        self._gptq = None  # kernels.quantize.GPTQCache of one profile
+        self._windows: dict[tuple, object] = {}
+
+    # ------------------------------------------------------------------------------------ models
+
+    def model(self, source: str):
+        """The model at `source` (a local checkpoint, a GGUF file or the embedded name), loaded once: a
+        later call for another source replaces it."""
+        if self._loaded is None or source != self._source:
+            from bitplan.profiler.model import check_causal_lm, load_model
+
+            check_causal_lm(source)
+            self._loaded = None  # the old model's memory goes before the new one loads
+            t0 = time.perf_counter()
+            self._loaded, self._source = load_model(source), source
+            log.info("loaded %s in %.0f s", source, time.perf_counter() - t0)
+        return self._loaded
+
+    def has_model(self, source: str) -> bool:
+        """Whether the model at `source` is loaded already (a use case that can do without it then skips it)."""
+        return self._loaded is not None and source == self._source
+
+    def adopt(self, source: str, loaded) -> Workspace:
+        """Use `loaded` (a `LoadedModel`) as the model at `source`: a caller that has it loaded already."""
+        self._source, self._loaded = source, loaded
+        return self
+
+    def model_of(self, profile: Profile, purpose: str):
+        """The model `profile` was measured on, from the source it records, for `purpose`."""
+        if not profile.model.source:
+            raise InvalidInput(f"profile {profile.id} records no model source; {purpose} needs the model: use a "
+                               f"profile made by `bitplan profile`")
+        return self.model(profile.model.source)
+
+    # ------------------------------------------------------------------------------------- GPTQ
+
+    def gptq_cache(self, profile_id: str):
+        """The GPTQ cache of `profile_id` when results are kept (`keep_gptq`), else None.  A workspace
+        keeps one profile's results: the first use of another profile starts an empty cache."""
+        if not self.keep_gptq:
+            return None
+        from bitplan.kernels.quantize import GPTQCache
+
+        if self._gptq is None or self._gptq.profile_id not in (None, profile_id):
+            self._gptq = GPTQCache()
+        return self._gptq.claim(profile_id)
+
+    # --------------------------------------------------------------------------- evaluation text
+
+    def windows(self, tokenizer, text: str | None = None, tokens: int | None = None, window: int | None = None):
+        """`executor.evaluate.eval_windows`, tokenized once per tokenizer vocabulary, text and shape."""
+        from bitplan.executor.evaluate import EVAL_TOKENS, EVAL_WINDOW, eval_windows
+
+        tokens = tokens or EVAL_TOKENS
+        window = min(window or EVAL_WINDOW, tokens)
+        # a saved copy of a tokenizer (a quantized checkpoint's) tokenizes as the original: key by vocabulary
+        key = (text, tokens, window, type(tokenizer).__name__, content_id(sorted(tokenizer.get_vocab().items())))
+        if key not in self._windows:
+            self._windows[key] = eval_windows(tokenizer, text, tokens, window)
+        return self._windows[key]

@@ -1,0 +1,137 @@
+"""The quantizer as a typed setting: its text form, its validation, and its place in the profile format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitplan.db.types import PROFILE_FORMAT, InvalidInput, Profile, Quantizer
+
+
+@pytest.mark.parametrize("text,label", [
+    ("rtn", "rtn"),
+    ("gptq", "gptq"),
+    ("gptq:damp=0.1", "gptq"),  # a default is not a setting of its own
+    ("gptq:damp=0.05", "gptq:damp=0.05"),
+    ("gptq:act_order=false,damp=0.05", "gptq:damp=0.05,act_order=false"),
+    ("gptq:damp=0.05,block_size=64,act_order=false", "gptq:damp=0.05,block_size=64,act_order=false"),
+    (" gptq : block_size = 32 , act_order = FALSE ", "gptq:block_size=32,act_order=false"),
+    ("gptq:damp=1e-05", "gptq:damp=1e-05"),
+])
+def test_parse_and_label_round_trip(text, label):
+    q = Quantizer.parse(text)
+    assert q.label == str(q) == label
+    assert Quantizer.parse(q.label) == q and hash(Quantizer.parse(q.label)) == hash(q)
+    assert Quantizer.model_validate(q.model_dump()) == q
+    assert Quantizer.model_validate_json(q.model_dump_json()) == q
+
+
+def test_settings_and_dump():
+    q = Quantizer.parse("gptq:damp=0.05,block_size=64,act_order=false")
+    assert (q.method, q.damp, q.block_size, q.act_order) == ("gptq", 0.05, 64, False)
+    assert q.settings == {"damp": 0.05, "block_size": 64, "act_order": False}
+    assert q.model_dump() == {"method": "gptq", **q.settings}
+    assert Quantizer(method="gptq").model_dump() == {"method": "gptq", "damp": 0.1, "block_size": 128,
+                                                     "act_order": True}
+
+
+def test_rtn_has_no_settings():
+    rtn = Quantizer()
+    assert rtn == Quantizer.parse("rtn") == Quantizer(method="rtn")
+    assert rtn.settings == {} and rtn.model_dump() == {"method": "rtn"} and rtn.label == "rtn"
+    assert Quantizer.model_validate({"method": "rtn"}) == rtn
+    with pytest.raises(ValueError, match="rtn takes no settings"):
+        Quantizer(method="rtn", damp=0.05)
+    with pytest.raises(ValueError, match="rtn takes no settings"):
+        Quantizer.model_validate({"method": "rtn", "act_order": False})
+
+
+def test_the_defaults_are_gptq_s():
+    from bitplan.kernels.quantize import gptq
+
+    assert Quantizer(method="gptq").settings == gptq.__kwdefaults__
+
+
+@pytest.mark.parametrize("text,match", [
+    ("awq", r"unknown quantizer 'awq': write 'rtn', 'gptq', or GPTQ with settings, e\.g\. 'gptq:damp="),
+    ("", r"unknown quantizer ''"),
+    ("rtn:damp=0.05", r"rtn takes no settings; write 'rtn'"),
+    ("gptq:alpha=1", r"unknown gptq setting 'alpha' in 'gptq:alpha=1': the settings are damp, block_size and "
+                     r"act_order"),
+    ("gptq:", r"unknown gptq setting ''"),
+    ("gptq:method=rtn", r"unknown gptq setting 'method'"),
+    ("gptq:damp", r"give each setting once as key=value"),
+    ("gptq:damp=0.1,damp=0.2", r"give each setting once as key=value"),
+    ("gptq:damp=lots", r"damp='lots' must be a number"),
+    ("gptq:block_size=6.5", r"block_size='6.5' must be an integer"),
+    ("gptq:act_order=maybe", r"act_order='maybe' must be true or false"),
+    ("gptq:damp=0", r"damp must be a finite number > 0"),
+    ("gptq:damp=-1", r"damp must be a finite number > 0"),
+    ("gptq:damp=nan", r"damp must be a finite number > 0"),
+    ("gptq:block_size=0", r"block_size must be an integer >= 1"),
+])
+def test_bad_text_says_what_to_write(text, match):
+    with pytest.raises(InvalidInput, match=match) as e:
+        Quantizer.parse(text)
+    assert "\n" not in str(e.value) and "e.g. 'gptq:damp=0.05,block_size=64,act_order=false'" in str(e.value)
+
+
+def test_no_unknown_fields():
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        Quantizer.model_validate({"method": "gptq", "percdamp": 0.01})
+    with pytest.raises(ValueError):
+        Quantizer(method="awq")
+
+
+# -------------------------------------------------------------------------------- the profile format
+
+
+def test_profile_file_round_trip_with_its_quantizer(make_profile):
+    q = Quantizer.parse("gptq:damp=0.05")
+    p = make_profile(quantizer=q)
+    d = p.to_dict()
+    assert d["format"] == PROFILE_FORMAT == "bitplan.profile/2"
+    assert d["estimator"] == "hessian" and d["quantizer"] == {"method": "gptq", "damp": 0.05, "block_size": 128,
+                                                               "act_order": True}
+    back = Profile.from_json(json.dumps(d))
+    assert back == p and back.quantizer == q
+    assert Profile.from_dict(make_profile().to_dict()).quantizer == Quantizer()
+    assert make_profile().to_dict()["quantizer"] == {"method": "rtn"}
+
+
+@pytest.mark.parametrize("estimator,want,quantizer", [
+    ("fisher/gptq", "fisher", {"method": "gptq", "damp": 0.1, "block_size": 128, "act_order": True}),
+    ("imatrix:0123456789abcdef/gptq", "imatrix:0123456789abcdef", {"method": "gptq", "damp": 0.1,
+                                                                  "block_size": 128, "act_order": True}),
+    ("calibrated", "calibrated", {"method": "rtn"}),
+])
+def test_reads_a_version_1_file(make_profile, estimator, want, quantizer):
+    d = make_profile().to_dict()
+    del d["quantizer"]
+    d.update(format="bitplan.profile/1", estimator=estimator)
+    p = Profile.from_json(json.dumps(d))
+    assert p.estimator == want and p.quantizer.model_dump() == quantizer
+    assert p.id == d["id"]  # a file's id is kept as written
+    assert p.to_dict()["format"] == "bitplan.profile/2"
+
+
+def test_a_version_1_file_with_an_unknown_suffix_is_malformed(make_profile):
+    d = {**make_profile().to_dict(), "format": "bitplan.profile/1", "estimator": "fisher/awq"}
+    del d["quantizer"]
+    with pytest.raises(InvalidInput, match="malformed profile: .*quantizer"):
+        Profile.from_dict(d)
+
+
+def test_other_formats_are_refused(make_profile):
+    d = {**make_profile().to_dict(), "format": "bitplan.profile/3"}
+    with pytest.raises(InvalidInput, match=r"profile format must be 'bitplan.profile/2' \(or 'bitplan.profile/1'\)"):
+        Profile.from_dict(d)
+
+
+def test_the_estimator_is_the_estimator_alone(make_profile):
+    with pytest.raises(ValueError, match="estimator 'fisher/gptq' carries a quantizer"):
+        make_profile(estimator="fisher/gptq")
+    d = {**make_profile().to_dict(), "estimator": "fisher/gptq"}  # a /2 file
+    with pytest.raises(InvalidInput, match="malformed profile: .*carries a quantizer"):
+        Profile.from_dict(d)
