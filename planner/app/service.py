@@ -64,8 +64,8 @@ class PlanDocument(BaseModel):
     latency_source: str | None = None
 
 
-class ProfileSummary(BaseModel):
-    """A stored profile without its matrices."""
+class ProfileHead(BaseModel):
+    """What names a profile: its id, model, calibration text, estimator, quantizer, device and options."""
 
     id: str
     model: ModelRef
@@ -74,28 +74,25 @@ class ProfileSummary(BaseModel):
     quantizer: Quantizer
     device: str
     options: list[Option]
+    fixed_bits: int
+
+
+class ProfileSummary(ProfileHead):
+    """A stored profile without its matrices."""
+
     n_modules: int
     n_params: int
-    fixed_bits: int
     created_at: datetime
 
 
-class ProfileDocument(BaseModel):
+class ProfileDocument(ProfileHead):
     """A profile in the interchange format (`Profile.to_dict`, docs/formats.md): every module with its
     error and size row per option."""
 
     model_config = ConfigDict(extra="allow")
 
     format: str
-    id: str
-    model: ModelRef
-    calibration: CalibrationRef
-    estimator: str
-    quantizer: Quantizer
-    device: str
-    options: list[Option]
     modules: list[dict[str, Any]]
-    fixed_bits: int
 
 
 class ErrorDocument(BaseModel):
