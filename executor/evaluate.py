@@ -228,7 +228,7 @@ def evaluate_choices(oracle, model: nn.Module, windows: torch.Tensor, choices: d
             oracle.close()  # the original weights
             base = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
             for name, choice in choices.items():
-                oracle._install(np.asarray(choice))
+                oracle.install(np.asarray(choice))
                 logits = model(ids, use_cache=False).logits[0].float()
                 nll = nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
                 out[name]["nll"].append(float(nll))

@@ -140,7 +140,8 @@ class KLFitness:
     def describe(self) -> dict:
         return {"oracle": "kl", **self._describe}
 
-    def _install(self, choice: np.ndarray) -> None:
+    def install(self, choice: np.ndarray) -> None:
+        """Put each module's weight at its option of `choice` into the model (only the ones that change)."""
         choice = np.asarray(choice, dtype=np.int64)
         if choice.shape != self.installed.shape:
             raise ValueError(f"choice of shape {choice.shape}, expected [{len(self.installed)}] modules")
@@ -156,7 +157,7 @@ class KLFitness:
     @torch.no_grad()
     def prepare(self, choice: np.ndarray, rows: Sequence[int]) -> None:
         """Run `choice` (a generation's parent) on `rows`, recording its block inputs for replays."""
-        self._install(choice)
+        self.install(choice)
         self.tokens_used += len(rows) * self.row_tokens
         self.forward_blocks += len(rows) * len(self.replayer.layers)
         self.reference = np.array(choice, dtype=np.int64)
@@ -175,13 +176,13 @@ class KLFitness:
             if differ.size == 0:
                 return sum(self.reference_kl[r] for r in rows) / (len(rows) * self.row_tokens)
             first = int(self.layer[differ].min())
-        self._install(choice)
+        self.install(choice)
         return sum(self._sums(first, rows)) / (len(rows) * self.row_tokens)
 
     @torch.no_grad()
     def heldout(self, choice: np.ndarray) -> float:
         """Mean KL(base ‖ choice) per token over the held-out rows (a full pass: never recorded)."""
-        self._install(choice)
+        self.install(choice)
         return sum(self._sums(0, self.heldout_rows)) / (len(self.heldout_rows) * self.row_tokens)
 
     def close(self) -> None:
