@@ -7,6 +7,10 @@ from collections.abc import Sequence
 
 from bitplan.db.types import Budget, InvalidInput
 
+# Each just above the embedded model's size at 2, 3 and 4 bits everywhere (its embedding at 4 bits), so
+# that each ilp plan of the demo sits beside a uniform one of about its size.
+DEMO_BUDGETS = ("44MiB", "57MiB", "70MiB")
+
 
 def parse_budgets(spec: str | Sequence[str]) -> list[str]:
     """`"2.5:4.5:0.25"` (a bpw range, both ends included) or `"3bpw,3.5bpw,900MiB"`, or a mix -> budgets."""

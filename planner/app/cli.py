@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bitplan.db.types import BitplanError, Evaluation, InvalidInput, Plan, Profile
+from bitplan.planner.budgets import DEMO_BUDGETS
 
 log = logging.getLogger("bitplan")
 
@@ -181,7 +182,8 @@ def _serve_arguments(c: argparse.ArgumentParser) -> None:
 
 def _demo_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--model", default="smollm2-135m", help="model to run on (default: the embedded SmolLM2)")
-    c.add_argument("--budgets", default="3.0bpw,3.5bpw,4.0bpw", help="comma-separated budgets")
+    c.add_argument("--budgets", default=",".join(DEMO_BUDGETS),
+                   help=f"comma-separated budgets (default {','.join(DEMO_BUDGETS)})")
     c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
     estimator_args(c)
     embeddings_arg(c)

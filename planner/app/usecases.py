@@ -21,7 +21,7 @@ from bitplan.db.types import (Budget, Evaluation, InfeasibleBudget, InvalidInput
                                parse_options)
 from bitplan.planner.allocators import lookup_allocator, needs_context
 from bitplan.planner.app.workspace import Workspace
-from bitplan.planner.budgets import parse_budgets
+from bitplan.planner.budgets import DEMO_BUDGETS, parse_budgets
 from bitplan.planner.plan import allocate, unit_of
 from bitplan.planner.request import PlanRequest
 
@@ -413,7 +413,7 @@ class DemoRow(BaseModel):
     checkpoint: str | None = None
 
 
-def run_demo(ws: Workspace, *, source: str = "smollm2-135m", budgets: Sequence[str] = ("3.0bpw", "3.5bpw", "4.0bpw"),
+def run_demo(ws: Workspace, *, source: str = "smollm2-135m", budgets: Sequence[str] = DEMO_BUDGETS,
              allocators: Sequence[str] = ("ilp", "uniform"), profile_request: ProfileRequest = ProfileRequest(),
              eval_tokens: int | None = None, out_dir: str | Path = "runs") -> list[DemoRow]:
     """The main job: profile, plan every budget with every allocator, apply, reload, measure perplexity.
