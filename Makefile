@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 LOCK_TORCH  ?= 2.13.0
 LOCK_TRITON ?= 3.7.1
 
-.PHONY: setup demo test test-fast docs lock clean
+.PHONY: setup llamacpp demo test test-fast docs lock clean
 
 define install
 	$(1)/bin/python -m pip install -q $(2) "torch==$(LOCK_TORCH)"
@@ -30,19 +30,48 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 
 setup: $(VENV)/.installed
 
+# llama.cpp's own tools, for `--engine llamacpp` profiles, `apply --format gguf` and `eval FILE.gguf`:
+# llama-quantize, llama-perplexity, llama-imatrix and the ggml library, built on the CPU from the
+# llama.cpp that the sdist of llama-cpp-python (PyPI, pinned here) vendors; convert_hf_to_gguf.py and
+# its gguf-py stay beside them.  Rebuilt only when the pin changes.  bitplan finds them in
+# $(VENV)/llama.cpp/bin (or $$BITPLAN_LLAMACPP); the three tools are linked into $(BIN) too.
+LLAMACPP_PYTHON ?= 0.3.36
+LLAMACPP = $(VENV)/llama.cpp
+LLAMACPP_TOOLS = llama-quantize llama-perplexity llama-imatrix
+
+$(LLAMACPP)/.built-$(LLAMACPP_PYTHON): | $(VENV)/.installed
+	rm -rf $(LLAMACPP) && mkdir -p $(LLAMACPP)/sdist
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(LLAMACPP)/sdist \
+		"llama-cpp-python==$(LLAMACPP_PYTHON)"
+	tar -xzf $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMACPP_PYTHON).tar.gz -C $(LLAMACPP)/sdist \
+		llama_cpp_python-$(LLAMACPP_PYTHON)/vendor/llama.cpp
+	mv $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMACPP_PYTHON)/vendor/llama.cpp $(LLAMACPP)/src
+	rm -rf $(LLAMACPP)/sdist
+	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_CCACHE=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON > $(LLAMACPP)/cmake.log
+	cmake --build $(LLAMACPP)/build -j "$$(nproc)" --target $(LLAMACPP_TOOLS) > $(LLAMACPP)/build.log
+	mv $(LLAMACPP)/build/bin $(LLAMACPP)/bin && rm -rf $(LLAMACPP)/build
+	for t in $(LLAMACPP_TOOLS); do ln -sf ../llama.cpp/bin/$$t $(BIN)/$$t; done
+	touch $@
+
+llamacpp: $(LLAMACPP)/.built-$(LLAMACPP_PYTHON)
+
 demo: setup
 	$(BIN)/bitplan demo
 
 # Kernel tests run through Triton's interpreter on the CPU (speed is measured by bench/, on a GPU).
 # The documentation site is built first: a broken link or a page missing from the nav fails the run.
-test: setup docs
-	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+# llama.cpp's tools are built first too, and BITPLAN_REQUIRE_LLAMACPP makes a test that needs them fail,
+# not skip, should they be missing.
+test: setup llamacpp docs
+	BITPLAN_REQUIRE_LLAMACPP=1 TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 docs: setup
 	$(BIN)/mkdocs build --strict --quiet --site-dir "$$(mktemp -d)"
 
-test-fast: setup
-	TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: setup llamacpp
+	BITPLAN_REQUIRE_LLAMACPP=1 TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # A fresh venv with the newest releases pyproject.toml allows, frozen into $(LOCK).  The local build
 # label (+cpu) is dropped so that a GPU machine takes the CUDA build of the same release.

@@ -44,8 +44,12 @@ GGUF_TYPES = {t.name: t for t in (
     GGUFType("q4_k", 256, 256 * 4 + 8 * 12 + 2 * 16, 4),  # 4.5: 6-bit scale+min per 32, d, dmin
     GGUFType("q5_k", 256, 256 * 5 + 8 * 12 + 2 * 16, 5),  # 5.5
     GGUFType("q6_k", 256, 256 * 6 + 16 * 8 + 16, 6),  # 6.5625: 8-bit scale per 16, d
+    GGUFType("iq4_xs", 256, 256 * 4 + 8 * 6 + 16 + 16, 4),  # 4.25: non-linear grid, 6-bit scale per 32, d
     GGUFType("q4_0", 32, 32 * 4 + 16, 4),  # 4.5
+    GGUFType("q4_1", 32, 32 * 4 + 2 * 16, 4),  # 5.0: fp16 d and min
+    GGUFType("iq4_nl", 32, 32 * 4 + 16, 4),  # 4.5: a non-linear 16-entry grid
     GGUFType("q5_0", 32, 32 * 5 + 16, 5),  # 5.5
+    GGUFType("q5_1", 32, 32 * 5 + 2 * 16, 5),  # 6.0
     GGUFType("q8_0", 32, 32 * 8 + 16, 8),  # 8.5
     GGUFType("f16", 1, 16, 16),
 )}
@@ -58,9 +62,52 @@ LLAMA_FTYPE = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K
                "q4_0": "Q4_0", "q5_0": "Q5_0", "q8_0": "Q8_0", "f16": "Q8_0"}
 
 
+# What llama-quantize stores instead of a type whose block does not divide a row (its
+# `tensor_type_fallback`, src/llama-quant.cpp); a type still not fitting becomes F16.
+GGUF_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+                 "iq4_xs": "iq4_nl"}
+# The GGUF types a `--engine llamacpp` profile measures by default: the K-quants, and the 32-block types
+# that rows of a width not divisible by 256 get (SmolLM2's 576; llama.cpp's fallbacks among them).
+GGUF_OPTIONS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q4_1", "iq4_nl", "iq4_xs",
+                "q5_0", "q5_1")
+
+
+def gguf_keeps_f32(hf_name: str, ndim: int) -> bool:
+    """Whether llama.cpp's converter stores this tensor in F32 whatever `--outtype`: vectors (norms, biases)
+    and an MoE router (`ffn_gate_inp`; Mixtral's `block_sparse_moe.gate`, Qwen-MoE's `mlp.gate`)."""
+    return ndim <= 1 or hf_name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))
+
+
+def stored_gguf_type(name: str, in_features: int) -> str:
+    """The type llama-quantize writes when asked for `name` on rows of `in_features` weights."""
+    if not GGUF_TYPES[name].fits(in_features):
+        name = GGUF_FALLBACK.get(name, name)
+    return name if GGUF_TYPES[name].fits(in_features) else "f16"
+
+
+def gguf_option(name: str) -> Option:
+    """The profile option of GGUF type `name` (`q4_k` -> Q4_K: 4 code bits, blocks of 256)."""
+    key = name.strip().lower()
+    if key not in GGUF_TYPES:
+        raise InvalidInput(f"unknown GGUF type {name!r}; known: {', '.join(GGUF_TYPES)}")
+    t = GGUF_TYPES[key]
+    return Option(bits=t.code_bits, group_size=None if t.block == 1 else t.block, gguf=key)
+
+
+def parse_gguf_options(spec: str | None) -> list[Option]:
+    """`"q4_k,q6_k,q8_0"` (default: GGUF_OPTIONS) -> GGUF options, in size order of a 256-wide row."""
+    names = GGUF_OPTIONS if spec is None else [n for n in spec.split(",") if n.strip()]
+    options = {o.gguf: o for o in map(gguf_option, names)}
+    return sorted(options.values(), key=lambda o: (GGUF_TYPES[o.gguf].bits_per_weight, o.gguf))
+
+
 def gguf_type(shape: tuple[int, int], option: Option) -> GGUFType | None:
-    """The GGUF type a module of `shape` [out, in] gets for `option` (its bits), or None if none fits."""
+    """The GGUF type a module of `shape` [out, in] gets for `option` (a GGUF option: its own type, where
+    the rows are whole blocks of it; else the type of its bits), or None if none fits."""
     in_features = shape[1]
+    if option.gguf is not None:
+        t = GGUF_TYPES[option.gguf]
+        return t if t.fits(in_features) else None
     for table in (_K_TYPES, _LEGACY_TYPES):
         name = table.get(option.bits)
         if name is not None and GGUF_TYPES[name].fits(in_features):

@@ -145,6 +145,8 @@ class EvaluationRow(Base):
     device: Mapped[str] = mapped_column(String(64), default="cpu")
     seconds: Mapped[float] = mapped_column(Double, default=0.0)
     speed: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    engine: Mapped[str] = mapped_column(String(32), default="bitplan", server_default="bitplan")
+    kl_divergence: Mapped[float | None] = mapped_column(Double, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 

@@ -83,6 +83,9 @@ class Option(BaseModel):
     bits: int
     group_size: int | None = 64  # None: one group per output row (per-channel)
     symmetric: bool = False
+    # A GGUF type (`q4_k`): stored, sized and quantized as llama.cpp does it (`db.formats.GGUF_TYPES`);
+    # `bits` is then its code bits and `group_size` its block.  Made by `gguf_option`.
+    gguf: str | None = None
 
     @field_validator("bits")
     @classmethod
@@ -98,6 +101,23 @@ class Option(BaseModel):
             raise ValueError(f"group_size must be a power of two >= 8 (or null for per-channel), got {v}")
         return v
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # an option of bitplan's own dumps (and hashes into ids) as it did before GGUF options existed
+        d = handler(self)
+        if d.get("gguf") is None:
+            d.pop("gguf", None)
+        return d
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf(cls, v: str | None) -> str | None:
+        from bitplan.db.formats import GGUF_TYPES
+
+        if v is not None and v not in GGUF_TYPES:
+            raise ValueError(f"gguf must be one of {sorted(GGUF_TYPES)}, got {v!r}")
+        return v
+
     @property
     def quantized(self) -> bool:
         return self.bits < 16
@@ -109,7 +129,12 @@ class Option(BaseModel):
         return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
 
     def size_bits(self, out_features: int, in_features: int) -> int:
-        """Exact storage: codes + one fp16 scale (+ one `bits`-bit zero if asymmetric) per group."""
+        """Exact storage: codes + one fp16 scale (+ one `bits`-bit zero if asymmetric) per group; a GGUF
+        type's blocks, of the type llama-quantize really stores for rows of `in_features`."""
+        if self.gguf is not None:
+            from bitplan.db.formats import GGUF_TYPES, stored_gguf_type
+
+            return GGUF_TYPES[stored_gguf_type(self.gguf, in_features)].size_bits(out_features, in_features)
         if not self.quantized:
             return out_features * in_features * 16
         per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
@@ -117,10 +142,15 @@ class Option(BaseModel):
 
     @property
     def label(self) -> str:
+        if self.gguf is not None:
+            return self.gguf.upper()
         if not self.quantized:
             return "16b"
         g = "ch" if self.group_size is None else str(self.group_size)
         return f"{self.bits}b/g{g}{'s' if self.symmetric else ''}"
+
+
+DEFAULT_OPTIONS = "2,3,4,8"  # the bit widths a profile measures unless told
 
 
 def parse_options(spec: str, group_size: int | None = 64, symmetric: bool = False) -> list[Option]:
@@ -134,19 +164,21 @@ def parse_options(spec: str, group_size: int | None = 64, symmetric: bool = Fals
 
 # ----------------------------------------------------------------------------------- quantizers
 
-QuantizerMethod = Literal["rtn", "gptq"]
+QuantizerMethod = Literal["rtn", "gptq", "llamacpp"]
 QUANTIZER_METHODS: tuple[str, ...] = get_args(QuantizerMethod)
 _QUANTIZER_EXAMPLE = "gptq:damp=0.05,block_size=64,act_order=false"
 
 
 class Quantizer(BaseModel):
-    """Where an option's ΔW comes from: round-to-nearest (`rtn`), or GPTQ (`gptq`) with its settings.
+    """Where an option's ΔW comes from: round-to-nearest (`rtn`), GPTQ (`gptq`) with its settings, or
+    llama.cpp's own quantization of GGUF types (`llamacpp`, the quantizer of GGUF options, `Option.gguf`).
 
     Part of what a profile means and of its id: a profile predicts the checkpoints its quantizer writes,
     and `apply` quantizes its plans with the same one (`kernels/quantize.py`).  The settings are GPTQ's
     (`kernels.quantize.gptq` says what each does and why these defaults); RTN has none, so an RTN
-    quantizer keeps them at their defaults and its dump leaves them out: every RTN quantizer is one.
-    Text form (`parse`, `label`): `rtn`, `gptq`, `gptq:damp=0.05,block_size=64,act_order=false`.
+    quantizer keeps them at their defaults and its dump leaves them out: every RTN quantizer is one (and
+    so is every llamacpp one).  Text form (`parse`, `label`): `rtn`, `llamacpp`, `gptq`,
+    `gptq:damp=0.05,block_size=64,act_order=false`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -158,14 +190,14 @@ class Quantizer(BaseModel):
 
     @model_validator(mode="after")
     def _rtn_has_no_settings(self) -> "Quantizer":
-        if self.method == "rtn" and (given := [k for k, v in self._all_settings().items() if v != _default(k)]):
-            raise ValueError(f"rtn takes no settings ({', '.join(given)} given): they are GPTQ's, "
+        if self.method != "gptq" and (given := [k for k, v in self._all_settings().items() if v != _default(k)]):
+            raise ValueError(f"{self.method} takes no settings ({', '.join(given)} given): they are GPTQ's, "
                              f"e.g. {_QUANTIZER_EXAMPLE!r}")
         return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return {"method": "rtn"} if self.method == "rtn" else handler(self)
+        return handler(self) if self.method == "gptq" else {"method": self.method}
 
     def _all_settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in type(self).model_fields if k != "method"}
@@ -173,11 +205,11 @@ class Quantizer(BaseModel):
     @property
     def settings(self) -> dict[str, Any]:
         """The keyword arguments of `kernels.quantize.gptq` (`{}` for RTN)."""
-        return {} if self.method == "rtn" else self._all_settings()
+        return self._all_settings() if self.method == "gptq" else {}
 
     @property
     def label(self) -> str:
-        """`rtn`, `gptq`, or `gptq:` and the settings that differ from the defaults; `parse` reads it back."""
+        """`rtn`, `llamacpp`, `gptq`, or `gptq:` and the settings that differ from the defaults; `parse` reads it back."""
         changed = [f"{k}={_setting_text(v)}" for k, v in self.settings.items() if v != _default(k)]
         return self.method + (":" + ",".join(changed) if changed else "")
 
@@ -191,10 +223,10 @@ class Quantizer(BaseModel):
         spec = str(text).strip()
         method, colon, rest = (s.strip() for s in spec.partition(":"))
         if method not in QUANTIZER_METHODS:
-            raise InvalidInput(f"unknown quantizer {text!r}: write 'rtn', 'gptq', or GPTQ with settings, "
+            raise InvalidInput(f"unknown quantizer {text!r}: write 'rtn', 'llamacpp', 'gptq', or GPTQ with settings, "
                                f"e.g. {_QUANTIZER_EXAMPLE!r}")
-        if method == "rtn" and colon:
-            raise InvalidInput(f"bad quantizer {text!r}: rtn takes no settings; write 'rtn', or GPTQ with "
+        if method != "gptq" and colon:
+            raise InvalidInput(f"bad quantizer {text!r}: {method} takes no settings; write {method!r}, or GPTQ with "
                                f"settings, e.g. {_QUANTIZER_EXAMPLE!r}")
         settings: dict[str, Any] = {}
         for item in rest.split(",") if colon else ():
@@ -511,7 +543,7 @@ class Budget(BaseModel):
         return cls(value=value, unit=unit)
 
     def __str__(self) -> str:
-        return f"{self.value:g}{self.unit}"
+        return f"{self.value:.15g}{self.unit}"  # every digit of a byte-exact budget
 
     def planned_bits(self, n_params: int, fixed_bits: int) -> int:
         """Bits available to the planned modules: a bpw budget counts them alone, a size budget everything."""
@@ -566,8 +598,7 @@ class Plan(BaseModel):
         d = self.model_dump(mode="json")
         d["format"] = PLAN_FORMAT
         d["size_mib"] = self.size_mib
-        d["assignment"] = {k: {"bits": o.bits, "group_size": o.group_size, "symmetric": o.symmetric}
-                           for k, o in self.assignment.items()}
+        d["assignment"] = {k: o.model_dump() for k, o in self.assignment.items()}
         return d
 
     @classmethod
@@ -598,6 +629,10 @@ class Evaluation(BaseModel):
     # on a GPU: decode tokens/s and peak memory per batch size, the bf16 baseline's beside them
     # (`executor.evaluate.decode_speed`); None where not measured
     speed: dict[str, Any] | None = None
+    # who measured it: bitplan's evaluator, or llama.cpp's `llama-perplexity` (its own windows: each
+    # scores the second half of its tokens, with the first half as context)
+    engine: Literal["bitplan", "llamacpp"] = "bitplan"
+    kl_divergence: float | None = None  # mean KL to the base model's next-token distribution, nats per token
     created_at: UTCDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 

@@ -54,12 +54,13 @@ from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan, Qua
 from bitplan.executor.apply import (_write_shards, apply_plan, check_plan_matches, check_quantizer,
                                     config_dict, quantized_weights)
 from bitplan.kernels.quantize import GPTQCache, QuantizedWeight
-from bitplan.db.formats import (EXPERT_ROLES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
-                                      vllm_group)
+from bitplan.db.formats import (EXPERT_ROLES, GGUF_TYPES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
+                                stored_gguf_type, vllm_group)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp")
+# `gguf`, a GGUF file written by llama-quantize, is executor/llamacpp.py's (it starts from the F16 GGUF)
+FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf")
 WORD = 32
 
 
@@ -130,6 +131,8 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
                 storage_dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write `plan` applied to `model` in format `fmt` to `out_dir`, atomically; returns the folder."""
     check_format(fmt)
+    if fmt == "gguf":
+        raise ValueError("a gguf file is written by executor.llamacpp.quantize_gguf, from the F16 GGUF")
     if fmt == "bitplan":
         return apply_plan(plan, model, tokenizer, planned, out_dir, storage_dtype=storage_dtype,
                           overwrite=overwrite, progress=progress, quantizer=quantizer, hessians=hessians,
@@ -351,6 +354,10 @@ def llamacpp_types(plan: Plan, modules: list[Module]) -> dict[str, str]:
     for m in modules:
         option = plan.assignment[m.name]
         t = gguf_type(m.shape, option)
+        if t is None and option.gguf is not None:
+            raise InvalidInput(f"llama.cpp cannot store {m.name} as {option.label}: its rows of {m.shape[1]} weights "
+                               f"are not whole blocks of {GGUF_TYPES[option.gguf].block} (llama-quantize would "
+                               f"write {stored_gguf_type(option.gguf, m.shape[1]).upper()}); plan with --engine llamacpp")
         if t is None:
             raise InvalidInput(f"llama.cpp has no type of {option.bits} bits for {m.name} (in_features "
                                f"{m.shape[1]}: K-quants need a multiple of 256); plan with --engine llamacpp")

@@ -1,7 +1,8 @@
 """Quantizers: what `apply` writes and what the profiler measures ΔW with (one implementation, shared).
 
 Two quantizers share one storage grid: round-to-nearest (`rtn`) and GPTQ (`gptq`, which needs the
-module's input statistics `H = Σ xxᵀ`).  Both are groupwise along the input dimension.  A group
+module's input statistics `H = Σ xxᵀ`).  A GGUF option (`Option.gguf`) is llama.cpp's to store: its ΔW
+is ggml's own quantization (`kernels/llamacpp.py`), and `apply` writes it through `llama-quantize`.  Both are groupwise along the input dimension.  A group
 size that does not divide `in_features` leaves a shorter last group (SmolLM2: 576 = 4.5 x 128);
 its range is computed over the real columns only.  Scales are rounded to fp16 *before* codes are
 chosen, so the codes, the error the profiler predicts and the checkpoint `apply` writes all agree
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.db.types import EMBED_ROLE, Module, Option, Quantizer
+from bitplan.kernels import llamacpp
 
 # Smallest scale we store: a constant group (range 0) still needs a finite, fp16-representable scale.
 MIN_SCALE = 2.0**-20
@@ -178,14 +180,14 @@ def _current(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.
 
 
 def quantizer_for(module: Module, quantizer: Quantizer) -> Quantizer:
-    """The quantizer a module really gets: the embedding always RTN.
+    """The quantizer a module really gets: the embedding RTN, or llama.cpp's like every module of a GGUF plan.
 
     A lookup's input is one-hot, so its `H` is diagonal (token counts) and GPTQ has no correlation
     between columns to spread an error over: it would be RTN at the cost of a pass.  A tied pair's
     head does have correlated inputs, but GPTQ on them would trade the rows' own error (what every
     lookup reads) for the head's; RTN keeps every row as close as the grid allows for both uses.
     """
-    return Quantizer() if module.role == EMBED_ROLE else quantizer
+    return Quantizer() if module.role == EMBED_ROLE and quantizer.method == "gptq" else quantizer
 
 
 class GPTQCache:
@@ -245,6 +247,9 @@ def quantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer()
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
                         f"not {type(quantizer).__name__}")
+    if option.gguf is not None or quantizer.method == "llamacpp":
+        raise ValueError(f"{option.label} with the {quantizer.label} quantizer is llama.cpp's to store: "
+                         f"apply it with --format gguf (quantize_dequantize gives its ΔW)")
     if quantizer.method == "rtn":
         return rtn(W, option)
     if cache is not None:
@@ -258,6 +263,12 @@ def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: Quantizer = 
                         H: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
     device, where the quantizer runs (GPTQ brings `H` there); `kwargs` as `quantize`'s."""
+    if option.gguf is not None:
+        if quantizer.method != "llamacpp":
+            raise ValueError(f"the GGUF type {option.label} is quantized by llama.cpp: its quantizer is "
+                             f"llamacpp, not {quantizer.label}")
+        W32 = W.detach().to("cpu", torch.float32).numpy()
+        return torch.from_numpy(llamacpp.quantize_dequantize(W32, option.gguf)).to(W.device, W.dtype)
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
     return quantize(W, option, quantizer, H, **kwargs).dequantize(W.dtype)

@@ -58,6 +58,11 @@ VLLM_MOE_BITS = (4, 8)
 VLLM_GROUP_SIZES = (None, 32, 64, 128)
 
 
+def profile_engine(profile: Profile) -> str:
+    """The engine a profile's plans are for unless told: llamacpp for GGUF options, else bitplan."""
+    return "llamacpp" if any(o.gguf is not None for o in profile.options) else "bitplan"
+
+
 def check_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise InvalidInput(f"unknown engine {engine!r}; known: {list(ENGINES)}")
@@ -100,6 +105,9 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
     """`(profile with the engine's exact sizes, allowed [M, O], notes)`; InvalidInput for a module the
     engine can run at none of the profile's options."""
     check_engine(engine)
+    if profile_engine(profile) == "llamacpp" and engine != "llamacpp":
+        raise InvalidInput(f"this profile's options are GGUF types ({', '.join(o.label for o in profile.options)}), "
+                           f"which llama.cpp runs, not {engine}: plan it with --engine llamacpp")
     if engine == "vllm":
         profile = without_embedding(profile)
     M, O = profile.error.shape
@@ -128,7 +136,7 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
                                           "(in_features % 32 == 0)")
     profiled = {o.bits for o in profile.options}
     missing = sorted(name for name, t in GGUF_TYPES.items() if t.code_bits not in profiled and t.code_bits != 16)
-    if missing:
+    if missing and profile_engine(profile) == "bitplan":
         notes.append(f"the profile measures no option with the bits of {', '.join(missing)}: the plan cannot use "
                      f"them (profile with --options including {sorted({GGUF_TYPES[n].code_bits for n in missing})})")
     for n in notes:

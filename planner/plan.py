@@ -17,7 +17,7 @@ import numpy as np
 from bitplan.db.types import Budget, InfeasibleBudget, InvalidInput, Module, Plan, Profile, content_id
 from bitplan.planner.allocators import lookup_allocator, needs_context
 from bitplan.planner.blocks import block_of_units, solve_per_block
-from bitplan.planner.engines import constrain, tie_keys
+from bitplan.planner.engines import constrain, profile_engine, tie_keys
 from bitplan.planner.pins import apply_pins, parse_pin
 from bitplan.planner.latency import LatencyBudget, Objective, batch_index, plan_latency, planning_terms
 from bitplan.planner.problem import AllocationProblem, Assignment, InfeasibleLatency
@@ -172,6 +172,8 @@ def allocate(profile: Profile, request: PlanRequest, *, context=None) -> Plan:
     InfeasibleLatency, a kind of it, for a latency budget below the fastest plan within the memory budget).
     """
     request = request.checked()
+    if request.engine is None:
+        request = request.model_copy(update={"engine": profile_engine(profile)})
     setup = _setup(profile, request)
     result, seconds = _solve(setup, request, context)
     return _plan(setup, request, context, result, seconds)

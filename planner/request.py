@@ -32,7 +32,8 @@ class PlanRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the allocator's own parameters, e.g. {\"generations\": 20}")
     granularity: str = Field("module", description="units that share one option: " + ", ".join(GRANULARITIES))
-    engine: str = Field("bitplan", description="whose kernels will run the plan: " + ", ".join(ENGINES))
+    engine: str | None = Field(None, description="whose kernels will run the plan: " + ", ".join(ENGINES)
+                               + " (default: the profile's, llamacpp for GGUF options, else bitplan)")
     pins: tuple[str, ...] = Field((), description="e.g. ['model.layers.0.*>=4', 'lm_head=8']")
     latency_budget: str | None = Field(None, description="e.g. 8ms@batch1 (a profile with a latency table; ilp)")
     objective: str | None = Field("error", description="error, latency, or error+λ*latency (λ in nats per millisecond)")
@@ -58,7 +59,8 @@ class PlanRequest(BaseModel):
         check_allocator_params(self.allocator, solve, self.params)
         if self.granularity not in GRANULARITIES:
             raise InvalidInput(f"unknown granularity {self.granularity!r}; known: {list(GRANULARITIES)}")
-        check_engine(self.engine)
+        if self.engine is not None:
+            check_engine(self.engine)
         check_split(self.budget_split)
         if self.budget_split != "model" and needs_context(self.allocator):
             raise InvalidInput(f"allocator {self.allocator!r} searches the whole model: it takes no per-block budget "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitplan.db.formats import gguf_keeps_f32
 from bitplan.db.types import EMBED_ROLE, InvalidInput, ModelRef, Module, NotACausalLM
 from bitplan.profiler.moe import classify_linears, unfuse_experts
 
@@ -195,12 +196,13 @@ def is_embedding(m: Module) -> bool:
     return m.role == EMBED_ROLE
 
 
-def fixed_bits(model: nn.Module, planned: list[tuple[Module, nn.Linear]], bits: int = 16) -> int:
-    """Size of every stored tensor not planned, at `bits` per value (tied tensors counted once)."""
+def fixed_bits(model: nn.Module, planned: list[tuple[Module, nn.Linear]], *, gguf: bool = False) -> int:
+    """Size of every stored tensor not planned, at 16 bits per value (tied tensors counted once); in a GGUF
+    file (`gguf`), as llama.cpp's converter stores them: vectors and MoE routers at 32 bits."""
     skip = {id(lin.weight) for _, lin in planned}
     total = 0
-    for t in model.state_dict(keep_vars=True).values():
+    for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in skip and t.is_floating_point():
             skip.add(id(t))
-            total += t.numel() * bits
+            total += t.numel() * (32 if gguf and gguf_keeps_f32(name, t.dim()) else 16)
     return total

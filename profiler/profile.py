@@ -175,6 +175,17 @@ def check_embeddings(embeddings: str | None, estimator: str = "") -> str:
     return embeddings
 
 
+def check_quantizer_options(quantizer: Quantizer, options: list[Option]) -> None:
+    """GGUF options and the llamacpp quantizer go together: llama.cpp quantizes its own types only."""
+    gguf = [o.gguf is not None for o in options]
+    if quantizer.method == "llamacpp" and not all(gguf):
+        raise InvalidInput("the llamacpp quantizer stores GGUF types only: give --engine llamacpp (its options "
+                           "are GGUF types, e.g. --options q4_k,q6_k,q8_0) or another quantizer")
+    if quantizer.method != "llamacpp" and any(gguf):
+        raise InvalidInput(f"GGUF options are quantized by llama.cpp, not {quantizer.label}: profile them with "
+                           f"--engine llamacpp")
+
+
 def profile_model(
     loaded: LoadedModel,
     options: list[Option],
@@ -219,6 +230,7 @@ def profile_model(
         raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
                         f"not {type(quantizer).__name__}")
     check_embeddings(embeddings, estimator)
+    check_quantizer_options(quantizer, options)
     name = estimator_name(estimator, imatrix=imatrix)  # a missing imatrix fails before any pass
     if n_tokens is None:
         n_tokens = spec.default_tokens
@@ -250,7 +262,7 @@ def profile_model(
         modules=modules,
         error=error,
         size_bits=size,
-        fixed_bits=fixed_bits(model, planned),
+        fixed_bits=fixed_bits(model, planned, gguf=quantizer.method == "llamacpp"),
         seconds=time.perf_counter() - t0,
         estimated=estimated,
     )
@@ -322,7 +334,7 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
         return error
     F = stats if stats is not None else fisher_diagonal(model, batches, planned, device, progress,
                         checkpoint=None if work_dir is None else Path(work_dir) / "fisher.pt")
-    if quantizer.method == "rtn":
+    if quantizer.method != "gptq":  # no H needed
         for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
             fill([(m, lin)], F)
         return error

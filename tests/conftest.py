@@ -301,6 +301,54 @@ def build_arch():
     return make_arch
 
 
+# ------------------------------------------------------------------------------------- llama.cpp
+
+REQUIRE_LLAMACPP = "BITPLAN_REQUIRE_LLAMACPP"
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    """The directory of llama.cpp's built tools (`make llamacpp`).  Where they are missing the test is
+    skipped, except under $BITPLAN_REQUIRE_LLAMACPP (`make test` sets it, so CI cannot skip): it fails."""
+    import os
+
+    from bitplan.kernels.llamacpp import LlamaCppMissing, check_tools, llamacpp_dir
+
+    try:
+        check_tools()
+    except LlamaCppMissing as e:
+        if os.environ.get(REQUIRE_LLAMACPP):
+            pytest.fail(f"{REQUIRE_LLAMACPP} is set and {e}")
+        pytest.skip(str(e))
+    return llamacpp_dir()
+
+
+@pytest.fixture(scope="session")
+def gguf_checkpoint(tmp_path_factory, llamacpp):
+    """A tiny random Llama that llama.cpp's converter takes: SmolLM2's tokenizer (a pre-tokenizer
+    convert_hf_to_gguf.py knows, read from the embedded model's GGUF), hidden 256 so that rows of 256
+    take K-quants, and MLP width 576 so that down_proj's rows of 576 fall back to 32-blocks, as
+    SmolLM2's do.  The directory, and its F16 GGUF beside it (`base.gguf`)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bitplan.executor.llamacpp import base_gguf
+    from bitplan.profiler.model import resolve
+
+    directory, name = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=576, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    base_gguf(str(path), path.parent / "base.gguf")
+    return path
+
+
 # ------------------------------------------------------------------------------------- gpu marker
 
 

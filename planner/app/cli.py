@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from bitplan.db.types import BitplanError, Evaluation, InvalidInput, Plan, Profile
+from bitplan.db.formats import GGUF_OPTIONS
+from bitplan.db.types import DEFAULT_OPTIONS, BitplanError, Evaluation, InvalidInput, Plan, Profile
 from bitplan.planner.budgets import DEMO_BUDGETS
 
 log = logging.getLogger("bitplan")
@@ -77,7 +78,12 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--calib", help="calibration text: a file, a glob, or shakespeare:calib (default)")
     c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
     c.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
-    c.add_argument("--options", default="2,3,4,8", help="bit widths to consider (default 2,3,4,8)")
+    c.add_argument("--engine", choices=["bitplan", "llamacpp"],
+                   help="llamacpp: the options are GGUF types (Q2_K..Q8_0, and the 32-block types rows not a "
+                        "multiple of 256 fall back to), each module's error measured with llama.cpp's own "
+                        "quantization and sizes its blocks' (needs `make llamacpp`; docs/llamacpp.md)")
+    c.add_argument("--options", help=f"bit widths to consider (default {DEFAULT_OPTIONS}); with --engine "
+                                     f"llamacpp GGUF types (default {','.join(GGUF_OPTIONS)})")
     c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     estimator_args(c)
     embeddings_arg(c)
@@ -143,6 +149,11 @@ def _compare_arguments(c: argparse.ArgumentParser) -> None:
                    help="also measure each plan on the profile's model, in memory: held-out perplexity and KL "
                         "to the unquantized model")
     c.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens for --evaluate (default 2048)")
+    c.add_argument("--against", metavar="MIX,MIX,...",
+                   help="with a profile of GGUF types (profile --engine llamacpp): llama.cpp's stock mixes, e.g. "
+                        "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,Q4_K_M,Q5_K_M; each is made by llama-quantize, and "
+                        "--allocators plan at its exact tensor bytes; all measured by llama-perplexity (perplexity, "
+                        "KL divergence to the F16 base) on the held-out text (needs --evaluate; --budgets unused)")
     c.add_argument("--output", help="also write the table as JSON to this file")
 
 
@@ -150,10 +161,12 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("plan", help="stored plan id (or unique prefix), or a plan JSON file")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    c.add_argument("--format", default="bitplan", choices=["bitplan", "gptqmodel", "compressed-tensors", "llamacpp"],
+    c.add_argument("--format", default="bitplan",
+                   choices=["bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf"],
                    help="bitplan (default, our kernels), gptqmodel (GPTQ with per-module dynamic rules: GPTQModel, "
                         "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
-                        "llama-quantize command line)")
+                        "llama-quantize command line), gguf (--out FILE.gguf, written by the built llama-quantize "
+                        "from the model's F16 GGUF, its tensor types checked against the plan; `make llamacpp`)")
 
 
 def _eval_arguments(c: argparse.ArgumentParser) -> None:
@@ -165,6 +178,12 @@ def _eval_arguments(c: argparse.ArgumentParser) -> None:
                    help="cpu, or cuda: the fused kernels, plus decode tokens/s and peak memory beside bf16")
     c.add_argument("--speed-batches", default="1,16", metavar="B,B,...",
                    help="on cuda: batch sizes of the decode-speed test (128 new tokens after 512); '' for none")
+    c.add_argument("--engine", choices=["bitplan", "llamacpp"],
+                   help="who measures: bitplan (default, except for a .gguf path), or llamacpp: llama-perplexity "
+                        "on a .gguf (each window of --window tokens scores its second half; `make llamacpp`)")
+    c.add_argument("--base", metavar="MODEL",
+                   help="with llamacpp: the model the .gguf was quantized from (a .gguf, a HF directory or "
+                        "smollm2-135m); also measure the KL divergence to its F16 GGUF")
 
 
 def _ls_arguments(c: argparse.ArgumentParser) -> None:
@@ -225,8 +244,9 @@ def plan_options(c: argparse.ArgumentParser) -> None:
                    help="units that share one option: module (default), expert (all matrices of one MoE "
                         "expert), layer (all modules of one decoder layer), layer_experts (all routed experts "
                         "of a layer, as vLLM and llama.cpp run them; attention free)")
-    c.add_argument("--engine", default="bitplan", choices=["bitplan", "vllm", "llamacpp"],
-                   help="what will run the plan: bitplan (default: any option per module), vllm (q/k/v and "
+    c.add_argument("--engine", choices=["bitplan", "vllm", "llamacpp"],
+                   help="what will run the plan (default: llamacpp for a profile of GGUF types, else bitplan): "
+                        "bitplan (any option per module), vllm (q/k/v and "
                         "gate/up tied, all experts of a layer tied, GPTQ widths), llamacpp (experts tied per "
                         "matrix kind, GGUF types and their exact sizes)")
     c.add_argument("--pin", action="append", default=[], metavar="PATTERN(=|>=|<=)BITS",
@@ -250,8 +270,8 @@ def _workspace(args, **kw):
 def _profile_request(args):
     """The profile settings `profile` and `demo` share (`demo` has no calibration or option flags)."""
     from bitplan.planner.app.usecases import ProfileRequest
-    names = ("options", "group_size", "estimator", "quantizer", "calib", "tokens", "seq_len", "device", "imatrix",
-             "embeddings", "latency", "latency_batches")
+    names = ("engine", "options", "group_size", "estimator", "quantizer", "calib", "tokens", "seq_len", "device",
+             "imatrix", "embeddings", "latency", "latency_batches")
     return ProfileRequest(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 
@@ -327,6 +347,8 @@ def cmd_compare(args):
     from bitplan.db.files import write_json
     from bitplan.planner.app.usecases import run_compare
     from bitplan.planner.budgets import parse_budgets
+    if args.against:
+        return _compare_against(args)
     budgets = parse_budgets(args.budgets)  # a bad budget fails before the profile is read
     request = _plan_request(args)
     ws = _workspace(args)
@@ -335,6 +357,37 @@ def cmd_compare(args):
     if args.output:
         write_json(args.output, {"rows": rows})
     _emit(args, {"rows": rows}, format_compare(rows))
+
+
+def _compare_against(args):
+    from bitplan.db.files import write_json
+    from bitplan.planner.app.stockmix import parse_mixes, run_stock_compare, spearman
+    if not args.evaluate:
+        raise_input("--against measures every file with llama-perplexity: add --evaluate")
+    mixes = parse_mixes(args.against)
+    allocators = [a for a in _csv(args.allocators) if a != "uniform"] if args.allocators else ["ilp"]
+    ws = _workspace(args)
+    rows = run_stock_compare(ws, _profile_arg(ws.store, args), mixes, allocators=allocators,
+                             eval_tokens=args.eval_tokens)
+    doc = {"rows": [r.model_dump() for r in rows], "spearman_predicted_error_kl": spearman(rows)}
+    if args.output:
+        write_json(args.output, doc)
+    _emit(args, doc, format_stock_compare(doc))
+
+
+def format_stock_compare(doc: dict) -> str:
+    head = f"{'name':>14} {'matched to':>10} {'size B':>11} {'pred. B':>11} {'ppl':>9} {'KLD':>8} {'pred.err':>9}  plan"
+    lines = [head, "-" * len(head)]
+
+    def num(v, f):
+        return format(v, f) if v is not None else "-"
+    for r in doc["rows"]:
+        lines.append(f"{r['name']:>14} {r['at']:>10} {r['size_bytes']:>11} {num(r['predicted_size_bytes'], '>11')} "
+                     f"{r['perplexity']:>9.3f} {num(r['kl_divergence'], '>8.5f')} {num(r['predicted_error'], '>9.4f')}  "
+                     f"{r['plan_id'] or ''}")
+    rho = doc["spearman_predicted_error_kl"]
+    lines.append(f"Spearman ρ (predicted error, llama.cpp's KL divergence): {num(rho, '.3f')}")
+    return "\n".join(lines)
 
 
 def _profile_arg(store, args) -> Profile:
@@ -361,7 +414,7 @@ def cmd_eval(args):
     from bitplan.planner.app.usecases import run_eval
     batches = [int(b) for b in args.speed_batches.split(",") if b.strip()]
     ev = run_eval(_workspace(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
-                  device=args.device, speed_batches=batches)
+                  device=args.device, speed_batches=batches, engine=args.engine, base=args.base)
     _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))
 
 
@@ -456,6 +509,9 @@ def format_plan(plan: Plan, profile: Profile | None = None) -> str:
 def format_evaluation(ev: Evaluation) -> str:
     out = (f"evaluation {ev.id}: perplexity {ev.perplexity:.3f} on {ev.n_tokens} tokens of {ev.corpus} "
            f"(window {ev.window}), {ev.bytes_on_disk / 2**20:.1f} MiB on disk, {ev.seconds:.0f} s")
+    if ev.engine == "llamacpp":
+        out += " (llama-perplexity: each window scores its second half" + (
+            f"; KL divergence to the base {ev.kl_divergence:.5f} nats/token)" if ev.kl_divergence is not None else ")")
     if ev.speed:
         s = ev.speed
         out += (f"\ndecode, {s['new_tokens']} new tokens after {s['prompt']} (weights {s['weights_gib']['model']:.2f} "

@@ -34,6 +34,7 @@ class OptionDocument(BaseModel):
     bits: int
     group_size: int | None = None
     symmetric: bool
+    gguf: str | None = Field(None, description="a GGUF type (q4_k, ...), in a plan of a --engine llamacpp profile")
 
 
 class PlanDocument(BaseModel):

@@ -17,11 +17,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from bitplan.db.store import content_profile_id
-from bitplan.db.types import (Budget, Evaluation, InfeasibleBudget, InvalidInput, NotFound, Plan, Profile, Quantizer,
-                               parse_options)
+from bitplan.db.formats import parse_gguf_options
+from bitplan.db.types import (DEFAULT_OPTIONS, Budget, Evaluation, InfeasibleBudget, InvalidInput, NotFound, Option,
+                              Plan, Profile, Quantizer, parse_options)
 from bitplan.planner.allocators import lookup_allocator, needs_context
 from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.budgets import DEMO_BUDGETS, parse_budgets
+from bitplan.planner.engines import profile_engine
 from bitplan.planner.plan import allocate, unit_of
 from bitplan.planner.request import PlanRequest
 
@@ -33,7 +35,8 @@ class ProfileRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    options: str = "2,3,4,8"  # bit widths, `parse_options`
+    engine: str | None = None  # llamacpp: the options are GGUF types, quantized by llama.cpp's own library
+    options: str | None = None  # bit widths, `parse_options` (default 2,3,4,8); GGUF types for llamacpp
     group_size: int | None = 64
     estimator: str | None = None  # default: calibrated, or imatrix when an imatrix is given
     quantizer: str | None = None  # rtn, gptq or gptq:damp=0.05,...: where each option's ΔW comes from
@@ -67,11 +70,10 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
 
         parse_spec(r.latency)  # a bad spec or batch list fails before a model loads
         latency_batches = parse_batches(r.latency_batches or DEFAULT_BATCHES)
-    opts = parse_options(r.options, r.group_size)
+    opts, quantizer = profile_options(r)
     if r.imatrix and r.estimator not in (None, "imatrix"):
         raise InvalidInput(f"--imatrix is read by --estimator imatrix only, not {r.estimator}")
     estimator = r.estimator or ("imatrix" if r.imatrix else prof.DEFAULT_ESTIMATOR)
-    quantizer = Quantizer.parse(r.quantizer) if r.quantizer else prof.DEFAULT_QUANTIZER
     name = prof.estimator_name(estimator, imatrix=r.imatrix)  # a missing imatrix fails before the model loads
     embeddings = prof.check_embeddings(r.embeddings, estimator)
     calib, tokens = r.calib or CALIB, r.tokens or prof.DEFAULT_TOKENS
@@ -102,6 +104,27 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     return profile
 
 
+def profile_options(r: ProfileRequest) -> tuple[list[Option], Quantizer]:
+    """The options and quantizer a request profiles: bit widths with its quantizer (default GPTQ), or under
+    `engine="llamacpp"` GGUF types with llama.cpp's quantization (its tools checked before any work)."""
+    from bitplan.profiler.profile import DEFAULT_QUANTIZER
+
+    if r.engine not in (None, "bitplan", "llamacpp"):
+        raise InvalidInput(f"profiles are made for --engine bitplan (our options) or llamacpp (GGUF types), "
+                           f"not {r.engine!r}; a vllm plan is planned from a bitplan profile")
+    if r.engine != "llamacpp":
+        quantizer = Quantizer.parse(r.quantizer) if r.quantizer else DEFAULT_QUANTIZER
+        return parse_options(r.options or DEFAULT_OPTIONS, r.group_size), quantizer
+    if r.quantizer not in (None, "llamacpp"):
+        raise InvalidInput(f"--engine llamacpp measures llama.cpp's own quantization of each GGUF type; drop "
+                           f"--quantizer {r.quantizer}")
+    from bitplan.kernels.llamacpp import check_tools
+
+    opts = parse_gguf_options(r.options)
+    check_tools()
+    return opts, Quantizer(method="llamacpp")
+
+
 def _stored_profile(ws: Workspace, pid: str) -> Profile | None:
     try:
         stored = ws.store.get_profile(pid)
@@ -119,17 +142,17 @@ def run_validate(ws: Workspace, source: str, request: ProfileRequest = ProfileRe
     JSON-ready: the tables are left out, the module names and figures stay.
     """
     from bitplan.profiler.kl import DEFAULT_KL_TOKENS
-    from bitplan.profiler.profile import DEFAULT_QUANTIZER, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, default_device, estimator_name
+    from bitplan.profiler.profile import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, default_device, estimator_name
     from bitplan.profiler.validate import validate
 
     r = request
-    quantizer = Quantizer.parse(r.quantizer) if r.quantizer else DEFAULT_QUANTIZER
+    options, quantizer = profile_options(r)
     for e in estimators:  # an unknown name or a missing imatrix fails before the model loads
         estimator_name(e, imatrix=r.imatrix)
     loaded = ws.model(source)
     kw = {"calib": r.calib} if r.calib else {}
     tokens = r.tokens or DEFAULT_TOKENS
-    result = validate(loaded, parse_options(r.options, r.group_size), quantizer=quantizer, n_tokens=tokens,
+    result = validate(loaded, options, quantizer=quantizer, n_tokens=tokens,
                       kl_tokens=min(DEFAULT_KL_TOKENS, tokens), seq_len=r.seq_len or DEFAULT_SEQ_LEN, layers=layers,
                       device=r.device or default_device(), progress=ws.progress, estimators=tuple(estimators),
                       imatrix=r.imatrix, **kw)
@@ -238,7 +261,7 @@ def run_compare(ws: Workspace, profile: Profile | str, budgets: str | Sequence[s
     params = request.params  # the measuring allocator's; each pair's request is checked when it is solved
     request = request.model_copy(update={"params": {}}).checked()
     profile = _with_id(ws, profile)
-    unit_of(profile.modules, request.granularity, request.engine)  # fails here, before any solve
+    unit_of(profile.modules, request.granularity, request.engine or profile_engine(profile))  # fails here, before any solve
     ws.store.save_profile(profile)
     context = search_context(ws, profile) if measuring else None
     rows = []
@@ -305,6 +328,8 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    if fmt == "gguf":
+        return _apply_gguf(ws, plan, out)
     if fmt == "llamacpp" and not ws.has_model(plan.model.source):
         # a text file of tensor types: the profile's module names and shapes suffice, no weights needed
         modules = _profile_modules(ws, plan)
@@ -321,6 +346,24 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
             cache.hessians = hessians
     return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
                        progress=ws.progress, quantizer=quantizer, hessians=hessians, cache=cache)
+
+
+def _apply_gguf(ws: Workspace, plan: Plan, out: Path) -> Path:
+    """The plan as a GGUF file, by llama-quantize from the model's F16 GGUF."""
+    from bitplan.executor.export import llamacpp_types
+    from bitplan.executor.llamacpp import quantize_gguf
+    from bitplan.kernels.llamacpp import check_tools
+    from bitplan.profiler.model import planned_for
+
+    if out.suffix != ".gguf":
+        raise InvalidInput(f"--format gguf writes one file: give --out NAME.gguf, not {out}")
+    check_tools()
+    modules = _profile_modules(ws, plan)
+    if modules is None:
+        modules = [m for m, _ in planned_for(ws.model(plan.model.source).model, plan.assignment)]
+    llamacpp_types(plan, modules)  # a type llama.cpp cannot store fails before the F16 GGUF is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return quantize_gguf(ws.base_gguf(plan.model.source), out, plan=plan, modules=modules)
 
 
 def _profile_modules(ws: Workspace, plan: Plan) -> list | None:
@@ -345,13 +388,24 @@ def plan_quantizer(ws: Workspace, plan: Plan) -> Quantizer:
 
 def run_eval(ws: Workspace, checkpoint: str, *, text: str | None = None, tokens: int | None = None,
              window: int | None = None, device: str = "cpu", plan_id: str | None = None,
-             speed_batches: Sequence[int] | None = None) -> Evaluation:
+             speed_batches: Sequence[int] | None = None, engine: str | None = None,
+             base: str | None = None) -> Evaluation:
     """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name).
 
     A checkpoint bitplan wrote loads with its plan's kernels; any other is the workspace's model.
     On a GPU, also decode tokens/s and peak memory at each of `speed_batches` (default 1 and 16;
     `()` for none), beside the bf16 model of the same architecture (`executor.evaluate.speed_report`).
+    `engine="llamacpp"` (the default for a .gguf path) measures with `llama-perplexity` instead, and the
+    KL divergence to the F16 GGUF of `base` (the model the file was quantized from; the plan's model).
     """
+    if engine is None:
+        engine = "llamacpp" if str(checkpoint).endswith(".gguf") else "bitplan"
+    if engine not in ("bitplan", "llamacpp"):
+        raise InvalidInput(f"evaluations are measured by bitplan or llamacpp, not {engine!r}")
+    if engine == "llamacpp":
+        return _eval_llamacpp(ws, checkpoint, text=text, tokens=tokens, window=window, plan_id=plan_id, base=base)
+    if base is not None:
+        raise InvalidInput("--base is for llama.cpp's KL divergence: evaluate with --engine llamacpp")
     import torch
 
     from bitplan.executor.apply import checkpoint_bytes
@@ -411,6 +465,35 @@ class DemoRow(BaseModel):
     evaluation_id: str | None = None
     status: str | None = None
     checkpoint: str | None = None
+
+
+def _eval_llamacpp(ws: Workspace, checkpoint: str, *, text: str | None, tokens: int | None, window: int | None,
+                   plan_id: str | None, base: str | None) -> Evaluation:
+    """`llama-perplexity` of a GGUF file, in windows of `window` tokens, and its KL divergence to `base`."""
+    from bitplan.executor.evaluate import EVAL_TOKENS
+    from bitplan.executor.llamacpp import EVAL_CTX, perplexity
+    from bitplan.kernels.llamacpp import check_tools
+    from bitplan.profiler.calibration import EVAL
+
+    path = Path(checkpoint).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise InvalidInput(f"llama.cpp evaluates a .gguf file; {checkpoint} is not one (evaluate it with "
+                           f"--engine bitplan)")
+    check_tools()
+    t0 = time.perf_counter()
+    text, ctx = text or EVAL, window or EVAL_CTX
+    chunks = max(1, (tokens or EVAL_TOKENS) // ctx)
+    if base is None and plan_id is not None:
+        base = ws.store.get_plan(plan_id).model.source
+    if base is not None:
+        logits, _ = ws.base_logits(base, text, ctx, chunks)
+        measured = perplexity(path, ws.text_file(text), ctx=ctx, chunks=chunks, kl_base=logits)
+    else:
+        measured = perplexity(path, ws.text_file(text), ctx=ctx, chunks=chunks)
+    ev = Evaluation(plan_id=plan_id, checkpoint=str(path.resolve()), corpus=text, n_tokens=measured.n_tokens,
+                    window=ctx, perplexity=measured.perplexity, kl_divergence=measured.kl_divergence,
+                    bytes_on_disk=path.stat().st_size, engine="llamacpp", seconds=time.perf_counter() - t0)
+    return ws.store.save_evaluation(ev)
 
 
 def run_demo(ws: Workspace, *, source: str = "smollm2-135m", budgets: Sequence[str] = DEMO_BUDGETS,

@@ -8,8 +8,11 @@ Model-side imports happen inside the methods, so planning a stored profile needs
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 from bitplan.db.store import Store
 from bitplan.db.types import InvalidInput, Profile, content_id
@@ -75,6 +78,58 @@ class Workspace:
         if self._gptq is None or self._gptq.profile_id not in (None, profile_id):
             self._gptq = GPTQCache()
         return self._gptq.claim(profile_id)
+
+    # ---------------------------------------------------------------------------------- llama.cpp
+
+    def llamacpp_dir(self, source: str) -> Path:
+        """Where the llama.cpp artefacts of the model at `source` are kept (its F16 GGUF, its logits on the
+        evaluation text), keyed by the source's files as they are now: rebuilt on demand, so deleting the
+        folder loses nothing."""
+        from bitplan.profiler.model import resolve
+
+        directory, name = resolve(source)
+        files = [directory / name] if name else sorted(p for p in directory.iterdir() if p.is_file())
+        key = content_id(str(directory.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+        path = self.store.work_dir(f"llamacpp-{key}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def base_gguf(self, source: str) -> Path:
+        """The F16 GGUF of the model at `source` (`executor.llamacpp.base_gguf`), written once."""
+        from bitplan.executor.llamacpp import base_gguf
+
+        path = self.llamacpp_dir(source) / "base-f16.gguf"
+        if not path.exists():
+            log.info("writing the F16 GGUF of %s", source)
+            base_gguf(source, path)
+        return path
+
+    def base_logits(self, source: str, text: str, ctx: int, chunks: int):
+        """`(logits file, Measured)` of the F16 GGUF of `source` on `text`: llama-perplexity's saved logits,
+        what a quantized file's KL divergence is measured against, and the base's own perplexity."""
+        from bitplan.db.files import write_json
+        from bitplan.executor.llamacpp import Measured, perplexity
+
+        stem = self.llamacpp_dir(source) / f"logits-{content_id(text, ctx, chunks)}"
+        logits, summary = stem.with_suffix(".bin"), stem.with_suffix(".json")
+        if not (logits.exists() and summary.exists()):
+            staged = stem.with_suffix(".bin.part")
+            measured = perplexity(self.base_gguf(source), self.text_file(text), ctx=ctx, chunks=chunks,
+                                  save_logits=staged)
+            os.replace(staged, logits)
+            write_json(summary, measured.__dict__)
+        return logits, Measured(**json.loads(summary.read_text()))
+
+    def text_file(self, text: str) -> Path:
+        """`text` (`shakespeare:eval`, a file or a glob) as one file, for llama.cpp's tools to read."""
+        from bitplan.db.files import atomic_write
+        from bitplan.profiler.calibration import load_text
+
+        name, body = load_text(text)
+        path = self.store.work_dir("llamacpp-text") / f"{content_id(name, body)}.txt"
+        if not path.exists():
+            atomic_write(path, body)
+        return path
 
     # --------------------------------------------------------------------------- evaluation text
 

@@ -54,7 +54,7 @@ def test_the_defaults_are_gptq_s():
 
 
 @pytest.mark.parametrize("text,match", [
-    ("awq", r"unknown quantizer 'awq': write 'rtn', 'gptq', or GPTQ with settings, e\.g\. 'gptq:damp="),
+    ("awq", r"unknown quantizer 'awq': write 'rtn', 'llamacpp', 'gptq', or GPTQ with settings, e\.g\. 'gptq:damp="),
     ("", r"unknown quantizer ''"),
     ("rtn:damp=0.05", r"rtn takes no settings; write 'rtn'"),
     ("gptq:alpha=1", r"unknown gptq setting 'alpha' in 'gptq:alpha=1': the settings are damp, block_size and "
@@ -135,3 +135,11 @@ def test_the_estimator_is_the_estimator_alone(make_profile):
     d = {**make_profile().to_dict(), "estimator": "fisher/gptq"}  # a /2 file
     with pytest.raises(InvalidInput, match="malformed profile: .*carries a quantizer"):
         Profile.from_dict(d)
+
+
+def test_llamacpp_is_a_quantizer_without_settings():
+    q = Quantizer.parse("llamacpp")
+    assert (q.method, q.label, q.model_dump(), q.settings) == ("llamacpp", "llamacpp", {"method": "llamacpp"}, {})
+    assert Quantizer.parse(q.label) == q
+    with pytest.raises(InvalidInput, match="llamacpp takes no settings"):
+        Quantizer.parse("llamacpp:damp=0.05")
