@@ -44,7 +44,7 @@ GGUF_TYPES = {t.name: t for t in (
     GGUFType("q4_k", 256, 256 * 4 + 8 * 12 + 2 * 16, 4),  # 4.5: 6-bit scale+min per 32, d, dmin
     GGUFType("q5_k", 256, 256 * 5 + 8 * 12 + 2 * 16, 5),  # 5.5
     GGUFType("q6_k", 256, 256 * 6 + 16 * 8 + 16, 6),  # 6.5625: 8-bit scale per 16, d
-    GGUFType("iq4_xs", 256, 256 * 4 + 8 * 6 + 16 + 16, 4),  # 4.25: non-linear grid, 6-bit scale per 32, d
+    GGUFType("iq4_xs", 256, 256 * 4 + 8 * 6 + 16, 4),  # 4.25: non-linear grid, 6-bit scale per 32, d
     GGUFType("q4_0", 32, 32 * 4 + 16, 4),  # 4.5
     GGUFType("q4_1", 32, 32 * 4 + 2 * 16, 4),  # 5.0: fp16 d and min
     GGUFType("iq4_nl", 32, 32 * 4 + 16, 4),  # 4.5: a non-linear 16-entry grid

@@ -68,7 +68,9 @@ def base_gguf(source: str, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         src = source_dir()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+        # the converter imports its own `conversion` package and the gguf-py it was written with
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+        env["PYTHONPATH"] = os.pathsep.join([str(src / "gguf-py"), str(src), env.get("PYTHONPATH", "")])
         cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(directory), "--outtype", "f16",
                "--outfile", str(staged)]
         log.info("%s", " ".join(cmd))
@@ -194,7 +196,7 @@ class Measured:
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _PPL_Q = re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)")
 _KLD = re.compile(r"Mean\s+KLD:\s*([0-9.eE+-]+)")
-_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+_CHUNKS = re.compile(r"(?:calculating perplexity|kl_divergence: computing) over (\d+) chunks, n_ctx=(\d+)")
 
 
 def perplexity(model: str | Path, text: str | Path, *, ctx: int = EVAL_CTX, chunks: int | None = None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitplan.db.formats import stored_gguf_type
 from bitplan.db.types import EMBED_ROLE, Module, Option, Quantizer
 from bitplan.kernels import llamacpp
 
@@ -267,8 +268,10 @@ def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: Quantizer = 
         if quantizer.method != "llamacpp":
             raise ValueError(f"the GGUF type {option.label} is quantized by llama.cpp: its quantizer is "
                              f"llamacpp, not {quantizer.label}")
+        # what llama-quantize writes when asked for this type: itself, or its fallback on rows it cannot store
+        stored = stored_gguf_type(option.gguf, W.shape[1])
         W32 = W.detach().to("cpu", torch.float32).numpy()
-        return torch.from_numpy(llamacpp.quantize_dequantize(W32, option.gguf)).to(W.device, W.dtype)
+        return torch.from_numpy(llamacpp.quantize_dequantize(W32, stored)).to(W.device, W.dtype)
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
     return quantize(W, option, quantizer, H, **kwargs).dequantize(W.dtype)

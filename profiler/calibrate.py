@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitplan.db.formats import GGUF_TYPES
 from bitplan.db.types import Module, Option, Quantizer
 from bitplan.kernels.quantize import GPTQCache
 from bitplan.profiler.kl import kl_table
@@ -61,9 +62,20 @@ DEFAULT_POINTS = 2  # measured options per module: the lowest bit widths
 MIN_KL_TOKENS = 8
 
 
-def calibration_points(options: list[Option], points: int = DEFAULT_POINTS) -> list[int]:
-    """Indices of the `points` quantized options of fewest bits (ties: the first listed)."""
+def calibration_points(options: list[Option], points: int = DEFAULT_POINTS, widths: Sequence[int] = ()) -> list[int]:
+    """Indices of the `points` quantized options of fewest bits (ties: the first listed).
+
+    GGUF types (`Option.gguf`): of those that store rows of every width in `widths` as themselves, one per
+    code bits, fewest first.  A K-quant on a row that is not whole super-blocks is stored as another type
+    (SmolLM2's rows of 576 turn Q2_K and Q3_K into Q4_0), so measuring it there measures that type twice.
+    """
     quantized = [i for i, o in enumerate(options) if o.quantized]
+    if any(options[i].gguf for i in quantized):
+        fit = [i for i in quantized if all(GGUF_TYPES[options[i].gguf].fits(w) for w in widths)]
+        first = {}
+        for i in sorted(fit, key=lambda i: (options[i].bits, GGUF_TYPES[options[i].gguf].bits_per_weight, i)):
+            first.setdefault(options[i].bits, i)
+        quantized = list(first.values())
     return sorted(sorted(quantized, key=lambda i: (options[i].bits, i))[:points])
 
 
@@ -176,7 +188,7 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     cheap table was made on, so that the measured points use the same ΔW as the rest of the row.
     The result's `estimated` maps row indices of `planned` to why the row is an estimate.
     """
-    cols = calibration_points(options, points)
+    cols = calibration_points(options, points, widths=sorted({m.shape[1] for m, _ in planned}))
     if not cols:
         return Rescaled(np.asarray(cheap, float), np.ones(len(planned)), {})
     routing: dict = {}

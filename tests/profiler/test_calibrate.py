@@ -33,6 +33,16 @@ def test_points_are_the_lowest_quantized_widths():
     assert calibration_points(parse_options("16")) == []
 
 
+def test_gguf_points_are_types_every_row_stores_as_themselves():
+    from bitplan.db.formats import parse_gguf_options
+
+    opts = parse_gguf_options(None)
+    # rows of 1536 only: the K-quants of fewest bits
+    assert [opts[i].label for i in calibration_points(opts, widths=[1536])] == ["Q2_K", "Q3_K"]
+    # rows of 576 store Q2_K and Q3_K as Q4_0: one 32-block type per code width instead, never the same twice
+    assert [opts[i].label for i in calibration_points(opts, widths=[576, 1536])] == ["IQ4_NL", "Q5_0"]
+
+
 def test_calibrated_profile_equals_kl_at_its_points(loaded, text_file):
     opts = parse_options("2,3,4")
     fisher = profile_model(loaded, opts, estimator="fisher", calib=str(text_file), n_tokens=128,
