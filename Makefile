@@ -38,8 +38,16 @@ setup: $(VENV)/.installed
 LLAMACPP_PYTHON ?= 0.3.36
 LLAMACPP = $(VENV)/llama.cpp
 LLAMACPP_TOOLS = llama-quantize llama-perplexity llama-imatrix
+# Not -march=native: a CPU may report instructions its sandbox or hypervisor does not run (AMX tiles
+# killed llama-perplexity with SIGILL on one such machine), and the build should mean the same thing on
+# every machine.  ggml's portable x86 set (AVX2, FMA, F16C, BMI2) is what GGML_NATIVE=OFF enables.
+LLAMACPP_CMAKE = -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_CCACHE=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON
+# the stamp names the pin and the flags: changing either rebuilds
+LLAMACPP_STAMP = $(LLAMACPP)/.built-$(LLAMACPP_PYTHON)-$(shell echo '$(LLAMACPP_CMAKE)' | cksum | cut -d' ' -f1)
 
-$(LLAMACPP)/.built-$(LLAMACPP_PYTHON): | $(VENV)/.installed
+$(LLAMACPP_STAMP): | $(VENV)/.installed
 	rm -rf $(LLAMACPP) && mkdir -p $(LLAMACPP)/sdist
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(LLAMACPP)/sdist \
 		"llama-cpp-python==$(LLAMACPP_PYTHON)"
@@ -47,15 +55,13 @@ $(LLAMACPP)/.built-$(LLAMACPP_PYTHON): | $(VENV)/.installed
 		llama_cpp_python-$(LLAMACPP_PYTHON)/vendor/llama.cpp
 	mv $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMACPP_PYTHON)/vendor/llama.cpp $(LLAMACPP)/src
 	rm -rf $(LLAMACPP)/sdist
-	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_CCACHE=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON > $(LLAMACPP)/cmake.log
+	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build $(LLAMACPP_CMAKE) > $(LLAMACPP)/cmake.log
 	cmake --build $(LLAMACPP)/build -j "$$(nproc)" --target $(LLAMACPP_TOOLS) > $(LLAMACPP)/build.log
 	mv $(LLAMACPP)/build/bin $(LLAMACPP)/bin && rm -rf $(LLAMACPP)/build
 	for t in $(LLAMACPP_TOOLS); do ln -sf ../llama.cpp/bin/$$t $(BIN)/$$t; done
 	touch $@
 
-llamacpp: $(LLAMACPP)/.built-$(LLAMACPP_PYTHON)
+llamacpp: $(LLAMACPP_STAMP)
 
 demo: setup
 	$(BIN)/bitplan demo

@@ -177,7 +177,10 @@ class Quantizer(BaseModel):
     and `apply` quantizes its plans with the same one (`kernels/quantize.py`).  The settings are GPTQ's
     (`kernels.quantize.gptq` says what each does and why these defaults); RTN has none, so an RTN
     quantizer keeps them at their defaults and its dump leaves them out: every RTN quantizer is one (and
-    so is every llamacpp one).  Text form (`parse`, `label`): `rtn`, `llamacpp`, `gptq`,
+    so is every llamacpp one without an importance matrix).  `imatrix` (llamacpp only): the first 16 hex
+    of the sha256 of the llama.cpp importance matrix that weighs each row's rounding, in the profile's ΔW
+    as in `llama-quantize --imatrix` when `apply` writes the plan; the workspace keeps the file under that
+    name.  Text form (`parse`, `label`): `rtn`, `llamacpp`, `llamacpp:imatrix=<16 hex>`, `gptq`,
     `gptq:damp=0.05,block_size=64,act_order=false`.
     """
 
@@ -187,20 +190,25 @@ class Quantizer(BaseModel):
     damp: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     block_size: int = Field(default=128, ge=1)
     act_order: bool = True
+    imatrix: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
 
     @model_validator(mode="after")
     def _rtn_has_no_settings(self) -> "Quantizer":
         if self.method != "gptq" and (given := [k for k, v in self._all_settings().items() if v != _default(k)]):
             raise ValueError(f"{self.method} takes no settings ({', '.join(given)} given): they are GPTQ's, "
                              f"e.g. {_QUANTIZER_EXAMPLE!r}")
+        if self.imatrix is not None and self.method != "llamacpp":
+            raise ValueError(f"an importance matrix weighs llama.cpp's quantization only, not {self.method}'s")
         return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return handler(self) if self.method == "gptq" else {"method": self.method}
+        if self.method == "gptq":
+            return {k: v for k, v in handler(self).items() if k != "imatrix"}
+        return {"method": self.method} | ({} if self.imatrix is None else {"imatrix": self.imatrix})
 
     def _all_settings(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "method"}
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in ("method", "imatrix")}
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -211,6 +219,8 @@ class Quantizer(BaseModel):
     def label(self) -> str:
         """`rtn`, `llamacpp`, `gptq`, or `gptq:` and the settings that differ from the defaults; `parse` reads it back."""
         changed = [f"{k}={_setting_text(v)}" for k, v in self.settings.items() if v != _default(k)]
+        if self.imatrix is not None:
+            changed.append(f"imatrix={self.imatrix}")
         return self.method + (":" + ",".join(changed) if changed else "")
 
     def __str__(self) -> str:
@@ -225,14 +235,20 @@ class Quantizer(BaseModel):
         if method not in QUANTIZER_METHODS:
             raise InvalidInput(f"unknown quantizer {text!r}: write 'rtn', 'llamacpp', 'gptq', or GPTQ with settings, "
                                f"e.g. {_QUANTIZER_EXAMPLE!r}")
+        if method == "llamacpp" and colon:
+            key, eq, value = (x.strip() for x in rest.partition("="))
+            if key == "imatrix" and eq and re.fullmatch(r"[0-9a-f]{16}", value):
+                return cls(method=method, imatrix=value)
+            raise InvalidInput(f"bad quantizer {text!r}: write 'llamacpp', or 'llamacpp:imatrix=<the first 16 hex "
+                               f"of the importance matrix's sha256>' (profile --imatrix FILE writes it)")
         if method != "gptq" and colon:
             raise InvalidInput(f"bad quantizer {text!r}: {method} takes no settings; write {method!r}, or GPTQ with "
                                f"settings, e.g. {_QUANTIZER_EXAMPLE!r}")
         settings: dict[str, Any] = {}
         for item in rest.split(",") if colon else ():
             key, eq, value = (s.strip() for s in item.partition("="))
-            if key not in cls.model_fields or key == "method":
-                names = [k for k in cls.model_fields if k != "method"]
+            if key not in cls.model_fields or key in ("method", "imatrix"):
+                names = [k for k in cls.model_fields if k not in ("method", "imatrix")]
                 raise InvalidInput(f"unknown gptq setting {key!r} in {text!r}: the settings are "
                                    f"{', '.join(names[:-1])} and {names[-1]}, e.g. {_QUANTIZER_EXAMPLE!r}")
             if not eq or key in settings:

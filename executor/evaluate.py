@@ -167,14 +167,15 @@ def _weight_gib(model: nn.Module) -> float:
 @torch.no_grad()
 def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: torch.Tensor, *,
                    quantizer: Quantizer = Quantizer(), hessians=None, device: str = "cpu", progress: bool = True,
-                   cache=None) -> list[dict]:
+                   cache=None, importance: dict | None = None) -> list[dict]:
     """Perplexity and mean per-token KL(base ‖ plan) of each assignment (module name -> Option) on `windows`.
 
     In memory, one plan after another: each planned weight is replaced by its quantized-dequantized
     value (the values `apply` stores), everything else stays as loaded, and the original weights are
     restored at the end.  The base model's log-probabilities are computed once (`windows.numel() x
     vocab` float32: keep the windows few).  `cache` (an `kernels.quantize.GPTQCache`) runs GPTQ once
-    per (module, option) over all the plans.
+    per (module, option) over all the plans; `importance`, the llamacpp quantizer's column weights per
+    module (`profiler.imatrix.importance_rows`).
     """
     from bitplan.kernels.quantize import quantize_dequantize, quantizer_for
     from bitplan.profiler.kl import mean_kl
@@ -192,7 +193,7 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
                 H = hessians.get(m.name) if hessians is not None and opt.quantized else None
                 # a tied embedding's Parameter is the head's too: both read the quantized values
                 lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), H, cache=cache,
-                                                      name=m.name)
+                                                      name=m.name, importance=(importance or {}).get(m.name))
             nll, kl, count = 0.0, 0.0, 0
             for row, logp in zip(windows, base):
                 ids = row.unsqueeze(0).to(device)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,9 @@ def run_tool(name: str, args: Sequence[str | Path], *, what: str) -> str:
     out = done.stdout + done.stderr
     if done.returncode != 0:
         tail = "\n".join(out.strip().splitlines()[-8:])
-        raise LlamaCppFailed(f"{name} failed ({what}), exit {done.returncode}:\n{tail}")
+        code = done.returncode
+        how = f"exit {code}" if code >= 0 else f"killed by signal {-code} ({signal.strsignal(-code) or '?'})"
+        raise LlamaCppFailed(f"{name} failed ({what}), {how}:\n{tail}")
     return out
 
 
@@ -168,6 +171,24 @@ def quantize_gguf(base: str | Path, out: str | Path, *, plan: Plan | None = None
         run_tool("llama-quantize", [*extra, base, staged, ftype], what=f"quantizing {base} as {plan.id if plan else mix}")
         if plan is not None:
             check_types(staged, types)
+        os.replace(staged, out)
+    return out
+
+
+def make_imatrix(base: str | Path, text: str | Path, out: str | Path, *, ctx: int = EVAL_CTX,
+                 chunks: int | None = None) -> Path:
+    """`llama-imatrix` of the F16 `base` on a text file, in windows of `ctx` tokens (at most `chunks`): the
+    importance matrix (GGUF format) that `llama-quantize --imatrix` and a llamacpp profile weigh rows by.
+    Every matmul input is recorded, the output head's too (`--process-output`), so that a planned head is
+    weighted as its siblings are."""
+    out = Path(out)
+    args: list[str | Path] = ["-m", base, "-f", text, "-c", ctx, "-b", ctx, "--process-output", "--no-ppl",
+                              "--output-format", "gguf"]
+    if chunks:
+        args += ["--chunks", chunks]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / "imatrix.gguf"
+        run_tool("llama-imatrix", [*args, "-o", staged], what=f"collecting the importance matrix of {base}")
         os.replace(staged, out)
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bitplan.db.formats import stored_gguf_type
@@ -261,9 +262,13 @@ def quantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer()
 
 
 def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer(),
-                        H: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                        H: torch.Tensor | None = None, *, importance: np.ndarray | None = None,
+                        **kwargs) -> torch.Tensor:
     """What the weight becomes after storage with `option` (identity for 16 bits), in `W`'s dtype and on its
-    device, where the quantizer runs (GPTQ brings `H` there); `kwargs` as `quantize`'s."""
+    device, where the quantizer runs (GPTQ brings `H` there); `kwargs` as `quantize`'s.  `importance`
+    (`[in_features]`): the column weights llama.cpp's quantization of a GGUF type takes from the
+    quantizer's importance matrix (`profiler.imatrix.importance_rows`); a module with none (the
+    embedding: no matmul input to record) is quantized without, as llama-quantize does."""
     if option.gguf is not None:
         if quantizer.method != "llamacpp":
             raise ValueError(f"the GGUF type {option.label} is quantized by llama.cpp: its quantizer is "
@@ -271,7 +276,7 @@ def quantize_dequantize(W: torch.Tensor, option: Option, quantizer: Quantizer = 
         # what llama-quantize writes when asked for this type: itself, or its fallback on rows it cannot store
         stored = stored_gguf_type(option.gguf, W.shape[1])
         W32 = W.detach().to("cpu", torch.float32).numpy()
-        return torch.from_numpy(llamacpp.quantize_dequantize(W32, stored)).to(W.device, W.dtype)
+        return torch.from_numpy(llamacpp.quantize_dequantize(W32, stored, importance)).to(W.device, W.dtype)
     if not option.quantized:
         return W.detach().to(torch.bfloat16).to(W.dtype)
     return quantize(W, option, quantizer, H, **kwargs).dequantize(W.dtype)

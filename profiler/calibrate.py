@@ -181,11 +181,13 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
               quantizer: Quantizer = Quantizer(),
               device: str = "cpu", progress: bool = True,
               hessian_batches: torch.Tensor | None = None,
-              cache: GPTQCache | None = None, min_tokens: int = MIN_KL_TOKENS) -> Rescaled:
+              cache: GPTQCache | None = None, min_tokens: int = MIN_KL_TOKENS,
+              importance: dict[str, np.ndarray] | None = None) -> Rescaled:
     """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
 
     `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
-    cheap table was made on, so that the measured points use the same ΔW as the rest of the row.
+    cheap table was made on, so that the measured points use the same ΔW as the rest of the row; for the
+    same reason `importance` is the llamacpp quantizer's, as the cheap table's.
     The result's `estimated` maps row indices of `planned` to why the row is an estimate.
     """
     cols = calibration_points(options, points, widths=sorted({m.shape[1] for m, _ in planned}))
@@ -193,7 +195,8 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
         return Rescaled(np.asarray(cheap, float), np.ones(len(planned)), {})
     routing: dict = {}
     measured = kl_table(model, planned, [options[i] for i in cols], batches, quantizer=quantizer, device=device,
-                        progress=progress, hessian_batches=hessian_batches, cache=cache, routing=routing)
+                        progress=progress, hessian_batches=hessian_batches, cache=cache, routing=routing,
+                        importance=importance)
     total = batches.numel()
     routed = [total if m.expert is None else int(routing[expert_set_name(m)].tokens[m.expert])
               for m, _ in planned]

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitplan.db.types import InvalidInput, Module
+from bitplan.db.types import EMBED_ROLE, InvalidInput, Module
 from bitplan.db.formats import gguf_tensor_name
 
 log = logging.getLogger(__name__)
@@ -369,3 +369,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def importance_rows(imat: IMatrix, modules: list[Module]) -> dict[str, np.ndarray]:
+    """`[K]` float32 column weights of each module, as llama-quantize takes them from the file: the row of
+    its tensor (its expert's, for a routed expert), `in_sum2 / counts`, 1 where nothing was counted.  A
+    module whose tensor the file lacks (the embedding: a lookup records no input) is left out: llama-quantize
+    quantizes it without, and so does the profile."""
+    out: dict[str, np.ndarray] = {}
+    for m in modules:
+        e = None if m.role == EMBED_ROLE else imat.entries.get(gguf_tensor_name(m.name))
+        if e is None:
+            continue
+        row = m.expert if m.expert is not None and e.counts.shape[0] > 1 else 0
+        if e.in_sum2.shape[1] != m.shape[1] or row >= e.in_sum2.shape[0]:
+            raise InvalidInput(f"imatrix {imat.path}: {gguf_tensor_name(m.name)} has in_sum2 "
+                               f"{list(e.in_sum2.shape)}, the model's {m.name} [{m.shape[0]}, {m.shape[1]}] does "
+                               f"not fit it; is it the imatrix of another model?")
+        count = e.counts[row]
+        out[m.name] = (e.in_sum2[row] / count if count > 0 else np.ones(m.shape[1])).astype(np.float32)
+    return out

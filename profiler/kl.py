@@ -126,7 +126,8 @@ class Replayer:
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
              batches: torch.Tensor, *, quantizer: Quantizer = Quantizer(), device: str = "cpu", chunk: int = 128,
              progress: bool = True, hessian_batches: torch.Tensor | None = None,
-             cache: GPTQCache | None = None, routing: dict | None = None) -> np.ndarray:
+             cache: GPTQCache | None = None, routing: dict | None = None,
+             importance: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
     With a GPTQ `quantizer` the blocks are streamed once more to collect each module's `H`, on
@@ -137,6 +138,7 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
 
     `routing`, if given, receives the base model's routing records over `batches` (`moe.record_routing`):
     how many of the measured tokens each expert's KL rests on (`calibrated` distrusts too few).
+    `importance`: the llamacpp quantizer's column weights per module (`imatrix.importance_rows`).
     """
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
@@ -157,7 +159,7 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
             for o, opt in enumerate(options):
                 # a tied pair's head holds this same Parameter: the swap reaches the lookup and the head
                 lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache,
-                                                      name=m.name)
+                                                      name=m.name, importance=(importance or {}).get(m.name))
                 try:
                     # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks;
                     # the embedding changes every block's input: run them all

@@ -20,7 +20,7 @@ from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
 from bitplan.profiler.fisher import fisher_diagonal
 from bitplan.profiler.hutchinson import hutchinson_traces
-from bitplan.profiler.imatrix import estimator_tag, imatrix_diagonals, read_imatrix
+from bitplan.profiler.imatrix import estimator_tag, file_sha256, imatrix_diagonals, importance_rows, read_imatrix
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
 from bitplan.profiler.model import LoadedModel, fixed_bits, is_embedding, planned_linears, tied_head
 from bitplan.profiler.stream import BlockCheckpoint, outside_hessians, stream_blocks
@@ -57,6 +57,7 @@ class TableInputs:
     work_dir: str | Path | None = None
     imatrix: str | Path | None = None
     cache: GPTQCache | None = None
+    importance: dict[str, np.ndarray] | None = None  # the llamacpp quantizer's, `importance_rows`
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Estimator:
 
 def _cheap(t: TableInputs, estimator: str, stats: dict | None = None) -> np.ndarray:
     return error_table(t.model, t.planned, t.options, t.batches, estimator, t.quantizer, t.device, t.progress,
-                       work_dir=t.work_dir, stats=stats, cache=t.cache)
+                       work_dir=t.work_dir, stats=stats, cache=t.cache, importance=t.importance)
 
 
 def _hessian_table(t: TableInputs) -> ErrorTable:
@@ -113,7 +114,7 @@ def _hutchinson_table(t: TableInputs) -> ErrorTable:
 
 def _kl_table(t: TableInputs) -> ErrorTable:
     return ErrorTable(kl_table(t.model, t.planned, t.options, t.batches, quantizer=t.quantizer, device=t.device,
-                               progress=t.progress, cache=t.cache))
+                               progress=t.progress, cache=t.cache, importance=t.importance))
 
 
 def _calibrated_table(t: TableInputs) -> ErrorTable:
@@ -122,7 +123,7 @@ def _calibrated_table(t: TableInputs) -> ErrorTable:
     rows = max(1, DEFAULT_KL_TOKENS // t.batches.shape[1])
     # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
     cal = calibrate(t.model, t.planned, t.options, error, t.batches[:rows], quantizer=t.quantizer, device=t.device,
-                    progress=t.progress, hessian_batches=t.batches, cache=t.cache)
+                    progress=t.progress, hessian_batches=t.batches, cache=t.cache, importance=t.importance)
     return ErrorTable(cal.error, estimated={t.planned[i][0].name: why for i, why in cal.estimated.items()})
 
 
@@ -175,6 +176,15 @@ def check_embeddings(embeddings: str | None, estimator: str = "") -> str:
     return embeddings
 
 
+def check_quantizer_imatrix(quantizer: Quantizer, imatrix: str | Path | None) -> None:
+    """A llamacpp quantizer with an importance matrix needs that file (by hash), before any work."""
+    if quantizer.imatrix is None:
+        return
+    if imatrix is None or file_sha256(imatrix)[:16] != quantizer.imatrix:
+        raise InvalidInput(f"the quantizer {quantizer.label} weighs llama.cpp's rounding by the importance matrix "
+                           f"{quantizer.imatrix}: give that file as --imatrix")
+
+
 def check_quantizer_options(quantizer: Quantizer, options: list[Option]) -> None:
     """GGUF options and the llamacpp quantizer go together: llama.cpp quantizes its own types only."""
     gguf = [o.gguf is not None for o in options]
@@ -217,6 +227,9 @@ def profile_model(
 
     `imatrix` (for `estimator="imatrix"`): a llama.cpp importance matrix, read into each module's
     `diag(H)` (profiler/imatrix.py); the calibration text then gives only ΔW's GPTQ `H` and MoE routing.
+    It is also the file of a llamacpp quantizer with an importance matrix (`Quantizer.imatrix`, checked
+    against the file's hash): llama.cpp's quantization of each row is weighted by it, as in
+    `llama-quantize --imatrix`.
 
     `work_dir` keeps what is finished so that a rerun with the same folder resumes (`error_table`).
     `cache` keeps every GPTQ result for the applies of this profile's plans in the same process.
@@ -232,6 +245,7 @@ def profile_model(
     check_embeddings(embeddings, estimator)
     check_quantizer_options(quantizer, options)
     name = estimator_name(estimator, imatrix=imatrix)  # a missing imatrix fails before any pass
+    check_quantizer_imatrix(quantizer, imatrix)
     if n_tokens is None:
         n_tokens = spec.default_tokens
     t0 = time.perf_counter()
@@ -240,8 +254,11 @@ def profile_model(
     planned = planned_linears(model, embeddings == "plan")
     log.info("profiling %d modules x %d options with %s (%s) on %d tokens", len(planned), len(options),
              estimator, quantizer.label, batches.numel())
+    importance = None
+    if quantizer.imatrix is not None:
+        importance = importance_rows(read_imatrix(imatrix), [m for m, _ in planned])
     table = spec.table(TableInputs(model, planned, options, batches, quantizer, device, progress, work_dir,
-                                   imatrix, cache))
+                                   imatrix, cache, importance))
     error, estimated = table.error, dict(table.estimated)
     modules = [m if m.name not in table.fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
@@ -283,9 +300,9 @@ def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu",
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
                 estimator: str, quantizer: Quantizer = Quantizer(), device: str = "cpu",
                 progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None,
-                cache: GPTQCache | None = None) -> np.ndarray:
+                cache: GPTQCache | None = None, importance: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """`[modules, options]` error of an estimator with a per-module `formula` (`hessian`, `fisher`, ...), ΔW
-    from `quantizer`.
+    from `quantizer` (with `importance`, the llamacpp quantizer's column weights per module).
 
     With `work_dir` an interrupted table resumes: a streamed pass (`hessian`; the GPTQ `H` of any
     estimator) at the block after its last finished one, with the rows finished so far; the `fisher`
@@ -313,7 +330,8 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
             W = lin.weight.detach()
             Hm = None if H is None or m.name not in H else H[m.name].cpu()
             for j, opt in enumerate(options):
-                dW = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache, name=m.name) - W
+                dW = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache, name=m.name,
+                                         importance=(importance or {}).get(m.name)) - W
                 error[index[m.name], j] = estimate(dW, stats[m.name].cpu(), n)
 
     # an untied lm_head: not in any block; the embedding has no linear's inputs to hook

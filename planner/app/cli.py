@@ -44,11 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from pydantic import ValidationError
 
+    from bitplan.executor.llamacpp import LlamaCppFailed
+
     try:
         return args.func(args) or 0
     except BitplanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LlamaCppFailed as e:  # not the input's fault: the tool's own last lines say what went wrong
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValidationError as e:  # a setting of the wrong type or range, caught by the request's schema
         err = e.errors()[0]
         where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
@@ -223,7 +228,10 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
                         "a llama.cpp importance matrix: --imatrix)")
     c.add_argument("--imatrix", metavar="PATH",
                    help="a llama.cpp imatrix.gguf (or legacy .dat) of this model, for --estimator imatrix (implied): "
-                        "each module's H diagonal is its in_sum2/counts; the file's hash goes into the profile id")
+                        "each module's H diagonal is its in_sum2/counts; the file's hash goes into the profile id. "
+                        "With --engine llamacpp it is the quantizer's importance matrix instead: llama.cpp's rounding "
+                        "of every GGUF type is weighted by it, in the profile as in llama-quantize --imatrix when "
+                        "its plans are applied ('calibration': llama-imatrix makes one from the calibration text)")
     c.add_argument("--quantizer", metavar="rtn|gptq[:KEY=VALUE,...]",
                    help="where each option's ΔW comes from; apply uses the same one (default gptq: with the "
                         "profile's H, damp=0.1, block_size=128, act_order=true; e.g. gptq:damp=0.05 changes one; "

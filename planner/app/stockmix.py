@@ -79,11 +79,15 @@ def run_stock_compare(ws: Workspace, profile: Profile, mixes: Sequence[str], *, 
     source = profile.model.source
     folder = ws.llamacpp_dir(source)
     base = ws.base_gguf(source)
+    # a profile whose quantizer has an importance matrix is compared with the mixes made with that matrix
+    key = profile.quantizer.imatrix
+    imatrix = None if key is None else ws.imatrix(key)
+    suffix = "" if key is None else f"-imatrix-{key}"
     rows = [_row(ws, "F16", "F16", base, profile, plan_id=None, source=source, eval_tokens=eval_tokens)]
     for mix in mixes:
-        path = folder / f"{mix}.gguf"
+        path = folder / f"{mix}{suffix}.gguf"
         if not path.exists():
-            quantize_gguf(base, path, mix=mix)
+            quantize_gguf(base, path, mix=mix, imatrix=imatrix)
         rows.append(_row(ws, mix, mix, path, profile, plan_id=None, source=source, eval_tokens=eval_tokens))
         tensors = gguf_tensor_bytes(path)
         overhead = path.stat().st_size - tensors
@@ -91,7 +95,7 @@ def run_stock_compare(ws: Workspace, profile: Profile, mixes: Sequence[str], *, 
             plan = run_plan(ws, profile, PlanRequest(budget=f"{tensors}B", allocator=allocator, engine="llamacpp"))
             out = folder / f"{plan.id}.gguf"
             if not out.exists():
-                quantize_gguf(base, out, plan=plan, modules=profile.modules)
+                quantize_gguf(base, out, plan=plan, modules=profile.modules, imatrix=imatrix)
             row = _row(ws, f"bitplan {allocator}", mix, out, profile, plan_id=plan.id, source=source,
                        eval_tokens=eval_tokens)
             predicted = (plan.size_bits + 7) // 8 + overhead

@@ -29,6 +29,8 @@ from bitplan.planner.request import PlanRequest
 
 log = logging.getLogger(__name__)
 
+IMATRIX_FROM_CALIBRATION = "calibration"  # `--imatrix calibration`: llama-imatrix on the profile's own text
+
 
 class ProfileRequest(BaseModel):
     """How to profile a model; None takes the profiler's default (profiler/profile.py)."""
@@ -44,7 +46,9 @@ class ProfileRequest(BaseModel):
     tokens: int | None = None
     seq_len: int | None = None
     device: str | None = None
-    imatrix: str | None = None  # a llama.cpp importance matrix, for the imatrix estimator
+    # a llama.cpp importance matrix: the imatrix estimator's, and under engine llamacpp the quantizer's
+    # (`calibration`: llama-imatrix makes one from the calibration text)
+    imatrix: str | None = None
     embeddings: str | None = None  # plan or keep the input embedding
     latency: str | None = None  # roofline:GPU or measured: also fill the latency table
     latency_batches: str | tuple[int, ...] | None = None
@@ -70,14 +74,25 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
 
         parse_spec(r.latency)  # a bad spec or batch list fails before a model loads
         latency_batches = parse_batches(r.latency_batches or DEFAULT_BATCHES)
-    opts, quantizer = profile_options(r)
-    if r.imatrix and r.estimator not in (None, "imatrix"):
-        raise InvalidInput(f"--imatrix is read by --estimator imatrix only, not {r.estimator}")
-    estimator = r.estimator or ("imatrix" if r.imatrix else prof.DEFAULT_ESTIMATOR)
-    name = prof.estimator_name(estimator, imatrix=r.imatrix)  # a missing imatrix fails before the model loads
-    embeddings = prof.check_embeddings(r.embeddings, estimator)
+    gguf = r.engine == "llamacpp"
+    if r.imatrix and not gguf and r.estimator not in (None, "imatrix"):
+        raise InvalidInput(f"--imatrix is read by --estimator imatrix (or the llamacpp quantizer, with --engine "
+                           f"llamacpp), not {r.estimator}")
     calib, tokens = r.calib or CALIB, r.tokens or prof.DEFAULT_TOKENS
     seq_len, device = r.seq_len or prof.DEFAULT_SEQ_LEN, r.device or prof.default_device()
+    if r.imatrix == IMATRIX_FROM_CALIBRATION:
+        if not gguf:
+            raise InvalidInput(f"--imatrix {IMATRIX_FROM_CALIBRATION} runs llama-imatrix, for --engine llamacpp; "
+                               f"give the path of an imatrix.gguf otherwise")
+        profile_options(r.model_copy(update={"imatrix": None}))  # tools and options checked first
+        made = ws.make_imatrix(source, calib, ctx=seq_len, chunks=-(-tokens // seq_len))
+        r = r.model_copy(update={"imatrix": str(made)})
+    opts, quantizer = profile_options(r)
+    if quantizer.imatrix is not None:
+        ws.keep_imatrix(r.imatrix)  # the applies of its plans quantize with this same file
+    estimator = r.estimator or ("imatrix" if r.imatrix and not gguf else prof.DEFAULT_ESTIMATOR)
+    name = prof.estimator_name(estimator, imatrix=r.imatrix)  # a missing imatrix fails before the model loads
+    embeddings = prof.check_embeddings(r.embeddings, estimator)
     loaded = ws.model(source)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
     pid = prof.input_profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device, quantizer=quantizer,
@@ -122,7 +137,9 @@ def profile_options(r: ProfileRequest) -> tuple[list[Option], Quantizer]:
 
     opts = parse_gguf_options(r.options)
     check_tools()
-    return opts, Quantizer(method="llamacpp")
+    from bitplan.profiler.imatrix import file_sha256
+
+    return opts, Quantizer(method="llamacpp", imatrix=file_sha256(r.imatrix)[:16] if r.imatrix else None)
 
 
 def _stored_profile(ws: Workspace, pid: str) -> Profile | None:
@@ -306,9 +323,14 @@ def _evaluate_rows(ws: Workspace, profile: Profile, rows: list[CompareRow], toke
     from bitplan.kernels.quantize import GPTQCache  # the compared plans share modules' results
 
     cache = ws.gptq_cache(profile.id) or GPTQCache().claim(profile.id)
+    importance = None
+    if quantizer.imatrix is not None:
+        from bitplan.profiler.imatrix import importance_rows, read_imatrix
+
+        importance = importance_rows(read_imatrix(ws.imatrix(quantizer.imatrix)), [m for m, _ in planned])
     measured = dict(zip(done, evaluate_plans(loaded.model, planned, [p.assignment for p in plans], windows.ids,
                                              quantizer=quantizer, hessians=hessians, progress=ws.progress,
-                                             cache=cache)))
+                                             cache=cache, importance=importance)))
     return [r.model_copy(update=measured[r.plan_id]) if r.plan_id else r for r in rows]
 
 
@@ -362,8 +384,10 @@ def _apply_gguf(ws: Workspace, plan: Plan, out: Path) -> Path:
     if modules is None:
         modules = [m for m, _ in planned_for(ws.model(plan.model.source).model, plan.assignment)]
     llamacpp_types(plan, modules)  # a type llama.cpp cannot store fails before the F16 GGUF is written
+    key = plan_quantizer(ws, plan).imatrix
+    imatrix = None if key is None else ws.imatrix(key)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return quantize_gguf(ws.base_gguf(plan.model.source), out, plan=plan, modules=modules)
+    return quantize_gguf(ws.base_gguf(plan.model.source), out, plan=plan, modules=modules, imatrix=imatrix)
 
 
 def _profile_modules(ws: Workspace, plan: Plan) -> list | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -119,6 +120,42 @@ class Workspace:
             os.replace(staged, logits)
             write_json(summary, measured.__dict__)
         return logits, Measured(**json.loads(summary.read_text()))
+
+    def keep_imatrix(self, path: str | Path) -> str:
+        """Keep a copy of the importance matrix at `path` under its hash (`Quantizer.imatrix`, returned), so
+        that the plans of a profile made with it are written with the same file."""
+        from bitplan.db.files import atomic_write
+        from bitplan.profiler.imatrix import file_sha256
+
+        key = file_sha256(path)[:16]
+        kept = self._imatrix_dir() / f"{key}.gguf"
+        if not kept.exists():
+            atomic_write(kept, lambda tmp: shutil.copyfile(Path(path).expanduser(), tmp))
+        return key
+
+    def imatrix(self, key: str) -> Path:
+        """The importance matrix kept under `key`; InvalidInput when this workspace has none."""
+        path = self._imatrix_dir() / f"{key}.gguf"
+        if not path.exists():
+            raise InvalidInput(f"the importance matrix {key} is not in {self.store.url}'s workspace: profile again "
+                               f"with --imatrix FILE (that file), which keeps a copy")
+        return path
+
+    def make_imatrix(self, source: str, text: str, *, ctx: int, chunks: int) -> Path:
+        """llama-imatrix of the F16 GGUF of `source` on `text` (at most `chunks` windows of `ctx` tokens),
+        written once and kept: the path of the kept copy."""
+        from bitplan.executor.llamacpp import make_imatrix
+
+        made = self.llamacpp_dir(source) / f"imatrix-{content_id(text, ctx, chunks)}.gguf"
+        if not made.exists():
+            log.info("collecting the importance matrix of %s on %s (%d x %d tokens)", source, text, chunks, ctx)
+            make_imatrix(self.base_gguf(source), self.text_file(text), made, ctx=ctx, chunks=chunks)
+        return self.imatrix(self.keep_imatrix(made))
+
+    def _imatrix_dir(self) -> Path:
+        path = self.store.work_dir("imatrix")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def text_file(self, text: str) -> Path:
         """`text` (`shakespeare:eval`, a file or a glob) as one file, for llama.cpp's tools to read."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from bitplan.db.types import PROFILE_FORMAT, InvalidInput, Profile, Quantizer
 
@@ -137,9 +138,22 @@ def test_the_estimator_is_the_estimator_alone(make_profile):
         Profile.from_dict(d)
 
 
-def test_llamacpp_is_a_quantizer_without_settings():
+def test_llamacpp_is_a_quantizer_without_gptq_settings():
     q = Quantizer.parse("llamacpp")
     assert (q.method, q.label, q.model_dump(), q.settings) == ("llamacpp", "llamacpp", {"method": "llamacpp"}, {})
     assert Quantizer.parse(q.label) == q
-    with pytest.raises(InvalidInput, match="llamacpp takes no settings"):
+    with pytest.raises(InvalidInput, match="write 'llamacpp', or 'llamacpp:imatrix="):
         Quantizer.parse("llamacpp:damp=0.05")
+
+
+def test_llamacpp_quantizer_names_its_importance_matrix():
+    q = Quantizer.parse("llamacpp:imatrix=0123456789abcdef")
+    assert q.imatrix == "0123456789abcdef" and q.label == "llamacpp:imatrix=0123456789abcdef"
+    assert q.model_dump() == {"method": "llamacpp", "imatrix": "0123456789abcdef"}
+    assert Quantizer(method="llamacpp").model_dump() == {"method": "llamacpp"}  # ids of earlier profiles kept
+    assert "imatrix" not in Quantizer(method="gptq").model_dump()
+    for bad in ("llamacpp:imatrix=xyz", "llamacpp:damp=0.1", "rtn:imatrix=0123456789abcdef"):
+        with pytest.raises(InvalidInput):
+            Quantizer.parse(bad)
+    with pytest.raises(ValidationError):
+        Quantizer(method="gptq", imatrix="0123456789abcdef")

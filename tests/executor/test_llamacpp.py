@@ -111,3 +111,48 @@ def test_an_architecture_the_converter_does_not_know_is_refused_first(gguf_check
     with pytest.raises(InvalidInput, match="does not know the architecture NoSuchModelForCausalLM"):
         base_gguf(str(odd), tmp_path / "odd.gguf")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_an_importance_matrix_weighs_the_profile_as_it_weighs_llama_quantize(store, gguf_checkpoint, tmp_path):
+    """`--imatrix calibration`: llama-imatrix on the calibration text; the profile's ΔW of each tensor is
+    the bytes llama-quantize writes with that file (and not those it writes without), and the plan is
+    applied with the same file."""
+    from bitplan.executor.llamacpp import quantize_gguf
+    from bitplan.kernels.llamacpp import quantize_rows
+    from bitplan.planner.app.usecases import ProfileRequest, run_apply, run_plan, run_profile
+    from bitplan.planner.app.workspace import Workspace
+    from bitplan.planner.request import PlanRequest
+    from bitplan.profiler.imatrix import importance_rows, read_imatrix
+    from bitplan.profiler.model import load_model, planned_linears
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 200)
+    loaded = load_model(str(gguf_checkpoint))
+    ws = Workspace(store, progress=False).adopt(str(gguf_checkpoint), loaded)
+    profile = run_profile(ws, str(gguf_checkpoint), ProfileRequest(
+        engine="llamacpp", imatrix="calibration", estimator="fisher", calib=str(text), tokens=512, seq_len=128,
+        options="q4_k,q5_0,q6_k,q8_0"))
+    key = profile.quantizer.imatrix
+    assert key is not None and profile.quantizer.label == f"llamacpp:imatrix={key}"
+    assert Quantizer.parse(profile.quantizer.label) == profile.quantizer
+    imatrix = ws.imatrix(key)
+    base = gguf_checkpoint.parent / "base.gguf"
+    out = quantize_gguf(base, tmp_path / "q4km-imatrix.gguf", mix="Q4_K_M", imatrix=imatrix)
+    importance = importance_rows(read_imatrix(imatrix), [m for m, _ in planned_linears(loaded.model)])
+    src, q = tensors(base), tensors(out)
+    changed = 0
+    for module, name in (("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+                         ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")):
+        t = q[name].tensor_type.name.lower()
+        W = np.asarray(src[name].data, dtype=np.float32)
+        written = bytes(np.asarray(q[name].data).tobytes())
+        assert quantize_rows(W, t, importance[module]) == written, name
+        changed += quantize_rows(W, t) != written
+    assert changed  # the importance matrix changed what was written
+
+    plan = run_plan(ws, profile, PlanRequest(budget="5.5bpw", pins=("model.embed_tokens<=4",)))
+    applied = run_apply(ws, plan, tmp_path / "plan.gguf", fmt="gguf")
+    import gguf
+
+    fields = gguf.GGUFReader(applied).fields
+    assert "quantize.imatrix.file" in fields and "quantize.imatrix.entries_count" in fields

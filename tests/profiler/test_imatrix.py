@@ -282,4 +282,6 @@ def test_cli_profile_with_imatrix(db, llama, good_entries, tiny_checkpoint, text
     assert main([*common, "--estimator", "imatrix", "--imatrix", str(tmp_path / "missing.gguf")]) == 2
     assert "no such imatrix file" in capsys.readouterr().err
     assert main([*common, "--estimator", "hessian", "--imatrix", str(path)]) == 2
-    assert "--imatrix is read by --estimator imatrix only" in capsys.readouterr().err
+    assert "--imatrix is read by --estimator imatrix (or the llamacpp quantizer" in capsys.readouterr().err
+    assert main([*common, "--imatrix", "calibration"]) == 2  # llama-imatrix makes one for --engine llamacpp
+    assert "for --engine llamacpp" in capsys.readouterr().err

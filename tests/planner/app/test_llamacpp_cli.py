@@ -53,3 +53,10 @@ def test_compare_against_stock_mixes(run_cli, db, gguf_checkpoint, tmp_path):
         assert abs(ours["predicted_size_bytes"] - ours["size_bytes"]) <= 64
         assert ours["kl_divergence"] > 0 and theirs["kl_divergence"] > 0
         assert theirs["predicted_error"] is not None  # the mix's types are all options of the profile
+
+
+def test_a_file_llama_cpp_cannot_read_is_an_error_not_a_traceback(run_cli, db, tmp_path, llamacpp):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    code, _, err = run_cli("eval", str(bad), "--tokens", "256", "-q")
+    assert code == 1 and "error: llama-perplexity failed" in err and "Traceback" not in err
