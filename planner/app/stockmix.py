@@ -98,7 +98,7 @@ def run_stock_compare(ws: Workspace, profile: Profile, mixes: Sequence[str], *, 
                 quantize_gguf(base, out, plan=plan, modules=profile.modules, imatrix=imatrix)
             row = _row(ws, f"bitplan {allocator}", mix, out, profile, plan_id=plan.id, source=source,
                        eval_tokens=eval_tokens)
-            predicted = (plan.size_bits + 7) // 8 + overhead
+            predicted = (plan.total_bits + plan.fixed_bits + 7) // 8 + overhead
             rows.append(row.model_copy(update={"predicted_size_bytes": predicted,
                                                "predicted_error": plan.predicted_error}))
             log.info("%s: %s %d B, KLD %.5f | bitplan %s %d B, KLD %.5f", mix, mix, rows[-2].size_bytes,
