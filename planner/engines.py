@@ -4,18 +4,23 @@
 runtime can serve, so the plan is exactly what the engine will run:
 
 - `bitplan` (our own kernels): every option, every module on its own (per expert included).
-- `vllm` (GPTQ through `--format gptqmodel`, or `--format compressed-tensors`): vLLM loads q/k/v of a
-  layer as one fused `qkv_proj` and gate/up as one `gate_up_proj` (also in a shared expert), and runs all
-  routed experts of a layer as one `FusedMoE` whose quantization method is chosen once, from the
-  experts' prefix (`model.layers.L.mlp.experts`): one option for every expert *and* every matrix kind
-  (w13 = gate|up and w2 = down share it).  So those are ties.  Allowed options: GPTQ's 2/3/4/8 bits,
-  group size per-channel, 32, 64 or 128 dividing `in_features`, `in_features·bits` and `out_features·bits`
-  multiples of 32 (GPTQ packs codes along the inputs and zeros along the outputs into whole int32 words); routed experts
-  only 4 or 8 bits (vLLM's MoE kernels, Marlin MoE and MoeWNA16, run no other width).  Symmetric and
-  asymmetric options are both allowed: an asymmetric one exports as `gptq_v2` (`sym: false`), which
-  vLLM serves on its `gptq` (exllama) kernel, not Marlin; `--format gptqmodel` warns about that.
-  Sizes are the profile's (`Option.size_bits`: codes, fp16 scales, packed zeros), what Marlin holds in
-  memory; the GPTQ file adds `g_idx` (32 bits per input) and, for symmetric options, constant zeros.
+- `vllm`: what vLLM serves of our `--format compressed-tensors` export, read from vLLM's source
+  (v0.34.0, commit 62d4bc3c7; docs/engines.md links each rule to its lines).  Ties: vLLM loads q/k/v
+  of a layer as one fused `qkv_proj` and gate/up as one `gate_up_proj` (also in a shared expert), and
+  runs all routed experts of a layer as one `FusedMoE` whose quantization method is chosen once, from
+  expert 0's gate/up/down, which must agree: one option for every expert *and* every matrix kind.
+  Options: WNA16 takes 2 to 8 bits, symmetric or asymmetric (4/8-bit symmetric and 4-bit asymmetric
+  on Marlin, the other widths on the Humming kernels vLLM ships with), group size per-channel, 32, 64
+  or 128 dividing `in_features`, `in_features·bits` and `out_features·bits` multiples of 32 (codes
+  packed along the inputs, zeros along the outputs, in whole int32 words).  Routed experts: no
+  asymmetric 8-bit (no WNA16 MoE kernel takes it); a per-channel option only at 4 bits or 8-bit
+  symmetric with `hidden % 128 == 0` (only Marlin MoE takes per-channel experts); the other widths
+  with a group size (Humming).  `--format gptqmodel` is served by vLLM only when every option is
+  4- or 8-bit symmetric (`AutoGPTQConfig.TYPE_MAP`; `--quantization gptq` is the same loader now):
+  `vllm_allows(m, o, "gptqmodel")` is that rule, and `constrain` notes the options a plan may take
+  that only the compressed-tensors export carries to vLLM.
+  Sizes are the profile's (`Option.size_bits`: codes, fp16 scales, packed zeros), as the compressed-tensors
+  export stores them; a GPTQ file adds `g_idx` (32 bits per input) and, for symmetric options, constant zeros.
 - `llamacpp` (`--format llamacpp`, a `--tensor-type-file` for `llama-quantize`): the routed experts of a
   layer are one 3-D tensor per matrix kind (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`): ties.  The
   options are GGUF types with their exact sizes (`GGUF_TYPES`).  A K-quant (super-blocks of 256) needs
@@ -34,9 +39,10 @@ partitions (`planner/plan.py:unit_of`), and may take only an option every member
 
 **The embedding** (a profile made with `--embeddings plan`; with a tied head, the pair) takes 4 bits or
 more (`_embedding_allows` says why), as an allowed mask like a pin's; `llamacpp` gives it a GGUF type
-like any module (`token_embd.weight`); `vllm` quantizes no embedding (neither GPTQ nor
-compressed-tensors checkpoints carry one), so its plans leave it out, at 16 bits in the fixed bits
-(`without_embedding`), as a profile made with `--embeddings keep` has it.
+like any module (`token_embd.weight`); `vllm` plans leave it out, at 16 bits in the fixed bits
+(`without_embedding`), as a profile made with `--embeddings keep` has it: vLLM's GPTQ loader quantizes
+no embedding, and its compressed-tensors one could (a WNA16 `VocabParallelEmbedding`, in 0.33 and 0.34) but
+our export writes none.
 """
 
 from __future__ import annotations
@@ -53,9 +59,13 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("bitplan", "vllm", "llamacpp")
 
-VLLM_BITS = (2, 3, 4, 8)
-VLLM_MOE_BITS = (4, 8)
-VLLM_GROUP_SIZES = (None, 32, 64, 128)
+# vLLM's rules, as its v0.34.0 source has them (docs/engines.md: "vLLM's constraints, from its source")
+VLLM_VERSION = "0.34.0 (62d4bc3c7)"
+VLLM_ROUTES = ("compressed-tensors", "gptqmodel")
+VLLM_BITS = (2, 3, 4, 5, 6, 7, 8)  # compressed-tensors WNA16_SUPPORTED_TYPES_MAP / _ZP_: sym and asym
+VLLM_GPTQ_BITS = (4, 8)  # AutoGPTQConfig.TYPE_MAP: (4, sym), (8, sym) and nothing else
+VLLM_GROUP_SIZES = (None, 32, 64, 128)  # MARLIN_SUPPORTED_GROUP_SIZES (-1 is per-channel)
+VLLM_MOE_HIDDEN_MULTIPLE = 128  # check_moe_marlin_supports_config: hidden_size % 128 == 0
 
 
 def profile_engine(profile: Profile) -> str:
@@ -91,14 +101,43 @@ def _embedding_allows(m: Module, o: Option) -> bool:
     return m.role != EMBED_ROLE or not o.quantized or o.bits >= EMBED_MIN_BITS
 
 
-def _vllm_allows(m: Module, o: Option) -> bool:
+def vllm_allows(m: Module, o: Option, route: str = "compressed-tensors") -> bool:
+    """Whether vLLM (VLLM_VERSION) runs module `m` at option `o` from our `route` export.
+
+    `compressed-tensors` (the `vllm` engine's rule): WNA16 at 2-8 bits, symmetric or not.  Routed experts:
+    never asymmetric 8-bit (Marlin MoE and Triton take int8 symmetric only, and the key vLLM gives 8-bit
+    MoE scales, a group of -1, is not one Humming's integer check accepts: no backend is left); a
+    per-channel option only where Marlin MoE runs it (4 bits, or 8 symmetric; hidden % 128 == 0), since
+    every other MoE backend asserts `strategy == "group"`; 2/3/5/6/7 bits grouped, on Humming.
+    `gptqmodel`: vLLM's AutoGPTQ loader, 4/8-bit symmetric only, experts included.
+    Both: group per-channel/32/64/128 dividing `in_features`, codes and zeros in whole int32 words.
+    """
+    if route not in VLLM_ROUTES:
+        raise InvalidInput(f"unknown vLLM route {route!r}; known: {list(VLLM_ROUTES)}")
     if not o.quantized:
         return True
     out_f, in_f = m.shape
-    bits = VLLM_MOE_BITS if m.expert is not None else VLLM_BITS
-    # GPTQ packs codes along the inputs and zeros along the outputs into whole int32 words
-    return (o.bits in bits and o.group_size in VLLM_GROUP_SIZES and in_f * o.bits % 32 == 0
-            and out_f * o.bits % 32 == 0 and (o.group_size is None or in_f % o.group_size == 0))
+    # codes packed along the inputs and zeros along the outputs into whole int32 words
+    if in_f * o.bits % 32 or out_f * o.bits % 32:
+        return False
+    if o.group_size not in VLLM_GROUP_SIZES or (o.group_size is not None and in_f % o.group_size):
+        return False
+    if route == "gptqmodel":
+        return o.bits in VLLM_GPTQ_BITS and o.symmetric
+    if o.bits not in VLLM_BITS:
+        return False
+    if m.expert is None:
+        return True
+    if o.bits == 8 and not o.symmetric:
+        return False
+    if o.group_size is None:
+        hidden = out_f if m.role == "down_proj" else in_f
+        return (o.bits == 4 or (o.bits == 8 and o.symmetric)) and hidden % VLLM_MOE_HIDDEN_MULTIPLE == 0
+    return True
+
+
+def _vllm_allows(m: Module, o: Option) -> bool:
+    return vllm_allows(m, o, "compressed-tensors")
 
 
 def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[str]]:
@@ -122,8 +161,15 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
     if engine == "vllm":
         for i, m in enumerate(profile.modules):
             allowed[i] &= [_vllm_allows(m, o) for o in profile.options]
-        _check_some(profile, allowed, engine, "GPTQ 2/3/4/8 bits (routed experts 4/8), group size "
+        _check_some(profile, allowed, engine, "2-8 bits (routed experts: not asymmetric 8-bit), group size "
                                               "32/64/128/per-channel dividing in_features, dimensions x bits multiples of 32")
+        ct_only = sorted({o.label for i, m in enumerate(profile.modules) for j, o in enumerate(profile.options)
+                          if allowed[i, j] and o.quantized and not vllm_allows(m, o, "gptqmodel")})
+        if ct_only:
+            notes.append(f"options {', '.join(ct_only)} reach vLLM {VLLM_VERSION} only through --format "
+                         f"compressed-tensors: its GPTQ loader (--format gptqmodel) takes 4/8-bit symmetric only")
+        for n in notes:
+            log.info("vllm engine: %s", n)
         return profile, allowed, notes
     size = profile.size_bits.copy()
     for i, m in enumerate(profile.modules):
@@ -146,8 +192,9 @@ def constrain(profile: Profile, engine: str) -> tuple[Profile, np.ndarray, list[
 
 def without_embedding(profile: Profile) -> Profile:
     """`profile` with the embedding moved out of the modules into `fixed_bits` at 16 bits, as `--embeddings
-    keep` profiles it: for vLLM, which quantizes no embedding (nor a head tied to one; GPTQ and
-    compressed-tensors checkpoints carry none), so a plan for it leaves the embedding as it is."""
+    keep` profiles it: for vLLM, whose GPTQ loader quantizes no embedding (nor a head tied to one), and
+    whose compressed-tensors one could but is given none by our export, so a plan for it leaves the
+    embedding as it is."""
     keep = [i for i, m in enumerate(profile.modules) if m.role != EMBED_ROLE]
     if len(keep) == len(profile.modules):
         return profile

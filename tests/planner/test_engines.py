@@ -7,6 +7,7 @@ import pytest
 
 from bitplan.db.types import InvalidInput
 from bitplan.db.formats import GGUF_TYPES, gguf_type, llamacpp_group, vllm_group
+from bitplan.planner.engines import vllm_allows
 from bitplan.planner.plan import allocate, unit_of
 from bitplan.planner.request import PlanRequest
 from bitplan.planner.synthetic import synthetic_profile
@@ -40,7 +41,7 @@ def test_engine_plans_satisfy_ties_and_budget(engine, n_experts):
             assert t.name.endswith("_k") == (m.shape[1] % 256 == 0) or t.name in ("q8_0", "f16")
             sizes.append(t.size_bits(*m.shape))
         else:
-            assert o.bits in ((4, 8) if m.expert is not None else (2, 3, 4, 8))
+            assert vllm_allows(m, o) and not (m.expert is not None and o.bits == 8 and not o.symmetric), m.name
             sizes.append(o.size_bits(*m.shape))
     assert sum(sizes) == plan.total_bits  # the plan's size is the engine's, to the bit
     unconstrained = allocate(profile, PlanRequest(budget="4.5bpw", allocator="ilp"))
@@ -57,16 +58,99 @@ def test_vllm_ties_all_experts_of_a_layer_and_llamacpp_per_matrix_kind():
     assert len({vllm[i] for i in qkv}) == 1 and len({cpp[i] for i in qkv}) == 3
 
 
+def symmetric_profile(options: str = "2,3,4,8", **kw):
+    """`synthetic_profile` with symmetric options (what vLLM's GPTQ loader takes at 4 and 8 bits)."""
+    from bitplan.db.types import parse_options
+
+    base = synthetic_profile(options=options, **kw)
+    opts = parse_options(options, symmetric=True)
+    size = [[o.size_bits(*m.shape) for o in opts] for m in base.modules]
+    return base.model_copy(update={"id": base.id + "-sym", "options": opts, "size_bits": np.array(size)})
+
+
 def test_ties_compose_with_granularity_and_pins():
-    profile = synthetic_profile(n_layers=3, n_experts=2)
+    profile = symmetric_profile(n_layers=3, n_experts=2)
     units = unit_of(profile.modules, "expert", "llamacpp")
     # expert granularity ties an expert's three matrices, llama.cpp ties each kind across experts: one unit
     assert len({units[i] for i, m in enumerate(profile.modules) if m.layer == 2 and m.expert is not None}) == 1
-    # layer ties with vLLM's 4/8-bit experts put every layer at 4 bits at least; the pin puts layer 0 at 8
-    plan = allocate(profile, PlanRequest(budget="6bpw", allocator="ilp", engine="vllm", granularity="layer", pins=["model.layers.0.self_attn.q_proj>=8"]))
+    # layer ties put a whole layer at one option; the pin puts layer 0 at 8 (symmetric: experts may take it)
+    request = dict(budget="6bpw", allocator="ilp", engine="vllm", granularity="layer", pins=["model.layers.0.self_attn.q_proj>=8"])
+    plan = allocate(profile, PlanRequest(**request))
     assert plan.assignment["model.layers.0.self_attn.k_proj"].bits == 8  # tied to q by vLLM
     assert plan.assignment["model.layers.0.mlp.experts.1.down_proj"].bits == 8  # and to its layer
     assert plan.params == {"granularity": "layer", "engine": "vllm"}
+    # asymmetric 8-bit experts have no vLLM MoE kernel: the same pin on asymmetric options leaves layer 0 nothing
+    with pytest.raises(InvalidInput, match="no option every module of one layer tied for the vllm engine"):
+        allocate(synthetic_profile(n_layers=3, n_experts=2), PlanRequest(**request))
+
+
+# ---------------------------------------------------------------------- vLLM's rules, from its source (docs/engines.md)
+
+
+def _opt(bits, group=64, sym=False):
+    from bitplan.db.types import Option
+
+    return Option(bits=bits, group_size=group, symmetric=sym)
+
+
+def _mod(shape, role="q_proj", expert=None):
+    from bitplan.db.types import Module
+
+    name = f"model.layers.0.mlp.experts.0.{role}" if expert is not None else f"model.layers.0.self_attn.{role}"
+    return Module(name=name, shape=shape, layer=0, role=role, expert=expert)
+
+
+def test_vllm_dense_modules_take_2_to_8_bits_either_symmetry_through_compressed_tensors():
+    q = _mod((576, 576))
+    # compressed-tensors WNA16: 2..8 bits, zero points or not (Marlin at 4/8, Humming for the rest)
+    for bits in (2, 3, 4, 5, 6, 8):
+        assert vllm_allows(q, _opt(bits)) and vllm_allows(q, _opt(bits, sym=True)), bits
+    # vLLM's GPTQ loader (AutoGPTQConfig.TYPE_MAP, also behind --quantization gptq): 4/8-bit symmetric only
+    assert [b for b in (2, 3, 4, 5, 6, 8) if vllm_allows(q, _opt(b, sym=True), "gptqmodel")] == [4, 8]
+    assert not vllm_allows(q, _opt(4), "gptqmodel")
+    # Marlin's group sizes, dividing in_features; codes and zeros in whole int32 words
+    assert vllm_allows(q, _opt(4, None)) and vllm_allows(q, _opt(4, 32)) and vllm_allows(q, _opt(4, 64))
+    assert not vllm_allows(q, _opt(4, 128))  # 576 is not whole groups of 128
+    assert vllm_allows(_mod((576, 640)), _opt(4, 128)) and not vllm_allows(_mod((640, 1024)), _opt(4, 256))
+    assert not vllm_allows(_mod((576, 100)), _opt(4, None))  # 100 x 4 bits is not whole int32 words
+    assert vllm_allows(q, _opt(16, None))  # unquantized is always fine
+    with pytest.raises(InvalidInput, match="unknown vLLM route"):
+        vllm_allows(q, _opt(4), "exllama")
+
+
+def test_vllm_routed_experts_follow_its_moe_kernels():
+    gate, down = _mod((384, 576), "gate_proj", 0), _mod((576, 384), "down_proj", 0)
+    # grouped 2/3/5/6-bit experts run on Humming; 4-bit either symmetry and 8-bit symmetric on Marlin MoE/Triton
+    for bits in (2, 3, 4, 5, 6):
+        assert vllm_allows(gate, _opt(bits)) and vllm_allows(down, _opt(bits, sym=True)), bits
+    assert vllm_allows(gate, _opt(8, sym=True)) and vllm_allows(down, _opt(8, 32, sym=True))
+    # asymmetric 8-bit: no WNA16 MoE backend takes it
+    assert not vllm_allows(gate, _opt(8)) and not vllm_allows(down, _opt(8, 32))
+    # per-channel experts run only on Marlin MoE: 4 bits or 8 symmetric, hidden a multiple of 128
+    assert not vllm_allows(gate, _opt(4, None)) and not vllm_allows(down, _opt(8, None, sym=True))  # hidden 576
+    wide_gate, wide_down = _mod((384, 1024), "gate_proj", 0), _mod((1024, 384), "down_proj", 0)
+    assert vllm_allows(wide_gate, _opt(4, None)) and vllm_allows(wide_down, _opt(8, None, sym=True))
+    assert not vllm_allows(wide_gate, _opt(3, None)) and not vllm_allows(wide_down, _opt(8, None))
+    # the GPTQ loader: 4/8-bit symmetric experts only
+    assert vllm_allows(gate, _opt(4, sym=True), "gptqmodel") and not vllm_allows(gate, _opt(2, sym=True), "gptqmodel")
+
+
+def test_vllm_plans_may_give_experts_2_bits_and_note_the_compressed_tensors_route():
+    from bitplan.planner.engines import constrain
+
+    profile = synthetic_profile(n_layers=2, n_experts=4)  # asymmetric 2/3/4/8-bit g64, hidden 576
+    _, allowed, notes = constrain(profile, "vllm")
+    labels = [o.label for o in profile.options]
+    for i, m in enumerate(profile.modules):
+        ok = {labels[j] for j in np.flatnonzero(allowed[i])}
+        assert ok == ({"2b/g64", "3b/g64", "4b/g64"} if m.expert is not None else set(labels)), (m.name, ok)
+    assert len(notes) == 1 and "only through --format compressed-tensors" in notes[0]
+    plan = allocate(profile, PlanRequest(budget="3bpw", allocator="ilp", engine="vllm"))
+    assert plan.total_bits <= plan.budget_bits
+    assert min(plan.assignment[m.name].bits for m in profile.modules if m.expert is not None) < 4
+    # a symmetric 4/8-bit profile is what the GPTQ loader takes as well: no note
+    _, _, notes = constrain(symmetric_profile(options="4,8", n_layers=2, n_experts=4), "vllm")
+    assert notes == []
 
 
 def test_llamacpp_rows_off_super_blocks_get_no_2_or_3_bits():
