@@ -60,22 +60,31 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         raise NotACausalLM(f"{path} is not a bitplan, GPTQ or compressed-tensors checkpoint (no quantization_config "
                            f"with quant_method {QUANT_METHOD!r}, gptq or compressed-tensors in config.json)")
     model = skeleton(path, dtype)
-    head = tied_head(model)  # before the swaps: a quantized embedding takes its tied head along
-    for name, spec in qc["modules"].items():
+    swap_quantized(model, qc["modules"], dtype)
+    return finish(model, read_weights(path), path, dtype, device), tokenizer_of(path), qc
+
+
+def swap_quantized(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype, device=None,
+                   head: nn.Module | None = None) -> None:
+    """In place: every quantized module of `quantization_config["modules"]` becomes the `QuantLinear`
+    (`QuantEmbedding`, and its tied head's `QuantTiedHead`) whose buffers `apply` wrote; experts must be
+    un-fused first (`skeleton`).  `head`: the tied head, where the weights are not tied yet to tell
+    (default: the head that shares the embedding's weight)."""
+    head = head or tied_head(model)  # before the swaps: a quantized embedding takes its tied head along
+    for name, spec in modules.items():
         option = Option(**spec)
         if not option.quantized:
             continue
         linear = model.get_submodule(name)
         if isinstance(linear, nn.Embedding):
             emb = QuantEmbedding(linear.num_embeddings, linear.embedding_dim, option, linear.padding_idx,
-                                 dtype=dtype)
+                                 dtype=dtype, device=device)
             model.set_submodule(name, emb)
             if head is not None:
                 model.set_submodule(_name_of(model, head), QuantTiedHead(emb))
             continue
         model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, option,
-                                              bias=linear.bias is not None, dtype=dtype))
-    return finish(model, read_weights(path), path, dtype, device), tokenizer_of(path), qc
+                                              bias=linear.bias is not None, dtype=dtype, device=device))
 
 
 def skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
