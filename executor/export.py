@@ -21,10 +21,11 @@ fused name of the group (`qkv_proj`, `gate_up_proj`, the layer's `experts`).  GP
 never overlap, so order cannot matter.  `group_size` -1 is per-channel.
 
 **compressed-tensors** — `pack-quantized`, one config group per distinct (bits, group size, symmetry)
-whose `targets` are the exact module names; `weight_packed` int32 `[out, ⌈in/(32//b)⌉]` (32//b codes a
-word, none straddling, code j at bits `(j % (32//b))·b`), `weight_scale [out, groups]` (fp16),
-`weight_zero_point` int32 `[⌈out/(32//b)⌉, groups]` packed along the outputs (asymmetric only),
-`weight_shape` int32 `[2]`.  compressed-tensors stores signed values offset by 2^(b−1) before packing,
+whose `targets` are the exact module names; `weight_packed` int32 `[out, ⌈in·b/32⌉]` (compressed-tensors'
+dense `pack_to_int32`, as of its 0.20: code j of a row at bits `[j·b, (j+1)·b)` of the row's little-endian bit
+stream, so 3-, 5- and 6-bit codes straddle words), `weight_scale [out, groups]` (fp16),
+`weight_zero_point` int32 `[⌈out·b/32⌉, groups]` packed the same way along the outputs (asymmetric
+only), `weight_shape` int32 `[2]`.  compressed-tensors stores signed values offset by 2^(b−1) before packing,
 which is exactly our unsigned code and zero.
 
 **llamacpp** — `tensor_types.txt` for `llama-quantize --tensor-type-file`: one line
@@ -62,6 +63,44 @@ log = logging.getLogger(__name__)
 # `gguf`, a GGUF file written by llama-quantize, is executor/llamacpp.py's (it starts from the F16 GGUF)
 FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf")
 WORD = 32
+
+# Families whose Hugging Face checkpoints (and vLLM, GPTQModel) name MoE experts otherwise than transformers 5
+# does in memory (our un-fused names): Mixtral's checkpoints keep `block_sparse_moe.experts.E.w1|w3|w2`, which
+# transformers' conversion mapping fuses on load; a file with `mlp.experts.E.gate_proj` is not read by it (its
+# experts stay randomly initialised), nor by vLLM's or GPTQModel's Mixtral.
+CHECKPOINT_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
+_MLP_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.\d+\.(?:gate_proj|up_proj|down_proj)|experts|gate)(?=\.|$)")
+
+
+def checkpoint_name(model_type: str | None, name: str) -> str:
+    """The name a module or tensor has in a Hugging Face checkpoint of `model_type`, from ours."""
+    if model_type not in CHECKPOINT_NAMES:
+        return name
+    block, roles = CHECKPOINT_NAMES[model_type]
+    m = _MLP_RE.match(name)
+    if m is None:
+        return name
+    leaf = m.group(2)
+    if leaf.startswith("experts."):
+        _, e, role = leaf.split(".")
+        leaf = f"experts.{e}.{roles[role]}"
+    return f"{m.group(1)}.{block}.{leaf}{name[m.end():]}"
+
+
+def our_name(model_type: str | None, name: str) -> str:
+    """Inverse of `checkpoint_name`."""
+    if model_type not in CHECKPOINT_NAMES:
+        return name
+    block, roles = CHECKPOINT_NAMES[model_type]
+    back = {v: k for k, v in roles.items()}
+    m = re.match(rf"^(model\.layers\.\d+)\.{block}\.(experts\.\d+\.(?:w1|w2|w3)|experts|gate)(?=\.|$)", name)
+    if m is None:
+        return name
+    leaf = m.group(2)
+    if leaf.startswith("experts."):
+        _, e, role = leaf.split(".")
+        leaf = f"experts.{e}.{back[role]}"
+    return f"{m.group(1)}.mlp.{leaf}{name[m.end():]}"
 
 
 def check_format(fmt: str) -> str:
@@ -103,22 +142,20 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def pack_words(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """compressed-tensors' packing: `32 // bits` codes a word along `dim` (padded with 0), none straddling."""
-    per = WORD // bits
-    q = q.to(torch.int64).movedim(dim, 0)
+    """compressed-tensors' packing (`pack_to_int32`, 0.20): along `dim`, code i at bits `[i·bits, (i+1)·bits)`
+    of the row's little-endian bit stream (a 3-bit code may straddle two words), `⌈n·bits/32⌉` words."""
+    q = q.to(torch.int32).movedim(dim, 0)
     n = q.shape[0]
-    q = torch.nn.functional.pad(q, (0, 0, 0, -n % per))
-    q = q.reshape(-1, per, *q.shape[1:]) << (torch.arange(per, device=q.device) * bits).view(1, per, 1)
-    word = q.sum(dim=1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).movedim(0, dim).contiguous()
+    padded = torch.nn.functional.pad(q, (*[0, 0] * (q.dim() - 1), 0, -n % WORD))  # whole words to pack
+    words = pack_bitstream(padded.reshape(padded.shape[0], -1), bits)[:-(-n * bits // WORD)]
+    return words.reshape(-1, *q.shape[1:]).movedim(0, dim).contiguous()
 
 
 def unpack_words(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_words`: int32 codes with `n` entries along `dim`."""
-    per = WORD // bits
-    w = packed.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
-    v = (w.unsqueeze(1) >> (torch.arange(per, device=w.device) * bits).view(1, per, 1)) & ((1 << bits) - 1)
-    return v.reshape(-1, *w.shape[1:])[:n].movedim(0, dim).to(torch.int32).contiguous()
+    w = packed.movedim(dim, 0)
+    codes = unpack_bitstream(w.reshape(w.shape[0], -1), bits, n)
+    return codes.reshape(n, *w.shape[1:]).movedim(0, dim).contiguous()
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -153,9 +190,12 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
                 continue
             state.pop(f"{prefix}.weight")
             state.update({f"{prefix}.{k}": v.contiguous() for k, v in writer(module, qw).items()})
-        _write_shards(state, tmp, {"format": "pt"})
         config = config_dict(model)
-        qc = gptq_config(plan, modules) if fmt == "gptqmodel" else compressed_tensors_config(plan, modules)
+        model_type = config.get("model_type")
+        state = {checkpoint_name(model_type, k): v for k, v in state.items()}
+        _write_shards(state, tmp, {"format": "pt"})
+        qc = gptq_config(plan, modules, model_type) if fmt == "gptqmodel" else \
+            compressed_tensors_config(plan, modules, model_type)
         config["quantization_config"] = qc
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
@@ -225,22 +265,30 @@ def _gptq_tensors(module: Module, qw: QuantizedWeight, *, v2: bool) -> dict[str,
             "scales": qw.scales.T.contiguous(), "g_idx": (torch.arange(K) // qw.group_size).to(torch.int32)}
 
 
-def _group_pattern(key: tuple, names: list[str]) -> str:
-    """One anchored pattern matching exactly `names` and, for a whole vLLM group, vLLM's fused name."""
+def _group_pattern(key: tuple, names: list[str], model_type: str | None = None) -> str:
+    """One anchored pattern matching exactly `names` and, for a whole vLLM group, vLLM's fused name (in the
+    checkpoint's names, `checkpoint_name`)."""
     if key[0] == "fused":
         _, parent, fused = key
         leaves = [n.rsplit(".", 1)[1] for n in names]
         alts = [s for s in VLLM_FUSED[fused] if s in leaves] + [fused]
-        return rf"^{re.escape(parent)}\.(?:{'|'.join(alts)})$"
+        return rf"^{re.escape(checkpoint_name(model_type, parent))}\.(?:{'|'.join(alts)})$"
     if key[0] == "experts":
-        roles = [r for r in EXPERT_ROLES if any(n.endswith("." + r) for n in names)]
-        return rf"^{re.escape(key[1])}(?:\.\d+\.(?:{'|'.join(roles)}))?$"
-    return rf"^{re.escape(names[0])}$"
+        roles = [_role(model_type, r) for r in EXPERT_ROLES if any(n.endswith("." + r) for n in names)]
+        return rf"^{re.escape(checkpoint_name(model_type, key[1]))}(?:\.\d+\.(?:{'|'.join(roles)}))?$"
+    return rf"^{re.escape(checkpoint_name(model_type, names[0]))}$"
 
 
-def dynamic_groups(plan: Plan, modules: list[Module]) -> tuple[list[tuple[str, Option]], list[str]]:
-    """`[(pattern, option)]` covering every planned module exactly once, and warnings for vLLM groups
-    whose members differ (vLLM would run them at one option: plan with --engine vllm)."""
+def _role(model_type: str | None, role: str) -> str:
+    """An expert projection's leaf name in the checkpoint (`gate_proj`, or Mixtral's `w1`)."""
+    return CHECKPOINT_NAMES[model_type][1][role] if model_type in CHECKPOINT_NAMES else role
+
+
+def dynamic_groups(plan: Plan, modules: list[Module],
+                   model_type: str | None = None) -> tuple[list[tuple[str, Option]], list[str]]:
+    """`[(pattern, option)]` covering every planned module exactly once (patterns in the checkpoint's names),
+    and warnings for vLLM groups whose members differ (vLLM would run them at one option: plan with
+    --engine vllm)."""
     groups: dict[tuple, list[Module]] = {}
     for m in modules:
         groups.setdefault(vllm_group(m), []).append(m)
@@ -248,7 +296,7 @@ def dynamic_groups(plan: Plan, modules: list[Module]) -> tuple[list[tuple[str, O
     for key, members in groups.items():
         options = {plan.assignment[m.name] for m in members}
         if len(options) == 1:
-            out.append((_group_pattern(key, [m.name for m in members]), options.pop()))
+            out.append((_group_pattern(key, [m.name for m in members], model_type), options.pop()))
             continue
         if key[0] != "module":
             warnings.append(f"{key[1]}{'.' + key[2] if key[0] == 'fused' else ''}: vLLM runs these as one "
@@ -259,9 +307,10 @@ def dynamic_groups(plan: Plan, modules: list[Module]) -> tuple[list[tuple[str, O
         for role, ms in by_role.items():
             opts = {plan.assignment[m.name] for m in ms}
             if key[0] == "experts" and len(opts) == 1:
-                out.append((rf"^{re.escape(key[1])}\.\d+\.{role}$", opts.pop()))
+                experts = re.escape(checkpoint_name(model_type, key[1]))
+                out.append((rf"^{experts}\.\d+\.{_role(model_type, role)}$", opts.pop()))
             else:
-                out += [(rf"^{re.escape(m.name)}$", plan.assignment[m.name]) for m in ms]
+                out += [(rf"^{re.escape(checkpoint_name(model_type, m.name))}$", plan.assignment[m.name]) for m in ms]
     return out, warnings
 
 
@@ -277,10 +326,10 @@ def _gptq_fields(o: Option) -> dict:
     return {"bits": o.bits, "group_size": o.group_size or -1, "sym": o.symmetric, "desc_act": False}
 
 
-def gptq_config(plan: Plan, modules: list[Module]) -> dict:
+def gptq_config(plan: Plan, modules: list[Module], model_type: str | None = None) -> dict:
     """GPTQModel's `quantization_config`: the most common option at the top, one `dynamic` rule per other group."""
     base = base_option(plan)
-    rules, warnings = dynamic_groups(plan, modules)
+    rules, warnings = dynamic_groups(plan, modules, model_type)
     dynamic = {}
     for pattern, option in rules:
         if not option.quantized:
@@ -308,6 +357,10 @@ CT_FORMAT = "pack-quantized"
 
 def _ct_tensors(module: Module, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     b = qw.option.bits
+    N, K = qw.q.shape
+    if qw.group_size and K % qw.group_size:  # compressed-tensors' dequantization raises on a partial group
+        raise InvalidInput(f"compressed-tensors needs groups that divide the inputs: {module.name} has {K} inputs "
+                           f"and group size {qw.group_size}; plan with --engine vllm, or pin it to another group size")
     out = {"weight_packed": pack_words(qw.q, b, dim=1), "weight_scale": qw.scales.contiguous(),
            "weight_shape": torch.tensor(qw.q.shape, dtype=torch.int32)}
     if not qw.option.symmetric:
@@ -323,19 +376,31 @@ def ct_weights(o: Option) -> dict:
             "block_structure": None}
 
 
-def compressed_tensors_config(plan: Plan, modules: list[Module]) -> dict:
-    """One config group per distinct quantized option, exact module names as targets; 16-bit ones ignored."""
+def compressed_tensors_config(plan: Plan, modules: list[Module], model_type: str | None = None) -> dict:
+    """One config group per distinct quantized option, exact module names (the checkpoint's) as targets;
+    16-bit ones ignored."""
     by_option: dict[Option, list[str]] = {}
     for m in modules:
-        by_option.setdefault(plan.assignment[m.name], []).append(m.name)
+        by_option.setdefault(plan.assignment[m.name], []).append(checkpoint_name(model_type, m.name))
     quantized = sorted((o for o in by_option if o.quantized), key=lambda o: (o.bits, o.group_size or 0, o.symmetric))
     groups = {f"group_{i}": {"targets": sorted(by_option[o]), "weights": ct_weights(o), "input_activations": None,
                              "output_activations": None, "format": CT_FORMAT}
               for i, o in enumerate(quantized)}
-    _, warnings = dynamic_groups(plan, modules)
+    _, warnings = dynamic_groups(plan, modules, model_type)
     narrow = sorted({o.label for o in quantized if o.bits not in (4, 8)})
     if narrow:
         warnings.append(f"options {narrow}: vLLM's compressed-tensors path (WNA16) runs 4- and 8-bit weights only")
+    expert_options = {plan.assignment[m.name] for m in modules if m.expert is not None}
+    if len(expert_options) > 1:
+        warnings.append(f"experts at {len(expert_options)} options: transformers (5.25) dequantizes every expert "
+                        f"of the model with one config group's scheme, so it would load them wrong; vLLM reads them")
+    if any(not o.symmetric for o in quantized):
+        warnings.append("asymmetric options: transformers (5.25) with compressed-tensors (0.20) loads them only with "
+                        "CompressedTensorsConfig(dequantize=True), and then only when every quantized module has one "
+                        "option (it dequantizes all with the first config group's scheme); vLLM reads them")
+    if any(m.expert is not None for m in modules) and any(not o.symmetric for o in expert_options):
+        warnings.append("asymmetric experts: transformers (5.25) does not pass their zero points to "
+                        "compressed-tensors and fails to load them (transformers PR #47430)")
     for w in warnings:
         log.warning("compressed-tensors export: %s", w)
     return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",

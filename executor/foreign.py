@@ -2,6 +2,9 @@
 `QuantLinear`s: each module's codes, scales and zeros are unpacked and repacked into our layout in memory,
 so the model computes exactly what the plan's own checkpoint computes.
 
+Tensor names and the config's rules are the checkpoint's (`export.checkpoint_name`: Mixtral's experts
+are `block_sparse_moe.experts.E.w1|w3|w2` there), mapped back to the skeleton's un-fused names here.
+
 `load_foreign(path)` is the entry point (`read_foreign_config` says whether a folder is one of these).
 Each module's option is resolved as the engines resolve it: GPTQ's top-level config overridden by the
 first `dynamic` rule whose pattern `re.match`es the module name (`-:` = not quantized), as GPTQModel's
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bitplan.db.types import InvalidInput, NotACausalLM, Option
-from bitplan.executor.export import unpack_bitstream, unpack_words
+from bitplan.executor.export import checkpoint_name, our_name, unpack_bitstream, unpack_words
 from bitplan.executor.quant_linear import QuantLinear
 from bitplan.kernels.quantize import QuantizedWeight
 
@@ -142,13 +145,16 @@ def load_foreign(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise NotACausalLM(f"{path} is not a GPTQ or compressed-tensors checkpoint (quant_method not in "
                            f"{list(FOREIGN_METHODS)} in config.json)")
     model = skeleton(path, dtype)
-    state = read_weights(path)
+    model_type = model.config.model_type
+    # the checkpoint's names (Mixtral's `block_sparse_moe.experts.E.w1`) back to the skeleton's
+    state = {our_name(model_type, k): v for k, v in read_weights(path).items()}
     gptq = qc["quant_method"] == "gptq"
     suffix = ".qweight" if gptq else ".weight_packed"
     v2 = qc.get("checkpoint_format") == "gptq_v2"
     quantized = sorted(k.removesuffix(suffix) for k in list(state) if k.endswith(suffix))
     for name in quantized:
-        option = gptq_option(qc, name) if gptq else ct_option(qc, name)
+        hf_name = checkpoint_name(model_type, name)  # what the config's rules and targets name
+        option = gptq_option(qc, hf_name) if gptq else ct_option(qc, hf_name)
         if option is None or not option.quantized:
             raise InvalidInput(f"{name} has packed weights but the config keeps it in 16 bits")
         qw = decode_gptq(state, name, option, v2) if gptq else decode_ct(state, name, option)

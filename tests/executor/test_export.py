@@ -9,10 +9,11 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bitplan.db.types import Option
 from bitplan.executor.apply import apply_plan
-from bitplan.executor.export import export_plan, pack_bitstream, pack_words, unpack_bitstream, unpack_words
+from bitplan.executor.export import checkpoint_name, export_plan, pack_bitstream, pack_words, unpack_bitstream, unpack_words
 from bitplan.executor.foreign import load_foreign
 from bitplan.db.formats import VLLM_FUSED, gguf_tensor_name
 from bitplan.executor.load import load_quantized
@@ -25,7 +26,7 @@ def mixed(m) -> Option:
     layer, leaf = m.layer or 0, m.name.rsplit(".", 1)[1]
     table = {"q_proj": Option(bits=3, group_size=32), "k_proj": Option(bits=4, group_size=32, symmetric=True),
              "v_proj": Option(bits=8, group_size=None), "o_proj": Option(bits=16),
-             "gate_proj": Option(bits=2, group_size=32), "up_proj": Option(bits=4, group_size=64),
+             "gate_proj": Option(bits=2, group_size=32), "up_proj": Option(bits=4, group_size=16),
              "down_proj": Option(bits=3, group_size=32, symmetric=True)}
     o = table[leaf]
     return o if layer == 0 else Option(bits=4, group_size=32, symmetric=True)
@@ -102,11 +103,10 @@ def test_3bit_codes_straddle_words():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compressed_tensors_packing(bits):
     q = torch.randint(0, 2**bits, (7, 45), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
-    per = 32 // bits
     packed = pack_words(q, bits, dim=1)
-    assert packed.shape == (7, -(-45 // per))
-    word = int(packed[3, 1]) & 0xFFFFFFFF
-    assert [(word >> (i * bits)) & (2**bits - 1) for i in range(min(per, 45 - per))] == q[3, per:2 * per].tolist()
+    assert packed.shape == (7, -(-45 * bits // 32))  # dense: codes straddle words, no bit left unused
+    stream = sum((int(w) & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(packed[3].tolist()))
+    assert [(stream >> (i * bits)) & (2**bits - 1) for i in range(45)] == q[3].tolist()
     assert torch.equal(unpack_words(packed, bits, 45, dim=1), q)
     assert torch.equal(unpack_words(pack_words(q, bits, dim=0), bits, 7, dim=0), q)
 
@@ -230,12 +230,17 @@ def test_moe_exports_name_experts_for_every_engine(moe_checkpoint, tmp_path, man
     out = export_plan(plan, loaded.model, None, planned, tmp_path / "g", "gptqmodel", progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert torch.equal(logits(load_foreign(out)[0], ids), expected)
+    # Mixtral's checkpoints (transformers, vLLM, GPTQModel) name experts `block_sparse_moe.experts.E.w1|w3|w2`
+    keys = set(load_file(out / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.4.w2.qweight" in keys and "model.layers.1.block_sparse_moe.gate.weight" in keys
+    assert not [k for k in keys if ".mlp." in k]
     for m, _ in planned:
-        assert pick(gptqmodel_resolve(qc, m.name)) == as_fields(plan.assignment[m.name]), m.name
+        assert pick(gptqmodel_resolve(qc, checkpoint_name("mixtral", m.name))) == as_fields(plan.assignment[m.name]), m.name
     # vLLM's FusedMoE asks once per layer, with the experts' prefix
     for layer in range(2):
         expert = next(m for m, _ in planned if m.layer == layer and m.expert is not None)
-        assert pick(gptqmodel_resolve(qc, f"model.layers.{layer}.mlp.experts")) == as_fields(plan.assignment[expert.name])
+        assert pick(gptqmodel_resolve(qc, f"model.layers.{layer}.block_sparse_moe.experts")) == \
+            as_fields(plan.assignment[expert.name])
     ct = export_plan(plan, loaded.model, None, planned, tmp_path / "ct", "compressed-tensors", progress=False)
     assert torch.equal(logits(load_foreign(ct)[0], ids), expected)
     cpp = export_plan(plan, loaded.model, None, planned, tmp_path / "l", "llamacpp", progress=False)
