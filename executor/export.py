@@ -336,11 +336,12 @@ def gptq_config(plan: Plan, modules: list[Module], model_type: str | None = None
             dynamic[f"-:{pattern}"] = {}
         elif option != base:
             dynamic[f"+:{pattern}"] = _gptq_fields(option)
-    off_marlin = sorted({o.label for o in plan.assignment.values() if o.quantized and (
+    off_gptq = sorted({o.label for o in plan.assignment.values() if o.quantized and (
         o.bits not in (4, 8) or not o.symmetric or o.group_size not in (None, 32, 64, 128))})
-    if off_marlin:
-        warnings.append(f"options {off_marlin} are not GPTQ-Marlin's (4/8-bit symmetric): vLLM picks Marlin from "
-                        f"the top-level config and then refuses them; serve with --quantization gptq (exllama kernels)")
+    if off_gptq:
+        # vLLM's one GPTQ loader (gptq, gptq_marlin and auto_gptq alike) checks the base config and every rule
+        warnings.append(f"options {off_gptq}: vLLM loads GPTQ weights at 4/8-bit symmetric only and refuses these "
+                        f"at startup; serve this plan from --format compressed-tensors (2-8 bits, either symmetry)")
     for w in warnings:
         log.warning("gptqmodel export: %s", w)
     lm_head = plan.assignment.get("lm_head")
@@ -387,10 +388,14 @@ def compressed_tensors_config(plan: Plan, modules: list[Module], model_type: str
                              "output_activations": None, "format": CT_FORMAT}
               for i, o in enumerate(quantized)}
     _, warnings = dynamic_groups(plan, modules, model_type)
-    narrow = sorted({o.label for o in quantized if o.bits not in (4, 8)})
-    if narrow:
-        warnings.append(f"options {narrow}: vLLM's compressed-tensors path (WNA16) runs 4- and 8-bit weights only")
     expert_options = {plan.assignment[m.name] for m in modules if m.expert is not None}
+    # no vLLM MoE kernel takes asymmetric 8-bit experts, and only Marlin MoE takes per-channel ones (4 bits or
+    # 8-bit symmetric); dense linears run at 2-8 bits either way (Marlin, else Humming)
+    unserved = sorted({o.label for o in expert_options if o.quantized and (
+        (o.bits == 8 and not o.symmetric) or (o.group_size is None and o.bits != 4 and not (
+            o.bits == 8 and o.symmetric)))})
+    if unserved:
+        warnings.append(f"expert options {unserved}: no vLLM MoE kernel runs them; plan with --engine vllm")
     if len(expert_options) > 1:
         warnings.append(f"experts at {len(expert_options)} options: transformers (5.25) dequantizes every expert "
                         f"of the model with one config group's scheme, so it would load them wrong; vLLM reads them")

@@ -247,3 +247,22 @@ def test_moe_exports_name_experts_for_every_engine(moe_checkpoint, tmp_path, man
     lines = (cpp / "tensor_types.txt").read_text().split()
     assert r"^blk\.0\.ffn_gate_exps\.weight$=q8_0" in lines and r"^blk\.1\.ffn_down_exps\.weight$=q4_0" in lines
     assert len(lines) == len({gguf_tensor_name(m.name) for m, _ in planned})
+
+
+def test_exports_warn_where_vllm_refuses_the_plan(tiny, reference, manual_plan, caplog):
+    """vLLM's GPTQ loader takes 4/8-bit symmetric weights only; its compressed-tensors path every dense width."""
+    from bitplan.executor.export import compressed_tensors_config, gptq_config
+
+    loaded, planned = tiny
+    modules = [m for m, _ in planned]
+    with caplog.at_level("WARNING", logger="bitplan.executor.export"):
+        gptq_config(reference[0], modules)
+        compressed_tensors_config(reference[0], modules)
+    gptq = [r.message for r in caplog.records if r.message.startswith("gptqmodel export")]
+    assert any("refuses these" in w and "'3b/g32'" in w and "--format compressed-tensors" in w for w in gptq)
+    assert not any("expert options" in r.message for r in caplog.records)  # a dense plan: vLLM runs every width
+    caplog.clear()
+    symmetric = manual_plan(planned, lambda m: Option(bits=4, group_size=32, symmetric=True))
+    with caplog.at_level("WARNING", logger="bitplan.executor.export"):
+        gptq_config(symmetric, modules)
+    assert not caplog.records
