@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STOCK_MIXES = ("Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
 EVAL_CTX = 512
+PLAN_KEY = "bitplan.plan_id"  # the GGUF metadata key that names the plan a file was written from
 
 
 class LlamaCppFailed(RuntimeError):
@@ -164,6 +165,8 @@ def quantize_gguf(base: str | Path, out: str | Path, *, plan: Plan | None = None
                 if tensor in base_types and tensor not in types:
                     extra += [flag, "f16"]
             ftype = "Q8_0"  # every planned tensor is named in the type file; this types none of them
+            # the file names its plan, so that `bitplan eval FILE.gguf` finds the plan and its base
+            extra += ["--override-kv", f"{PLAN_KEY}=str:{plan.id}"]
         else:
             if mix not in STOCK_MIXES:
                 raise InvalidInput(f"unknown llama.cpp mix {mix!r}; known: {', '.join(STOCK_MIXES)}")
@@ -191,6 +194,14 @@ def make_imatrix(base: str | Path, text: str | Path, out: str | Path, *, ctx: in
         run_tool("llama-imatrix", [*args, "-o", staged], what=f"collecting the importance matrix of {base}")
         os.replace(staged, out)
     return out
+
+
+def gguf_plan_id(path: str | Path) -> str | None:
+    """The plan a GGUF file was written from (`PLAN_KEY`, set by `quantize_gguf`), or None."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(PLAN_KEY)
+    return None if field is None else str(field.contents())
 
 
 def check_types(path: str | Path, types: Mapping[str, str]) -> None:

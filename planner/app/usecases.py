@@ -507,6 +507,14 @@ def _eval_llamacpp(ws: Workspace, checkpoint: str, *, text: str | None, tokens: 
     t0 = time.perf_counter()
     text, ctx = text or EVAL, window or EVAL_CTX
     chunks = max(1, (tokens or EVAL_TOKENS) // ctx)
+    if plan_id is None:  # a file `apply --format gguf` wrote names its plan
+        from bitplan.executor.llamacpp import gguf_plan_id
+
+        plan_id = gguf_plan_id(path)
+        try:
+            base = base or (ws.store.get_plan(plan_id).model.source if plan_id else None)
+        except NotFound:  # written from another store's plan: measured without one
+            plan_id = None
     if base is None and plan_id is not None:
         base = ws.store.get_plan(plan_id).model.source
     if base is not None:

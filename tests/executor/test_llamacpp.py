@@ -87,7 +87,7 @@ def test_llama_perplexity_measures_ppl_and_kl_to_the_base(store, gguf_checkpoint
 
     ws, profile, plan = gguf_plan(store, gguf_checkpoint, "4.55bpw")
     out = run_apply(ws, plan, tmp_path / "plan.gguf", fmt="gguf")
-    ev = run_eval(ws, str(out), tokens=1024, window=256, plan_id=plan.id)
+    ev = run_eval(ws, str(out), tokens=1024, window=256)  # the file names its plan, whose model is the base
     assert ev.engine == "llamacpp" and ev.plan_id == plan.id and ev.window == 256
     assert ev.n_tokens == 4 * 128 and np.isfinite(ev.perplexity) and ev.perplexity > 1
     assert ev.kl_divergence is not None and ev.kl_divergence > 0
