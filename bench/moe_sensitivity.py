@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     meta = harness.metadata(args)
     loaded = load_model(args.model)
     model = loaded.model
-    options = parse_options(args.bits, group_size=args.group_size)
+    options = parse_options(args.bits, group_sizes=args.group_size)
     bits = [o.bits for o in options]
     experts = [(int(name.split(".")[2]), e, mlp) for name, ex in expert_sets(model) for e, mlp in enumerate(ex)]
     if not experts:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, get_args
 
@@ -151,15 +152,45 @@ class Option(BaseModel):
 
 
 DEFAULT_OPTIONS = "2,3,4,8"  # the bit widths a profile measures unless told
+DEFAULT_GROUP_SIZES = "64"  # and their group sizes
 
 
-def parse_options(spec: str, group_size: int | None = 64, symmetric: bool = False) -> list[Option]:
-    """`"2,3,4,8"` -> options sorted by bits; raises InvalidInput with the allowed values."""
+def parse_group_sizes(spec: str | int | None) -> list[int | None]:
+    """`"32,64,128,ch"` -> group sizes (`ch`: per-channel, None), in that order; InvalidInput otherwise."""
+    out: list[int | None] = []
+    for item in str(DEFAULT_GROUP_SIZES if spec is None else spec).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            g = None if item in ("ch", "channel", "none") else int(item)
+            Option(bits=4, group_size=g)
+        except (ValueError, ValidationError):
+            raise InvalidInput(f"bad --group-sizes {spec!r}: give comma-separated powers of two >= 8, or ch for "
+                               f"per-channel, e.g. 32,64,128") from None
+        if g not in out:
+            out.append(g)
+    if not out:
+        raise InvalidInput(f"bad --group-sizes {spec!r}: give at least one, e.g. 64")
+    return out
+
+
+def parse_options(spec: str, group_sizes: str | int | None | Sequence[int | None] = 64,
+                  symmetric: bool = False) -> list[Option]:
+    """`"2,3,4,8"` at each of `group_sizes` (`parse_group_sizes`'s text, one size, or a list) -> every
+    combination, sorted by bits then group (per-channel last); raises InvalidInput with the allowed values."""
+    if group_sizes is None or isinstance(group_sizes, (list, tuple)):
+        groups = [None] if group_sizes is None else list(group_sizes)
+    else:
+        groups = parse_group_sizes(group_sizes)
     try:
         bits = sorted({int(b) for b in spec.split(",") if b.strip()})
-        return [Option(bits=b, group_size=group_size, symmetric=symmetric) for b in bits]
+        options = [Option(bits=b, group_size=g, symmetric=symmetric) for b in bits for g in groups]
     except ValueError as e:
         raise InvalidInput(f"bad --options {spec!r}: give comma-separated bit widths from {ALLOWED_BITS}") from e
+    # one 16-bit option whatever the groups: it stores no group
+    unique = {(o.bits, None if not o.quantized else o.group_size): o for o in options}
+    return sorted(unique.values(), key=lambda o: (o.bits, o.group_size or 1 << 30))
 
 
 # ----------------------------------------------------------------------------------- quantizers

@@ -63,20 +63,26 @@ MIN_KL_TOKENS = 8
 
 
 def calibration_points(options: list[Option], points: int = DEFAULT_POINTS, widths: Sequence[int] = ()) -> list[int]:
-    """Indices of the `points` quantized options of fewest bits (ties: the first listed).
+    """Indices of `points` quantized options, one per code width, fewest bits first: two widths say more
+    about how a module's KL grows than two group sizes of one width.  Within a width, the first listed
+    (`parse_options` lists groups smallest first).
 
-    GGUF types (`Option.gguf`): of those that store rows of every width in `widths` as themselves, one per
-    code bits, fewest first.  A K-quant on a row that is not whole super-blocks is stored as another type
+    GGUF types (`Option.gguf`): only those that store rows of every width in `widths` as themselves, the
+    smallest of a width first.  A K-quant on a row that is not whole super-blocks is stored as another type
     (SmolLM2's rows of 576 turn Q2_K and Q3_K into Q4_0), so measuring it there measures that type twice.
     """
     quantized = [i for i, o in enumerate(options) if o.quantized]
-    if any(options[i].gguf for i in quantized):
-        fit = [i for i in quantized if all(GGUF_TYPES[options[i].gguf].fits(w) for w in widths)]
-        first = {}
-        for i in sorted(fit, key=lambda i: (options[i].bits, GGUF_TYPES[options[i].gguf].bits_per_weight, i)):
-            first.setdefault(options[i].bits, i)
-        quantized = list(first.values())
-    return sorted(sorted(quantized, key=lambda i: (options[i].bits, i))[:points])
+    gguf = any(options[i].gguf for i in quantized)
+    if gguf:
+        quantized = [i for i in quantized if all(GGUF_TYPES[options[i].gguf].fits(w) for w in widths)]
+
+    def key(i: int) -> tuple:
+        return (options[i].bits, GGUF_TYPES[options[i].gguf].bits_per_weight if gguf else 0, i)
+
+    first: dict[int, int] = {}
+    for i in sorted(quantized, key=key):
+        first.setdefault(options[i].bits, i)
+    return sorted(sorted(first.values(), key=key)[:points])
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,9 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
                         "quantization and sizes its blocks' (needs `make llamacpp`; docs/llamacpp.md)")
     c.add_argument("--options", help=f"bit widths to consider (default {DEFAULT_OPTIONS}); with --engine "
                                      f"llamacpp GGUF types (default {','.join(GGUF_OPTIONS)})")
-    c.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    c.add_argument("--group-sizes", metavar="G,G,...",
+                   help="quantization group sizes: every --options width is profiled at each (default 64; e.g. "
+                        "32,64,128,ch, ch = per-channel); sizes count each group's scale and zero exactly")
     estimator_args(c)
     embeddings_arg(c)
     c.add_argument("--validate", action="store_true",
@@ -278,7 +280,7 @@ def _workspace(args, **kw):
 def _profile_request(args):
     """The profile settings `profile` and `demo` share (`demo` has no calibration or option flags)."""
     from bitplan.planner.app.usecases import ProfileRequest
-    names = ("engine", "options", "group_size", "estimator", "quantizer", "calib", "tokens", "seq_len", "device",
+    names = ("engine", "options", "group_sizes", "estimator", "quantizer", "calib", "tokens", "seq_len", "device",
              "imatrix", "embeddings", "latency", "latency_batches")
     return ProfileRequest(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from bitplan.db.store import content_profile_id
 from bitplan.db.formats import parse_gguf_options
-from bitplan.db.types import (DEFAULT_OPTIONS, Budget, Evaluation, InfeasibleBudget, InvalidInput, NotFound, Option,
-                              Plan, Profile, Quantizer, parse_options)
+from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, Budget, Evaluation, InfeasibleBudget,
+                              InvalidInput, NotFound, Option, Plan, Profile, Quantizer, parse_options)
 from bitplan.planner.allocators import lookup_allocator, needs_context
 from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.budgets import DEMO_BUDGETS, parse_budgets
@@ -39,7 +39,7 @@ class ProfileRequest(BaseModel):
 
     engine: str | None = None  # llamacpp: the options are GGUF types, quantized by llama.cpp's own library
     options: str | None = None  # bit widths, `parse_options` (default 2,3,4,8); GGUF types for llamacpp
-    group_size: int | None = 64
+    group_sizes: str | None = None  # `32,64,128,ch`: every option's bits at each (default 64)
     estimator: str | None = None  # default: calibrated, or imatrix when an imatrix is given
     quantizer: str | None = None  # rtn, gptq or gptq:damp=0.05,...: where each option's ΔW comes from
     calib: str | None = None  # calibration text: a file, or the default plays
@@ -129,7 +129,7 @@ def profile_options(r: ProfileRequest) -> tuple[list[Option], Quantizer]:
                            f"not {r.engine!r}; a vllm plan is planned from a bitplan profile")
     if r.engine != "llamacpp":
         quantizer = Quantizer.parse(r.quantizer) if r.quantizer else DEFAULT_QUANTIZER
-        return parse_options(r.options or DEFAULT_OPTIONS, r.group_size), quantizer
+        return parse_options(r.options or DEFAULT_OPTIONS, r.group_sizes or DEFAULT_GROUP_SIZES), quantizer
     if r.quantizer not in (None, "llamacpp"):
         raise InvalidInput(f"--engine llamacpp measures llama.cpp's own quantization of each GGUF type; drop "
                            f"--quantizer {r.quantizer}")

@@ -17,7 +17,7 @@ def make_profile():
 
     def make(seed: int = 0, **overrides) -> Profile:
         rng = np.random.default_rng(seed)
-        options = parse_options("2,4,8,16", group_size=64)
+        options = parse_options("2,4,8,16", group_sizes=64)
         shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
         modules = [Module(name=f"model.layers.{i}.proj", shape=s, layer=i, role="mlp")
                    for i, s in enumerate(shapes)]

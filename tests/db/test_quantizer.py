@@ -157,3 +157,20 @@ def test_llamacpp_quantizer_names_its_importance_matrix():
             Quantizer.parse(bad)
     with pytest.raises(ValidationError):
         Quantizer(method="gptq", imatrix="0123456789abcdef")
+
+
+def test_options_on_two_axes_with_exact_sizes():
+    from bitplan.db.types import parse_group_sizes, parse_options
+
+    assert parse_group_sizes("128,32,ch,32") == [128, 32, None]
+    opts = parse_options("4,3,16", "128,32,ch")
+    assert [o.label for o in opts] == ["3b/g32", "3b/g128", "3b/gch", "4b/g32", "4b/g128", "4b/gch", "16b"]
+    # a 576-wide row: 18 groups of 32, 5 of 128 (the last one partial), one per channel; each a 16-bit
+    # scale and a code-width zero per output
+    sizes = {o.label: o.size_bits(10, 576) for o in opts}
+    assert sizes["3b/g32"] == 10 * (576 * 3 + 18 * (16 + 3))
+    assert sizes["3b/g128"] == 10 * (576 * 3 + 5 * (16 + 3))
+    assert sizes["3b/gch"] == 10 * (576 * 3 + 16 + 3)
+    for bad in ("48", "0", "x", ","):
+        with pytest.raises(InvalidInput, match="--group-sizes"):
+            parse_group_sizes(bad)

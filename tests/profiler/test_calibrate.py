@@ -31,6 +31,9 @@ def test_points_are_the_lowest_quantized_widths():
     opts = parse_options("8,2,4,3,16")
     assert [opts[i].bits for i in calibration_points(opts)] == [2, 3]
     assert calibration_points(parse_options("16")) == []
+    # two group sizes per width: still two widths, each at its smallest group
+    opts = parse_options("2,3,4", "128,32")
+    assert [opts[i].label for i in calibration_points(opts)] == ["2b/g32", "3b/g32"]
 
 
 def test_gguf_points_are_types_every_row_stores_as_themselves():

@@ -5,7 +5,7 @@ import pytest
 
 def test_exports_evaluate_like_our_format(db, tiny_checkpoint, text_file, tmp_path, cli_json):
     profile = cli_json("profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
-                      "--seq-len", "64", "--group-size", "32", "--json", "-q")
+                      "--seq-len", "64", "--group-sizes", "32", "--json", "-q")
     plan = cli_json("plan", profile["id"], "--budget", "4bpw", "--engine", "vllm", "--json", "-q")
     ppl = {}
     for fmt in ("bitplan", "gptqmodel", "compressed-tensors"):
@@ -34,3 +34,16 @@ def test_compare_evaluate_measures_every_plan(db, tiny_checkpoint, text_file, tm
     ev = cli_json("eval", str(tmp_path / "q"), "--text", "shakespeare:eval", "--tokens", "128",
                  "--window", "128", "--json", "-q")
     assert ev["perplexity"] == pytest.approx(by["3bpw", "ilp"]["perplexity"], rel=2e-2)
+
+
+def test_profile_on_two_axes_plans_among_every_group(db, tiny_checkpoint, text_file, cli_json):
+    """`--options 2,4 --group-sizes 32,128`: every combination profiled with its exact size, and planned."""
+    profile = cli_json("profile", str(tiny_checkpoint), "--calib", str(text_file), "--tokens", "128",
+                      "--seq-len", "64", "--options", "2,4", "--group-sizes", "32,128", "--estimator", "fisher",
+                      "--quantizer", "rtn", "--json", "-q")
+    labels = [f"{o['bits']}b/g{o['group_size']}" for o in profile["options"]]
+    assert labels == ["2b/g32", "2b/g128", "4b/g32", "4b/g128"]
+    plan = cli_json("plan", profile["id"], "--budget", "3bpw", "--json", "-q")
+    assert plan["bits_per_weight"] <= 3.0
+    groups = {o["group_size"] for o in plan["assignment"].values()}
+    assert groups <= {32, 128}
