@@ -247,9 +247,11 @@ def _plan(setup: _Setup, request: PlanRequest, context, result: Assignment, seco
     profile, problem, unit, choice = setup.profile, setup.problem, setup.unit, result.choice
     params = dict(request.params)
     defaults = PlanRequest()
-    for setting in ("granularity", "engine", "budget_split"):
+    for setting in ("granularity", "budget_split"):
         if getattr(request, setting) != getattr(defaults, setting):
             params[setting] = getattr(request, setting)
+    if request.engine != "bitplan":  # `allocate` filled in the profile's; bitplan plans keep their ids
+        params["engine"] = request.engine
     if needs_context(request.allocator) and hasattr(context, "describe"):
         params["fitness"] = context.describe()
     if setup.latency_budget is not None:

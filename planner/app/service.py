@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from bitplan.db.store import Store
 from bitplan.db.types import BitplanError, CalibrationRef, Evaluation, ModelRef, Option, Profile, Quantizer
@@ -35,6 +35,14 @@ class OptionDocument(BaseModel):
     group_size: int | None = None
     symmetric: bool
     gguf: str | None = Field(None, description="a GGUF type (q4_k, ...), in a plan of a --engine llamacpp profile")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # as `Option` dumps: no `gguf` key on bitplan's own options
+        d = handler(self)
+        if d.get("gguf") is None:
+            d.pop("gguf", None)
+        return d
 
 
 class PlanDocument(BaseModel):

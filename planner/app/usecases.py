@@ -504,6 +504,9 @@ def _eval_llamacpp(ws: Workspace, checkpoint: str, *, text: str | None, tokens: 
         raise InvalidInput(f"llama.cpp evaluates a .gguf file; {checkpoint} is not one (evaluate it with "
                            f"--engine bitplan)")
     check_tools()
+    from bitplan.profiler.model import check_gguf
+
+    check_gguf(path)  # a damaged file is refused here, not by llama-perplexity's crash
     t0 = time.perf_counter()
     text, ctx = text or EVAL, window or EVAL_CTX
     chunks = max(1, (tokens or EVAL_TOKENS) // ctx)

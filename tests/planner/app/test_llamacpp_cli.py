@@ -55,8 +55,18 @@ def test_compare_against_stock_mixes(run_cli, db, gguf_checkpoint, tmp_path):
         assert theirs["predicted_error"] is not None  # the mix's types are all options of the profile
 
 
-def test_a_file_llama_cpp_cannot_read_is_an_error_not_a_traceback(run_cli, db, tmp_path, llamacpp):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + bytes(60))
-    code, _, err = run_cli("eval", str(bad), "--tokens", "256", "-q")
+def test_a_file_llama_cpp_cannot_run_is_an_error_not_a_traceback(run_cli, db, tmp_path, llamacpp):
+    import gguf
+    import numpy as np
+
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(60))
+    code, _, err = run_cli("eval", str(damaged), "--tokens", "256", "-q")
+    assert code == 2 and "truncated or damaged" in err and "Traceback" not in err  # refused before llama.cpp
+    # a whole GGUF of an architecture llama.cpp does not know: its own error, in one message
+    unknown = tmp_path / "unknown.gguf"
+    w = gguf.GGUFWriter(unknown, arch="nonesuch")
+    w.add_tensor("token_embd.weight", np.ones((8, 32), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    code, _, err = run_cli("eval", str(unknown), "--tokens", "256", "-q")
     assert code == 1 and "error: llama-perplexity failed" in err and "Traceback" not in err
