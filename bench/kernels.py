@@ -12,10 +12,13 @@ timed (what a serving engine's decode graph sees).  Times are medians over repla
     python bench/kernels.py                       # all shapes, 2/3/4/8 bits, batch 1,2,16,64,256
     python bench/kernels.py --shapes smollm2 --bits 4 --batches 1
     python bench/kernels.py --shapes llama3-8b.gate_up --bits 4 --batches 256 --all-configs
+    python bench/kernels.py --shapes llama3-8b,square --bits 2,3,4,8 --batches 1,2,4,16 --no-compare --before
 
 Prints a table and writes JSON (`--out`, default bench/results/kernels.json), after every shape and width
 so that a run cut short keeps its rows.  `--all-configs` times every configuration the tuner chooses among
-instead (and bf16 beside them): what its space offers.
+instead (and bf16 beside them): what its space offers.  `--before` also times, at batches up to 4, the gemv's
+fp32 body (`HALF2` off: the kernel before packed fp16 pairs), tuned over its own candidates as the tuner
+does, so that before and after come from one process on one card.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ harness.leave_sys_path()
 import torch
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import _TUNED, CONFIGS, GEMV_MAX_M, _sm_count, matmul, tuning_bucket
+from bitplan.kernels.matmul import (_TUNED, CONFIGS, GEMV_MAX_M, _fastest, _launch, _sm_count, gemv_configs, matmul,
+                                    tuning_bucket)
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -54,7 +58,24 @@ def tuned(N: int, K: int, bits: int, M: int) -> dict:
     return {key[0]: cfg for key, cfg in _TUNED.items() if key[1] == tuning_bucket(M) and key[2:5] == (N, K, bits)}
 
 
-def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[dict]:
+def _operands(weight):
+    """`matmul`'s five weight operands from `random_packed`'s triple (q1 and z1 alias shard 0 for one shard)."""
+    packed, scales, zeros = weight
+    return packed[0], packed[-1], scales, zeros[0], zeros[-1]
+
+
+def before(x, copies, N: int, K: int, bits: int, group: int) -> tuple[float, float, dict]:
+    """The fp32 gemv body (HALF2 off), tuned over its own candidates as the tuner does, then timed cold:
+    (µs, its output on the first copy, the configuration)."""
+    M = x.shape[0]
+    shape = (M, N, K, bits, group, False)
+    found = gemv_configs(M, N, K, bits, group, _sm_count(x.device), half2=False)
+    cfg = _fastest(found, lambda c, *w: _launch("gemv", x, *w, *shape, c), _operands(copies[0]))
+    t = cold_time_us([lambda c=c: _launch("gemv", x, *_operands(c), *shape, cfg) for c in copies])
+    return t, _launch("gemv", x, *_operands(copies[0]), *shape, cfg), cfg
+
+
+def run(shapes, bits_list, batches, group, regime, save, compare=True, with_before=False) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     rows, bf16 = [], {}
@@ -90,6 +111,13 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True) -> list[d
                                  ours_GBps=moved / t_ours / 1e3, of_floor=t_floor / t_ours,
                                  vs_bf16=t_bf16 / t_ours, rel_err=rel, configs=tuned(N, K, bits, M)))
                 r = rows[-1]
+                if with_before and M <= GEMV_MAX_M:
+                    t_before, y_before, cfg_before = before(x, copies, N, K, bits, group)
+                    r.update(before_us=t_before, before_of_floor=t_floor / t_before, speedup=t_before / t_ours,
+                             before_rel_err=float((y_before.float() - ref).norm() / ref.norm()),
+                             before_config=cfg_before)
+                    print(f"{'':>18} before (fp32 gemv body) {t_before:8.1f} us ({r['before_of_floor']:4.2f} of floor)"
+                          f"  after/before x{r['speedup']:4.2f}  err {r['before_rel_err']:.1e}", flush=True)
                 print(f"{name:>18} {bits}b M={M:<4} ours {t_ours:8.1f} us (gemv {t['gemv']:7.1f}, tiled "
                       f"{t['tiled']:7.1f})  floor {t_floor:7.1f} us ({r['of_floor']:4.2f})  bf16 {t_bf16:8.1f} us "
                       f"(x{r['vs_bf16']:5.2f})  {r['ours_GBps']:6.0f} GB/s  err {rel:.1e}", flush=True)
@@ -144,6 +172,7 @@ def main(argv=None):
     ap.add_argument("--regime", choices=["gemv", "tiled"], default=None, help="force one kernel (default: dispatch)")
     ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
     ap.add_argument("--all-configs", action="store_true", help="time every configuration of the tuner's space")
+    ap.add_argument("--before", action="store_true", help="also time the fp32 gemv body (HALF2 off) at batches <= 4")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py measures GPU kernels: run it on a machine with CUDA")
@@ -160,8 +189,10 @@ def main(argv=None):
     if args.all_configs:
         harness.done(save(all_configs(shapes, bits, batches, args.group_size, args.regime, save)))
         return
-    rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare)
-    print(harness.table(rows, COLUMNS, title=""))
+    rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare, args.before)
+    columns = COLUMNS + ([("before us", "before_us", ".1f"), ("floor/before", "before_of_floor", ".2f"),
+                          ("before/ours", "speedup", ".2f")] if args.before else [])
+    print(harness.table(rows, columns, title=""))
     harness.done(save(rows))
 
 

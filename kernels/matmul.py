@@ -154,16 +154,10 @@ def _pair_code(f2, p2: tl.constexpr, f1, p1: tl.constexpr):
 
 
 @triton.jit
-def _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
-              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """`_shard_dot` for 3 bits in one pass over both shards: `Σ_k x[m, k]·(c[k, n] - zero[n])` with
-    `c = 2·c2 + c1` built as a float per weight (`_pair_code`), so that each activation is loaded, and each
-    product accumulated, once (two passes cost 8.0-9.5 instructions a weight: bench/results/ncu_kernels_v4.txt).
-    A 1-bit word row covers 32 K rows, two 2-bit word rows the same 32; the zero comes off as `zero·Σx`."""
-    R: tl.constexpr = BLOCK_K // 32
-    rows = tl.arange(0, R)[None, :, None]
-    r1 = k0 // 32 + rows
-    r2 = k0 // 16 + 2 * rows
+def _pair_words(q0_ptr, stride_q0, q1_ptr, stride_q1, r1, rn, mask_n, K, EVEN_K: tl.constexpr):
+    """3 bits' words for the 32 K rows of 1-bit word row `r1`: the 1-bit word and the two 2-bit words
+    (word rows `2·r1`, `2·r1 + 1`); words past K are 0."""
+    r2 = 2 * r1
     if EVEN_K:
         w1 = tl.load(q1_ptr + r1 * stride_q1 + rn, mask=mask_n, other=0)
         w2a = tl.load(q0_ptr + r2 * stride_q0 + rn, mask=mask_n, other=0)
@@ -172,6 +166,19 @@ def _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn
         w1 = tl.load(q1_ptr + r1 * stride_q1 + rn, mask=(r1 * 32 < K) & mask_n, other=0)
         w2a = tl.load(q0_ptr + r2 * stride_q0 + rn, mask=(r2 * 16 < K) & mask_n, other=0)
         w2b = tl.load(q0_ptr + (r2 + 1) * stride_q0 + rn, mask=((r2 + 1) * 16 < K) & mask_n, other=0)
+    return w1, w2a, w2b
+
+
+@triton.jit
+def _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_shard_dot` for 3 bits in one pass over both shards: `Σ_k x[m, k]·(c[k, n] - zero[n])` with
+    `c = 2·c2 + c1` built as a float per weight (`_pair_code`), so that each activation is loaded, and each
+    product accumulated, once (two passes cost 8.0-9.5 instructions a weight: bench/results/ncu_kernels_v4.txt).
+    A 1-bit word row covers 32 K rows, two 2-bit word rows the same 32; the zero comes off as `zero·Σx`."""
+    R: tl.constexpr = BLOCK_K // 32
+    rows = tl.arange(0, R)[None, :, None]
+    w1, w2a, w2b = _pair_words(q0_ptr, stride_q0, q1_ptr, stride_q1, k0 // 32 + rows, rn, mask_n, K, EVEN_K)
     # fields below float32's exponent bits: 11 2-bit codes and 23 1-bit codes each, the rest shifted down once
     f1_lo, f1_hi = _field(w1, 0, 23), _field(w1, 23, 9)
     fa_lo, fa_hi, fb_lo, fb_hi = _field(w2a, 0, 22), _field(w2a, 22, 10), _field(w2b, 0, 22), _field(w2b, 22, 10)
@@ -202,11 +209,169 @@ def _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn
     return tl.sum(xq, axis=1, keep_dims=True) - tl.sum(xs, axis=1, keep_dims=True) * zero
 
 
+# ---- packed fp16 pairs (HALF2): two codes per instruction -------------------------------------------------
+# At 2 and 3 bits the fp32 gemv above is instruction-issue bound (4.2-7.8 instructions a weight, where the
+# H200's bandwidth leaves about 1.7 at 2 bits).  Here an int32 register holds two fp16 values (its low and
+# high half) and one HFMA2 works on both: a word's code i of the low half and code i of the high half (K rows
+# i and P/2 + i of the word) are turned into fp16 together, and multiplied with the pair (x[i], x[P/2 + i]).
+
+EMULATE = tl.constexpr(INTERPRET)  # the interpreter runs no PTX: the same arithmetic on unpacked fp32 values
+
+
+@triton.jit
+def _h2_lo(a):
+    return (a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _h2_hi(a):
+    return (a >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _h2_pack(lo, hi):
+    """Two fp32 tensors rounded to fp16, as one int32 tensor (`lo` in the low half)."""
+    if EMULATE:
+        return ((hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+                | (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _h2_const(v: tl.constexpr):
+    """fp16 `v` in both halves (a compile-time constant; `v` must be exact in fp16)."""
+    b = tl.full((1, 1, 1), v, tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _h2_code(words, shift: tl.constexpr, mask: tl.constexpr):
+    """`(words >> shift) & mask | MAGIC`, fp16 `1024 + code` in both halves.  One LOP3 (plus the shift, shared by
+    the codes below it): written out, ptxas keeps the and and the or apart (two immediates), 2 LOP3 a code."""
+    MAGIC: tl.constexpr = 0x64006400  # fp16 1024.0 in both halves: or'ed over a code below bit 10, 1024 + code
+    f = words >> shift
+    if EMULATE:
+        return (f & mask) | MAGIC
+    else:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n", [f, mask, MAGIC],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _hfma2(a, b, c):
+    """`a·b + c` on both fp16 halves of int32 tensors: one HFMA2."""
+    if EMULATE:
+        return _h2_pack(_h2_lo(a) * _h2_lo(b) + _h2_lo(c), _h2_hi(a) * _h2_hi(b) + _h2_hi(c))
+    else:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _h2_x(x_row, k_lo: tl.constexpr, k_hi: tl.constexpr, x_left, EVEN_K: tl.constexpr):
+    """The activation pair (x[k_lo], x[k_hi]) as fp16 halves, `[BLOCK_M, 1, 1]`; K rows past the end are 0."""
+    if EVEN_K:
+        lo = tl.load(x_row + k_lo).to(tl.float32)
+        hi = tl.load(x_row + k_hi).to(tl.float32)
+    else:
+        lo = tl.load(x_row + k_lo, mask=k_lo < x_left, other=0.0).to(tl.float32)
+        hi = tl.load(x_row + k_hi, mask=k_hi < x_left, other=0.0).to(tl.float32)
+    return _h2_pack(lo, hi)
+
+
+@triton.jit
+def _h2_word(acc, xs, words, x_row, x_left, W: tl.constexpr, EVEN_K: tl.constexpr):
+    """Add one word row of width-W codes (2 or 4 bits; K rows `x_row[0 .. 32/W]`) into the fp16 pair sums
+    `acc += Σ x·(c - 2^(W-1))/16` and `xs += Σ x`.
+
+    `(word >> s) & mask_j | MAGIC` (one LOP3, the shift shared by every code below it) gives 1024 + c·2^(jW)
+    in both halves, and one HFMA2 with constant operands turns that into (c - center)/16, exact: the 1/16 and
+    the centring keep the fp16 partial sums well inside fp16's range, and the exact zero comes off in fp32,
+    once per tile.  Three instructions per two weights: LOP3, HFMA2, HFMA2.
+    """
+    H: tl.constexpr = 16 // W  # codes per half word: pairs per word
+    L: tl.constexpr = 10 // W  # codes that fit below fp16's exponent bits: after L, shift the word once
+    CENTER: tl.constexpr = 1 << (W - 1)
+    for i in tl.static_range(H):
+        j = i % L
+        t = _h2_code(words, (i // L) * L * W, (((1 << W) - 1) << (j * W)) * 0x10001)
+        d = _hfma2(t, _h2_const(1.0 / (16 << (j * W))), _h2_const(-((1024 >> (j * W)) + CENTER) / 16))
+        x2 = _h2_x(x_row, i, H + i, x_left, EVEN_K)
+        acc = _hfma2(x2, d, acc)
+        xs = _hfma2(x2, _h2_const(1.0), xs)
+    return acc, xs
+
+
+@triton.jit
+def _h2_pair_half(acc, xs, w1p, w2, x_row, x_left, HALF: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_h2_word` for 3 bits: 16 K rows (`x_row[0 .. 16]`), 2-bit codes from `w2`, 1-bit codes from bits
+    `8·HALF ..` of each half of `w1p` (`_h2_dot` permutes the 1-bit word so that they pair as `w2`'s do).
+
+    With `t2 = 1024 + c2·4^j` and `t1 = 1024 + c1·2^p` (one LOP3 each), two HFMA2 with constant operands give
+    `u = (2·c2 - 1024·2^-p - 4)/16`, then `u + t1·2^-p/16 = (2·c2 + c1 - 4)/16`, every step exact in fp16 (no
+    value needs more than 11 significant bits).  Five instructions per two weights."""
+    for i in tl.static_range(8):
+        j = i % 5
+        t2 = _h2_code(w2, (i // 5) * 10, (3 << (2 * j)) * 0x10001)
+        b = 8 * HALF + i  # the 1-bit code's position in its half
+        p = b % 10
+        t1 = _h2_code(w1p, (b // 10) * 10, (1 << p) * 0x10001)
+        u = _hfma2(t2, _h2_const(2.0 / (16 << (2 * j))), _h2_const(-((2048 >> (2 * j)) + (1024 >> p) + 4) / 16))
+        v = _hfma2(t1, _h2_const(1.0 / (16 << p)), u)
+        x2 = _h2_x(x_row, i, 8 + i, x_left, EVEN_K)
+        acc = _hfma2(x2, v, acc)
+        xs = _hfma2(x2, _h2_const(1.0), xs)
+    return acc, xs
+
+
+@triton.jit
+def _h2_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n, zero, K,
+            W0: tl.constexpr, W1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_shard_dot`'s result, `Σ_k x[m, k]·(c[k, n] - zero[n])` over K rows `k0 .. k0 + BLOCK_K`, for 2, 3 and
+    4 bits with two codes per instruction (`_h2_word`, `_h2_pair_half`): `[BLOCK_M, 1, BLOCK_N]` fp32.
+
+    The pair sums stay fp16 for one K tile (at most BLOCK_K / 2 products a half), then go to fp32 with the
+    zero: `16·Σ x·(c - center)/16 + (center - zero)·Σ x`.  Word rows are loaded one at a time (one
+    accumulator per output instead of one per word row); the loads have no dependences, so they issue
+    together."""
+    acc = tl.zeros((BLOCK_M, 1, BLOCK_N), dtype=tl.int32)  # fp16 pairs, both 0.0
+    xs = tl.zeros((BLOCK_M, 1, 1), dtype=tl.int32)
+    x_row = x_ptr + rm * stride_xm + k0
+    x_left = K - k0
+    if W1 == 0:
+        P: tl.constexpr = 32 // W0
+        for r in tl.static_range(BLOCK_K // P):
+            wrow = k0 // P + r
+            if EVEN_K:
+                words = tl.load(q0_ptr + wrow * stride_q0 + rn, mask=mask_n, other=0)
+            else:
+                words = tl.load(q0_ptr + wrow * stride_q0 + rn, mask=(wrow * P < K) & mask_n, other=0)
+            acc, xs = _h2_word(acc, xs, words, x_row + r * P, x_left - r * P, W0, EVEN_K)
+    else:
+        for r in tl.static_range(BLOCK_K // 32):
+            w1, w2a, w2b = _pair_words(q0_ptr, stride_q0, q1_ptr, stride_q1, k0 // 32 + r, rn, mask_n, K, EVEN_K)
+            # bytes [0, 2, 1, 3]: the low half then holds K rows 0-7 and 16-23, the high half 8-15 and 24-31, so
+            # bit p of both halves pairs rows (p, 8 + p) as a 2-bit word's pairs do (16 + p, 24 + p for p >= 8)
+            if EMULATE:
+                w1p = (w1 & 0xFF) | ((w1 >> 8) & 0xFF00) | ((w1 << 8) & 0xFF0000) | (w1 & ~0xFFFFFF)
+            else:  # one PRMT where the shifts and masks take five instructions
+                w1p = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x3120;", "=r,r", [w1], dtype=tl.int32,
+                                                is_pure=True, pack=1)
+            acc, xs = _h2_pair_half(acc, xs, w1p, w2a, x_row + r * 32, x_left - r * 32, 0, EVEN_K)
+            acc, xs = _h2_pair_half(acc, xs, w1p, w2b, x_row + r * 32 + 16, x_left - r * 32 - 16, 1, EVEN_K)
+    CENTER: tl.constexpr = 1 << (W0 + W1 - 1)
+    return 16.0 * (_h2_lo(acc) + _h2_hi(acc)) + (CENTER - zero) * (_h2_lo(xs) + _h2_hi(xs))
+
+
 @triton.jit
 def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, t_lo, t_hi,
                stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
                GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               HALF2: tl.constexpr = False):
     """`[BLOCK_M, BLOCK_N]` partial product of rows `rm`, outputs `rn` over K tiles `t_lo .. t_hi`.
 
     `rm`, `rn` are 3-D (`[BLOCK_M, 1, 1]`, `[1, 1, BLOCK_N]`; rows past the end repeat the last row, so
@@ -217,13 +382,20 @@ def _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, rm, rn, mask_n, K, 
     off inside `_shard_dot`'s conversion and the scale applied to the tile's sum: `Σ x·(q - z)·s`.  (It
     used to be `s·(Σ x·q - z·Σ x)` with `Σ x` reduced across the program's warps, a barrier every tile;
     bench/results/ncu_gemv_8192_4bit_v3.txt.)  The one body of the dense and the MoE gemv kernels.
+
+    `HALF2` (16-bit activations) runs 2, 3 and 4 bits two codes per instruction (`_h2_dot`); other widths
+    ignore it.
     """
+    PAIRED: tl.constexpr = HALF2 and (W0 == 2 or W0 == 4) and (W1 == 0 or (W0 == 2 and W1 == 1))
     acc = tl.zeros((BLOCK_M, 1, BLOCK_N), dtype=tl.float32)
     for t in range(t_lo, t_hi):
         k0 = t * BLOCK_K
         g = k0 // GROUP
         zh, zl = _zero_shards(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC)
-        if W0 == 2 and W1 == 1:
+        if PAIRED:
+            d = _h2_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
+                        ((zh << W1) | zl).to(tl.float32), K, W0, W1, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
+        elif W0 == 2 and W1 == 1:
             d = _pair_dot(q0_ptr, stride_q0, q1_ptr, stride_q1, x_ptr, rm, stride_xm, k0, rn, mask_n,
                           ((zh << 1) | zl).to(tl.float32), K, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K)
         else:
@@ -268,7 +440,7 @@ def _gemv_kernel(
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, HALF2: tl.constexpr = False,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
@@ -279,7 +451,7 @@ def _gemv_kernel(
     y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, tl.minimum(rm, M - 1), rn, rn < N, K,
                    t_lo, tl.minimum(t_lo + per_split, n_tiles),
                    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
-                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                   GROUP, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, HALF2)
     rm2 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     rn2 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     _store(y_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, y, rm2, rn2, (rm2 < M) & (rn2 < N),
@@ -440,21 +612,39 @@ def gemv_group(group: int, k: int) -> int | None:
     return group if group % 32 == 0 else None
 
 
-def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> list[dict]:
+# (BLOCK_N, warps) of the HALF2 gemv: 8, 4 or 16 outputs a thread.  Its accumulator is one register per row
+# and output whatever the width, and each activation pair (two loads, two conversions, a pack) is shared by
+# the thread's outputs, so it takes more outputs a thread than the fp32 body.
+HALF2_TILES = ((1024, 4), (2048, 4), (512, 4))
+HALF2_BITS = (2, 3, 4)  # the widths `_h2_dot` runs (on fp16 and bf16 activations)
+# The tuner is offered the HALF2 body only where BITPLAN_GEMV_HALF2=1: its inline PTX has run only as the
+# interpreter's emulation so far, and a body is not the default before it has been measured and tested on
+# a GPU (`bench/kernels.py --before` times both in one process; issue 22).  A config may still ask for it.
+HALF2_ENABLED = os.environ.get("BITPLAN_GEMV_HALF2") == "1"
+
+
+def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int, half2: bool = True) -> list[dict]:
+    """The tuner's candidates: the HALF2 body's and the fp32 body's (`half2=False`: the fp32 body's alone)."""
     P = 32 // shards(bits)[0]
     block_m = min(triton.next_power_of_2(M), GEMV_MAX_M)
     out = []
     # Loads in flight hide HBM latency (Nsight Compute showed the first gemv waiting on memory at 15-37 %
     # occupancy): a thread's tile is every word row of 4 adjacent outputs, up to 16 16-byte loads issued
-    # together, and programs per SM (`per_sm`, through split-K) multiply them.
-    for block_n, warps in _tiles_fitting(block_m * 32 // P):
-        for block_k in (32, 64):  # 128 never won on the H100 (bench/results/gemv_lab.json, an M = 1 prototype)
-            if group < K and group % block_k:
-                continue
-            for per_sm in (4, 8, 16):
-                split = _split(-(-K // block_k), -(-N // block_n) * -(-M // block_m), sms, per_sm)
-                out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
-                                num_stages=1))
+    # together, and programs per SM (`per_sm`, through split-K) multiply them.  Both bodies are candidates, so
+    # that the HALF2 body (fewer instructions a weight) is used only where it is timed faster
+    bodies = ((True, HALF2_TILES, (32, 64, 128)),) if half2 and HALF2_ENABLED and bits in HALF2_BITS else ()
+    # 128 never won on the H100 for the fp32 body (bench/results/gemv_lab.json, an M = 1 prototype); the HALF2
+    # body's per-tile cost (fp16 sums to fp32, zero, scale) is larger, so it may
+    bodies += ((False, _tiles_fitting(block_m * 32 // P), (32, 64)),)
+    for body, tiles, block_ks in bodies:
+        for block_n, warps in tiles:
+            for block_k in block_ks:
+                if group < K and group % block_k:
+                    continue
+                for per_sm in (4, 8, 16):
+                    split = _split(-(-K // block_k), -(-N // block_n) * -(-M // block_m), sms, per_sm)
+                    out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                                    num_warps=warps, num_stages=1, HALF2=body))
     return out
 
 
@@ -518,7 +708,9 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
     common = dict(W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric, ATOMIC=split > 1)
     if regime == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-        common.update(GROUP=gemv_group(group, K), EVEN_K=K % cfg["BLOCK_K"] == 0)
+        # HALF2 is on unless a config turns it off (`bench/kernels.py` times the fp32 body beside it)
+        common.update(GROUP=gemv_group(group, K), EVEN_K=K % cfg["BLOCK_K"] == 0,
+                      HALF2=cfg.pop("HALF2", HALF2_ENABLED) and x2.dtype != torch.float32)
         if common["GROUP"] is None:
             raise ValueError(f"the gemv kernel needs a group of 32 rows or more (or per-channel), got {group}")
         kernel = _gemv_kernel

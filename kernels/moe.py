@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from bitplan.kernels import reference
-from bitplan.kernels.matmul import (INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store, _tiles_fitting,
-                                    gemv_group, matmul, workspace)
+from bitplan.kernels.matmul import (HALF2_ENABLED, INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store,
+                                    _tiles_fitting, gemv_group, matmul, workspace)
 
 GEMV_MAX_ROWS = 16  # rows per expert up to which one mixed-width launch beats per-expert tiled launches
 ALIGN = 16  # words: offsets into the flat buffers are multiples of this (the kernel is told so)
@@ -118,7 +118,7 @@ def _moe_gemv_kernel(
     N, K, G, SPLIT_K, STEPS, stride_xm, stride_ym,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, HALF2: tl.constexpr,
 ):
     pid_n, pid_k, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(seg_expert_ptr + seg)
@@ -148,19 +148,19 @@ def _moe_gemv_kernel(
         # one branch per width, uniform over the program: each compiles the dense body for its width
         if w0 == 4:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                           GROUP, 4, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, HALF2)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w0 == 8:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                           GROUP, 8, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, HALF2)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         elif w1 == 1:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                           GROUP, 2, 1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, HALF2)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
         else:
             y = _gemv_tile(x_ptr, q0, q1, s, z0, z1, rm, rn, rn < N, K, t_lo, t_hi, stride_xm, N, N, N, N, N,
-                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                           GROUP, 2, 0, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, HALF2)
             _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, N, SPLIT_K, ATOMIC)
 
 
@@ -179,8 +179,9 @@ def moe_configs(n_segments: int, N: int, K: int, group: int, sms: int, max_rows:
                 continue
             for per_sm in (4, 8):
                 split = _split(-(-K // block_k), n_segments * -(-N // block_n), sms, per_sm)
-                out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                                num_warps=warps, num_stages=1))
+                for half2 in (True, False) if HALF2_ENABLED else (False,):  # kernels/matmul.py's two bodies
+                    out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                                    num_warps=warps, num_stages=1, HALF2=half2))
     return out
 
 
@@ -191,6 +192,7 @@ def _launch(x, w: ExpertWeights, seg_expert, seg_start, max_rows: int, cfg) -> t
     T, S = x.shape[0], seg_expert.numel()
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
+    half2 = cfg.pop("HALF2", HALF2_ENABLED) and x.dtype != torch.float32
     y = torch.empty(T, w.n, device=x.device, dtype=x.dtype)
     z0 = w.z0 if w.z0 is not None else w.q0
     z1 = w.z1 if w.z1 is not None else w.q0
@@ -200,7 +202,7 @@ def _launch(x, w: ExpertWeights, seg_expert, seg_start, max_rows: int, cfg) -> t
     _moe_gemv_kernel[grid](x, w.q0, w.q1, w.scales, z0, z1, y, ws, count, w.table, seg_expert, seg_start,
                            w.n, w.k, w.scales.shape[1], split, steps, x.stride(0), y.stride(0),
                            GROUP=gemv_group(w.group_size, w.k), SYMMETRIC=w.symmetric, ATOMIC=split > 1,
-                           EVEN_K=w.k % cfg["BLOCK_K"] == 0, **cfg)
+                           EVEN_K=w.k % cfg["BLOCK_K"] == 0, HALF2=half2, **cfg)
     return y
 
 

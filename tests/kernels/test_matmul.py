@@ -18,6 +18,16 @@ CASES = [  # (M, K, N, group): K = 576 is SmolLM2's hidden size, not a multiple 
 ]
 
 
+@pytest.fixture(autouse=True)
+def _two_weight_copies(monkeypatch):
+    """On the GPU the tuner times each candidate over copies of the weights that exceed 4x L2: for these
+    weights of a few KB, tens of thousands of launches a candidate.  Correctness needs only some choice."""
+    if DEVICE == "cuda":
+        from bitplan.kernels import timing
+
+        monkeypatch.setattr(timing, "copies_for", lambda nbytes, l2=None: 2)
+
+
 def packed_weight(K, N, bits, group, symmetric, seed=0):
     g = torch.Generator().manual_seed(seed)
     G = -(-K // group)
@@ -118,3 +128,37 @@ def test_dequantize_then_matmul(bits, symmetric):
     x = torch.randn(M, K).half()
     check(run(x, packed, scales, zeros, bits, group, K, regime="tiled", config={"DEQUANT": True}),
           reference.matmul(x.float(), packed, scales, zeros, bits, group, K))
+
+
+@pytest.mark.parametrize("half2", [True, False], ids=["half2", "fp32"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("K,block_k", [(256, 64), (200, 32), (224, 64)], ids=["K256", "K200", "K224-tail"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
+def test_gemv_exact_on_integers(bits, K, block_k, M, half2):
+    """Both gemv bodies give the reference to the last bit where every step is exact: activations in
+    {-1, 0, 1}, power-of-two scales.  So every code position of every word is read from the right bits (the
+    HALF2 body pairs K rows i and P/2 + i of a word, and permutes the bytes of 3 bits' 1-bit word to match),
+    its fp16 partial sums included; K tails of part of a word (200) and of part of a tile (224) too.  The
+    exact sum is rounded once, to the output's fp16, on both sides."""
+    N, group = 24, 64
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    zeros = torch.randint(0, 2**bits, (-(-K // group), N), generator=g)
+    scales = torch.full(zeros.shape, 2.0**-4).half()
+    x = torch.randint(-1, 2, (M, K), generator=g).half()
+    packed = reference.pack(q, bits)
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
+    got = run(x, packed, scales, zeros, bits, group, K, regime="gemv",
+              config={"HALF2": half2, "BLOCK_K": block_k, "SPLIT_K": 2})
+    torch.testing.assert_close(got.float(), want.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_half2_large_activations(bits):
+    """fp16 partial sums: activations of a few hundred (outlier features) stay inside fp16's range, because
+    the HALF2 body sums x·(c - center)/16 and takes the zero off in fp32."""
+    K, N, group = 256, 16, 128
+    packed, scales, zeros = packed_weight(K, N, bits, group, False, seed=5)
+    x = (torch.randn(1, K, generator=torch.Generator().manual_seed(6)) * 300).half()
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
+    check(run(x, packed, scales, zeros, bits, group, K, regime="gemv", config={"HALF2": True}), want)
