@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 from bitplan.db.store import Store
 from bitplan.db.types import BitplanError, CalibrationRef, Evaluation, ModelRef, Option, Profile, Quantizer
@@ -28,21 +28,6 @@ class PlanBody(PlanRequest):
     """`POST /v1/plans`: the stored profile to plan, and the plan request."""
 
     profile_id: str = Field(description="id of a stored profile")
-
-
-class OptionDocument(BaseModel):
-    bits: int
-    group_size: int | None = None
-    symmetric: bool
-    gguf: str | None = Field(None, description="a GGUF type (q4_k, ...), in a plan of a --engine llamacpp profile")
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        # as `Option` dumps: no `gguf` key on bitplan's own options
-        d = handler(self)
-        if d.get("gguf") is None:
-            d.pop("gguf", None)
-        return d
 
 
 class PlanDocument(BaseModel):
@@ -59,7 +44,8 @@ class PlanDocument(BaseModel):
     allocator: str
     params: dict[str, Any]
     pins: list[str]
-    assignment: dict[str, OptionDocument] = Field(description="module name -> its option")
+    assignment: dict[str, Option] = Field(description="module name -> its option (bits, group_size, symmetric; "
+                                                      "gguf: a GGUF type, in a plan of a --engine llamacpp profile)")
     total_bits: int
     fixed_bits: int
     n_params: int
