@@ -120,8 +120,8 @@ def test_state_file_is_one_line_of_json_with_sorted_keys(tmp_path):
     text = state.read_text()
     assert text.count("\n") == 1 and text.endswith("\n")
     stored = json.loads(text)
-    assert list(stored) == sorted(stored) and stored["format"] == evo.STATE_FORMAT == "bitplan.evolutionary/1"
-    assert set(stored) == {"format", "key", "generation", "start", "start_status", "parent", "tokens",
+    assert list(stored) == sorted(stored) and stored["format"] == evo.STATE_FORMAT == "bitplan.evolutionary/2"
+    assert set(stored) == {"format", "key", "generation", "start", "start_status", "parent", "best", "tokens",
                            "heldout_tokens", "start_heldout", "heldout", "best_heldout", "best_generation",
                            "stale", "accepted", "seconds", "history"}
     assert stored["generation"] == len(stored["history"]) == 2
@@ -175,6 +175,30 @@ def test_a_plan_worse_on_held_out_text_gives_back_the_start():
     a = evo.solve(p, context=Fooled(p), **FAST)
     assert a.info["accepted"] > 0 and a.info["kept_start"]
     assert np.array_equal(a.choice, start) and a.info["heldout_kl"] == a.info["start_heldout_kl"]
+
+
+def test_the_result_is_the_best_held_out_parent_not_the_last():
+    """Fitness keeps rewarding moves away from the start; held-out text rates the first two parents after
+    the start better and every later one worse: the result is the second, however far the search went on."""
+    p = synthetic.convex_problem(4, U=10, O=5)
+    p = AllocationProblem(p.error, p.size, p.allowed, (p.smallest() + p.largest()) // 2)
+    start = ilp.solve(p).choice
+    rated = []  # every parent held-out text saw, in order (the start first)
+
+    class Overfits(evo.AdditiveOracle):
+        def fitness(self, choice, rows):
+            self.tokens_used += len(rows) * self.row_tokens
+            return -float((choice != start).sum())
+
+        def heldout(self, choice):
+            self.tokens_used += self.heldout_rows * self.row_tokens
+            rated.append(choice.copy())
+            return [5.0, 3.0, 1.0][len(rated) - 1] if len(rated) <= 3 else float(len(rated))
+
+    a = evo.solve(p, context=Overfits(p), **{**FAST, "patience": None, "generations": 8})
+    assert len(rated) > 4 and a.info["last_heldout_kl"] > a.info["best_heldout_kl"] == 1.0
+    assert a.info["heldout_kl"] == 1.0 and not a.info["kept_start"] and a.info["best_heldout_generation"] > 0
+    assert np.array_equal(a.choice, rated[2]) and not np.array_equal(a.choice, rated[-1])
 
 
 def test_allocate_ties_units_and_records_the_oracle(make_profile):

@@ -25,13 +25,14 @@ of its neighbours is really better.  In the spirit of EvoPress (Sieberling et al
   fitness pool; rows are disjoint across a generation's stages while the pool lasts).
 - **Stopping**: after `generations`, at `time_limit` seconds, or when the parent's held-out fitness
   (text the search never selects on) has not improved for `patience` generations.
-- **Report** (`info`): the returned plan and the start are both scored on the whole fitness pool and
-  on the held-out split — `fitness_kl` / `start_fitness_kl` and `heldout_kl` / `start_heldout_kl`, the
-  overfitting check — with the forward tokens spent (`tokens_used`: search, held-out and report).  If
-  the search's plan scores worse than the start on the whole pool (noise can fool a stage) or on the
-  held-out split (it fitted the pool's noise: seen on tiny-mixtral at layer granularity), the start is
-  returned (`kept_start`).  Held-out text thus vetoes but never selects, so a returned plan's
-  evaluation on other text stays an honest measurement.
+- **Report** (`info`): the result is the parent the held-out split rated best (`best_heldout_kl`, at
+  `best_heldout_generation`), not the last one, which may have gone on fitting the pool's noise (seen on
+  tiny-mixtral at layer granularity; `last_heldout_kl` is the last parent's).  It and the start are
+  scored on the whole fitness pool — `fitness_kl` / `start_fitness_kl` and `heldout_kl` /
+  `start_heldout_kl` — with the forward tokens spent (`tokens_used`: search, held-out and report); if
+  it scores worse than the start on the whole pool (noise can fool a stage), the start is returned
+  (`kept_start`).  The held-out split is calibration text: a plan is evaluated on other text (the
+  held-out tragedies), which neither selection saw.
 - **Determinism and resuming**: generation g draws from `default_rng([seed, g])`, so the search is a
   function of the seed; with `context.state_path` the state (parent, start, held-out bookkeeping,
   tokens, history) is written atomically after every generation, and a later call with the same

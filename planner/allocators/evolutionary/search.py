@@ -145,7 +145,8 @@ def _start_state(problem: AllocationProblem, oracle: FitnessOracle, params: Sear
     h = oracle.heldout(choice)
     spent = oracle.tokens_used - before
     return SearchState(key=key, start=choice, start_status=first.status, start_heldout=h,
-                       parent=choice.copy(), heldout=h, best_heldout=h, tokens=spent, heldout_tokens=spent)
+                       parent=choice.copy(), best=choice.copy(), heldout=h, best_heldout=h, tokens=spent,
+                       heldout_tokens=spent)
 
 
 class _Search:
@@ -241,6 +242,7 @@ class _Search:
             state.heldout_tokens += self.oracle.tokens_used - before
         if state.heldout < state.best_heldout - IMPROVEMENT * abs(state.best_heldout):
             state.best_heldout, state.best_generation, state.stale = state.heldout, g, 0
+            state.best = state.parent.copy()
         else:
             state.stale += 1
 
@@ -253,18 +255,19 @@ class _Search:
             write_state(self.path, state)
 
     def report(self, stopped: str) -> Assignment:
-        """Start and result scored on the whole fitness pool; the start is returned instead of a result
-        that scores worse there or on held-out text (package docstring)."""
+        """The parent with the best held-out fitness, not the last one (a later parent that held-out text
+        rates worse is fitted to the pool's noise); it and the start scored on the whole fitness pool, and
+        the start returned instead of a result that scores worse there (package docstring)."""
         state, oracle = self.state, self.oracle
         before = oracle.tokens_used
         pool = list(range(oracle.n_rows))
         f_start = oracle.fitness(state.start, pool)
-        f_final = f_start if np.array_equal(state.parent, state.start) else oracle.fitness(state.parent, pool)
-        # a plan that the held-out text rates worse than the start is overfitted to the fitness pool
-        kept_start = f_final > f_start or state.heldout > state.start_heldout
-        choice, heldout = state.parent, state.heldout
-        if kept_start:
+        f_final = f_start if np.array_equal(state.best, state.start) else oracle.fitness(state.best, pool)
+        # held-out text never rates the best parent worse than the start (the start is the first parent)
+        choice, heldout = state.best, state.best_heldout
+        if f_final > f_start:
             choice, f_final, heldout = state.start, f_start, state.start_heldout
+        kept_start = np.array_equal(choice, state.start)
         info = {
             "start": self.params.start, "start_status": state.start_status,
             "generations": state.generation,
@@ -272,6 +275,7 @@ class _Search:
             "fitness_kl": f_final, "start_fitness_kl": f_start,
             "heldout_kl": heldout, "start_heldout_kl": state.start_heldout,
             "best_heldout_kl": state.best_heldout, "best_heldout_generation": state.best_generation,
+            "last_heldout_kl": state.heldout,
             "predicted_error": self.problem.total_error(choice),
             "start_predicted_error": self.problem.total_error(state.start),
             "tokens_used": self.tokens(), "tokens_search": state.tokens - state.heldout_tokens,

@@ -15,7 +15,7 @@ from bitplan.db.types import InvalidInput
 from bitplan.planner.allocators.evolutionary.oracle import SearchContext
 from bitplan.planner.problem import AllocationProblem
 
-STATE_FORMAT = "bitplan.evolutionary/1"
+STATE_FORMAT = "bitplan.evolutionary/2"
 
 
 @dataclass
@@ -28,6 +28,7 @@ class SearchState:
     start_status: str
     start_heldout: float
     parent: np.ndarray
+    best: np.ndarray  # the parent that scored `best_heldout`: the search's result
     heldout: float  # the parent's held-out fitness
     best_heldout: float  # lowest held-out fitness of any parent so far
     generation: int = 0  # generations done
@@ -41,7 +42,8 @@ class SearchState:
 
     def to_json(self) -> dict:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        state.update(format=STATE_FORMAT, start=self.start.tolist(), parent=self.parent.tolist())
+        state.update(format=STATE_FORMAT, start=self.start.tolist(), parent=self.parent.tolist(),
+                     best=self.best.tolist())
         return state
 
     @classmethod
@@ -49,6 +51,7 @@ class SearchState:
         values = {f.name: state[f.name] for f in fields(cls)}
         values["start"] = np.asarray(values["start"], dtype=np.int64)
         values["parent"] = np.asarray(values["parent"], dtype=np.int64)
+        values["best"] = np.asarray(values["best"], dtype=np.int64)
         return cls(**values)
 
 
