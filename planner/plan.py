@@ -239,7 +239,12 @@ def _solve(setup: _Setup, request: PlanRequest, context) -> tuple[Assignment, fl
                 else f"the smallest plan {allocator} can make")
         raise _infeasible(setup.budget, setup.profile, e.smallest_bits, what) from e
     seconds = time.perf_counter() - t0
-    return Assignment(_verify(allocator, problem, result.choice), result.status), seconds
+    return Assignment(_verify(allocator, problem, result.choice), result.status, result.info), seconds
+
+
+SEARCH_FACTS = ("tokens_used", "tokens_search", "tokens_heldout", "generations", "accepted", "kept_start",
+                "fitness_kl", "start_fitness_kl", "heldout_kl", "start_heldout_kl", "best_heldout_generation",
+                "search_seconds")
 
 
 def _plan(setup: _Setup, request: PlanRequest, context, result: Assignment, seconds: float) -> Plan:
@@ -254,6 +259,9 @@ def _plan(setup: _Setup, request: PlanRequest, context, result: Assignment, seco
         params["engine"] = request.engine
     if needs_context(request.allocator) and hasattr(context, "describe"):
         params["fitness"] = context.describe()
+    if needs_context(request.allocator):
+        # what the search spent and found, kept with the plan (not part of its id: a resumed search is one)
+        params["search"] = {k: result.info[k] for k in SEARCH_FACTS if k in result.info}
     if setup.latency_budget is not None:
         params["latency_budget"] = str(setup.latency_budget)
     if setup.objective.uses_latency:

@@ -210,6 +210,9 @@ def test_allocate_ties_units_and_records_the_oracle(make_profile):
     for layer in range(3):
         assert len({o for n, o in plan.assignment.items() if n.startswith(f"model.layers.{layer}.")}) == 1
     assert plan.params["fitness"]["oracle"] == "additive" and plan.params["generations"] == 3
+    search = plan.params["search"]  # what the search spent, kept with the plan
+    assert search["tokens_used"] >= search["tokens_search"] + search["tokens_heldout"] > 0
+    assert search["generations"] == 3
 
 
 # ------------------------------------------------------------------------ the real KL fitness
