@@ -566,6 +566,7 @@ _PROFILE_1_GPTQ = {"method": "gptq", "damp": 0.1, "block_size": 128, "act_order"
 # unit -> bytes per unit; bpw is relative to the planned weights, not a size
 _UNITS = {"bpw": None, "bits": 1 / 8, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_MAX_BUDGET_BITS = 2.0**62  # sizes are int64 bit counts
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$")
 
 
@@ -579,14 +580,22 @@ class Budget(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
+        shown = str(text)[:40]  # a message quotes a short prefix of what it was given, never all of it
         m = _BUDGET_RE.match(str(text))
         unit = m and (m.group(2) if m.group(2) in _UNITS else
                       next((u for u in _UNITS if u.lower() == m.group(2).lower()), None))
         if not m or unit is None:
-            raise InvalidInput(f"bad budget {text!r}: write e.g. '3.5bpw', '900MiB', '0.9GiB' or '120MB'")
+            raise InvalidInput(f"bad budget {shown!r}: write e.g. '3.5bpw', '900MiB', '0.9GiB' or '120MB'")
+        if unit not in ("bpw", "bits") and m.group(2).endswith("b"):
+            # a lower-case b is a bit in 40Gb or 40Mb: a size in bits or in bytes, ambiguous by a factor of 8
+            raise InvalidInput(f"bad budget {shown!r}: {m.group(2)!r} reads as bits (b) where sizes are bytes (B): "
+                               f"write e.g. '{m.group(1)}{unit}' for bytes")
         value = float(m.group(1))
-        if value <= 0:
-            raise InvalidInput(f"bad budget {text!r}: it must be positive")
+        if not value > 0:
+            raise InvalidInput(f"bad budget {shown!r}: it must be positive")
+        if not math.isfinite(value) or value * (1 if unit == "bpw" else _UNITS[unit] * 8) > _MAX_BUDGET_BITS:
+            raise InvalidInput(f"bad budget {shown!r}: too large to be a budget (at most {_MAX_BUDGET_BITS:.3g} "
+                               f"bits, or as many bits per weight)")
         return cls(value=value, unit=unit)
 
     def __str__(self) -> str:

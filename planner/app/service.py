@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -119,9 +120,22 @@ def create_app(db_url: str | None = None, token: str | None = None) -> FastAPI:
     app = FastAPI(title="bitplan", version="0.1.0", dependencies=[Depends(authorize)], responses=ERRORS,
                   description="Mixed-precision quantization plans for LLMs under a memory budget.")
 
+    # the store's location is the server's business: a message names "the store" instead
+    hidden = {workspace.store.url, workspace.store.engine.url.database or workspace.store.url}
+
     @app.exception_handler(BitplanError)
     async def _library_error(_: Request, e: BitplanError):
-        return JSONResponse(status_code=e.status_code, content={"detail": str(e)})
+        message = str(e)
+        for where in sorted(hidden, key=len, reverse=True):
+            message = message.replace(where, "the store")
+        return JSONResponse(status_code=e.status_code, content={"detail": message})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, e: RequestValidationError):
+        # FastAPI's own answer echoes each bad input whole; this one names the field and the rule only
+        errors = [{"loc": list(err["loc"]), "msg": str(err["msg"])[:200], "type": err["type"]}
+                  for err in e.errors()[:10]]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.get("/v1/profiles")
     def list_profiles(ws: WorkspaceDep) -> list[ProfileSummary]:

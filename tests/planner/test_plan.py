@@ -102,11 +102,14 @@ def test_an_allocators_own_infeasibility_is_reported_in_the_budget_unit(profile,
     ({"allocator": "simplex"}, InvalidInput, "unknown allocator 'simplex'; known: \\['closed_form', 'dp', 'evolutionary', 'greedy'"),
     ({"budget": "3.5 parsecs"}, InvalidInput, "bad budget"),
     ({"budget": "-2bpw"}, InvalidInput, "bad budget"),
+    ({"budget": "1e400bpw"}, InvalidInput, "too large to be a budget"),
+    ({"budget": "40Gb"}, InvalidInput, "'Gb' reads as bits .* write e.g. '40GB'"),
+    ({"budget": "40Mb"}, InvalidInput, "'Mb' reads as bits .* write e.g. '40MB'"),
     ({"pins": ["lm_head~8"]}, InvalidInput, "bad pin"),
     ({"pins": ["model.layer.*=4"]}, UnknownModule, "model.layer.\\*"),
     ({"pins": ["lm_head=5"]}, InvalidInput, "lm_head"),
     ({"params": {"max_cels": 10}}, InvalidInput, "max_cells"),
-], ids=["unknown-allocator", "bad-unit", "negative-budget", "bad-pin", "unknown-pin", "pin-no-option",
+], ids=["unknown-allocator", "bad-unit", "negative-budget", "overflowing-budget", "gigabits", "megabits", "bad-pin", "unknown-pin", "pin-no-option",
         "unknown-param"])
 def test_bad_input_raises_typed_errors(profile, kwargs, error, match):
     args = {"budget": "3.5bpw", "allocator": "dp", **kwargs}

@@ -64,6 +64,10 @@ BAD = {
     "bad allocator": ("post", "/v1/plans", {"profile_id": "prof-synthetic", "allocator": "magic"}, 422, "magic"),
     "unknown pin": ("post", "/v1/plans", {"profile_id": "prof-synthetic", "pins": ["model.decoder.*=8"]}, 422, "model.decoder"),
     "missing field": ("post", "/v1/plans", {"budget": "3bpw"}, 422, "profile_id"),
+    "unknown field": ("post", "/v1/plans", {"profile_id": "prof-synthetic", "budjet": "3bpw"}, 422, "budjet"),
+    "overflowing budget": ("post", "/v1/plans", {"profile_id": "prof-synthetic", "budget": "1e400bpw"}, 422,
+                           "too large"),
+    "gigabits": ("post", "/v1/plans", {"profile_id": "prof-synthetic", "budget": "40Gb"}, 422, "reads as bits"),
 }
 
 
@@ -75,6 +79,14 @@ def test_bad_requests(server, case):
         r = c.request(method, path, json=body)
     assert r.status_code == status and needle in json.dumps(r.json())
     assert store.list_plans() == []
+    assert str(store.engine.url.database) not in r.text  # the server's paths are not the client's business
+
+
+def test_a_bad_body_is_not_echoed(server):
+    base, _ = server
+    with httpx.Client(base_url=base, timeout=30) as c:
+        r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "pins": 12345, "junk": "x" * 100_000})
+    assert r.status_code == 422 and len(r.content) < 2_000 and "junk" in r.text
 
 
 def test_bearer_token(tmp_path):
