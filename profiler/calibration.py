@@ -47,7 +47,7 @@ def load_text(spec: str) -> tuple[str, str]:
         held_out = spec == EVAL
         files = [p for p in _plays() if (p.parent.name in EVAL_GENRES) == held_out]
         return spec, "\n\n".join(_plain(p.read_text(encoding="utf-8")) for p in files)
-    files = sorted(glob.glob(str(Path(spec).expanduser()))) or []
+    files = sorted(glob.glob(str(Path(spec).expanduser()), recursive=True))  # `**` reaches every depth
     files = [f for f in files if Path(f).is_file()]
     if not files:
         raise InvalidInput(f"no text file matches {spec!r}; give a path, a glob, or {CALIB!r} / {EVAL!r}")

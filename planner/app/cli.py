@@ -54,11 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     except LlamaCppFailed as e:  # not the input's fault: the tool's own last lines say what went wrong
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `bitplan ls | head` closed the pipe: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 0
     except ValidationError as e:  # a setting of the wrong type or range, caught by the request's schema
         err = e.errors()[0]
         where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
         print(f"error: {where}: {err['msg']}", file=sys.stderr)
         return 2
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 tokens or a window of 0 is never what was meant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive: give 1 or more")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,8 +97,8 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("model", nargs="?", default="smollm2-135m",
                    help="Hugging Face checkpoint directory, .gguf file, or 'smollm2-135m' (default)")
     c.add_argument("--calib", help="calibration text: a file, a glob, or shakespeare:calib (default)")
-    c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
-    c.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--tokens", type=positive_int, help="calibration tokens (default 4096)")
+    c.add_argument("--seq-len", type=positive_int, help="tokens per calibration sequence (default 512)")
     c.add_argument("--engine", choices=["bitplan", "llamacpp"],
                    help="llamacpp: the options are GGUF types (Q2_K..Q8_0, and the 32-block types rows not a "
                         "multiple of 256 fall back to), each module's error measured with llama.cpp's own "
@@ -155,7 +171,7 @@ def _compare_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--evaluate", action="store_true",
                    help="also measure each plan on the profile's model, in memory: held-out perplexity and KL "
                         "to the unquantized model")
-    c.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens for --evaluate (default 2048)")
+    c.add_argument("--eval-tokens", type=positive_int, default=2048, help="evaluation tokens for --evaluate (default 2048)")
     c.add_argument("--against", metavar="MIX,MIX,...",
                    help="with a profile of GGUF types (profile --engine llamacpp): llama.cpp's stock mixes, e.g. "
                         "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,Q4_K_M,Q5_K_M; each is made by llama-quantize, and "
@@ -179,8 +195,8 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
 def _eval_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("checkpoint", help="checkpoint written by apply, any HF directory, .gguf, or smollm2-135m")
     c.add_argument("--text", help="evaluation text: a file, a glob, or shakespeare:eval (default)")
-    c.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
-    c.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
+    c.add_argument("--tokens", type=positive_int, default=8192, help="evaluation tokens (default 8192)")
+    c.add_argument("--window", type=positive_int, default=512, help="tokens per scored window (default 512)")
     c.add_argument("--device", default="cpu",
                    help="cpu, or cuda: the fused kernels, plus decode tokens/s and peak memory beside bf16")
     c.add_argument("--speed-batches", default="1,16", metavar="B,B,...",
@@ -213,8 +229,8 @@ def _demo_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--allocators", default="ilp,uniform", help="comma-separated allocators")
     estimator_args(c)
     embeddings_arg(c)
-    c.add_argument("--tokens", type=int, help="calibration tokens (default 4096)")
-    c.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
+    c.add_argument("--tokens", type=positive_int, help="calibration tokens (default 4096)")
+    c.add_argument("--eval-tokens", type=positive_int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
 
 
@@ -263,8 +279,8 @@ def plan_options(c: argparse.ArgumentParser) -> None:
                    help="constrain modules matching a glob, e.g. 'model.layers.0.*>=4' (repeatable)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
-    c.add_argument("--generations", type=int, help="evolutionary: generations (default 20)")
-    c.add_argument("--offspring", type=int, help="evolutionary: offspring per generation (default 16)")
+    c.add_argument("--generations", type=positive_int, help="evolutionary: generations (default 20)")
+    c.add_argument("--offspring", type=positive_int, help="evolutionary: offspring per generation (default 16)")
 
 
 def _store(args):

@@ -29,7 +29,10 @@ def run_cli(capsys):
     from bitplan.planner.app.cli import main
 
     def run(*argv) -> tuple[int, str, str]:
-        code = main(list(argv))
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse's own refusals (usage, a bad value for a typed flag)
+            code = e.code
         out, err = capsys.readouterr()
         return code, out, err
     return run

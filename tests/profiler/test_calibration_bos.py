@@ -125,3 +125,12 @@ def test_fitness_splits_start_after_the_calibration_text(trained, text_file, how
     rows = torch.cat([fit, held])[:, p:].reshape(-1).tolist()
     start = -(-len(used) // (16 - p)) * (16 - p)  # whole rows after the calibration's last text token
     assert rows == text[start:start + len(rows)]
+
+
+def test_a_text_glob_reaches_every_depth(tmp_path):
+    from bitplan.profiler.calibration import load_text
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "top.txt").write_text("one")
+    (tmp_path / "a" / "b" / "deep.txt").write_text("two")
+    assert load_text(str(tmp_path / "**" / "*.txt"))[1] == "two\n\none"  # sorted paths: a/b/deep.txt, top.txt

@@ -39,7 +39,16 @@ BAD_PLANS = {
     "unknown allocator": (["--allocator", "magic"], "magic"),
     "unknown pin": (["--pin", "model.decoder.*=8"], "model.decoder.*"),
     "bad budget": (["--budget", "lots"], "3.5bpw"),
+    "overflowing budget": (["--budget", "1e400bpw"], "too large"),
+    "gigabits": (["--budget", "40Gb"], "reads as bits"),
 }
+
+
+@pytest.mark.parametrize("args", [["profile", "smollm2-135m", "--tokens", "0"], ["eval", "x", "--window", "0"],
+                                  ["compare", "prof-x", "--eval-tokens", "-5"]], ids=["tokens", "window", "eval-tokens"])
+def test_counts_must_be_positive(args, run_cli):
+    code, out, err = run_cli(*args)
+    assert code == 2 and "is not positive: give 1 or more" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", BAD_PLANS, ids=list(BAD_PLANS))

@@ -23,9 +23,11 @@ def test_parse_budgets():
     assert parse_budgets("3bpw, 3.5bpw,900MiB") == ["3bpw", "3.5bpw", "900MiB"]
     assert parse_budgets("3:3.2:0.1,60MiB,3bpw") == ["3bpw", "3.1bpw", "3.2bpw", "60MiB"]  # each once
     assert parse_budgets(["3bpw", "1GiB"]) == ["3bpw", "1GiB"]
-    for bad in ("4:3:0.5", "3:4:0", "3:4", "a:b:c", "", "3 parsecs"):
+    for bad in ("4:3:0.5", "3:4:0", "3:4", "a:b:c", "", "3 parsecs", "nan:4:0.5", "2:inf:1"):
         with pytest.raises(InvalidInput):
             parse_budgets(bad)
+    with pytest.raises(InvalidInput, match="makes 9,999,999,975,001 budgets; at most 200"):
+        parse_budgets("2.5:1e9:0.0001")  # refused at once, not planned without end
 
 
 def test_every_pair_is_solved_and_stored(store, make_profile):
