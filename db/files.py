@@ -79,4 +79,9 @@ def read_profile_file(path: str | Path) -> Profile:
     p = Path(path).expanduser()
     if not p.is_file():
         raise InvalidInput(f"no such profile file: {path}")
-    return Profile.from_json(p.read_text(encoding="utf-8"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not a profile file (not UTF-8 JSON): give the JSON that `bitplan profile "
+                           f"--output` or `bitplan show PROFILE --json` writes") from None
+    return Profile.from_json(text)

@@ -90,7 +90,27 @@ def check_causal_lm(source: str):
         raise NotACausalLM(f"{source}: cannot read its config ({' '.join(str(e).split())[:200]})") from e
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise NotACausalLM(f"{source} is a {config.model_type!r} model, not a causal language model")
+    if not gguf:
+        check_weights(directory)
     return config
+
+
+def check_weights(directory: Path) -> None:
+    """A Hugging Face directory holds whole weights: safetensors shards whose headers read (a file cut short
+    fails here, before any work) or a PyTorch checkpoint; InvalidInput that says which otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards and not any(directory.glob("pytorch_model*.bin")):
+        raise InvalidInput(f"{directory} has a config but no weights (*.safetensors or pytorch_model.bin): copy "
+                           f"the checkpoint's weight files beside its config.json")
+    for shard in shards:
+        try:
+            with safe_open(shard, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise InvalidInput(f"{shard} is truncated or damaged ({' '.join(str(e).split())[:120]}); copy or "
+                               f"download it again") from None
 
 
 def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -27,6 +27,25 @@ def test_truncated_gguf_says_truncated(tmp_path, run_cli):
     assert code == 2 and "truncated" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_damaged_checkpoints_and_profile_files_are_refused_in_one_line(tmp_path, tiny_checkpoint, run_cli, db):
+    import shutil
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", no_weights)
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, cut)
+    shard = cut / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    binary = tmp_path / "profile.json"
+    binary.write_bytes(bytes(range(256)) * 8)
+    for argv, needle in ((["profile", str(no_weights)], "has a config but no weights"),
+                         (["profile", str(cut)], "model.safetensors is truncated or damaged"),
+                         (["plan", "--profile-file", str(binary), "--budget", "3bpw"], "not a profile file")):
+        code, _, err = run_cli(*argv, "-q")
+        assert code == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1, argv
+
+
 def test_gguf_size_on_disk(tmp_path):
     from bitplan.executor.apply import checkpoint_bytes
 
