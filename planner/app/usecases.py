@@ -222,11 +222,21 @@ def search_context(ws: Workspace, profile: Profile, state_path: str | Path | Non
 
 
 def _with_id(ws: Workspace, profile: Profile | str) -> Profile:
-    """A stored profile by id, or the object itself; a profile file without an id gets its content id."""
+    """A stored profile by id, or the object itself; a profile file without an id gets its content id, and
+    so does one whose id is a stored profile's with other content (an edited file), said so."""
     if isinstance(profile, str):
         return ws.store.get_profile(profile)
     if not profile.id:  # so that its plans can refer to it
         return profile.model_copy(update={"id": content_profile_id(profile)})
+    try:
+        stored = ws.store.get_profile(profile.id)
+    except NotFound:
+        return profile
+    if content_profile_id(stored) != content_profile_id(profile):
+        own = content_profile_id(profile)
+        log.warning("the profile file says it is %s, but its content differs from the stored %s: planned as %s",
+                    profile.id, profile.id, own)
+        return profile.model_copy(update={"id": own})
     return profile
 
 

@@ -71,6 +71,23 @@ def test_profile_file_without_id(db, tmp_path, run_cli, make_profile):
     assert stored.id.startswith("prof-") and len(stored.modules) == len(d["modules"])
 
 
+def test_an_edited_profile_file_keeping_its_id_gets_its_own(db, tmp_path, run_cli, make_profile):
+    """A file whose id is a stored profile's but whose errors were edited is not that profile: its plans
+    refer to the file's content id, and the stored profile keeps its own."""
+    original = make_profile()
+    Store(db).save_profile(original)
+    d = original.to_dict()
+    for m in d["modules"]:  # each module's row of errors, doubled
+        m["error"] = [v * 2 for v in m["error"]]
+    (tmp_path / "edited.json").write_text(json.dumps(d))
+    code, out, err = run_cli("plan", "--profile-file", str(tmp_path / "edited.json"), "--budget", "3bpw", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["profile_id"] != original.id and plan["profile_id"].startswith("prof-")
+    assert Store(db).get_profile(plan["profile_id"]).error.tolist() == (original.error * 2).tolist()
+    assert Store(db).get_profile(original.id).error.tolist() == original.error.tolist()
+
+
 def test_malformed_profile_json(db, tmp_path, run_cli, make_profile):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "bitplan.profile/1", "modules": [')
