@@ -48,15 +48,46 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
     return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
 
 
+WRITTEN_MARK = "bitplan_plan.json"  # every checkpoint and export bitplan writes holds its plan
+
+
+def _remove_orphans(out: Path) -> None:
+    """`.NAME.tmp-PID` and `.NAME.old-PID` folders beside `out` whose process is gone."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not (kind.endswith((".tmp", ".old")) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; on success it becomes `out`, on any error it is
-    removed.  An existing `out` is refused unless `overwrite`, then moved aside and removed only after
-    the new folder is in place."""
+    removed.  An existing `out` is refused unless `overwrite`, and even then unless bitplan wrote it
+    (it holds `WRITTEN_MARK`) and it does not hold the working directory; it is moved aside and removed
+    only after the new folder is in place.  Temporary folders that dead processes left beside `out`
+    are removed."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise InvalidInput(f"{out} exists; choose another --out or pass --overwrite")
+    if out.exists():
+        if Path.cwd().resolve().is_relative_to(out):
+            raise InvalidInput(f"--overwrite would delete {out}, which holds the working directory; choose another --out")
+        if not (out / WRITTEN_MARK).is_file():
+            raise InvalidInput(f"--overwrite replaces only a folder bitplan wrote, and {out} has no {WRITTEN_MARK}: "
+                               f"choose another --out, or move it away yourself")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

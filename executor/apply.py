@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitplan.db.files import atomic_dir, write_json
+from bitplan.db.files import WRITTEN_MARK, atomic_dir, write_json
 from bitplan.db.types import InvalidInput, Module, Plan, Quantizer, UnknownModule
 from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
 from bitplan.kernels.quantize import GPTQCache, QuantizedWeight, quantize, quantizer_for
@@ -188,7 +188,7 @@ def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Modu
         config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer)
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
-        write_json(tmp / "bitplan_plan.json", plan.to_dict())
+        write_json(tmp / WRITTEN_MARK, plan.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     out = Path(out_dir).expanduser().resolve()

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.db.files import atomic_dir, write_json
+from bitplan.db.files import WRITTEN_MARK, atomic_dir, write_json
 from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan, Quantizer
 from bitplan.executor.apply import (_write_shards, apply_plan, check_plan_matches, check_quantizer,
                                     config_dict, quantized_weights)
@@ -203,7 +203,7 @@ def export_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Mod
             write_json(tmp / "quantize_config.json", qc)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "bitplan_plan.json", plan.to_dict())
+        write_json(tmp / WRITTEN_MARK, plan.to_dict())
     return Path(out_dir).expanduser().resolve()
 
 
@@ -223,7 +223,7 @@ def export_llamacpp(plan: Plan, modules: list[Module], out_dir: str | Path, *, o
     """The llama.cpp files of `plan`: they need the planned modules' names and shapes, not their weights."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _write_llamacpp(plan, modules, tmp)
-        write_json(tmp / "bitplan_plan.json", plan.to_dict())
+        write_json(tmp / WRITTEN_MARK, plan.to_dict())
     return Path(out_dir).expanduser().resolve()
 
 

@@ -44,7 +44,9 @@ def checkpoint_plan_id(path: str | Path) -> str | None:
     qc = read_quantization_config(path)
     if qc is not None:
         return qc.get("plan_id")
-    plan_file = Path(path) / "bitplan_plan.json"
+    from bitplan.db.files import WRITTEN_MARK
+
+    plan_file = Path(path) / WRITTEN_MARK
     return json.loads(plan_file.read_text()).get("id") if plan_file.is_file() else None
 
 

@@ -54,6 +54,29 @@ def test_existing_output_is_kept(loaded, tmp_path):
     with pytest.raises(InvalidInput, match="--overwrite"):
         apply_plan(mixed_plan(planned), loaded.model, None, planned, out, progress=False)
     assert os.listdir(out) == ["keep.txt"]
+    # --overwrite replaces only what bitplan wrote: not a user's folder, not the one we work in
+    with pytest.raises(InvalidInput, match="replaces only a folder bitplan wrote"):
+        apply_plan(mixed_plan(planned), loaded.model, None, planned, out, progress=False, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    written = apply_plan(mixed_plan(planned), loaded.model, None, planned, tmp_path / "ours", progress=False)
+    cwd = os.getcwd()
+    try:
+        os.chdir(written)
+        with pytest.raises(InvalidInput, match="holds the working directory"):
+            apply_plan(mixed_plan(planned), loaded.model, None, planned, written, progress=False, overwrite=True)
+    finally:
+        os.chdir(cwd)
+    assert apply_plan(mixed_plan(planned), loaded.model, None, planned, written, progress=False, overwrite=True)
+
+
+def test_leftovers_of_a_dead_apply_are_removed(loaded, tmp_path):
+    planned = planned_linears(loaded.model)
+    dead = tmp_path / ".q.tmp-999999999"  # no such process
+    (dead / "x").mkdir(parents=True)
+    mine = tmp_path / f".q.tmp-{os.getpid()}x"  # not a pid: left alone
+    mine.mkdir()
+    apply_plan(mixed_plan(planned), loaded.model, None, planned, tmp_path / "q", progress=False)
+    assert not dead.exists() and mine.exists()
 
 
 def test_plan_for_another_model_fails_before_writing(loaded, tmp_path):
