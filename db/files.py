@@ -7,6 +7,7 @@ streamed activations, checkpoints, exports, benchmark results) goes through thes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bitplan.db.types import InvalidInput, Profile
+
+log = logging.getLogger(__name__)
 
 
 def _temporary(path: Path) -> Path:
@@ -103,6 +106,28 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def exclusive(lock_file: str | Path, *, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if missing) while inside: a second process that asks
+    for it waits, logging `waiting` once, until the first is done or dies (the kernel drops a dead
+    process's lock)."""
+    import fcntl
+
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.info("%s", waiting)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_profile_file(path: str | Path) -> Profile:

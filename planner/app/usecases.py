@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from bitplan.db.files import exclusive
 from bitplan.db.store import content_profile_id
 from bitplan.db.formats import parse_gguf_options
 from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, Budget, Evaluation, InfeasibleBudget,
@@ -101,21 +102,36 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     profile = None if force else _stored_profile(ws, pid)
     if profile is None:
         work = ws.store.work_dir(pid)
-        if work.exists():
-            if resume:
-                log.info("resuming %s from %s", pid, work)
-            else:
-                log.info("discarding the unfinished work in %s (--resume continues it)", work)
-                shutil.rmtree(work)
-        t0 = time.perf_counter()
-        profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib,
-                                     n_tokens=tokens, seq_len=seq_len, device=device, progress=ws.progress,
-                                     work_dir=work, imatrix=r.imatrix, cache=cache, embeddings=embeddings)
-        profile = ws.store.save_profile(profile)
-        shutil.rmtree(work, ignore_errors=True)
-        log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
+        # one process at a time measures a profile: another one asking for it waits, then reuses it
+        with exclusive(work.with_name(work.name + ".lock"),
+                       waiting=f"another process is profiling {pid}: waiting for it to finish"):
+            profile = None if force else _stored_profile(ws, pid)
+            if profile is None:
+                profile = _measure(ws, loaded, pid, work, resume, opts, estimator, quantizer, calib, tokens,
+                                   seq_len, device, r.imatrix, cache, embeddings)
     if r.latency:
         return add_latency(ws, profile, r.latency, latency_batches, force=force)
+    return profile
+
+
+def _measure(ws: Workspace, loaded, pid: str, work: Path, resume: bool, opts, estimator, quantizer, calib,
+             tokens, seq_len, device, imatrix, cache, embeddings) -> Profile:
+    """`profile_model` with its unfinished work kept in `work` (resumed or discarded), then stored."""
+    from bitplan.profiler import profile as prof
+
+    if work.exists():
+        if resume:
+            log.info("resuming %s from %s", pid, work)
+        else:
+            log.info("discarding the unfinished work in %s (--resume continues it)", work)
+            shutil.rmtree(work)
+    t0 = time.perf_counter()
+    profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib,
+                                 n_tokens=tokens, seq_len=seq_len, device=device, progress=ws.progress,
+                                 work_dir=work, imatrix=imatrix, cache=cache, embeddings=embeddings)
+    profile = ws.store.save_profile(profile)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
     return profile
 
 

@@ -134,3 +134,22 @@ def test_profile_plan_apply_eval(db, tiny_checkpoint, text_file, tmp_path, run_c
                            "--window", "64", "--json", "-q", "--db", str(tmp_path / "other.db"))
     assert code == 0 and json.loads(out)["plan_id"] is None
     assert len(Store(str(tmp_path / "other.db")).list_evaluations()) == 1
+
+
+def test_two_processes_profiling_the_same_thing_share_it(db, tiny_checkpoint, text_file):
+    """Two `bitplan profile` runs of one model and settings on one database: one measures, the other waits
+    for it and reuses its profile; both succeed with the same id, and one profile is stored."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "bitplan.planner.app.cli", "profile", str(tiny_checkpoint), "--calib",
+            str(text_file), "--tokens", "128", "--seq-len", "64", "--estimator", "fisher", "--quantizer", "rtn",
+            "--json", "-q"]
+    env = {**os.environ, "BITPLAN_DB": str(db), "PYTHONSAFEPATH": "1"}
+    runs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [r.communicate(timeout=300) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [err for _, err in outs]
+    ids = {json.loads(out)["id"] for out, _ in outs}
+    assert len(ids) == 1 and [p.id for p in Store(db).list_profiles()] == list(ids)
