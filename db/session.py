@@ -48,7 +48,20 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database behind `engine` to `revision`, on one of its connections."""
+    """Migrate the database behind `engine` to `revision`, on one of its connections.  Processes opening
+    one new SQLite file at once migrate it one after the other (a file lock beside it): each would
+    otherwise read "no tables" and create them twice."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:"):
+        from bitplan.db.files import exclusive
+
+        with exclusive(f"{database}.migrate.lock"):
+            _upgrade(engine, revision)
+    else:
+        _upgrade(engine, revision)
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
     cfg = alembic_config()
     with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"

@@ -165,7 +165,7 @@ def test_cli_resume(llama4, text_file, tmp_path, monkeypatch):
         _interrupt_on_block(m, 3, [])
         with pytest.raises(Interrupted):
             run_profile(ws, "x", request)
-    work = next((tmp_path / "a.db.work").iterdir())
+    work = next(p for p in (tmp_path / "a.db.work").iterdir() if p.is_dir())  # not the lock beside it
     assert work == store.work_dir(work.name)
     with np.load(work / "blocks" / "state.npz") as z:
         assert int(z["next_block"]) == 3
