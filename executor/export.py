@@ -69,7 +69,19 @@ WORD = 32
 # transformers' conversion mapping fuses on load; a file with `mlp.experts.E.gate_proj` is not read by it (its
 # experts stay randomly initialised), nor by vLLM's or GPTQModel's Mixtral.
 CHECKPOINT_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
-_MLP_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.\d+\.(?:gate_proj|up_proj|down_proj)|experts|gate)(?=\.|$)")
+
+
+def _rename(name: str, block_from: str, block_to: str, roles: dict[str, str]) -> str:
+    """`model.layers.L.<block_from>.experts.E.<role>` (or its `experts`, `gate`) under `block_to`, roles mapped."""
+    m = re.match(rf"^(model\.layers\.\d+)\.{block_from}\.(experts\.\d+\.(?:{'|'.join(roles)})|experts|gate)(?=\.|$)",
+                 name)
+    if m is None:
+        return name
+    leaf = m.group(2)
+    if leaf.startswith("experts."):
+        _, e, role = leaf.split(".")
+        leaf = f"experts.{e}.{roles[role]}"
+    return f"{m.group(1)}.{block_to}.{leaf}{name[m.end():]}"
 
 
 def checkpoint_name(model_type: str | None, name: str) -> str:
@@ -77,14 +89,7 @@ def checkpoint_name(model_type: str | None, name: str) -> str:
     if model_type not in CHECKPOINT_NAMES:
         return name
     block, roles = CHECKPOINT_NAMES[model_type]
-    m = _MLP_RE.match(name)
-    if m is None:
-        return name
-    leaf = m.group(2)
-    if leaf.startswith("experts."):
-        _, e, role = leaf.split(".")
-        leaf = f"experts.{e}.{roles[role]}"
-    return f"{m.group(1)}.{block}.{leaf}{name[m.end():]}"
+    return _rename(name, "mlp", block, roles)
 
 
 def our_name(model_type: str | None, name: str) -> str:
@@ -92,15 +97,7 @@ def our_name(model_type: str | None, name: str) -> str:
     if model_type not in CHECKPOINT_NAMES:
         return name
     block, roles = CHECKPOINT_NAMES[model_type]
-    back = {v: k for k, v in roles.items()}
-    m = re.match(rf"^(model\.layers\.\d+)\.{block}\.(experts\.\d+\.(?:w1|w2|w3)|experts|gate)(?=\.|$)", name)
-    if m is None:
-        return name
-    leaf = m.group(2)
-    if leaf.startswith("experts."):
-        _, e, role = leaf.split(".")
-        leaf = f"experts.{e}.{back[role]}"
-    return f"{m.group(1)}.mlp.{leaf}{name[m.end():]}"
+    return _rename(name, block, "mlp", {v: k for k, v in roles.items()})
 
 
 def check_format(fmt: str) -> str:
