@@ -536,16 +536,18 @@ def _eval_llamacpp(ws: Workspace, checkpoint: str, *, text: str | None, tokens: 
     t0 = time.perf_counter()
     text, ctx = text or EVAL, window or EVAL_CTX
     chunks = max(1, (tokens or EVAL_TOKENS) // ctx)
-    if plan_id is None:  # a file `apply --format gguf` wrote names its plan
+    if plan_id is not None:
+        plan = ws.store.get_plan(plan_id)
+    else:  # a file `apply --format gguf` wrote names its plan; one of another store is left out
         from bitplan.executor.llamacpp import gguf_plan_id
 
-        plan_id = gguf_plan_id(path)
+        named = gguf_plan_id(path)
         try:
-            base = base or (ws.store.get_plan(plan_id).model.source if plan_id else None)
-        except NotFound:  # written from another store's plan: measured without one
-            plan_id = None
-    if base is None and plan_id is not None:
-        base = ws.store.get_plan(plan_id).model.source
+            plan = ws.store.get_plan(named) if named else None
+        except NotFound:
+            plan = None
+    plan_id = plan.id if plan else None
+    base = base or (plan.model.source if plan else None)
     if base is not None:
         logits, _ = ws.base_logits(base, text, ctx, chunks)
         measured = perplexity(path, ws.text_file(text), ctx=ctx, chunks=chunks, kl_base=logits)
