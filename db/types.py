@@ -34,6 +34,9 @@ ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
 # stands for the pair.  It takes no option under EMBED_MIN_BITS (planner/engines.py `constrain` says why).
 EMBED_ROLE = "embed_tokens"
 EMBED_MIN_BITS = 4
+# The activations GPTQ's statistics `H` come from when a plan is applied (`apply --gptq-inputs`): the
+# unquantized model's, or those the plan's own model, quantized up to each block, feeds that block.
+GPTQ_INPUTS = ("original", "quantized")
 
 
 # --------------------------------------------------------------------------------------- errors

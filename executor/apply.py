@@ -154,15 +154,18 @@ def config_dict(model: nn.Module) -> dict:
     return config
 
 
-def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: Quantizer = Quantizer()) -> dict:
+def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: Quantizer = Quantizer(),
+                        gptq_inputs: str = "original") -> dict:
     """What `config.json` records of the quantization; the loaders need `quant_method` and `modules` alone
-    (`quantizer` and `quantizer_settings` say where the codes came from, `{}` settings for RTN)."""
+    (`quantizer`, `quantizer_settings` and, for GPTQ, `gptq_inputs` say where the codes came from, `{}`
+    settings for RTN)."""
     return {
         "quant_method": QUANT_METHOD,
         "format": CHECKPOINT_FORMAT,
         "plan_id": plan.id,
         "quantizer": quantizer.method,
         "quantizer_settings": quantizer.settings,
+        **({"gptq_inputs": gptq_inputs} if quantizer.method == "gptq" else {}),
         "storage_dtype": str(storage_dtype).removeprefix("torch."),
         "modules": {name: opt.model_dump() for name, opt in sorted(plan.assignment.items())},
     }
@@ -185,7 +188,8 @@ def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Modu
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
         config = config_dict(model)
-        config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer)
+        config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer,
+                                                            "original" if cache is None else cache.inputs)
         config["dtype"] = str(storage_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
         write_json(tmp / WRITTEN_MARK, plan.to_dict())

@@ -33,7 +33,7 @@ class BitplanConfig(QuantizationConfigMixin):
 
     def __init__(self, modules: dict[str, dict], format: str = CHECKPOINT_FORMAT, plan_id: str | None = None,
                  quantizer: str = "rtn", quantizer_settings: dict | None = None, storage_dtype: str = "bfloat16",
-                 **kwargs: Any):
+                 gptq_inputs: str | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.modules = dict(modules)
@@ -41,6 +41,8 @@ class BitplanConfig(QuantizationConfigMixin):
         self.quantizer = quantizer
         self.quantizer_settings = dict(quantizer_settings or {})
         self.storage_dtype = storage_dtype
+        if gptq_inputs is not None:  # GPTQ checkpoints only: kept so that save_pretrained writes what it read
+            self.gptq_inputs = gptq_inputs
         if format != CHECKPOINT_FORMAT:
             raise InvalidInput(f"this checkpoint is in bitplan's format {format!r}; this bitplan reads "
                                f"{CHECKPOINT_FORMAT!r}: write it again with `bitplan apply` of this version, or load "

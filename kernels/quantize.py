@@ -205,10 +205,12 @@ class GPTQCache:
     as uint8 on the CPU (a byte a weight and option: 0.4 GB for SmolLM2's 4 options); past `max_bytes`
     results are computed and not kept.
     `hessians` is where a caller that had to collect `H` for misses leaves it for the next caller.
+    `inputs` says which activations the `H` came from: the unquantized model's (`original`), or those a
+    quantized model feeds each block (`quantized`: one plan's cache, `profiler.profile.gptq_propagated`).
     """
 
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes, self.bytes = max_bytes, 0
+    def __init__(self, max_bytes: int = 2 << 30, inputs: str = "original"):
+        self.max_bytes, self.bytes, self.inputs = max_bytes, 0, inputs
         self._kept: dict[tuple, QuantizedWeight] = {}
         self.hessians: dict[str, torch.Tensor] | None = None
         self.profile_id: str | None = None

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.db.types import InvalidInput, Module, Option, Profile, Quantizer, content_id
-from bitplan.kernels.quantize import GPTQCache, quantize_dequantize, quantizer_for
+from bitplan.kernels.quantize import GPTQCache, quantize, quantize_dequantize, quantizer_for
 from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
@@ -385,9 +385,6 @@ def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Mod
     """`H` of every planned module the profile's quantizer runs GPTQ on, from the profile's own calibration
     tokens, for GPTQ after profiling (`apply`, `compare --evaluate`, the evolutionary search's variants);
     `{}` for an RTN profile.
-
-    A profile whose calibration records no sequence length (`seq_len` 0) gets sequences of the default
-    length (H sums over tokens; only attention context differs).
     """
     from bitplan.profiler.stream import collect_hessians
 
@@ -395,7 +392,71 @@ def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Mod
     planned = [(m, lin) for m, lin in planned if quantizer_for(m, profile.quantizer).method == "gptq"]
     if not planned:
         return {}
+    batches = _calibration_batches(loaded, profile)
+    return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
+
+
+def gptq_propagated(loaded: LoadedModel, profile: Profile, planned: list[tuple[Module, nn.Linear]],
+                    assignment: dict[str, Option], *, device: str | None = None,
+                    progress: bool = True) -> GPTQCache:
+    """GPTQ of one plan's modules (`assignment`) on the inputs its quantized model gives them, from the
+    profile's calibration tokens (`apply --gptq-inputs quantized`): `gptq_on_quantized_inputs`."""
+    if profile.quantizer.method != "gptq":
+        raise InvalidInput(f"--gptq-inputs chooses the activations GPTQ sees; profile {profile.id}'s quantizer "
+                           f"is {profile.quantizer.label}")
+    return gptq_on_quantized_inputs(loaded.model, _calibration_batches(loaded, profile), planned, assignment,
+                                    profile.quantizer, device or default_device(), progress).claim(profile.id)
+
+
+def gptq_on_quantized_inputs(model: nn.Module, batches: torch.Tensor, planned: list[tuple[Module, nn.Linear]],
+                             assignment: dict[str, Option], quantizer: Quantizer, device: str = "cpu",
+                             progress: bool = True) -> GPTQCache:
+    """Every quantized module of `assignment` quantized for the inputs the quantized model feeds it, as a
+    cache `apply` reads GPTQ's results from.
+
+    The embedding (and any other module before the blocks) is quantized first; then each block runs on
+    the outputs of the blocks quantized before it, its `H` is taken, its modules are quantized with it,
+    and it runs again to give the next block its inputs; a planned head outside the blocks comes last,
+    from the quantized blocks' outputs.  GPTQ then spends its error compensation on the activations the
+    deployed model computes rather than on the unquantized model's.  `model`'s weights are as they were
+    afterwards.
+    """
+    from bitplan.profiler.stream import outside_hessians
+
+    cache = GPTQCache(max_bytes=1 << 62, inputs="quantized")
+    originals: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def quantize_in_place(mods: list[tuple[Module, nn.Linear]], H: dict[str, torch.Tensor]) -> None:
+        for m, lin in mods:
+            option = assignment[m.name]
+            if not option.quantized:
+                continue
+            q = quantizer_for(m, quantizer)
+            qw = (cache.gptq(m.name, lin.weight, H[m.name].to(torch.float32), option, q) if q.method == "gptq"
+                  else quantize(lin.weight, option, q))
+            originals.append((lin, lin.weight.data))
+            lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
+
+    outside = [(m, lin) for m, lin in planned if m.layer is None]
+    head = [(m, lin) for m, lin in outside if quantizer_for(m, quantizer).method == "gptq"]  # an untied head
+    try:
+        quantize_in_place([(m, lin) for m, lin in outside if quantizer_for(m, quantizer).method != "gptq"], {})
+        stream_blocks(model, batches, planned, lambda *_: None, device, progress, desc="GPTQ on quantized inputs",
+                      rewrite=lambda _i, mods, H: quantize_in_place(mods, H))
+        quantize_in_place(head, outside_hessians(model, batches, head, device, progress))
+    finally:
+        for lin, weight in reversed(originals):
+            lin.weight.data = weight
+    return cache
+
+
+def _calibration_batches(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
+    """The profile's own calibration windows, checked to be the ones it was measured on.
+
+    A profile whose calibration records no sequence length (`seq_len` 0) gets sequences of the default
+    length (H sums over tokens; only attention context differs).
+    """
     calib = profile.calibration
     seq_len = calib.seq_len or min(DEFAULT_SEQ_LEN, calib.n_tokens)
     batches, ref = token_batches(loaded.tokenizer, calib.name, calib.n_tokens, seq_len)
@@ -403,7 +464,7 @@ def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Mod
         raise InvalidInput(f"the calibration windows of {calib.name!r} are not those profile {profile.id} was "
                            f"measured on (another text file, or a tokenizer that starts windows otherwise); "
                            f"profile the model again")
-    return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
+    return batches
 
 
 def default_device() -> str:

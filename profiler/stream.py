@@ -294,6 +294,7 @@ def stream_blocks(
     activation_budget: int | None = None,
     checkpoint: BlockCheckpoint | None = None,
     desc: str = "profiling blocks",
+    rewrite: Callable[[int, list[tuple[Module, nn.Linear]], dict[str, torch.Tensor]], None] | None = None,
 ) -> None:
     """Run the model one block at a time; after each block call `on_block(i, its planned linears, H, n_tokens)`.
 
@@ -305,6 +306,10 @@ def stream_blocks(
     temporary folder (under `$TMPDIR`), removed at the end.  With a `checkpoint` they always go to its
     folder, the checkpoint is committed after every block, and blocks it has finished are skipped:
     `on_block` is called only for the blocks run now.
+
+    `rewrite(i, its planned linears, H)`, if given, may change block `i`'s weights once its `H` is known;
+    the block then runs again, and what it computes with the new weights is what the next block receives
+    (GPTQ on the inputs a quantized model sees: `profile.gptq_propagated`).
     """
     layers = decoder_layers(model)
     start = checkpoint.next_block if checkpoint is not None else 0
@@ -331,7 +336,8 @@ def stream_blocks(
                           disable=not progress):
                 mine = by_layer.get(i, [])
                 last = i == len(layers) - 1  # its outputs feed nothing
-                H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last)
+                H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last,
+                               None if rewrite is None else partial(rewrite, i))
                 if not last:
                     carry.advance()
                 on_block(i, mine, H, n_tokens)
@@ -364,16 +370,26 @@ def _carry(model: nn.Module, batches: torch.Tensor, device: str, activation_budg
 
 
 def _run_block(model: nn.Module, block: nn.Module, block_args: list, mine: list[tuple[Module, nn.Linear]],
-               carry: Carry, device: str, last: bool) -> dict[str, torch.Tensor]:
-    """One block over every batch (its outputs carried on unless it is the `last`); `H` of its planned linears."""
+               carry: Carry, device: str, last: bool, rewrite: Callable | None = None) -> dict[str, torch.Tensor]:
+    """One block over every batch (its outputs carried on unless it is the `last`); `H` of its planned linears.
+    With `rewrite`: a first pass for `H`, `rewrite(mine, H)`, then a second pass whose outputs are carried."""
     block.to(device)
     H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
          for m, lin in mine}
     hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
+    carrying = not last and rewrite is None
     try:
         for s, (args, kw) in enumerate(block_args):
             out = block(carry.get(s), *args, **kw)
-            if not last:
+            if carrying:
+                carry.put(s, out[0] if isinstance(out, tuple) else out)
+        for h in hooks:
+            h.remove()
+        hooks = []
+        if rewrite is not None:
+            rewrite(mine, H)
+            for s, (args, kw) in enumerate(block_args) if not last else ():
+                out = block(carry.get(s), *args, **kw)
                 carry.put(s, out[0] if isinstance(out, tuple) else out)
     finally:
         for h in hooks:

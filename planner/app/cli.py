@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from bitplan.db.formats import GGUF_OPTIONS
-from bitplan.db.types import DEFAULT_OPTIONS, BitplanError, Evaluation, InvalidInput, Plan, Profile
+from bitplan.db.types import (DEFAULT_OPTIONS, GPTQ_INPUTS, BitplanError, Evaluation, InvalidInput, Plan,
+                              Profile)
 from bitplan.planner.budgets import DEMO_BUDGETS
 
 log = logging.getLogger("bitplan")
@@ -190,6 +191,10 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
                         "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
                         "llama-quantize command line), gguf (--out FILE.gguf, written by the built llama-quantize "
                         "from the model's F16 GGUF, its tensor types checked against the plan; `make llamacpp`)")
+    c.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default=GPTQ_INPUTS[0],
+                   help="a GPTQ profile's plans: each block's input statistics from the unquantized model "
+                        "(original, default; shared by every plan) or from the plan's model quantized up to that "
+                        "block (quantized: GPTQ for the inputs the deployed model feeds it; one more pass)")
 
 
 def _eval_arguments(c: argparse.ArgumentParser) -> None:
@@ -431,7 +436,7 @@ def cmd_apply(args):
         plan = Plan.from_dict(_read_json(args.plan))
     else:
         plan = _find(ws.store, args.plan, "plan")
-    out = run_apply(ws, plan, args.out, overwrite=args.overwrite, fmt=args.format)
+    out = run_apply(ws, plan, args.out, overwrite=args.overwrite, fmt=args.format, gptq_inputs=args.gptq_inputs)
     _emit(args, {"id": plan.id, "checkpoint": str(out)}, f"wrote {out} (plan {plan.id}, "
           f"{plan.bits_per_weight:.3f} bpw, {plan.size_mib:.1f} MiB)")
 

@@ -361,16 +361,21 @@ def _evaluate_rows(ws: Workspace, profile: Profile, rows: list[CompareRow], toke
 
 
 def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bool = False,
-              fmt: str = "bitplan") -> Path:
+              fmt: str = "bitplan", gptq_inputs: str = "original") -> Path:
     """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:
     executor/export.py).  GPTQ results the workspace keeps for the plan's profile are not computed
-    again, and the `H` collected for those it lacks is kept there for the next plan."""
+    again, and the `H` collected for those it lacks is kept there for the next plan.  `gptq_inputs`:
+    GPTQ's statistics from the unquantized model's activations (`original`, shared by every plan of the
+    profile) or from those the plan's own quantized model gives each block (`quantized`)."""
     from bitplan.executor.apply import missing_hessians
     from bitplan.executor.export import check_format, export_llamacpp, export_plan
     from bitplan.profiler import profile as prof
     from bitplan.profiler.model import planned_for
 
     check_format(fmt)
+    from bitplan.db.types import GPTQ_INPUTS
+    if gptq_inputs not in GPTQ_INPUTS:
+        raise InvalidInput(f"--gptq-inputs is one of {', '.join(GPTQ_INPUTS)}, not {gptq_inputs[:40]!r}")
     if isinstance(plan, str):
         plan = ws.store.get_plan(plan)
     out = Path(out).expanduser().resolve()
@@ -386,6 +391,11 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
     loaded = ws.model(plan.model.source)
     planned = planned_for(loaded.model, plan.assignment)
     quantizer = plan_quantizer(ws, plan)
+    if gptq_inputs == "quantized":
+        cache = prof.gptq_propagated(loaded, ws.store.get_profile(plan.profile_id), planned, plan.assignment,
+                                     progress=ws.progress)
+        return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
+                           progress=ws.progress, quantizer=quantizer, cache=cache)
     cache = ws.gptq_cache(plan.profile_id)
     hessians = None if cache is None else cache.hessians
     if missing_hessians(planned, plan, quantizer, hessians, cache):

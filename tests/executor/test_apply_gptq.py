@@ -7,7 +7,9 @@ import torch
 from bitplan.db.types import InvalidInput, ModelRef, Option, Plan, Quantizer
 from bitplan.executor.apply import apply_plan, quantize_model
 from bitplan.executor.load import load_quantized
-from bitplan.profiler.model import planned_linears
+from bitplan.kernels.quantize import gptq as gptq_of
+from bitplan.profiler.model import decoder_layers, planned_linears
+from bitplan.profiler.profile import gptq_on_quantized_inputs
 from bitplan.profiler.stream import collect_hessians
 
 
@@ -73,3 +75,44 @@ def test_gptq_without_hessians_fails_before_writing(loaded, tmp_path):
     with pytest.raises(TypeError, match="quantizer must be a Quantizer"):
         apply_plan(plan, loaded.model, None, planned, tmp_path / "q", progress=False, quantizer="gptq")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["16-bit-embedding", "quantized-embedding"])
+def test_gptq_on_quantized_inputs_is_gptq_block_by_block(loaded, embeddings):
+    """`--gptq-inputs quantized`: each block's GPTQ takes its `H` from the model whose embedding and earlier
+    blocks already hold their quantized weights (rebuilt here by hand, block by block, with the plain
+    `collect_hessians`), bit for bit; the model is left as it was."""
+    model = loaded.model
+    planned = planned_linears(model, embeddings=embeddings)
+    plan = plan_for(planned, bits=2)
+    if embeddings:
+        plan = plan.model_copy(update={"assignment": {**plan.assignment, planned[0][0].name: Option(bits=4)}})
+    calib = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(2))
+    quantizer = Quantizer(method="gptq")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = gptq_on_quantized_inputs(model, calib, planned, plan.assignment, quantizer, progress=False)
+    assert cache.inputs == "quantized"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    ref = copy.deepcopy(model)
+    ref_planned = planned_linears(ref, embeddings=embeddings)
+    if embeddings:  # the embedding is RTN (no H): quantized before any block runs
+        m, emb = ref_planned[0]
+        emb.weight.data = quantize_model_weight(emb.weight, plan.assignment[m.name])
+    original = collect_hessians(model, calib, [(m, lin) for m, lin in planned if m.layer is not None], progress=False)
+    for i in range(len(decoder_layers(ref))):
+        mine = [(m, lin) for m, lin in ref_planned if m.layer == i]
+        H = collect_hessians(ref, calib, mine, progress=False)
+        for m, lin in mine:
+            want = gptq_of(lin.weight, H[m.name], plan.assignment[m.name], **quantizer.settings)
+            got = cache.gptq(m.name, lin.weight, None, plan.assignment[m.name], quantizer)
+            assert torch.equal(got.q, want.q) and torch.equal(got.scales, want.scales), m.name
+            lin.weight.data = want.dequantize(lin.weight.dtype)
+        # the first block sees the original inputs only where nothing before it is quantized
+        assert any(not torch.equal(H[m.name], original[m.name]) for m, _ in mine) == (i > 0 or embeddings)
+
+
+def quantize_model_weight(weight, option):
+    from bitplan.kernels.quantize import quantize
+
+    return quantize(weight, option).dequantize(weight.dtype)

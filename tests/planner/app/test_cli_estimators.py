@@ -23,6 +23,16 @@ def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_p
     assert code == 0, err
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quantizer"] == "gptq"
+    assert config["quantization_config"]["gptq_inputs"] == "original"
+    # GPTQ on the activations of the plan's own quantized model: other codes, recorded, the same bytes twice
+    for name in ("p1", "p2"):
+        code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / name), "--gptq-inputs", "quantized",
+                                 "--json", "-q")
+        assert code == 0, err
+    qc = json.loads((tmp_path / "p1" / "config.json").read_text())["quantization_config"]
+    assert qc["gptq_inputs"] == "quantized"
+    shards = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("q", "p1", "p2")]
+    assert shards[1] == shards[2] and shards[0] != shards[1]
     code, out, _ = run_cli("eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "128",
                            "--window", "64", "--json", "-q")
     assert code == 0 and 1 < json.loads(out)["perplexity"] < 1e6
