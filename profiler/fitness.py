@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitplan.db.types import CalibrationRef, InvalidInput, Module, Option, Profile, Quantizer
+from bitplan.db.types import CalibrationRef, InvalidInput, ModelRef, Module, Option, Profile, Quantizer
 from bitplan.kernels.quantize import quantize, quantizer_for
 from bitplan.kernels import reference
 from bitplan.profiler.calibration import text_tokens_used, token_batches
@@ -213,15 +213,21 @@ def token_splits(tokenizer, calib: CalibrationRef, fitness_tokens: int, heldout_
     return ids[:n_fit], ids[n_fit:]
 
 
+def check_same_model(loaded, measured: ModelRef, what: str) -> None:
+    """InvalidInput naming both fingerprints when `loaded` is not the model `what` (a profile, a plan) was
+    measured on; a ref without a fingerprint (a hand-made profile file) is taken on trust."""
+    if measured.fingerprint and loaded.ref.fingerprint != measured.fingerprint:
+        raise InvalidInput(f"the model at {measured.source or measured.name} has fingerprint {loaded.ref.fingerprint}, "
+                           f"but {what} was measured on fingerprint {measured.fingerprint}: give the model it measured")
+
+
 def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DEFAULT_FITNESS_TOKENS,
                            heldout_tokens: int = DEFAULT_HELDOUT_TOKENS, row_tokens: int = DEFAULT_ROW_TOKENS,
                            device: str = "cpu", cache_mib: float = DEFAULT_CACHE_MIB) -> KLFitness:
     """The KL oracle of `profile`'s modules on its loaded model, on text after the profile's calibration."""
     from bitplan.profiler.profile import gptq_hessians
 
-    if profile.model.fingerprint and loaded.ref.fingerprint != profile.model.fingerprint:
-        raise InvalidInput(f"the model at {profile.model.source or profile.model.name} is not the one "
-                           f"profile {profile.id} was measured on (fingerprints differ)")
+    check_same_model(loaded, profile.model, f"profile {profile.id}")
     planned = {m.name: (m, lin) for m, lin in planned_for(loaded.model, {m.name for m in profile.modules})}
     missing = [m.name for m in profile.modules if m.name not in planned]
     if missing:

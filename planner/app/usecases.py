@@ -370,6 +370,7 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
     from bitplan.executor.apply import missing_hessians
     from bitplan.executor.export import check_format, export_llamacpp, export_plan
     from bitplan.profiler import profile as prof
+    from bitplan.profiler.fitness import check_same_model
     from bitplan.profiler.model import planned_for
 
     check_format(fmt)
@@ -389,6 +390,8 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
         if modules is not None:
             return export_llamacpp(plan, modules, out, overwrite=overwrite)
     loaded = ws.model(plan.model.source)
+    # a model replaced at its source since it was profiled would be quantized with another model's plan
+    check_same_model(loaded, plan.model, f"plan {plan.id} (profile {plan.profile_id})")
     planned = planned_for(loaded.model, plan.assignment)
     quantizer = plan_quantizer(ws, plan)
     if gptq_inputs == "quantized":
