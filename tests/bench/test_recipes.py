@@ -1,0 +1,65 @@
+"""bench/recipes.py end to end, run as the script it is, on a tiny GPTQ profile: both GPTQ inputs for each
+plan, two texts, and paired intervals that hold their ratio; the per-window NLLs it pairs add up to the
+perplexity `evaluate_plans` reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]  # tests/bench/ -> the repository root
+
+@pytest.mark.slow  # a whole bench run in a subprocess
+def test_recipes_pairs_plans_on_shared_windows(tiny_checkpoint, text_file, tmp_path):
+    from bitplan.db.store import Store
+    from bitplan.db.types import Quantizer, parse_options
+    from bitplan.profiler.model import load_model
+    from bitplan.profiler.profile import profile_model
+
+    db = str(tmp_path / "bitplan.db")
+    loaded = load_model(str(tiny_checkpoint))
+    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,4,8"), calib=str(text_file), n_tokens=128,
+                                                   seq_len=64, quantizer=Quantizer(method="gptq"),
+                                                   estimator="fisher", progress=False))
+    out = tmp_path / "recipes.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id, "--budgets",
+           "3.5bpw", "--allocators", "uniform,ilp", "--texts", f"{text_file},code", "--tokens", "256", "--window",
+           "64", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["allocator"], r["gptq_inputs"]) for r in rows] == [
+        ("uniform", "original"), ("uniform", "quantized"), ("ilp", "original"), ("ilp", "quantized")]
+    for r in rows:
+        assert r["bits_per_weight"] <= 3.5
+        for text in (str(text_file), "code"):
+            m = r[text]
+            assert 1 < m["perplexity"] < 1e6 and m["kl"] >= 0
+            for key in ("vs_original_inputs", "vs_uniform"):
+                if key in m:
+                    lo, hi = m[key]["ci95"]
+                    assert lo <= m[key]["ratio"] <= hi
+    assert "vs_original_inputs" in rows[1][str(text_file)] and "vs_uniform" in rows[2]["code"]
+
+
+def test_per_window_nll_adds_up_to_the_perplexity(loaded):
+    import torch
+
+    from bitplan.db.types import Option
+    from bitplan.executor.evaluate import evaluate_plans
+    from bitplan.profiler.model import planned_linears
+
+    planned = planned_linears(loaded.model)
+    windows = torch.randint(0, loaded.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    plain, paired = (evaluate_plans(loaded.model, planned, [{m.name: Option(bits=3) for m, _ in planned}], windows,
+                                    progress=False, per_window=w)[0] for w in (False, True))
+    assert len(paired.pop("window_nll")) == 3 and paired == plain
+    nll = evaluate_plans(loaded.model, planned, [{m.name: Option(bits=3) for m, _ in planned}], windows,
+                         progress=False, per_window=True)[0]["window_nll"]
+    assert math.exp(sum(nll) / (3 * 15)) == pytest.approx(plain["perplexity"], rel=1e-12)
