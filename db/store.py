@@ -6,24 +6,26 @@ by id: saving what is already stored returns the stored object and changes nothi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import uuid
 import zlib
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bitplan.db.session import make_engine
-from bitplan.db.tables import (JOB_STATES, Base, CalibrationRow, EvaluationRow, JobRow, ModelRow, PlanRow,
-                               ProfileRow, utcnow)
-from bitplan.db.types import (CalibrationRef, Evaluation, InvalidInput, Kind, ModelRef, Module, NotFound,
-                              Option, Plan, Profile, Quantizer, content_id)
+from bitplan.db.tables import (JOB_FINAL, JOB_STATES, Base, CalibrationRow, EvaluationRow, JobRow, ModelRow,
+                               PlanRow, ProfileRow, utcnow)
+from bitplan.db.types import (BitplanError, CalibrationRef, Evaluation, InvalidInput, Kind, ModelRef, Module,
+                              NotFound, Option, Plan, Profile, Quantizer, content_id)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _Row = TypeVar("_Row", bound=Base)
@@ -128,9 +130,54 @@ def _evaluation(r: EvaluationRow) -> Evaluation:
     return Evaluation(**{c: getattr(r, c) for c in Evaluation.model_fields})
 
 
+JOB_FIELDS = ("id", "kind", "state", "progress", "message", "error", "params", "result_id", "created_at",
+              "updated_at", "worker", "heartbeat_at", "started_at", "finished_at", "attempts", "cancel_requested",
+              "eta_seconds", "result")
+
+
 def _job(r: JobRow) -> dict:
-    return {c: getattr(r, c) for c in ("id", "kind", "state", "progress", "message", "error", "params",
-                                        "result_id", "created_at", "updated_at")}
+    return {c: getattr(r, c) for c in JOB_FIELDS}
+
+
+class QueueFull(BitplanError):
+    """More jobs are waiting than the service takes (`max_queued`): the client retries later."""
+
+    status_code = 429
+
+
+class JobConflict(BitplanError):
+    """The job is not in a state that allows what was asked (cancelling a finished job)."""
+
+    status_code = 409
+
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+def encode_cursor(created_at: datetime, id: str) -> str:
+    """The opaque cursor after the row (`created_at`, `id`): base64 of both, meaningless to a client."""
+    raw = json.dumps([created_at.isoformat(), id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Inverse of `encode_cursor`; InvalidInput for anything it did not make."""
+    try:
+        created_at, id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), str(id)
+    except (ValueError, TypeError):
+        raise InvalidInput("the cursor is not one this service gave: pass a list's next_cursor as it came, or "
+                           "none for the first page") from None
+
+
+def _npy_rows(head: bytes) -> int:
+    """Rows of the np.save array whose first bytes are `head` (its header), without reading the rest."""
+    f = io.BytesIO(bytes(head))
+    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(f),
+                                                              np.lib.format.read_array_header_2_0)
+    shape, _, _ = read(f)
+    return int(shape[0])
 
 
 # ---------------------------------------------------------------------------------------- store
@@ -377,6 +424,181 @@ class Store:
             q = q.where(JobRow.state == state)
         with self._session() as s:
             return [_job(r) for r in s.scalars(q)]
+
+    def create_job_checked(self, kind: str, params: dict, *, max_queued: int | None = None) -> dict:
+        """`create_job`, refused with QueueFull while `max_queued` jobs wait already; returns the job."""
+        if max_queued is not None:
+            with self._session() as s:
+                waiting = s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == "queued"))
+            if waiting >= max_queued:
+                raise QueueFull(f"{waiting} jobs are waiting already (the service takes {max_queued}): retry when "
+                                f"some have run")
+        return self.get_job(self.create_job(kind, params))
+
+    def claim_job(self, worker: str) -> dict | None:
+        """The oldest queued job, now `running` under `worker`, or None when none waits.  Two workers never
+        claim one job: the update that takes it requires it still queued, and one of them loses."""
+        for _ in range(5):
+            with self._session.begin() as s:
+                id = s.scalar(select(JobRow.id).where(JobRow.state == "queued")
+                              .order_by(JobRow.created_at, JobRow.id).limit(1))
+                if id is None:
+                    return None
+                now = utcnow()
+                taken = s.execute(update(JobRow).where(JobRow.id == id, JobRow.state == "queued").values(
+                    state="running", worker=worker, heartbeat_at=now, updated_at=now, attempts=JobRow.attempts + 1,
+                    started_at=func.coalesce(JobRow.started_at, now), error=None)).rowcount
+            if taken:
+                return self.get_job(id)
+        return None
+
+    def heartbeat_job(self, id: str, worker: str, *, progress: float | None = None, message: str | None = None,
+                      eta_seconds: float | None = None) -> bool | None:
+        """`worker` still runs job `id` (with its progress, when given): whether a cancel was asked for, or
+        None when the job is no longer this worker's (it was recovered after a missed lease)."""
+        values: dict = {"heartbeat_at": utcnow(), "updated_at": utcnow(), "eta_seconds": eta_seconds}
+        if progress is not None:
+            values["progress"] = min(max(float(progress), 0.0), 1.0)
+        if message is not None:
+            values["message"] = message[:500]
+        with self._session.begin() as s:
+            held = s.execute(update(JobRow).where(JobRow.id == id, JobRow.worker == worker,
+                                                  JobRow.state == "running").values(**values)).rowcount
+            if not held:
+                return None
+            return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == id)))
+
+    def finish_job(self, id: str, worker: str | None, state: str, *, error: str | None = None,
+                   result_id: str | None = None, message: str | None = None, result: dict | None = None) -> bool:
+        """Job `id` ends in `state` (succeeded, failed, cancelled), if `worker` still holds it (None: whoever
+        does); False when it did not (another worker took it over, or it was over already)."""
+        if state not in JOB_FINAL:
+            raise InvalidInput(f"a job ends {' or '.join(JOB_FINAL)}, not {state!r}")
+        now = utcnow()
+        values: dict = dict(state=state, error=error, result_id=result_id, finished_at=now, updated_at=now,
+                            eta_seconds=None, result=result)
+        if state == "succeeded":
+            values["progress"] = 1.0
+        if message is not None:
+            values["message"] = message[:500]
+        q = update(JobRow).where(JobRow.id == id, JobRow.state.in_(("queued", "running")))
+        if worker is not None:
+            q = q.where(JobRow.worker == worker)
+        with self._session.begin() as s:
+            return bool(s.execute(q.values(**values)).rowcount)
+
+    def cancel_job(self, id: str) -> dict:
+        """Cancel job `id`: a queued one is cancelled at once, a running one when its worker next reports
+        (it sees `cancel_requested`); JobConflict for a job that is over."""
+        with self._session.begin() as s:
+            row = self._get(s, JobRow, id, "job")
+            if row.state in JOB_FINAL:
+                raise JobConflict(f"job {id} is {row.state} already: there is nothing to cancel")
+            row.cancel_requested, row.updated_at = True, utcnow()
+            if row.state == "queued":
+                row.state, row.finished_at, row.message = "cancelled", utcnow(), "cancelled before it started"
+            s.flush()
+            return _job(row)
+
+    def release_job(self, id: str, worker: str, *, requeue: bool, reason: str) -> bool:
+        """Take job `id` from `worker`, which is gone: back to the queue (to be resumed), or failed with
+        `reason`; a job whose cancel was asked for is cancelled instead.  False when `worker` no longer
+        held it (someone else recovered it first)."""
+        now = utcnow()
+        with self._session.begin() as s:
+            row = s.get(JobRow, id)
+            if row is None or row.state != "running" or row.worker != worker:
+                return False
+            if row.cancel_requested:
+                row.state, row.finished_at, row.message = "cancelled", now, reason
+            elif requeue:
+                row.state, row.worker, row.heartbeat_at, row.message = "queued", None, None, reason
+            else:
+                row.state, row.finished_at, row.error = "failed", now, reason
+            row.updated_at, row.eta_seconds = now, None
+        return True
+
+    def stale_jobs(self, lease: timedelta) -> list[dict]:
+        """Running jobs, each with `stale` set when its worker has not reported within `lease`."""
+        cutoff = utcnow() - lease
+        return [dict(j, stale=j["heartbeat_at"] is None or j["heartbeat_at"] < cutoff)
+                for j in self.list_jobs("running")]
+
+    # --------------------------------------------------------------------------------------- pages
+
+    def page_jobs(self, *, limit: int = DEFAULT_PAGE, cursor: str | None = None,
+                  state: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of jobs, newest first, and the cursor of the next page (None after the last)."""
+        q = select(JobRow)
+        if state is not None:
+            q = q.where(JobRow.state == state)
+        with self._session() as s:
+            rows = self._page(s, q, JobRow, limit, cursor)
+            return [_job(r) for r in rows[:limit]], self._next(rows, limit)
+
+    def page_plans(self, *, limit: int = DEFAULT_PAGE, cursor: str | None = None,
+                   profile_id: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of plan summaries (every column but the assignment, which is never read), newest first,
+        and the next page's cursor."""
+        columns = [c for c in PlanRow.__table__.columns if c.name != "assignment"]
+        q = select(*columns)
+        if profile_id is not None:
+            q = q.where(PlanRow.profile_id == profile_id)
+        with self._session() as s:
+            rows = self._page(s, q, PlanRow, limit, cursor, scalars=False)
+            out = []
+            for r in rows[:limit]:
+                d = dict(r._mapping)
+                d["model"] = d.pop("model_ref")
+                d["size_mib"] = (d["total_bits"] + d["fixed_bits"]) / 8 / 2**20
+                out.append(d)
+            return out, self._next(rows, limit)
+
+    def page_profiles(self, *, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of profile summaries, newest first (the matrices stay unread: the module count comes from
+        the error matrix's header), and the next page's cursor."""
+        skip = {"modules", "error", "size_bits", "latency"}
+        columns = [c for c in ProfileRow.__table__.columns if c.name not in skip]
+        q = select(*columns, func.substr(ProfileRow.error, 1, 256).label("error_head"),
+                   (ProfileRow.latency.is_not(None)).label("has_latency"))
+        with self._session() as s:
+            rows = self._page(s, q, ProfileRow, limit, cursor, scalars=False)
+            out = []
+            for r in rows[:limit]:
+                d = dict(r._mapping)
+                d["n_modules"] = _npy_rows(d.pop("error_head"))
+                d["model"], d["calibration"] = d.pop("model_ref"), d.pop("calibration_ref")
+                out.append(d)
+            return out, self._next(rows, limit)
+
+    def page_evaluations(self, *, limit: int = DEFAULT_PAGE, cursor: str | None = None,
+                         plan_id: str | None = None) -> tuple[list[Evaluation], str | None]:
+        """One page of evaluations, newest first, and the next page's cursor."""
+        q = select(EvaluationRow)
+        if plan_id is not None:
+            q = q.where(EvaluationRow.plan_id == plan_id)
+        with self._session() as s:
+            rows = self._page(s, q, EvaluationRow, limit, cursor)
+            return [_evaluation(r) for r in rows[:limit]], self._next(rows, limit)
+
+    @staticmethod
+    def _page(s: Session, q, table, limit: int, cursor: str | None, *, scalars: bool = True) -> list:
+        # keyset pagination on (created_at, id), newest first: a page costs the same at any depth, and rows
+        # added meanwhile neither repeat nor skip one; one row more than asked tells whether a next page exists
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        if cursor:
+            created_at, id = decode_cursor(cursor)
+            q = q.where(or_(table.created_at < created_at, (table.created_at == created_at) & (table.id < id)))
+        q = q.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+        return list(s.scalars(q) if scalars else s.execute(q))
+
+    @staticmethod
+    def _next(rows: list, limit: int) -> str | None:
+        if len(rows) <= limit:
+            return None
+        last = rows[limit - 1]
+        return encode_cursor(last.created_at, last.id)
 
     # ------------------------------------------------------------------------------------- helpers
 

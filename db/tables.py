@@ -12,8 +12,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Double, ForeignKey, LargeBinary,
-                        MetaData, String, Text)
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Double, ForeignKey, Index,
+                        LargeBinary, MetaData, String, Text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -26,7 +26,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_FINAL = ("succeeded", "failed", "cancelled")
 
 
 class UTCDateTime(TypeDecorator):
@@ -153,7 +154,8 @@ class EvaluationRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state"),
+        CheckConstraint("state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="state"),
+        Index("ix_jobs_created_at_id", "created_at", "id"),  # pages of the newest first (migration 0006)
     )
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -166,3 +168,13 @@ class JobRow(Base):
     result_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # a profile, plan or evaluation
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Who runs it (migration 0006): `host:pid:start` of the worker process, and when it last said it was
+    # alive; a running job whose worker is gone (dead pid, or no heartbeat within the lease) is recovered.
+    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # claims so far
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    eta_seconds: Mapped[float | None] = mapped_column(Double, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # what result_id cannot hold

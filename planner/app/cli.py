@@ -225,6 +225,22 @@ def _show_arguments(c: argparse.ArgumentParser) -> None:
 def _serve_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--workers", type=non_negative_int, default=1,
+                   help="worker processes that run jobs (default 1; 0: jobs wait for a `bitplan worker`)")
+
+
+def _worker_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--once", action="store_true", help="stop when no job is queued instead of waiting for more")
+    c.add_argument("--lease", type=positive_int, default=30,
+                   help="seconds without a heartbeat after which another worker's job is taken for dead "
+                        "and resumed (default 30)")
+    c.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # the `serve` whose death ends this worker
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    value = positive_int(text) if text.strip() != "0" else 0
+    return value
 
 
 def _demo_arguments(c: argparse.ArgumentParser) -> None:
@@ -476,10 +492,47 @@ def cmd_show(args):
 
 
 def cmd_serve(args):
+    import os
+    import subprocess
+    import threading
+
     import uvicorn
 
     from bitplan.planner.app.service import create_app
-    uvicorn.run(create_app(args.db), host=args.host, port=args.port)
+    app = create_app(args.db)  # migrates the database before the workers open it
+    # workers are processes of their own: a job's model and its CPU never sit in the server
+    argv = [sys.executable, "-m", "bitplan.planner.app.cli", "worker", "--parent", str(os.getpid())]
+    argv += ["--db", args.db] if args.db else []
+    argv += ["--quiet"] if args.quiet else []
+    workers = [subprocess.Popen(argv) for _ in range(args.workers)]
+    stop = threading.Event()
+
+    def supervise():  # a worker that died (killed, out of memory) is replaced; its job is recovered
+        while not stop.wait(1.0):
+            for i, w in enumerate(workers):
+                if w.poll() is not None and not stop.is_set():
+                    log.warning("worker pid %d ended (exit %s): starting another", w.pid, w.returncode)
+                    workers[i] = subprocess.Popen(argv)
+
+    threading.Thread(target=supervise, daemon=True, name="workers").start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    finally:
+        stop.set()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+def cmd_worker(args):
+    from bitplan.planner.app.worker import run_worker
+    ran = run_worker(args.db, parent=args.parent, once=args.once, lease=args.lease)
+    if args.once:
+        _emit(args, {"jobs": ran}, f"ran {ran} job{'s' if ran != 1 else ''}")
 
 
 def cmd_demo(args):
@@ -632,7 +685,8 @@ COMMANDS = [
     ("eval", cmd_eval, _eval_arguments, "measure perplexity of a checkpoint on held-out text; stores an Evaluation"),
     ("ls", cmd_ls, _ls_arguments, "list stored profiles, plans and evaluations"),
     ("show", cmd_show, _show_arguments, "show one stored profile, plan or evaluation"),
-    ("serve", cmd_serve, _serve_arguments, "start the HTTP service (OpenAPI docs at /docs)"),
+    ("serve", cmd_serve, _serve_arguments, "start the HTTP service and its job workers (OpenAPI docs at /docs)"),
+    ("worker", cmd_worker, _worker_arguments, "run queued jobs of the database (what `serve --workers` starts)"),
     ("demo", cmd_demo, _demo_arguments, "the main job: profile, plan (ilp and uniform), apply, reload, evaluate"),
 ]
 

@@ -2,33 +2,83 @@
 
 Library errors carry their HTTP status (`BitplanError.status_code`); one handler turns them into
 responses, so no route repeats a check. Every route declares its response model, so `/openapi.json`
-documents every response. Set `BITPLAN_TOKEN` to require `Authorization: Bearer <token>`.
+documents every response.
+
+Safe by default:
+
+- `BITPLAN_TOKEN` (or `token=`) requires `Authorization: Bearer <token>`, compared in constant time and
+  checked from the headers alone, before a byte of the body is read (`Guard`, outside FastAPI);
+- a request body larger than `max_body` bytes (`BITPLAN_MAX_BODY`, default 16 MiB) is refused with 413,
+  from its Content-Length or, streamed without one, as soon as the bytes read pass the limit;
+- every path a job names must lie inside the allowed roots (`BITPLAN_ROOTS`; `planner/app/jobs.py`);
+- messages name "the store" instead of the database's location and never echo a body.
+
+Long work runs as jobs (`POST /v1/jobs`), in worker processes (`planner/app/worker.py`), never in the
+server.  A quick plan (`POST /v1/plans`) is solved in the request, but in a pool of `solvers` threads of
+its own, off the event loop and off the threads that serve reads: a burst of plans does not hold up
+`GET`s.  Lists are pages of summaries (`limit`, `cursor`), the full object one `GET` away.
 
 No `from __future__ import annotations` here: FastAPI reads the route annotations at definition time,
 and `WorkspaceDep` is local to `create_app`.
 """
 
 
+import asyncio
+import hmac
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from bitplan.db.store import Store
-from bitplan.db.types import BitplanError, CalibrationRef, Evaluation, ModelRef, Option, Profile, Quantizer
+from bitplan.db.store import DEFAULT_PAGE, MAX_PAGE, Store
+from bitplan.db.tables import JOB_FINAL
+from bitplan.db.types import BitplanError, CalibrationRef, Evaluation, ModelRef, Option, Quantizer
+from bitplan.planner.app.jobs import JobBody, allowed_roots, submit
 from bitplan.planner.app.usecases import run_plan
 from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.request import PlanRequest
+
+MAX_BODY = 16 * 2**20  # bytes: a profile file of a 45k-module MoE model is a few MiB
+MAX_QUEUED = 1000  # jobs waiting at once
+SOLVERS = 2  # threads solving quick plans at once (this machine has 2 cores)
+OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # readable without the token
 
 
 class PlanBody(PlanRequest):
     """`POST /v1/plans`: the stored profile to plan, and the plan request."""
 
     profile_id: str = Field(description="id of a stored profile")
+
+
+class PlanSummary(BaseModel):
+    """A stored plan without its assignment (`GET /v1/plans/{id}` has it)."""
+
+    id: str
+    profile_id: str
+    model: ModelRef
+    budget: str
+    budget_bits: int
+    allocator: str
+    params: dict[str, Any]
+    pins: list[str]
+    total_bits: int
+    fixed_bits: int
+    n_params: int
+    bits_per_weight: float
+    size_mib: float
+    predicted_error: float
+    status: str
+    solve_seconds: float
+    created_at: datetime
+    predicted_latency: dict[int, float] | None = None
+    latency_source: str | None = None
 
 
 class PlanDocument(BaseModel):
@@ -74,10 +124,10 @@ class ProfileHead(BaseModel):
 
 
 class ProfileSummary(ProfileHead):
-    """A stored profile without its matrices."""
+    """A stored profile without its modules and matrices (`GET /v1/profiles/{id}` has them)."""
 
     n_modules: int
-    n_params: int
+    has_latency: bool
     created_at: datetime
 
 
@@ -91,34 +141,73 @@ class ProfileDocument(ProfileHead):
     modules: list[dict[str, Any]]
 
 
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobSummary(BaseModel):
+    """A job without its params and result (`GET /v1/jobs/{id}` has them)."""
+
+    id: str
+    kind: str
+    state: JobState
+    progress: float = Field(description="0..1, of the step named in `message`")
+    message: str = Field(description="what is being done (the CLI's progress bar), with an ETA where known")
+    eta_seconds: float | None = None
+    error: str | None = Field(None, description="why it failed")
+    result_id: str | None = Field(None, description="the profile, plan or evaluation it made")
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobDocument(JobSummary):
+    """A job: what was asked (`params`), where it stands, and what it made."""
+
+    params: dict[str, Any]
+    result: dict[str, Any] | None = Field(None, description="what it made beyond an id: a compare's rows, "
+                                                            "an apply's checkpoint")
+    attempts: int = Field(description="times a worker took it (more than 1: resumed after a worker died)")
+    cancel_requested: bool
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list, newest first; pass `next_cursor` as `cursor` for the next (null: the last)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
 class ErrorDocument(BaseModel):
     detail: Any = Field(description="what was wrong with the request, and what to send instead")
 
 
-ERRORS = {status: {"model": ErrorDocument} for status in (401, 404, 422)}
+ERRORS = {status: {"model": ErrorDocument} for status in (401, 403, 404, 413, 422)}
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="items per page")]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the page before")]
 
 
-def profile_summary(p: Profile) -> ProfileSummary:
-    return ProfileSummary(id=p.id, model=p.model, calibration=p.calibration, estimator=p.estimator, quantizer=p.quantizer, device=p.device,
-                          options=p.options, n_modules=len(p.modules), n_params=p.n_params, fixed_bits=p.fixed_bits,
-                          created_at=p.created_at)
-
-
-def create_app(db_url: str | None = None, token: str | None = None) -> FastAPI:
-    """The app over the store at `db_url` (default: `$BITPLAN_DB` or the user data dir)."""
+def create_app(db_url: str | None = None, token: str | None = None, *, roots: str | None = None,
+               max_body: int | None = None, max_queued: int = MAX_QUEUED, solvers: int = SOLVERS):
+    """The app over the store at `db_url` (default: `$BITPLAN_DB` or the user data dir), wrapped in its
+    `Guard`.  `token`, `roots` and `max_body` default to `$BITPLAN_TOKEN`, `$BITPLAN_ROOTS` and
+    `$BITPLAN_MAX_BODY`."""
     workspace = Workspace(Store(db_url), progress=False)
     token = token if token is not None else os.environ.get("BITPLAN_TOKEN")
-
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        if token and authorization != f"Bearer {token}":
-            raise _Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <BITPLAN_TOKEN>'")
+    max_body = max_body if max_body is not None else int(os.environ.get("BITPLAN_MAX_BODY") or MAX_BODY)
+    allowed = allowed_roots(roots)
+    solver = ThreadPoolExecutor(max_workers=solvers, thread_name_prefix="bitplan-solve")
 
     def get_workspace() -> Workspace:
         return workspace
 
     WorkspaceDep = Annotated[Workspace, Depends(get_workspace)]
-    app = FastAPI(title="bitplan", version="0.1.0", dependencies=[Depends(authorize)], responses=ERRORS,
+    app = FastAPI(title="bitplan", version="0.2.0", responses=ERRORS,
                   description="Mixed-precision quantization plans for LLMs under a memory budget.")
+    app.state.workspace, app.state.roots = workspace, allowed
 
     # the store's location is the server's business: a message names "the store" instead
     hidden = {workspace.store.url, workspace.store.engine.url.database or workspace.store.url}
@@ -137,39 +226,171 @@ def create_app(db_url: str | None = None, token: str | None = None) -> FastAPI:
                   for err in e.errors()[:10]]
         return JSONResponse(status_code=422, content={"detail": errors})
 
+    # ------------------------------------------------------------------------------------ profiles
+
     @app.get("/v1/profiles")
-    def list_profiles(ws: WorkspaceDep) -> list[ProfileSummary]:
-        """List stored profiles, newest first (without their error matrices)."""
-        return [profile_summary(p) for p in ws.store.list_profiles()]
+    def list_profiles(ws: WorkspaceDep, limit: Limit = DEFAULT_PAGE, cursor: Cursor = None) -> Page[ProfileSummary]:
+        """Stored profiles, newest first, without their modules and matrices."""
+        items, next_cursor = ws.store.page_profiles(limit=limit, cursor=cursor)
+        return Page[ProfileSummary](items=items, next_cursor=next_cursor)
 
     @app.get("/v1/profiles/{profile_id}")
     def get_profile(profile_id: str, ws: WorkspaceDep) -> ProfileDocument:
         """A stored profile in the interchange format."""
         return ProfileDocument.model_validate(ws.store.get_profile(profile_id).to_dict())
 
-    @app.post("/v1/plans", status_code=201)
-    def create_plan(body: PlanBody, ws: WorkspaceDep) -> PlanDocument:
-        """Plan a stored profile for a memory budget with one allocator; the plan is stored."""
+    # --------------------------------------------------------------------------------------- plans
+
+    def solve(profile_id: str, request: PlanRequest) -> Response:
+        # in a solver thread: the solve and the serialization of a plan of any size stay off the event loop
+        plan = run_plan(workspace, profile_id, request)
+        return Response(json.dumps(plan.to_dict()), status_code=201, media_type="application/json")
+
+    @app.post("/v1/plans", status_code=201, response_model=PlanDocument)
+    async def create_plan(body: PlanBody):
+        """Plan a stored profile for a memory budget with one allocator; the plan is stored.  Quick
+        allocators only in practice: the evolutionary search is a job (`POST /v1/jobs`, kind plan)."""
         request = PlanRequest(**body.model_dump(exclude={"profile_id"}))
-        return PlanDocument.model_validate(run_plan(ws, body.profile_id, request).to_dict())
+        return await asyncio.wrap_future(solver.submit(solve, body.profile_id, request))
 
     @app.get("/v1/plans/{plan_id}")
     def get_plan(plan_id: str, ws: WorkspaceDep) -> PlanDocument:
-        """A stored plan."""
+        """A stored plan, with its assignment."""
         return PlanDocument.model_validate(ws.store.get_plan(plan_id).to_dict())
 
     @app.get("/v1/plans")
-    def list_plans(ws: WorkspaceDep, profile_id: str | None = None) -> list[PlanDocument]:
-        """Stored plans, optionally of one profile."""
-        return [PlanDocument.model_validate(p.to_dict()) for p in ws.store.list_plans(profile_id)]
+    def list_plans(ws: WorkspaceDep, profile_id: str | None = None, limit: Limit = DEFAULT_PAGE,
+                   cursor: Cursor = None) -> Page[PlanSummary]:
+        """Stored plans, newest first, optionally of one profile, without their assignments."""
+        items, next_cursor = ws.store.page_plans(limit=limit, cursor=cursor, profile_id=profile_id)
+        return Page[PlanSummary](items=items, next_cursor=next_cursor)
 
     @app.get("/v1/evaluations")
-    def list_evaluations(ws: WorkspaceDep, plan_id: str | None = None) -> list[Evaluation]:
-        """Stored evaluations, optionally of one plan."""
-        return ws.store.list_evaluations(plan_id)
+    def list_evaluations(ws: WorkspaceDep, plan_id: str | None = None, limit: Limit = DEFAULT_PAGE,
+                         cursor: Cursor = None) -> Page[Evaluation]:
+        """Stored evaluations, newest first, optionally of one plan."""
+        items, next_cursor = ws.store.page_evaluations(limit=limit, cursor=cursor, plan_id=plan_id)
+        return Page[Evaluation](items=items, next_cursor=next_cursor)
 
-    return app
+    @app.get("/v1/evaluations/{evaluation_id}")
+    def get_evaluation(evaluation_id: str, ws: WorkspaceDep) -> Evaluation:
+        """A stored evaluation."""
+        return ws.store.get_evaluation(evaluation_id)
+
+    # ---------------------------------------------------------------------------------------- jobs
+
+    @app.post("/v1/jobs", status_code=202)
+    def create_job(body: JobBody, ws: WorkspaceDep) -> JobDocument:
+        """Queue a profile, apply, eval, compare or plan job; a worker runs it.  `params` take the CLI's
+        argument and flag names; every path must lie inside the allowed roots (403 otherwise)."""
+        return JobDocument.model_validate(submit(ws.store, body.kind, body.params, allowed, max_queued=max_queued))
+
+    @app.get("/v1/jobs")
+    def list_jobs(ws: WorkspaceDep, state: JobState | None = None, limit: Limit = DEFAULT_PAGE,
+                  cursor: Cursor = None) -> Page[JobSummary]:
+        """Jobs, newest first, optionally in one state."""
+        items, next_cursor = ws.store.page_jobs(limit=limit, cursor=cursor, state=state)
+        return Page[JobSummary](items=items, next_cursor=next_cursor)
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str, ws: WorkspaceDep) -> JobDocument:
+        """A job: its state, progress, error and result."""
+        return JobDocument.model_validate(ws.store.get_job(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, ws: WorkspaceDep) -> JobDocument:
+        """Cancel a job: a queued one at once, a running one within a heartbeat of its worker (409 when
+        it is over already)."""
+        return JobDocument.model_validate(ws.store.cancel_job(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events", response_model=None, response_class=StreamingResponse,
+             responses={200: {"description": "server-sent events: one `progress` event (a JobDocument) per "
+                                             "change, the last one when the job is over",
+                              "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/JobDocument"}}}}})
+    async def job_events(job_id: str, request: Request, interval: Annotated[float, Query(ge=0.1, le=10)] = 0.5):
+        """The job's progress as server-sent events, until it is over."""
+        first = await run_in_threadpool(workspace.store.get_job, job_id)  # 404 before the stream starts
+
+        async def events():
+            job, last = first, None
+            while True:
+                shown = JobDocument.model_validate(job).model_dump_json()
+                if shown != last:
+                    yield f"event: progress\ndata: {shown}\n\n"
+                    last = shown
+                if job["state"] in JOB_FINAL or await request.is_disconnected():
+                    return
+                await asyncio.sleep(interval)
+                job = await run_in_threadpool(workspace.store.get_job, job_id)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return Guard(app, token=token, max_body=max_body)
 
 
-class _Unauthorized(BitplanError):
-    status_code = 401
+class Guard:
+    """ASGI middleware in front of the app: the bearer token (from the headers alone, in constant time)
+    and the body limit (Content-Length, then the bytes as they come), before FastAPI reads anything.
+
+    The body is read here, up to the limit, and handed on whole: FastAPI turns an error raised while it
+    reads a body into a 400, so the limit must be enforced before the app starts."""
+
+    def __init__(self, app: FastAPI, *, token: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    def __getattr__(self, name: str):  # `openapi()`, `state`, `routes`: the app's
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await _reply(send, 401, "missing or wrong bearer token: send 'Authorization: Bearer "
+                                              "<BITPLAN_TOKEN>'", {b"www-authenticate": b"Bearer"})
+        too_large = (f"the request body is larger than this service takes ({self.max_body} bytes, "
+                     f"BITPLAN_MAX_BODY): send less")
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _reply(send, 400, "Content-Length is not a number")
+            if int(length) > self.max_body:
+                return await _reply(send, 413, too_large)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and length is None \
+                and b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body:
+                return await _reply(send, 413, too_large)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return whole
+            return await receive()  # later: the client's disconnect, as it comes
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, detail: str, headers: dict[bytes, bytes] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), *(headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

@@ -121,7 +121,7 @@ def test_0004_splits_the_quantizer_off_the_estimator(tmp_path, make_profile):
         got = {p.id: p for p in store.list_profiles()}
         with store.engine.connect() as conn:
             head = ScriptDirectory.from_config(db_session.alembic_config()).get_current_head()
-            assert head == "0005"
+            assert head == "0006"
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head
     assert (got["prof-gptq"].estimator, got["prof-gptq"].quantizer) == ("fisher", Quantizer(method="gptq"))
     assert got["prof-gptq"].quantizer.model_dump() == {"method": "gptq", "damp": 0.1, "block_size": 128,

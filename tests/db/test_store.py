@@ -182,11 +182,11 @@ def test_jobs(store):
     assert (job["state"], job["progress"]) == ("queued", 0.0)
     assert job["params"] == {"model": "smol", "options": [2, 4]}
     store.update_job(id, state="running", progress=0.5, message="block 15/30")
-    job = store.update_job(id, state="done", progress=1.0, result_id="prof-1")
-    assert (job["state"], job["progress"], job["result_id"]) == ("done", 1.0, "prof-1")
+    job = store.update_job(id, state="succeeded", progress=1.0, result_id="prof-1")
+    assert (job["state"], job["progress"], job["result_id"]) == ("succeeded", 1.0, "prof-1")
     assert job["message"] == "block 15/30"  # not given in the last update, so kept
     assert job["updated_at"] >= job["created_at"] and job["updated_at"].tzinfo is not None
-    assert [j["id"] for j in store.list_jobs("done")] == [id] and store.list_jobs("running") == []
+    assert [j["id"] for j in store.list_jobs("succeeded")] == [id] and store.list_jobs("running") == []
     with pytest.raises(InvalidInput, match="state"):
         store.update_job(id, state="exploded")
     with pytest.raises(InvalidInput, match="progress"):

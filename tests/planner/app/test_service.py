@@ -48,12 +48,36 @@ def test_create_read_list(server):
         assert plan["bits_per_weight"] <= 3.5 and plan["status"] == "optimal"
         assert c.get(f"/v1/plans/{plan['id']}").json() == plan
         assert store.get_plan(plan["id"]).to_dict() == plan
-        assert [p["id"] for p in c.get("/v1/plans", params={"profile_id": "prof-synthetic"}).json()] == [plan["id"]]
-        assert c.get("/v1/plans", params={"profile_id": "prof-other"}).json() == []
-        profiles = c.get("/v1/profiles").json()
+        page = c.get("/v1/plans", params={"profile_id": "prof-synthetic"}).json()
+        assert [p["id"] for p in page["items"]] == [plan["id"]] and page["next_cursor"] is None
+        assert "assignment" not in page["items"][0]  # a summary: the assignment is one GET away
+        assert page["items"][0]["size_mib"] == pytest.approx(plan["size_mib"])
+        assert c.get("/v1/plans", params={"profile_id": "prof-other"}).json() == {"items": [], "next_cursor": None}
+        profiles = c.get("/v1/profiles").json()["items"]
         assert [p["id"] for p in profiles] == ["prof-synthetic"] and profiles[0]["n_modules"] == 211
+        assert "modules" not in profiles[0]
         assert c.get("/v1/profiles/prof-synthetic").json()["format"] == "bitplan.profile/2"
         assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
+
+
+def test_pages_walk_every_plan_once(server):
+    base, store = server
+    budgets = [f"{b / 4}bpw" for b in range(10, 17)]  # 7 plans
+    with httpx.Client(base_url=base, timeout=30) as c:
+        made = {c.post("/v1/plans", json={"profile_id": "prof-synthetic", "budget": b, "allocator": "greedy"}).json()["id"]
+                for b in budgets}
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = c.get("/v1/plans", params={"limit": 3, **({"cursor": cursor} if cursor else {})}).json()
+            seen += [p["id"] for p in page["items"]]
+            pages, cursor = pages + 1, page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 3 and sorted(seen) == sorted(made) and len(seen) == len(made)
+        assert seen == [p.id for p in store.list_plans()]  # newest first, as the store lists them
+        for bad in ({"limit": 0}, {"limit": 10_000}, {"cursor": "not-a-cursor"}):
+            r = c.get("/v1/plans", params=bad)
+            assert r.status_code == 422, (bad, r.text)
 
 
 BAD = {
@@ -94,19 +118,89 @@ def test_bearer_token(tmp_path):
     app = create_app(str(tmp_path / "t.db"), token="s3cret")
     with TestClient(app) as c:
         assert c.get("/v1/profiles").status_code == 401
-        assert c.get("/v1/profiles", headers={"Authorization": "Bearer s3cret"}).json() == []
+        assert c.get("/v1/profiles", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+        assert c.get("/v1/profiles", headers={"Authorization": "Bearer s3cret"}).json()["items"] == []
+        assert c.get("/openapi.json").status_code == 200  # the docs are no secret
+
+
+def _raw(port: int, head: str, body: bytes = b"", *, wait: float = 5.0) -> tuple[int, bytes, float]:
+    """Send `head` (and `body`) on a socket; the status, the answer, and the seconds it took to come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        t0 = time.perf_counter()
+        s.sendall(head.encode() + body)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return int(answer.split(b" ", 2)[1]), answer, time.perf_counter() - t0
+
+
+@pytest.fixture()
+def guarded(tmp_path, make_profile):
+    """A live server with a token and a 64 KiB body limit; yields its port."""
+    url = str(tmp_path / "g.db")
+    Store(url).save_profile(make_profile())
+    port = free_port()
+    app = create_app(url, token="s3cret", max_body=65536)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+GUARD = {
+    # the body is announced but never sent: an answer at all shows the headers alone decided it
+    "no token, body never sent": ("Content-Length: 10000000\r\n", None, b"", 401),
+    "wrong token, body never sent": ("Content-Length: 10000000\r\n", "Bearer wrong", b"", 401),
+    "too long by Content-Length": ("Content-Length: 10000000\r\n", "Bearer s3cret", b"", 413),
+    "too long, streamed": ("Transfer-Encoding: chunked\r\n", "Bearer s3cret",
+                           b"".join(b"%x\r\n%s\r\n" % (8192, b"x" * 8192) for _ in range(20)) + b"0\r\n\r\n", 413),
+    "bad Content-Length": ("Content-Length: lots\r\n", "Bearer s3cret", b"", 400),
+}
+
+
+@pytest.mark.parametrize("case", GUARD, ids=list(GUARD))
+def test_token_and_size_before_the_body(guarded, case):
+    length, auth, body, status = GUARD[case]
+    head = (f"POST /v1/plans HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{length}"
+            + (f"Authorization: {auth}\r\n" if auth else "") + "\r\n")
+    got, answer, seconds = _raw(guarded, head, body)
+    assert got == status and seconds < 4, answer[:300]
+    assert b"detail" in answer or status == 400
+
+
+def test_a_body_under_the_limit_passes(guarded):
+    with httpx.Client(base_url=f"http://127.0.0.1:{guarded}", timeout=30,
+                      headers={"Authorization": "Bearer s3cret"}) as c:
+        r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "budget": "3.5bpw"})
+        assert r.status_code == 201, r.text
+        def chunks():  # streamed without a Content-Length, under the limit
+            yield json.dumps({"profile_id": "prof-synthetic", "budget": "3bpw"}).encode()
+        r = c.post("/v1/plans", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "pins": ["x" * 70_000]})
+        assert r.status_code == 413 and "send less" in r.text
 
 
 def test_every_route_documents_its_response(tmp_path):
     """/openapi.json gives a schema for every route's success response, and the error shape for 4xx."""
     spec = create_app(str(tmp_path / "o.db"), token="").openapi()
     routes = [(path, method, op) for path, ops in spec["paths"].items() for method, op in ops.items()]
-    assert len(routes) == 6
+    assert len(routes) == 12
     for path, method, op in routes:
         ok = next(v for k, v in op["responses"].items() if k.startswith("2"))
-        schema = ok["content"]["application/json"]["schema"]
-        assert schema.get("$ref") or schema.get("items", {}).get("$ref"), (method, path, schema)
-        assert {"404", "422"} <= set(op["responses"]), (method, path)
+        content = ok["content"].get("application/json") or ok["content"]["text/event-stream"]
+        assert content["schema"].get("$ref"), (method, path, content)
+        assert {"401", "404", "413", "422"} <= set(op["responses"]), (method, path)
+    pages = [k for k in spec["components"]["schemas"] if k.startswith("Page")]
+    assert len(pages) == 4 and all("next_cursor" in spec["components"]["schemas"][k]["properties"] for k in pages)
+    assert "assignment" not in spec["components"]["schemas"]["PlanSummary"]["properties"]
     plan = spec["components"]["schemas"]["PlanDocument"]["properties"]
     assert {"assignment", "bits_per_weight", "size_mib", "status"} <= set(plan)
     body = spec["components"]["schemas"]["PlanBody"]
