@@ -67,6 +67,10 @@ def main(argv=None):
     ap.add_argument("--profile", required=True, help="stored profile id")
     ap.add_argument("--budgets", default="2.5bpw,3.0bpw,3.5bpw,4.0bpw")
     ap.add_argument("--allocators", default="uniform,ilp")
+    ap.add_argument("--plans", help="ALLOCATOR@BUDGET,...: these plans instead of every allocator at every budget")
+    ap.add_argument("--pairs", default="", help="A@BUDGET:B@BUDGET,...: also give the perplexity of plan A over "
+                                                "plan B's, per GPTQ inputs (each allocator is paired with uniform at "
+                                                "its own budget where both are run)")
     ap.add_argument("--gptq-inputs", default="original,quantized")
     ap.add_argument("--texts", default="shakespeare:eval,code", help="comma-separated: shakespeare:eval, code, "
                                                                      "or a file or glob")
@@ -77,6 +81,7 @@ def main(argv=None):
     import torch
 
     from bitplan.db.store import Store
+    from bitplan.db.types import Option
     from bitplan.executor.evaluate import evaluate_plans
     from bitplan.kernels.quantize import GPTQCache
     from bitplan.planner.app.usecases import run_plan
@@ -101,33 +106,39 @@ def main(argv=None):
     shared = ws.gptq_cache(profile.id) or GPTQCache().claim(profile.id)
     meta = harness.metadata(args, profile=profile.id, estimator=profile.estimator, quantizer=quantizer.label,
                             texts=meta_texts, hessians_seconds=time.perf_counter() - t0)
-    rows, nll = [], {}
-    for budget in args.budgets.split(","):
-        for allocator in args.allocators.split(","):
-            plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator))
-            for inputs in args.gptq_inputs.split(","):
-                t0 = time.perf_counter()
-                cache = shared if inputs == "original" else prof.gptq_propagated(
-                    loaded, profile, planned, plan.assignment, progress=True)
-                row = dict(budget=budget, allocator=allocator, gptq_inputs=inputs, plan_id=plan.id,
-                           bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
-                           predicted_error=plan.predicted_error, gptq_seconds=time.perf_counter() - t0)
-                for name, windows in texts.items():
-                    r = evaluate_plans(loaded.model, planned, [plan.assignment], windows.ids, quantizer=quantizer,
-                                       hessians=hessians, cache=cache, per_window=True, progress=False)[0]
-                    nll[budget, allocator, inputs, name] = r.pop("window_nll")
-                    row[name] = r
-                row["seconds"] = time.perf_counter() - t0
-                rows.append(row)
-                print(f"{budget:>8} {allocator:>10} {inputs:>9}  {plan.bits_per_weight:.3f} bpw  " + "  ".join(
-                    f"{n}: ppl {row[n]['perplexity']:8.2f} kl {row[n]['kl']:.4f}" for n in texts), flush=True)
-                harness.write_result(args.out, {"rows": rows}, meta)
+    base = {m.name: Option(bits=16) for m, _ in planned}
+    rows = [dict(budget="-", allocator="unquantized", gptq_inputs="-", bits_per_weight=16.0, **{
+        name: evaluate_plans(loaded.model, planned, [base], w.ids, progress=False)[0] for name, w in texts.items()})]
+    nll = {}
+    plans = ([tuple(p.split("@")[::-1]) for p in args.plans.split(",")] if args.plans else
+             [(b, a) for b in args.budgets.split(",") for a in args.allocators.split(",")])
+    for budget, allocator in plans:
+        plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator))
+        for inputs in args.gptq_inputs.split(","):
+            t0 = time.perf_counter()
+            cache = shared if inputs == "original" else prof.gptq_propagated(
+                loaded, profile, planned, plan.assignment, progress=True)
+            row = dict(budget=budget, allocator=allocator, gptq_inputs=inputs, plan_id=plan.id,
+                       bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
+                       predicted_error=plan.predicted_error, gptq_seconds=time.perf_counter() - t0)
+            for name, windows in texts.items():
+                r = evaluate_plans(loaded.model, planned, [plan.assignment], windows.ids, quantizer=quantizer,
+                                   hessians=hessians, cache=cache, per_window=True, progress=False)[0]
+                nll[budget, allocator, inputs, name] = r.pop("window_nll")
+                row[name] = r
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print(f"{budget:>8} {allocator:>10} {inputs:>9}  {plan.bits_per_weight:.3f} bpw  " + "  ".join(
+                f"{n}: ppl {row[n]['perplexity']:8.2f} kl {row[n]['kl']:.4f}" for n in texts), flush=True)
+            harness.write_result(args.out, {"rows": rows}, meta)
     scored = args.window - 1
+    chosen = [tuple(tuple(side.split("@")[::-1]) for side in pair.split(":")) for pair in args.pairs.split(",") if pair]
     for row in rows:  # the paired comparisons, each over the same windows
         key = row["budget"], row["allocator"], row["gptq_inputs"]
         for name in texts:
             pairs = {"vs_original_inputs": (row["budget"], row["allocator"], "original"),
                      "vs_uniform": (row["budget"], "uniform", row["gptq_inputs"])}
+            pairs.update({f"vs_{b[1]}@{b[0]}": (*b, row["gptq_inputs"]) for a, b in chosen if a == key[:2]})
             for label, other in pairs.items():
                 if other != key and (*other, name) in nll:
                     r, lo, hi = paired_ratio(nll[(*key, name)], nll[(*other, name)], scored)

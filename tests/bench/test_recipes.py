@@ -28,16 +28,19 @@ def test_recipes_pairs_plans_on_shared_windows(tiny_checkpoint, text_file, tmp_p
                                                    seq_len=64, quantizer=Quantizer(method="gptq"),
                                                    estimator="fisher", progress=False))
     out = tmp_path / "recipes.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id, "--budgets",
-           "3.5bpw", "--allocators", "uniform,ilp", "--texts", f"{text_file},code", "--tokens", "256", "--window",
+    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id, "--plans",
+           "uniform@3.5bpw,ilp@3.5bpw,ilp@5bpw", "--pairs", "ilp@3.5bpw:ilp@5bpw", "--texts", f"{text_file},code", "--tokens", "256", "--window",
            "64", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    base, *rows = json.loads(out.read_text())["rows"]
+    assert base["allocator"] == "unquantized" and base["code"]["kl"] == pytest.approx(0, abs=1e-6)
     assert [(r["allocator"], r["gptq_inputs"]) for r in rows] == [
-        ("uniform", "original"), ("uniform", "quantized"), ("ilp", "original"), ("ilp", "quantized")]
+        ("uniform", "original"), ("uniform", "quantized"), ("ilp", "original"), ("ilp", "quantized"),
+        ("ilp", "original"), ("ilp", "quantized")]
+    assert "vs_ilp@5bpw" in rows[2]["code"]
     for r in rows:
-        assert r["bits_per_weight"] <= 3.5
+        assert r["bits_per_weight"] <= float(r["budget"].removesuffix("bpw"))
         for text in (str(text_file), "code"):
             m = r[text]
             assert 1 < m["perplexity"] < 1e6 and m["kl"] >= 0
