@@ -227,6 +227,8 @@ def _serve_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--port", type=int, default=8000)
     c.add_argument("--workers", type=non_negative_int, default=1,
                    help="worker processes that run jobs (default 1; 0: jobs wait for a `bitplan worker`)")
+    c.add_argument("--solve-in", choices=["processes", "threads"],
+                   help="where quick plans are solved: 2 processes (default; $BITPLAN_SOLVE_IN) or 2 threads")
 
 
 def _worker_arguments(c: argparse.ArgumentParser) -> None:
@@ -499,7 +501,9 @@ def cmd_serve(args):
     import uvicorn
 
     from bitplan.planner.app.service import create_app
-    app = create_app(args.db)  # migrates the database before the workers open it
+    # quick plans are solved in processes of their own: a burst of them never holds up a read (docs/service.md)
+    solve_in = args.solve_in or os.environ.get("BITPLAN_SOLVE_IN") or "processes"
+    app = create_app(args.db, solve_in=solve_in)  # migrates the database before the workers open it
     # workers are processes of their own: a job's model and its CPU never sit in the server
     argv = [sys.executable, "-m", "bitplan.planner.app.cli", "worker", "--parent", str(os.getpid())]
     argv += ["--db", args.db] if args.db else []

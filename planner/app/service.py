@@ -14,9 +14,9 @@ Safe by default:
 - messages name "the store" instead of the database's location and never echo a body.
 
 Long work runs as jobs (`POST /v1/jobs`), in worker processes (`planner/app/worker.py`), never in the
-server.  A quick plan (`POST /v1/plans`) is solved in the request, but in a pool of `solvers` threads of
-its own, off the event loop and off the threads that serve reads: a burst of plans does not hold up
-`GET`s.  Lists are pages of summaries (`limit`, `cursor`), the full object one `GET` away.
+server.  A quick plan (`POST /v1/plans`) is solved in the request, but by a pool of `solvers` of its own
+(processes under `bitplan serve`, threads by default here), off the event loop and off the threads that
+serve reads: a burst of plans does not hold up `GET`s.  Lists are pages of summaries (`limit`, `cursor`), the full object one `GET` away.
 
 No `from __future__ import annotations` here: FastAPI reads the route annotations at definition time,
 and `WorkspaceDep` is local to `create_app`.
@@ -26,8 +26,9 @@ and `WorkspaceDep` is local to `create_app`.
 import asyncio
 import hmac
 import json
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -47,7 +48,8 @@ from bitplan.planner.request import PlanRequest
 
 MAX_BODY = 16 * 2**20  # bytes: a profile file of a 45k-module MoE model is a few MiB
 MAX_QUEUED = 1000  # jobs waiting at once
-SOLVERS = 2  # threads solving quick plans at once (this machine has 2 cores)
+SOLVERS = 2  # quick plans solved at once (this machine has 2 cores)
+SOLVE_IN = "threads"  # or "processes" (`BITPLAN_SOLVE_IN`), which `bitplan serve` uses
 OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # readable without the token
 
 
@@ -191,15 +193,22 @@ Cursor = Annotated[str | None, Query(description="`next_cursor` of the page befo
 
 
 def create_app(db_url: str | None = None, token: str | None = None, *, roots: str | None = None,
-               max_body: int | None = None, max_queued: int = MAX_QUEUED, solvers: int = SOLVERS):
+               max_body: int | None = None, max_queued: int = MAX_QUEUED, solvers: int = SOLVERS,
+               solve_in: Literal["threads", "processes"] | None = None):
     """The app over the store at `db_url` (default: `$BITPLAN_DB` or the user data dir), wrapped in its
     `Guard`.  `token`, `roots` and `max_body` default to `$BITPLAN_TOKEN`, `$BITPLAN_ROOTS` and
-    `$BITPLAN_MAX_BODY`."""
+    `$BITPLAN_MAX_BODY`; quick plans are solved by `solvers` threads, or processes (`solve_in`)."""
     workspace = Workspace(Store(db_url), progress=False)
     token = token if token is not None else os.environ.get("BITPLAN_TOKEN")
     max_body = max_body if max_body is not None else int(os.environ.get("BITPLAN_MAX_BODY") or MAX_BODY)
     allowed = allowed_roots(roots)
-    solver = ThreadPoolExecutor(max_workers=solvers, thread_name_prefix="bitplan-solve")
+    solve_in = solve_in or os.environ.get("BITPLAN_SOLVE_IN") or SOLVE_IN
+    if solve_in == "processes":
+        # a solve holds the GIL for most of its time: in processes of their own, reads never wait for it
+        solver = ProcessPoolExecutor(max_workers=solvers, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        solver = ThreadPoolExecutor(max_workers=solvers, thread_name_prefix="bitplan-solve")
+    _WORKSPACES[db_url] = workspace  # a thread solves with the server's own workspace
 
     def get_workspace() -> Workspace:
         return workspace
@@ -241,17 +250,15 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
 
     # --------------------------------------------------------------------------------------- plans
 
-    def solve(profile_id: str, request: PlanRequest) -> Response:
-        # in a solver thread: the solve and the serialization of a plan of any size stay off the event loop
-        plan = run_plan(workspace, profile_id, request)
-        return Response(json.dumps(plan.to_dict()), status_code=201, media_type="application/json")
-
     @app.post("/v1/plans", status_code=201, response_model=PlanDocument)
     async def create_plan(body: PlanBody):
         """Plan a stored profile for a memory budget with one allocator; the plan is stored.  Quick
         allocators only in practice: the evolutionary search is a job (`POST /v1/jobs`, kind plan)."""
-        request = PlanRequest(**body.model_dump(exclude={"profile_id"}))
-        return await asyncio.wrap_future(solver.submit(solve, body.profile_id, request))
+        request = body.model_dump(exclude={"profile_id"})
+        kind, status, text = await asyncio.wrap_future(solver.submit(_solve, db_url, body.profile_id, request))
+        if kind == "refused":
+            raise _Refused(text, status)
+        return Response(text, status_code=201, media_type="application/json")
 
     @app.get("/v1/plans/{plan_id}")
     def get_plan(plan_id: str, ws: WorkspaceDep) -> PlanDocument:
@@ -327,6 +334,31 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return Guard(app, token=token, max_body=max_body)
+
+
+_WORKSPACES: dict[str | None, Workspace] = {}  # per process: the workspace each database is solved with
+
+
+def _solve(db_url: str | None, profile_id: str, request: dict) -> tuple[str, int, str]:
+    """Solve and store one plan, in a solver thread or process: `("plan", 201, its JSON)`, or
+    `("refused", status, message)` (a library error crosses a process boundary as its status and text).
+    The serialization of a plan of any size happens here too, off the event loop."""
+    ws = _WORKSPACES.get(db_url)
+    if ws is None:
+        ws = _WORKSPACES[db_url] = Workspace(Store(db_url), progress=False)
+    try:
+        plan = run_plan(ws, profile_id, PlanRequest(**request))
+    except BitplanError as e:
+        return "refused", e.status_code, str(e)
+    return "plan", 201, json.dumps(plan.to_dict())
+
+
+class _Refused(BitplanError):
+    """A library error of a solver, with its status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status_code = status
 
 
 class Guard:

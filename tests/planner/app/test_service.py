@@ -106,6 +106,20 @@ def test_bad_requests(server, case):
     assert str(store.engine.url.database) not in r.text  # the server's paths are not the client's business
 
 
+def test_plans_solved_in_processes(tmp_path, make_profile):
+    """What `bitplan serve` runs: the solve in a process of its own, a library error back as its status."""
+    from fastapi.testclient import TestClient
+    url = str(tmp_path / "p.db")
+    Store(url).save_profile(make_profile())
+    with TestClient(create_app(url, token="", solve_in="processes", solvers=1)) as c:
+        r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "budget": "3bpw"})
+        assert r.status_code == 201 and Store(url).get_plan(r.json()["id"]).budget == "3bpw"
+        r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "budget": "1bpw"})
+        assert r.status_code == 422 and "smallest" in r.json()["detail"]
+        r = c.post("/v1/plans", json={"profile_id": "prof-nope"})
+        assert r.status_code == 404 and str(tmp_path) not in r.text
+
+
 def test_a_bad_body_is_not_echoed(server):
     base, _ = server
     with httpx.Client(base_url=base, timeout=30) as c:
