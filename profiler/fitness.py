@@ -166,6 +166,11 @@ class KLFitness:
     @torch.no_grad()
     def fitness(self, choice: np.ndarray, rows: Sequence[int]) -> float:
         """Mean KL(base ‖ choice) per token over fitness `rows`."""
+        return sum(self.fitness_rows(choice, rows)) / len(rows)
+
+    @torch.no_grad()
+    def fitness_rows(self, choice: np.ndarray, rows: Sequence[int]) -> list[float]:
+        """KL(base ‖ choice) per token of each fitness row."""
         rows = [int(r) for r in rows]
         if not rows or min(rows) < 0 or max(rows) >= self.n_rows:
             raise ValueError(f"fitness rows must lie in [0, {self.n_rows})")
@@ -174,10 +179,10 @@ class KLFitness:
         if self.reference is not None and all(r in self.reference_kl for r in rows):
             differ = np.flatnonzero(choice != self.reference)
             if differ.size == 0:
-                return sum(self.reference_kl[r] for r in rows) / (len(rows) * self.row_tokens)
+                return [self.reference_kl[r] / self.row_tokens for r in rows]
             first = int(self.layer[differ].min())
         self.install(choice)
-        return sum(self._sums(first, rows)) / (len(rows) * self.row_tokens)
+        return [s / self.row_tokens for s in self._sums(first, rows)]
 
     @torch.no_grad()
     def heldout(self, choice: np.ndarray) -> float:

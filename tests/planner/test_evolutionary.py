@@ -164,9 +164,9 @@ def test_a_plan_worse_on_held_out_text_gives_back_the_start():
     start = ilp.solve(p).choice
 
     class Fooled(evo.AdditiveOracle):
-        def fitness(self, choice, rows):
+        def fitness_rows(self, choice, rows):  # `fitness` is their mean
             self.tokens_used += len(rows) * self.row_tokens
-            return -float((choice != start).sum())
+            return [-float((choice != start).sum())] * len(rows)
 
         def heldout(self, choice):
             self.tokens_used += self.heldout_rows * self.row_tokens
@@ -186,9 +186,9 @@ def test_the_result_is_the_best_held_out_parent_not_the_last():
     rated = []  # every parent held-out text saw, in order (the start first)
 
     class Overfits(evo.AdditiveOracle):
-        def fitness(self, choice, rows):
+        def fitness_rows(self, choice, rows):
             self.tokens_used += len(rows) * self.row_tokens
-            return -float((choice != start).sum())
+            return [-float((choice != start).sum())] * len(rows)
 
         def heldout(self, choice):
             self.tokens_used += self.heldout_rows * self.row_tokens
@@ -362,3 +362,25 @@ def test_compare_runs_the_search_beside_the_additive_allocators(tiny_profile, tm
             assert plan.status.startswith("heuristic (KL fitness") and plan.params["generations"] == 2
     with pytest.raises(InvalidInput, match="evolutionary allocator"):
         run_compare(Workspace(Store(db)), profile.id, "3bpw", ["ilp"], PlanRequest(params={"generations": 2}))
+
+
+def test_the_final_contest_spends_reserve_rows_only_where_it_is_close():
+    """A clear contest is decided on the stage's rows; a close one draws reserve rows, and so picks the
+    truly better side more often than one look at the stage's rows does."""
+    from bitplan.planner.allocators.evolutionary.search import race
+
+    p = synthetic.convex_problem(4, U=10, O=5)
+    parent = ilp.solve(AllocationProblem(p.error, p.size, p.allowed, (p.smallest() + p.largest()) // 2)).choice
+    child = parent.copy()
+    child[0] = (child[0] + 1) % p.n_options
+    gap = abs(p.total_error(child) - p.total_error(parent))
+    rows, reserve = [0, 1, 2, 3], list(range(4, 64))
+    clear = evo.AdditiveOracle(p, n_rows=64, noise=gap / 100)
+    assert race(clear, child, parent, rows, reserve)[0] == (p.total_error(child) < p.total_error(parent))
+    assert clear.tokens_used == 2 * len(rows) * clear.row_tokens
+    right = {}
+    for name, spare in (("racing", reserve), ("stage rows only", [])):
+        decided = [race(evo.AdditiveOracle(p, n_rows=64, noise=2 * gap, seed=s), child, parent, rows, spare)[0]
+                   for s in range(200)]
+        right[name] = np.mean([d == (p.total_error(child) < p.total_error(parent)) for d in decided])
+    assert right["racing"] > right["stage rows only"] + 0.1, right

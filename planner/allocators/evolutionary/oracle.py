@@ -20,8 +20,9 @@ class FitnessOracle(Protocol):
     (after `solve`'s `unit` lifting: per module); lower fitness is better.
 
     Optional: `prepare(choice, rows)` — called with each generation's parent and all its rows before
-    any `fitness` call of that generation, so an oracle can cache the parent's work; `describe()` — a
-    JSON-able dict of what the oracle measures on (recorded in plans and search states).
+    any `fitness` call of that generation, so an oracle can cache the parent's work; `fitness_rows(choice,
+    rows)` — the fitness of each row, whose mean is `fitness` (else the search asks row by row); `describe()`
+    — a JSON-able dict of what the oracle measures on (recorded in plans and search states).
     """
 
     n_rows: int  # fitness rows (sequences) available to stages: row indices 0..n_rows-1
@@ -58,14 +59,15 @@ class AdditiveOracle:
         self.heldout_rows, self.noise, self.seed = heldout_rows, noise, seed
         self.tokens_used = 0
 
-    def _score(self, choice: np.ndarray, rows: Sequence[int]) -> float:
+    def fitness_rows(self, choice: np.ndarray, rows: Sequence[int]) -> list[float]:
         self.tokens_used += len(rows) * self.row_tokens
         value = self.problem.total_error(choice)
-        if self.noise:
-            key = zlib.crc32(np.asarray(choice, dtype=np.int64).tobytes())
-            draws = [np.random.default_rng([self.seed, key, int(r)]).standard_normal() for r in rows]
-            value += self.noise * float(np.mean(draws))
-        return value
+        key = zlib.crc32(np.asarray(choice, dtype=np.int64).tobytes())
+        return [value + (self.noise * float(np.random.default_rng([self.seed, key, int(r)]).standard_normal())
+                         if self.noise else 0.0) for r in rows]
+
+    def _score(self, choice: np.ndarray, rows: Sequence[int]) -> float:
+        return float(np.mean(self.fitness_rows(choice, rows)))
 
     def fitness(self, choice: np.ndarray, rows: Sequence[int]) -> float:
         return self._score(choice, rows)
@@ -92,6 +94,10 @@ class OnModules:
 
     def fitness(self, choice, rows):
         return self.oracle.fitness(choice[self.unit], rows)
+
+    def fitness_rows(self, choice, rows):
+        from bitplan.planner.allocators.evolutionary.search import fitness_rows
+        return fitness_rows(self.oracle, choice[self.unit], rows)
 
     def heldout(self, choice):
         return self.oracle.heldout(choice[self.unit])

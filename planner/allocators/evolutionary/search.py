@@ -17,6 +17,9 @@ from bitplan.planner.allocators.evolutionary.state import SearchState, read_stat
 from bitplan.planner.problem import AllocationProblem, Assignment, refuse_latency, require_feasible
 
 DEFAULT_STAGE_ROWS = (1, 2, 4)  # fitness rows per stage when `stage_tokens` is not given
+# the final contest (`race`) scores more rows while child and parent are within RACE_Z standard errors,
+# up to RACE_ROWS times the last stage's rows
+RACE_Z, RACE_ROWS = 2.0, 4
 IMPROVEMENT = 1e-12  # relative; a held-out value must beat the best by more than this to count
 
 Child = tuple[np.ndarray, int]  # a plan and its total bits
@@ -73,27 +76,54 @@ class Stages:
                                f"offspring) for each of the {S - 1} stages before the last")
         return cls(rows, survivors)
 
-    def draw(self, rng: np.random.Generator, n_rows: int) -> list[list[int]]:
+    def draw(self, rng: np.random.Generator, n_rows: int) -> tuple[list[list[int]], list[int]]:
         """A generation's rows: consecutive slices of a seeded permutation of the pool, one per stage,
-        disjoint while the pool lasts."""
+        disjoint while the pool lasts; and the rows no stage drew (the final contest's reserve)."""
         perm = rng.permutation(n_rows)
         offsets = np.cumsum([0, *self.rows])
-        return [[int(perm[(o + j) % n_rows]) for j in range(r)] for o, r in zip(offsets[:-1], self.rows)]
+        drawn = [[int(perm[(o + j) % n_rows]) for j in range(r)] for o, r in zip(offsets[:-1], self.rows)]
+        return drawn, [int(r) for r in perm[offsets[-1]:]]
+
+
+def fitness_rows(oracle: FitnessOracle, choice: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+    """`choice`'s fitness on each of `rows` (the oracle's `fitness_rows` where it has one)."""
+    each = getattr(oracle, "fitness_rows", None)
+    return np.asarray(each(choice, rows) if each else [oracle.fitness(choice, [r]) for r in rows], dtype=float)
 
 
 def staged_selection(oracle: FitnessOracle, parent: np.ndarray, kids: list[Child],
-                     stage_rows: list[list[int]], survivors: list[int]) -> tuple[Child | None, float]:
-    """Staged (1+λ) selection: cut `kids` down on more and more rows; at the last stage the parent joins
-    and only a strictly better child replaces it.  The winning child (None: the parent stays) and the
-    best fitness of the last stage."""
+                     stage_rows: list[list[int]], survivors: list[int],
+                     reserve: Sequence[int] = ()) -> tuple[Child | None, float]:
+    """Staged (1+λ) selection: cut `kids` down on more and more rows; at the last stage the best child
+    meets the parent (`race`), and only a better child replaces it.  The winning child (None: the parent
+    stays) and the best mean fitness of the contest."""
     alive = kids
     for rows, keep in zip(stage_rows[:-1], survivors):
         scores = [oracle.fitness(kid, rows) for kid, _ in alive]
         alive = [alive[j] for j in np.argsort(scores, kind="stable")[:keep]]
     scores = [oracle.fitness(kid, stage_rows[-1]) for kid, _ in alive]
-    parent_score = oracle.fitness(parent, stage_rows[-1])
-    j = int(np.argmin(scores))
-    return (alive[j] if scores[j] < parent_score else None), min(scores[j], parent_score)
+    child = alive[int(np.argmin(scores))]
+    wins, child_mean, parent_mean = race(oracle, child[0], parent, stage_rows[-1], reserve)
+    return (child if wins else None), min(child_mean, parent_mean)
+
+
+def race(oracle: FitnessOracle, child: np.ndarray, parent: np.ndarray, rows: Sequence[int],
+         reserve: Sequence[int] = (), z: float = RACE_Z) -> tuple[bool, float, float]:
+    """Child against parent, paired row by row: while the mean difference lies within `z` standard errors
+    of zero, another `len(rows)` rows of `reserve` are scored, up to `RACE_ROWS` times `rows` (the tokens go
+    where the contest is close, not where one side is clearly better); the child wins if its mean is lower
+    on all rows scored.
+    Returns (child wins, child's mean, parent's mean)."""
+    rows, reserve = list(rows), list(reserve)[:(RACE_ROWS - 1) * len(rows)]
+    c, p = fitness_rows(oracle, child, rows), fitness_rows(oracle, parent, rows)
+    while reserve and len(c) > 1:
+        d = c - p
+        if abs(d.mean()) > z * d.std(ddof=1) / np.sqrt(len(d)):
+            break
+        more, reserve = reserve[:len(rows)], reserve[len(rows):]
+        c = np.concatenate([c, fitness_rows(oracle, child, more)])
+        p = np.concatenate([p, fitness_rows(oracle, parent, more)])
+    return bool(c.mean() < p.mean()), float(c.mean()), float(p.mean())
 
 
 def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None = None,
@@ -204,11 +234,11 @@ class _Search:
         kids = self._offspring(rng)
         if not kids:
             return "no budget-keeping move left"
-        stage_rows = self.stages.draw(rng, self.oracle.n_rows)
+        stage_rows, reserve = self.stages.draw(rng, self.oracle.n_rows)
         if hasattr(self.oracle, "prepare"):
             self.oracle.prepare(self.state.parent, sorted({r for rows in stage_rows for r in rows}))
         winner, best = staged_selection(self.oracle, self.state.parent, kids, stage_rows,
-                                        self.stages.survivors)
+                                        self.stages.survivors, reserve)
         if winner is not None:
             self.state.parent, self.total = winner
             self.state.accepted += 1
