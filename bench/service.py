@@ -16,6 +16,14 @@ that an apply's output is whole (it holds its plan) or absent, and `PRAGMA integ
 
     python bench/service.py                 # 300 plans, 20 kill cycles (about 10 minutes on 2 cores)
     python bench/service.py --quick         # 40 plans, 2 kill cycles
+
+On PostgreSQL, several replicas: `--db postgresql://USER@HOST:PORT/DB --replicas 2` runs each burst on a
+new database of that server (made and dropped by the run: the user needs CREATEDB), served by two
+`bitplan serve` processes on two ports, the POSTs sent to each in turn and the GETs to the first; the
+plans are read back from the database.  The kill -9 cycles keep their SQLite file.
+
+    python bench/service.py --db postgresql://bitplan@127.0.0.1:5433/postgres --replicas 2 --skip-faults \
+        --out bench/results/service_postgres.json
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -61,7 +70,7 @@ def pct(xs: list[float], q: float) -> float | None:
 class Server:
     """`bitplan serve` in a process of its own (a session of its own: kill -9 reaches it alone)."""
 
-    def __init__(self, db: Path, root: Path, *, workers: int, log: Path, solve_in: str | None = None):
+    def __init__(self, db: Path | str, root: Path, *, workers: int, log: Path, solve_in: str | None = None):
         self.db, self.root, self.workers, self.log, self.solve_in = db, root, workers, log, solve_in
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -127,15 +136,41 @@ def probe(url: str, out: str, stop_file: str) -> None:
     Path(out).write_text(json.dumps(rows))
 
 
-def burst(n_plans: int, work: Path, solve_in: str) -> dict:
+def fresh_database(server_url: str | None, work: Path, name: str) -> tuple[str, Callable[[], None]]:
+    """A new, empty database and the call that removes it: a SQLite file under `work`, or, given a
+    PostgreSQL server's URL, a database made on that server (never one that holds data already)."""
+    if not server_url:
+        return str(work / f"{name}.db"), lambda: None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url).set(drivername="postgresql+psycopg")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    db = f"bitplan_bench_{name}_{os.getpid()}".replace("-", "_")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url.set(database=db).render_as_string(hide_password=False), drop
+
+
+def burst(n_plans: int, work: Path, solve_in: str, *, db_server: str | None = None, replicas: int = 1) -> dict:
     from bitplan.db.store import Store
     from bitplan.planner import synthetic
 
-    db = work / f"burst-{solve_in}.db"
-    store = Store(str(db))
+    db, drop = fresh_database(db_server, work, f"burst-{solve_in}")
+    store = Store(db)
     store.save_profile(synthetic.synthetic_profile())
     store.close()
-    server = Server(db, work, workers=0, log=work / "burst-server.log", solve_in=solve_in).start()
+    servers = [Server(db, work, workers=0, log=work / f"burst-server-{i}.log", solve_in=solve_in)
+               for i in range(replicas)]
+    for s in servers:
+        s.start()
+    server = servers[0]
     try:
         # one plan first: the solvers have started and imported what they need before the burst
         httpx.post(f"{server.url}/v1/plans", json={"profile_id": "prof-synthetic", "budget": "4.5bpw"}, timeout=120)
@@ -145,22 +180,25 @@ def burst(n_plans: int, work: Path, solve_in: str) -> dict:
         prober = subprocess.Popen([sys.executable, __file__, "--probe", server.url, str(probe_out), str(stop_file)])
         time.sleep(1.0)  # the prober has its first GETs in before the burst
         t0 = time.time()
-        posts = asyncio.run(_post_all(server.url, n_plans))
+        posts = asyncio.run(_post_all([s.url for s in servers], n_plans))
         t1 = time.time()
         stop_file.write_text("")
         prober.wait(timeout=120)
         gets = json.loads(probe_out.read_text())
     finally:
-        server.stop()
+        for s in servers:
+            s.stop()
     during = [g for g in gets if t0 <= g["t"] <= t1]
     ok = [p for p in posts if p["status"] == 201]
-    store = Store(str(db))
+    store = Store(db)
     stored = {p.id for p in store.list_plans()} - {p.id for p in store.list_plans() if p.budget == "4.5bpw"}
     lost = [p["id"] for p in ok if p["id"] not in stored]
     store.close()
+    drop()
     post_s = [p["seconds"] for p in posts]
     get_s = [g["seconds"] for g in during]
     return {
+        "db": "postgresql" if db_server else "sqlite", "replicas": replicas,
         "solve_in": solve_in, "plans": n_plans, "seconds": round(t1 - t0, 2), "post_errors": len(posts) - len(ok),
         "error_statuses": sorted({p["status"] for p in posts if p["status"] != 201}),
         "lost_writes": len(lost), "distinct_plans_stored": len(stored),
@@ -180,15 +218,15 @@ def _probe_for(url: str, stem: Path, seconds: float) -> list[float]:
     return [g["seconds"] for g in json.loads(out.read_text())]
 
 
-async def _post_all(url: str, n: int) -> list[dict]:
+async def _post_all(urls: list[str], n: int) -> list[dict]:
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
         async def one(i: int) -> dict:
             body = {"profile_id": "prof-synthetic", "budget": f"{2.5 + 1.5 * i / n:.4f}bpw",
                     "allocator": ALLOCATORS[i % len(ALLOCATORS)]}
             t0 = time.perf_counter()
             try:
-                r = await c.post("/v1/plans", json=body)
+                r = await c.post(f"{urls[i % len(urls)]}/v1/plans", json=body)
                 status, id = r.status_code, (r.json().get("id") if r.status_code == 201 else None)
             except httpx.HTTPError as e:
                 status, id = type(e).__name__, None
@@ -279,7 +317,8 @@ def faults(n: int, work: Path, seed: int) -> list[dict]:
                           else profile_params(model, root, i))
                 job = c.post("/v1/jobs", json={"kind": kind, "params": params}).json()
                 running = wait_for(c, job["id"], ("running", "succeeded", "failed"), 300)
-                time.sleep(rng.uniform(0.5, 3.0))  # into its work: loading, quantizing, measuring blocks
+                # into its work (loading, quantizing, measuring blocks): an apply of this model takes a second or two
+                time.sleep(rng.uniform(0.05, 1.0) if kind == "apply" else rng.uniform(0.5, 3.0))
                 at_kill = c.get(f"/v1/jobs/{job['id']}").json()
                 t0 = time.monotonic()
                 if target == "server":
@@ -323,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--solve-in", default="threads,processes",
                     help="where the server solves quick plans (BITPLAN_SOLVE_IN); one burst each (default both)")
+    ap.add_argument("--db", metavar="URL", help="a PostgreSQL server (postgresql://USER@HOST:PORT/DB): each burst on a new "
+                                               "database of it (default: a new SQLite file)")
+    ap.add_argument("--replicas", type=int, default=1, help="`bitplan serve` processes sharing the database (default 1)")
     ap.add_argument("--skip-burst", action="store_true")
     ap.add_argument("--skip-faults", action="store_true")
     args = ap.parse_args(argv)
@@ -333,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_burst:
             result["burst"] = []
             for solve_in in args.solve_in.split(","):
-                print(f"burst: {args.plans} concurrent plans solved in {solve_in}, GETs beside them", flush=True)
-                result["burst"].append(burst(args.plans, work, solve_in))
+                print(f"burst: {args.plans} concurrent plans solved in {solve_in} by {args.replicas} server(s) on "
+                      f"{'PostgreSQL' if args.db else 'SQLite'}, GETs beside them", flush=True)
+                result["burst"].append(burst(args.plans, work, solve_in, db_server=args.db, replicas=args.replicas))
                 harness.write_result(args.out, result, meta)
             print(harness.table(result["burst"], [
-                ("solved in", "solve_in", "<"), ("plans", "plans", "d"), ("errors", "post_errors", "d"),
+                ("db", "db", "<"), ("replicas", "replicas", "d"), ("solved in", "solve_in", "<"), ("plans", "plans", "d"), ("errors", "post_errors", "d"),
                 ("lost", "lost_writes", "d"), ("POST p50 s", "post_p50_s", ".3f"), ("POST p99 s", "post_p99_s", ".3f"),
                 ("GETs", "gets_during", "d"), ("GET p50 ms", lambda r: r["get_p50_s"] * 1e3, ".1f"),
                 ("GET p99 ms", lambda r: r["get_p99_s"] * 1e3, ".1f"), ("GET max ms", lambda r: r["get_max_s"] * 1e3, ".1f"),
@@ -346,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"faults: {args.kills} kill -9 cycles", flush=True)
             rows = faults(args.kills, work, args.seed)
             result["faults"] = {"cycles": len(rows), "ok": sum(r["ok"] for r in rows),
+                                "killed_while_running": sum(r["state_at_kill"] == "running" for r in rows),
                                 "with_leftovers": sum(bool(r["leftovers"]) for r in rows),
                                 "succeeded": sum(r["state"] == "succeeded" for r in rows),
                                 "failed": sum(r["state"] == "failed" for r in rows), "rows": rows}
