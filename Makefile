@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 LOCK_TORCH  ?= 2.13.0
 LOCK_TRITON ?= 3.7.1
 
-.PHONY: setup llamacpp demo test test-fast docs lock clean
+.PHONY: setup llamacpp demo test test-fast docs lock clean sysdeps
 
 define install
 	$(1)/bin/python -m pip install -q $(2) "torch==$(LOCK_TORCH)"
@@ -70,8 +70,24 @@ demo: setup
 # The documentation site is built first: a broken link or a page missing from the nav fails the run.
 # llama.cpp's tools are built first too, and BITPLAN_REQUIRE_LLAMACPP makes a test that needs them fail,
 # not skip, should they be missing.
-test: setup llamacpp docs
-	BITPLAN_REQUIRE_LLAMACPP=1 TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: setup llamacpp docs sysdeps
+	BITPLAN_REQUIRE_LLAMACPP=1 BITPLAN_REQUIRE_POSTGRES=1 BITPLAN_REQUIRE_BROWSER=1 TRITON_INTERPRET=1 PYTHONSAFEPATH=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's programs the tests drive, installed where missing (apt-get, as root or through sudo): a
+# PostgreSQL server (tests/db start one of their own on a free port) and headless Chromium
+# (tests/planner/app/test_web.py).  BITPLAN_REQUIRE_POSTGRES / BITPLAN_REQUIRE_BROWSER then make a test
+# that cannot find them fail instead of skip.
+sysdeps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -z "$$missing" ] && exit 0; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	echo "make sysdeps: installing$$missing from Debian's packages"; \
+	{ $$sudo apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q \
+		--no-install-recommends $$missing >/dev/null; } || { echo "make sysdeps: could not install$$missing \
+	(apt-get install$$missing needs root and Debian's package lists): install them, then run make test again" >&2; \
+		exit 1; }
 
 docs: setup
 	$(BIN)/mkdocs build --strict --quiet --site-dir "$$(mktemp -d)"

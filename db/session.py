@@ -2,6 +2,11 @@
 
 The schema is made only by the alembic migrations in `bitplan.db.migrations`, run by
 `make_engine` on every open (a no-op when the database is already at head).
+
+SQLite is the default; PostgreSQL (`postgresql://user:password@host/db`, the driver from the `postgres`
+extra: psycopg 3) serves a team: several service replicas and workers on several hosts.  The same
+migrations run on both, each open under a lock (a file beside SQLite, an advisory lock on PostgreSQL),
+so processes starting at once on a fresh database do not create its tables twice.
 """
 
 from __future__ import annotations
@@ -13,11 +18,17 @@ import platformdirs
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
+
+from bitplan.db.types import InvalidInput
 
 ENV_VAR = "BITPLAN_DB"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# pg_advisory_xact_lock's key for "migrating bitplan's schema": any constant that other applications
+# sharing the server are unlikely to use
+PG_MIGRATE_LOCK = 0x6269_7470_6C61_6E  # "bitplan"
 
 
 def database_url(url: str | None = None) -> str:
@@ -31,6 +42,20 @@ def database_url(url: str | None = None) -> str:
     if "://" in url:
         return url
     return f"sqlite:///{Path(url).expanduser().resolve()}"
+
+
+def _sa_url(url: str) -> URL:
+    """The parsed URL, PostgreSQL's driver named: `postgres://` (as many hosts write it) and a bare
+    `postgresql://` mean psycopg 3, the driver the `postgres` extra installs (SQLAlchemy 2.0 would take
+    psycopg2 for the bare name)."""
+    try:
+        sa_url = make_url(url)
+    except ArgumentError:
+        raise InvalidInput(f"{url[:60]!r} is neither a SQLite file nor a database URL (sqlite:///FILE, "
+                           "postgresql://USER:PASSWORD@HOST/DB)") from None
+    if sa_url.drivername in ("postgres", "postgresql"):
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    return sa_url
 
 
 def _is_memory(url) -> bool:
@@ -63,7 +88,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def _upgrade(engine: Engine, revision: str) -> None:
     cfg = alembic_config()
-    with engine.connect() as conn:
+    try:
+        conn = engine.connect()
+    except OperationalError as e:
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(e.orig or e).strip().splitlines()[0][:200]
+        raise InvalidInput(f"cannot open the database {where}: {reason}") from None
+    with conn:
         sqlite = conn.dialect.name == "sqlite"
         if sqlite:
             # Batch migrations recreate tables; with foreign keys on, dropping a referenced table
@@ -72,6 +103,10 @@ def _upgrade(engine: Engine, revision: str) -> None:
             conn.commit()
         try:
             with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    # held until this transaction ends: a second process waits, then finds the schema
+                    # at head (PostgreSQL's DDL is transactional, so it sees all of it or none)
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATE_LOCK})")
                 # Passing the connection (not the URL) is what makes an in-memory database work.
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)
@@ -87,12 +122,19 @@ def _upgrade(engine: Engine, revision: str) -> None:
 
 def make_engine(url: str | None = None, *, migrate: bool = True) -> Engine:
     """An engine for `database_url(url)`, SQLite tuned (WAL, foreign keys), migrated to head."""
-    sa_url = make_url(database_url(url))
+    sa_url = _sa_url(database_url(url))
     kwargs: dict = {}
     if _is_memory(sa_url):
         # One shared connection, or each checkout would see its own empty database.
         kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
-    engine = create_engine(sa_url, **kwargs)
+    elif sa_url.get_backend_name() != "sqlite":
+        # a server restarts or drops idle connections: test each one before handing it out
+        kwargs = {"pool_pre_ping": True}
+    try:
+        engine = create_engine(sa_url, **kwargs)
+    except (ImportError, NoSuchModuleError) as e:
+        extra = " (pip install 'bitplan[postgres]')" if sa_url.get_backend_name() == "postgresql" else ""
+        raise InvalidInput(f"no driver for {sa_url.drivername} databases here{extra}: {e}"[:300]) from None
     if sa_url.get_backend_name() == "sqlite":
         memory = _is_memory(sa_url)
 

@@ -680,6 +680,29 @@ def _csv(s: str) -> list[str]:
 
 
 
+# ------------------------------------------------------------------------------------------ db copy
+
+
+def _db_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("action", choices=["copy"],
+                   help="copy: every profile, plan, evaluation and job of --from that --to lacks (run it again to "
+                        "copy what was added since; stop the services writing to --from first)")
+    c.add_argument("--from", dest="source", metavar="URL",
+                   help="the database to copy from (default: --db, $BITPLAN_DB, or the user data dir's SQLite file)")
+    c.add_argument("--to", dest="target", metavar="URL", required=True,
+                   help="the database to copy into, e.g. postgresql://USER:PASSWORD@HOST/DB (migrated first)")
+
+
+def cmd_db(args):
+    from bitplan.db.store import Store, copy_store
+    with Store(args.source or args.db) as source, Store(args.target) as target:
+        counts = copy_store(source, target)
+        where = {"from": source.url, "to": target.url}
+    lines = [f"copied {where['from']} -> {where['to']}"]
+    lines += [f"  {table:<18} {c['copied']:>7} copied  {c['present']:>7} there already" for table, c in counts.items()]
+    _emit(args, {**where, "tables": counts}, "\n".join(lines))
+
+
 # name, what it runs, its arguments, its help line
 COMMANDS = [
     ("profile", cmd_profile, _profile_arguments, "measure every module's quantization error at every option; stores a Profile"),
@@ -692,6 +715,7 @@ COMMANDS = [
     ("serve", cmd_serve, _serve_arguments, "start the HTTP service and its job workers (OpenAPI docs at /docs)"),
     ("worker", cmd_worker, _worker_arguments, "run queued jobs of the database (what `serve --workers` starts)"),
     ("demo", cmd_demo, _demo_arguments, "the main job: profile, plan (ilp and uniform), apply, reload, evaluate"),
+    ("db", cmd_db, _db_arguments, "copy a store into another database (a SQLite file into PostgreSQL)"),
 ]
 
 

@@ -1,8 +1,18 @@
-"""Small profiles, plans and evaluations (the fresh file database per test, `store`, is tests/conftest.py's)."""
+"""Small profiles, plans and evaluations; and the databases the store's tests run on: a fresh SQLite file
+and a fresh database on a PostgreSQL server that this test session starts (`db_url`, `store`)."""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +79,120 @@ def make_evaluation():
         return Evaluation(**fields)
 
     return make
+
+
+# ------------------------------------------------------------------------------------- PostgreSQL
+
+REQUIRE_POSTGRES = "BITPLAN_REQUIRE_POSTGRES"
+PG_USER = "bitplan"
+
+
+def _pg_bin() -> Path | None:
+    """The newest installed PostgreSQL's programs (Debian's package puts them off PATH)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parent.parent.name))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own for this test session (Debian's package: `make sysdeps` installs it):
+    a new cluster in a temporary folder, on a free loopback port, trusting local connections, stopped and
+    removed at the end; its base URL (`postgresql://bitplan@127.0.0.1:PORT`).  initdb refuses to run as
+    root, so as root the server runs as the `postgres` user (made by the package), else `nobody`.  Where
+    the programs are missing the test is skipped, except under $BITPLAN_REQUIRE_POSTGRES (`make test` sets
+    it): it fails."""
+    bin_dir = _pg_bin()
+    missing = None
+    if bin_dir is None:
+        missing = "PostgreSQL's server programs are not installed (apt-get install postgresql; `make sysdeps`)"
+    elif importlib.util.find_spec("psycopg") is None:
+        missing = "the PostgreSQL driver is not installed (pip install 'bitplan[postgres]')"
+    if missing:
+        if os.environ.get(REQUIRE_POSTGRES):
+            pytest.fail(f"{REQUIRE_POSTGRES} is set and {missing}")
+        pytest.skip(missing)
+    # not pytest's tmp_path: its folders are private to root, and the server may run as another user
+    home = Path(tempfile.mkdtemp(prefix="bitplan-pg-"))
+    run_as: dict = {}
+    if os.geteuid() == 0:
+        account = next((a for a in ("postgres", "nobody") if _has_user(a)), None)
+        if account is None:
+            pytest.fail("running as root and neither a postgres nor a nobody user exists to run PostgreSQL as")
+        import pwd
+
+        entry = pwd.getpwnam(account)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    port = _free_port()
+
+    def pg(*argv: str) -> None:
+        done = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=home, capture_output=True, text=True,
+                              timeout=120, **run_as)
+        if done.returncode:
+            pytest.fail(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+
+    data = home / "data"
+    # no fsync: a test server that crashes is thrown away anyway, and the tests run faster without it
+    pg("initdb", "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
+    options = (f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+               f"-c full_page_writes=off -c max_connections=200")
+    pg("pg_ctl", "-D", str(data), "-l", str(home / "server.log"), "-o", options, "-w", "-t", "60", "start")
+    try:
+        yield f"postgresql://{PG_USER}@127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], cwd=home,
+                       capture_output=True, timeout=60, **run_as)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def new_pg_database(postgres):
+    """`new_pg_database()`: the URL of a new, empty database on the session's server."""
+    import psycopg
+
+    count = itertools.count()
+
+    def make() -> str:
+        name = f"t{os.getpid()}_{next(count)}"
+        with psycopg.connect(f"{postgres}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"{postgres}/{name}"
+
+    return make
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A fresh, empty database: a SQLite file, then a PostgreSQL database (tests taking it run on both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bitplan.db'}"
+    return request.getfixturevalue("new_pg_database")()
+
+
+@pytest.fixture
+def store(db_url):
+    """A store over `db_url` (on SQLite and on PostgreSQL), closed after the test."""
+    from bitplan.db.store import Store
+
+    s = Store(db_url)
+    yield s
+    s.close()

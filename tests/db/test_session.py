@@ -14,16 +14,16 @@ from bitplan.db.store import Store
 from bitplan.db.tables import Base
 
 
-def test_migrations_match_tables(tmp_path):
-    engine = make_engine(str(tmp_path / "m.db"))
+def test_migrations_match_tables(db_url):
+    engine = make_engine(db_url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
     engine.dispose()
 
 
-def test_schema_comes_from_migrations_only(tmp_path):
-    engine = make_engine(str(tmp_path / "m.db"), migrate=False)
+def test_schema_comes_from_migrations_only(db_url):
+    engine = make_engine(db_url, migrate=False)
     assert inspect(engine).get_table_names() == []
     db_session.upgrade(engine)
     tables = set(inspect(engine).get_table_names())
@@ -31,8 +31,8 @@ def test_schema_comes_from_migrations_only(tmp_path):
     engine.dispose()
 
 
-def test_downgrade_to_base_and_back(tmp_path):
-    engine = make_engine(str(tmp_path / "m.db"))
+def test_downgrade_to_base_and_back(db_url):
+    engine = make_engine(db_url)
     cfg = db_session.alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -57,9 +57,8 @@ def test_memory_db_works(make_profile):
         assert s.get_profile(p.id).id == p.id
 
 
-def test_opening_twice_is_a_no_op_upgrade(tmp_path, make_profile):
-    path = str(tmp_path / "twice.db")
-    a, b = Store(path), Store(path)  # the second open runs `upgrade head` on an up-to-date schema
+def test_opening_twice_is_a_no_op_upgrade(db_url, make_profile):
+    a, b = Store(db_url), Store(db_url)  # the second open runs `upgrade head` on an up-to-date schema
     p = a.save_profile(make_profile())
     assert b.get_profile(p.id).id == p.id
     with b.engine.connect() as conn:
@@ -89,7 +88,7 @@ def test_store_honours_bitplan_db(tmp_path, monkeypatch, make_profile):
         assert len(s.list_profiles()) == 1
 
 
-def test_0004_splits_the_quantizer_off_the_estimator(tmp_path, make_profile):
+def test_0004_splits_the_quantizer_off_the_estimator(db_url, make_profile):
     """A database at 0003 with profiles whose estimator carries GPTQ as a suffix opens migrated: the estimator
     alone, the quantizer in its own column (GPTQ with the settings those profiles were made with)."""
     from sqlalchemy import insert, select
@@ -98,7 +97,7 @@ def test_0004_splits_the_quantizer_off_the_estimator(tmp_path, make_profile):
     from bitplan.db.tables import CalibrationRow, ModelRow, ProfileRow
     from bitplan.db.types import Quantizer
 
-    path = str(tmp_path / "old.db")
+    path = db_url
     engine = make_engine(path, migrate=False)
     db_session.upgrade(engine, "0003")
     assert "quantizer" not in {c["name"] for c in inspect(engine).get_columns("profiles")}
