@@ -30,6 +30,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -50,7 +51,10 @@ MAX_BODY = 16 * 2**20  # bytes: a profile file of a 45k-module MoE model is a fe
 MAX_QUEUED = 1000  # jobs waiting at once
 SOLVERS = 2  # quick plans solved at once (this machine has 2 cores)
 SOLVE_IN = "threads"  # or "processes" (`BITPLAN_SOLVE_IN`), which `bitplan serve` uses
-OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # readable without the token
+WEB_DIR = Path(__file__).resolve().parent / "web"  # the page at `/`: plain HTML, JS and CSS, shipped in the package
+WEB_FILES = {f"/web/{f.name}": f for f in sorted(WEB_DIR.glob("*")) if f.is_file()}
+# readable without the token: the docs, and the page (it holds no data; it asks for the token itself)
+OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", *WEB_FILES)
 
 
 class PlanBody(PlanRequest):
@@ -333,7 +337,38 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    # -------------------------------------------------------------------------------------- the page
+
+    @app.get("/", include_in_schema=False)
+    def web_page() -> Response:
+        """The web page: profiles, the plan form and its heat map, compare, jobs (docs/web.md)."""
+        return _web_file("/web/index.html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    def web_file(name: str) -> Response:
+        """The page's script and style sheet."""
+        return _web_file(f"/web/{name}")
+
     return Guard(app, token=token, max_body=max_body)
+
+
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8"}
+# the page talks to this server only, and runs no script it did not ship
+WEB_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+              "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+def _web_file(path: str) -> Response:
+    from bitplan.db.types import NotFound
+
+    file = WEB_FILES.get(path)
+    if file is None or file.suffix not in WEB_TYPES:
+        raise NotFound(f"no file {path[:60]!r} here: the page is at /")
+    # no-cache: a page upgraded with the service is never mixed with an old script
+    return Response(file.read_bytes(), media_type=WEB_TYPES[file.suffix],
+                    headers={"Cache-Control": "no-cache", "Content-Security-Policy": WEB_POLICY,
+                             "X-Content-Type-Options": "nosniff"})
 
 
 _WORKSPACES: dict[str | None, Workspace] = {}  # per process: the workspace each database is solved with
