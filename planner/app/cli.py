@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+SERVER_COMMANDS = ("profile", "plan", "compare", "apply", "eval")  # the kinds of job the service runs
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitplan", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +95,11 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, parents=[common], help=help, description=help)
         c.set_defaults(func=func)
         arguments(c)
+        if name in SERVER_COMMANDS:
+            c.add_argument("--server", metavar="URL", default=os.environ.get("BITPLAN_SERVER"),
+                           help="run as a job of the `bitplan serve` at URL (default $BITPLAN_SERVER), following "
+                                "its progress; paths are the server's, inside its allowed roots; the token is "
+                                "$BITPLAN_TOKEN")
     return p
 
 
@@ -338,9 +347,28 @@ def _emit(args, obj: dict, human: str) -> None:
 # ------------------------------------------------------------------------------------- commands
 
 
+def _on_server(args, kind: str, params: dict, local: dict[str, bool]) -> None:
+    """Run the command as a job of the server at --server: `params` as the job API takes them (local paths
+    made absolute), `local` the flags only a local run has (refused when given)."""
+    from bitplan.planner.app.client import Client
+    given = [flag for flag, on in local.items() if on]
+    if given:
+        raise_input(f"{given[0]} runs locally only: drop it or --server")
+    for key in ("model", "calib", "text", "imatrix", "out", "checkpoint", "base", "profile_file"):
+        if isinstance(params.get(key), str) and Path(params[key]).expanduser().exists():
+            params[key] = str(Path(params[key]).expanduser().resolve())  # the same file, wherever the server runs
+    job = Client(args.server).run(kind, params, progress=not args.quiet)
+    made = job.get("result_id") or (job.get("result") or {}).get("checkpoint", "")
+    _emit(args, job, f"job {job['id']} succeeded on {args.server}" + (f": {made}" if made else ""))
+
+
 def cmd_profile(args):
     from bitplan.db.files import write_json
     from bitplan.planner.app.usecases import run_profile
+    if args.server:
+        return _on_server(args, "profile", {"model": args.model, "force": args.force,
+                                            **_profile_request(args).model_dump(exclude_defaults=True)},
+                          {"--validate": args.validate, "--output": bool(args.output), "--resume": args.resume})
     if args.validate:
         return cmd_validate(args)
     profile = run_profile(_workspace(args), args.model, _profile_request(args), force=args.force, resume=args.resume)
@@ -379,6 +407,10 @@ def cmd_plan(args):
     from bitplan.planner.app.usecases import run_plan
     request = _plan_request(args, budget=args.budget, allocator=args.allocator, latency_budget=args.latency_budget,
                             objective=args.objective, budget_split=args.budget_split).checked()
+    if args.server:
+        return _on_server(args, "plan", {"profile": args.profile, "profile_file": args.profile_file,
+                                         **request.model_dump(exclude_defaults=True)},
+                          {"--search-state": bool(args.search_state), "--output": bool(args.output)})
     ws = _workspace(args)
     profile = _profile_arg(ws.store, args)
     plan = run_plan(ws, profile, request, search_state=args.search_state)
@@ -400,6 +432,13 @@ def cmd_compare(args):
         return _compare_against(args)
     budgets = parse_budgets(args.budgets)  # a bad budget fails before the profile is read
     request = _plan_request(args)
+    if args.server:
+        return _on_server(args, "compare", {"profile": args.profile, "profile_file": args.profile_file,
+                                            "budgets": args.budgets, "evaluate": args.evaluate,
+                                            "eval_tokens": args.eval_tokens, **({"allocators": args.allocators}
+                                                                                if args.allocators else {}),
+                                            **request.model_dump(exclude_defaults=True)},
+                          {"--output": bool(args.output)})
     ws = _workspace(args)
     rows = [r.model_dump() for r in run_compare(ws, _profile_arg(ws.store, args), budgets, _csv(args.allocators),
                                                 request, evaluate=args.evaluate, eval_tokens=args.eval_tokens)]
@@ -449,6 +488,10 @@ def _profile_arg(store, args) -> Profile:
 
 def cmd_apply(args):
     from bitplan.planner.app.usecases import run_apply
+    if args.server:
+        return _on_server(args, "apply", {"plan": args.plan, "out": args.out, "overwrite": args.overwrite,
+                                          "format": args.format, "gptq_inputs": args.gptq_inputs},
+                          {"a plan file": Path(args.plan).is_file()})
     ws = _workspace(args)
     if Path(args.plan).is_file():
         plan = Plan.from_dict(_read_json(args.plan))
@@ -462,6 +505,10 @@ def cmd_apply(args):
 def cmd_eval(args):
     from bitplan.planner.app.usecases import run_eval
     batches = [int(b) for b in args.speed_batches.split(",") if b.strip()]
+    if args.server:
+        return _on_server(args, "eval", {k: getattr(args, k) for k in ("checkpoint", "text", "tokens", "window",
+                                                                          "device", "engine", "base")},
+                          {"--speed-batches": args.device == "cuda" and bool(batches)})
     ev = run_eval(_workspace(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
                   device=args.device, speed_batches=batches, engine=args.engine, base=args.base)
     _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))

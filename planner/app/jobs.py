@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from bitplan.db.files import WRITTEN_MARK, read_profile_file
 from bitplan.db.store import Store
-from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, InvalidInput, PathNotAllowed, Profile, Quantizer,
-                              parse_options)
+from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput, PathNotAllowed,
+                              Profile, Quantizer, parse_options)
 from bitplan.planner.app.usecases import COMPARE_EVAL_TOKENS, IMATRIX_FROM_CALIBRATION, ProfileRequest
 from bitplan.planner.request import PlanRequest
 
@@ -128,6 +128,7 @@ class ApplyJob(BaseModel):
     out: str = Field(description="the output folder (a file for gguf), inside the roots")
     overwrite: bool = False
     format: Literal[FORMATS] = "bitplan"  # type: ignore[valid-type]
+    gptq_inputs: Literal[GPTQ_INPUTS] = "original"  # type: ignore[valid-type]
 
 
 class EvalJob(BaseModel):
@@ -269,7 +270,7 @@ def run_job(ws, job: dict) -> tuple[str | None, dict | None]:
         out = Path(p.out)
         if resumed and _written(out, p.plan):
             return p.plan, {"checkpoint": str(out)}
-        written = uc.run_apply(ws, p.plan, out, overwrite=p.overwrite, fmt=p.format)
+        written = uc.run_apply(ws, p.plan, out, overwrite=p.overwrite, fmt=p.format, gptq_inputs=p.gptq_inputs)
         return p.plan, {"checkpoint": str(written)}
     if kind == "eval":
         ev = uc.run_eval(ws, p.checkpoint, text=p.text, tokens=p.tokens, window=p.window, device=p.device,

@@ -28,9 +28,9 @@ def test_recipes_pairs_plans_on_shared_windows(tiny_checkpoint, text_file, tmp_p
                                                    seq_len=64, quantizer=Quantizer(method="gptq"),
                                                    estimator="fisher", progress=False))
     out = tmp_path / "recipes.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id, "--plans",
-           "uniform@3.5bpw,ilp@3.5bpw,ilp@5bpw", "--pairs", "ilp@3.5bpw:ilp@5bpw", "--texts", f"{text_file},code", "--tokens", "256", "--window",
-           "64", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id,
+           "--plans", "uniform@3.5bpw,ilp@3.5bpw,ilp@5bpw", "--pairs", "ilp@3.5bpw:ilp@5bpw",
+           "--texts", f"{text_file},code", "--tokens", "256", "--window", "64", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     base, *rows = json.loads(out.read_text())["rows"]
