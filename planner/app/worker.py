@@ -15,19 +15,26 @@ running that process) at once, any other when its lease (`lease` seconds without
 out.  Such a job goes back to the queue to be resumed (`jobs.run_job` says how each kind resumes), at
 most `max_attempts` claims in all; after that it fails with the reason.  Temporary folders its dead
 process left beside its output are removed either way.
+
+A job that loads a model on a GPU holds that GPU's lock (a file per device under the temporary folder)
+while it runs: workers of one host, of any database, run at most one such job per device at a time
+(two models that each fit alone may not fit together, and their timings would mix).
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
+from bitplan.db.files import exclusive
 from bitplan.db.store import Store
 from bitplan.db.types import BitplanError
 from bitplan.planner.app.jobs import output_of, run_job
@@ -164,7 +171,8 @@ class Worker:
         state, error, result_id, result = "failed", None, None, None
         try:
             try:
-                result_id, result = run_job(ws, job)
+                with device_lock(job):
+                    result_id, result = run_job(ws, job)
                 state = "succeeded"
             finally:
                 with self._lock:
@@ -232,6 +240,29 @@ class Worker:
                 if dead:  # a process on another host may still be writing there
                     _remove_temporaries(output_of(job))
         return recovered
+
+
+def uses_gpu(job: dict, cuda: bool) -> bool:
+    """Whether `job` would load its model on a GPU, on a worker where one is (`cuda`)."""
+    p, kind = job["params"], job["kind"]
+    loads = (kind in ("profile", "apply", "eval") or (kind == "compare" and p.get("evaluate"))
+             or (kind == "plan" and p.get("allocator") == "evolutionary"))
+    # a profile and an eval name their device (None: the GPU where there is one); the rest take the default
+    return bool(cuda and loads and p.get("device") in (None, "cuda"))
+
+
+@contextlib.contextmanager
+def device_lock(job: dict):
+    """Hold the GPU's lock while `job` runs on it (module docstring); nothing for a CPU job."""
+    import torch
+
+    if not uses_gpu(job, torch.cuda.is_available()):
+        yield
+        return
+    uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+    with exclusive(Path(tempfile.gettempdir()) / f"bitplan-gpu-{uuid}.lock",
+                   waiting=f"job {job['id']} waits for GPU {uuid}: another job runs on it"):
+        yield
 
 
 def _remove_temporaries(out: Path | None) -> None:

@@ -319,3 +319,58 @@ def test_apply_cli_refuses_another_model(tmp_path, foreign_plan, run_cli):
     code, _, err = run_cli("apply", str(plan_file), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "c.db"), "-q")
     assert code == 2 and "0123456789abcdef" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+# ------------------------------------------------------------------------------ one GPU job per device
+
+
+def test_jobs_that_load_a_model_on_a_gpu_take_turns(monkeypatch):
+    import threading
+    import types
+
+    import torch
+
+    from bitplan.planner.app import worker
+
+    def job(kind, **params):
+        return {"id": f"job-{kind}", "kind": kind, "params": params}
+
+    assert worker.uses_gpu(job("profile", model="m"), cuda=True)
+    assert not worker.uses_gpu(job("profile", model="m", device="cpu"), cuda=True)
+    assert not worker.uses_gpu(job("profile", model="m"), cuda=False)
+    assert worker.uses_gpu(job("plan", allocator="evolutionary"), cuda=True)
+    assert not worker.uses_gpu(job("plan", allocator="ilp"), cuda=True)
+    assert worker.uses_gpu(job("compare", evaluate=True), cuda=True)
+    assert not worker.uses_gpu(job("compare", evaluate=False), cuda=True)
+
+    # a host with one GPU: the second job waits until the first is done
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid=f"test-{os.getpid()}-{i}"))
+    first_in, release, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with worker.device_lock(job("eval", checkpoint="c")):
+            order.append("first in")
+            first_in.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second():
+        first_in.wait(10)
+        with worker.device_lock(job("apply", plan="p", out="o")):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    first_in.wait(10)
+    time.sleep(0.3)
+    assert order == ["first in"]  # the second is waiting for the device
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["first in", "first out", "second in"]
+    with worker.device_lock(job("plan", allocator="ilp")):  # no model, no lock: runs beside anything
+        pass
