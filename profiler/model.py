@@ -113,13 +113,34 @@ def check_weights(directory: Path) -> None:
                                f"download it again") from None
 
 
-def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load weights and tokenizer on the CPU; the profiler moves one block at a time to the device."""
+STREAM_WEIGHTS = ("auto", "on", "off")
+# auto streams when the loaded weights would take more than this share of the available memory: the
+# rest is for activations, statistics and the error table's temporaries
+STREAM_SHARE = 0.6
+
+
+def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               stream_weights: str = "off") -> LoadedModel:
+    """Load weights and tokenizer on the CPU; the profiler moves one block at a time to the device.
+
+    `stream_weights`: `on` builds the model without weights and leaves them in the checkpoint's
+    safetensors shards, read one block at a time by the streamed passes (profiler/weights.py); `auto`
+    does so when the weights at `dtype` would take more than `STREAM_SHARE` of the available memory;
+    `off` loads everything.  A streamed model serves the streamed passes only (`profile --estimator
+    hessian`): code that reads every weight at once finds them on `meta`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_causal_lm(source)
+    config = check_causal_lm(source)
+    streams = streams_weights(source, stream_weights, dtype)
     directory, gguf = resolve(source)
     kw = {"gguf_file": gguf} if gguf else {}
+    name = source if source in EMBEDDED else Path(source).name
+    ref_source = str(source if source in EMBEDDED else Path(source).resolve())
+    if streams:
+        model = _skeleton(directory, config, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return LoadedModel(model, tokenizer, ModelRef(name=name, fingerprint=fingerprint(model), source=ref_source))
     log.info("loading %s", source)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw)
@@ -131,21 +152,77 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
     # fused MoE experts -> per-expert nn.Linears, before anything names, hooks or fingerprints a module
     unfuse_experts(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
-    name = source if source in EMBEDDED else Path(source).name
-    return LoadedModel(model, tokenizer, ModelRef(name=name, fingerprint=fingerprint(model), source=str(
-        source if source in EMBEDDED else Path(source).resolve())))
+    return LoadedModel(model, tokenizer, ModelRef(name=name, fingerprint=fingerprint(model), source=ref_source))
+
+
+def streams_weights(source: str, stream_weights: str = "auto", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `load_model(source, dtype, stream_weights)` leaves the weights on disk (logged when it does);
+    InvalidInput for `on` with a checkpoint that has no safetensors shards."""
+    from bitplan.profiler.stream import available_ram
+    from bitplan.profiler.weights import checkpoint_bytes
+
+    if stream_weights not in STREAM_WEIGHTS:
+        raise InvalidInput(f"unknown --stream-weights {stream_weights!r}; choose one of {list(STREAM_WEIGHTS)}")
+    if stream_weights == "off":
+        return False
+    directory, gguf = resolve(source)
+    if gguf or not any(directory.glob("*.safetensors")):
+        if stream_weights == "on":
+            raise InvalidInput(f"--stream-weights on reads safetensors shards; {directory / (gguf or '')} has "
+                               f"none: convert it, or profile it in memory (--stream-weights off)")
+        return False
+    need, free = loaded_bytes(directory, dtype), available_ram()
+    if stream_weights == "auto" and need <= STREAM_SHARE * free:
+        return False
+    log.info("streaming weights from %s, one block at a time: %.2f GiB of weights at %s (%.2f GiB on disk), "
+             "%.2f GiB of memory available%s", directory, need / 2**30, str(dtype).removeprefix("torch."),
+             checkpoint_bytes(directory) / 2**30, free / 2**30, "" if stream_weights == "on" else
+             f" (auto: they are over {STREAM_SHARE:.0%} of it)")
+    return True
+
+
+def loaded_bytes(directory: Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the checkpoint's safetensors take loaded at `dtype` (floating tensors cast, as from_pretrained does)."""
+    from bitplan.profiler.weights import read_headers
+
+    return sum(torch.Size(shape).numel() * (dtype.itemsize if t.is_floating_point else t.itemsize)
+               for _, _, _, t, shape in read_headers(directory).values())
+
+
+def _skeleton(directory: Path, config, dtype: torch.dtype) -> nn.Module:
+    """The model of `config` without weights, its parameters read from `directory`'s shards on demand."""
+    from bitplan.profiler.weights import StreamedWeights, attach, build_skeleton
+
+    model = build_skeleton(config, dtype)
+    if unfuse_experts(model):
+        # the shards name each expert as transformers' loader converts them, not as our linears
+        raise InvalidInput(f"cannot stream the weights of {directory}: its MoE experts are fused in the model "
+                           f"and converted on loading; profile it in memory (--stream-weights off)")
+    attach(model, StreamedWeights(directory, model))
+    return model
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Config plus a strided sample of every tensor: stable across loads and install locations, cheap for any size."""
+    """Config plus a strided sample of every tensor: stable across loads and install locations, cheap for any size.
+
+    A model with streamed weights reads each tensor from disk in turn (one at a time in memory): the same
+    fingerprint as the model loaded whole."""
+    from bitplan.profiler.weights import streamed
+
     # where the model was loaded from, and by which transformers, is not what the model is
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 65536)
+    weights = streamed(model)
+    samples: dict[int, bytes] = {}  # a tied tensor is read once
+    for name, t in model.state_dict(keep_vars=True).items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[::step].float().numpy().tobytes())
+        if id(t) not in samples:
+            values = weights.tensor(weights.params[id(t)][0], t.dtype) if t.is_meta else t.detach()
+            flat = values.reshape(-1)
+            step = max(1, flat.numel() // 65536)
+            samples[id(t)] = flat[::step].float().numpy().tobytes()
+            del values, flat
+        h.update(samples[id(t)])
     return h.hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from bitplan.profiler.imatrix import estimator_tag, file_sha256, imatrix_diagona
 from bitplan.profiler.kl import DEFAULT_KL_TOKENS, kl_table
 from bitplan.profiler.model import LoadedModel, fixed_bits, is_embedding, planned_linears, tied_head
 from bitplan.profiler.stream import BlockCheckpoint, outside_hessians, stream_blocks
+from bitplan.profiler.weights import materialized, streamed
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Estimator:
     needs_imatrix: bool = False
     default_tokens: int = DEFAULT_TOKENS
     plans_embedding: bool = True
+    streams: bool = False  # its passes read one block's weights at a time: it profiles a model whose weights stay on disk
 
 
 def _cheap(t: TableInputs, estimator: str, stats: dict | None = None) -> np.ndarray:
@@ -131,7 +133,7 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     # fisher's rows rescaled to measured KL at each module's two lowest widths (profiler/calibrate.py)
     Estimator("calibrated", _calibrated_table),
     Estimator("fisher", _fisher_table, estimators.fisher),
-    Estimator("hessian", _hessian_table, estimators.hessian),
+    Estimator("hessian", _hessian_table, estimators.hessian, streams=True),
     # measured, not estimated: modules x options forward passes (profiler/kl.py)
     Estimator("kl", _kl_table, default_tokens=DEFAULT_KL_TOKENS),
     Estimator("hutchinson", _hutchinson_table, estimators.hutchinson),
@@ -146,6 +148,14 @@ def get_estimator(name: str) -> Estimator:
         return ESTIMATORS[name]
     except (KeyError, TypeError):
         raise InvalidInput(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}") from None
+
+
+def check_streams(estimator: str) -> None:
+    """InvalidInput unless `estimator` can profile a model whose weights stay on disk (`Estimator.streams`)."""
+    if not get_estimator(estimator).streams:
+        can = sorted(e.name for e in ESTIMATORS.values() if e.streams)
+        raise InvalidInput(f"--estimator {estimator} needs every weight in memory at once; with weights streamed from "
+                           f"disk (--stream-weights) profile with --estimator {' or '.join(can)}")
 
 
 def estimator_name(estimator: str, *, imatrix: str | Path | None = None) -> str:
@@ -239,6 +249,8 @@ def profile_model(
     `"keep"` leaves it at 16 bits in `fixed_bits`.
     """
     spec = get_estimator(estimator)
+    if streamed(loaded.model) is not None:
+        check_streams(estimator)
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
                         f"not {type(quantizer).__name__}")
@@ -342,13 +354,16 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
                       checkpoint=ckpt)
         if outside:
             H = outside_hessians(model, batches, outside, device, progress)
-            fill(outside, H, H)
+            with materialized(model, [lin for _, lin in outside]):  # weights streamed from disk: read now
+                fill(outside, H, H)
         for m, emb in embedding:
             counts, H = embedding_statistics(model, batches, m, device, progress)
-            W = emb.weight.detach()
-            for j, opt in enumerate(options):
-                dW = quantize_dequantize(W, opt) - W
-                error[index[m.name], j] = estimators.embedding_hessian(dW, counts, H, n)
+            with materialized(model, [emb]):
+                W = emb.weight.detach()
+                for j, opt in enumerate(options):
+                    dW = quantize_dequantize(W, opt) - W
+                    error[index[m.name], j] = estimators.embedding_hessian(dW, counts, H, n)
+                del W, dW
         return error
     F = stats if stats is not None else fisher_diagonal(model, batches, planned, device, progress,
                         checkpoint=None if work_dir is None else Path(work_dir) / "fisher.pt")

@@ -10,6 +10,11 @@ linears' inputs to `H += Xᵀ X`, and its outputs become the next block's inputs
 The hidden states carried from block to block (`Carry`) stay in memory while they fit under an
 activation budget, else go to disk, one file per batch.  A `BlockCheckpoint` keeps them, with the
 caller's results so far, after every block, so an interrupted pass resumes at its next block.
+
+A model whose weights stay on disk (`load_model(stream_weights=...)`, profiler/weights.py) has each
+block's weights read when the pass reaches it and dropped once `on_block` has used them, and the parts
+outside the blocks (embeddings, final norm, head) read for the passes that run them: host memory holds
+one block's weights at a time.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from tqdm.auto import tqdm
 
 from bitplan.db.files import atomic_write
 from bitplan.db.types import InvalidInput, Module
-from bitplan.profiler.model import decoder_layers
+from bitplan.profiler.model import decoder_layers, tied_head
 from bitplan.profiler.moe import ExpertMLP
+from bitplan.profiler.weights import materialized
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,11 @@ def block_inputs(model: nn.Module, batches: torch.Tensor, device: str,
     the hidden states: a resumed pass takes them from the checkpoint and needs only the arguments.
     """
     layers = decoder_layers(model)
+    with materialized(model, outside_blocks(model, layers, head=False)):
+        return _block_inputs(model, layers, batches, device, put)
+
+
+def _block_inputs(model, layers, batches, device, put) -> list[list[BlockArgs]]:
     blocks = list(layers)
     # embeddings, rotary tables and the like run on the device; the blocks stay where they are
     _move_outside(model, layers, device)
@@ -155,6 +166,17 @@ def block_inputs(model: nn.Module, batches: torch.Tensor, device: str,
     return out
 
 
+def outside_blocks(model: nn.Module, layers: nn.ModuleList, head: bool = True) -> list[nn.Module]:
+    """The modules that hold parameters outside the decoder blocks (with `head=False`, less an untied output
+    head: a pass that stops after the last block never runs it, and a large vocabulary's head is as large as
+    several blocks)."""
+    inside = {id(x) for b in layers for x in b.modules()}
+    out = model.get_output_embeddings()
+    skip = set() if head or out is None or tied_head(model) is not None else {id(out)}
+    return [m for m in model.modules() if id(m) not in inside and id(m) not in skip
+            and any(p is not None for p in m._parameters.values())]
+
+
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device: str) -> None:
     """Move every parameter and buffer that is not inside a decoder block."""
     inside = {id(x) for b in layers for x in b.modules()}
@@ -162,7 +184,7 @@ def _move_outside(model: nn.Module, layers: nn.ModuleList, device: str) -> None:
         if id(m) in inside:
             continue
         for p in m._parameters.values():
-            if p is not None:
+            if p is not None and not p.is_meta:  # a streamed weight not read for this pass
                 p.data = p.data.to(device)
         for k, b in m._buffers.items():
             if b is not None:
@@ -336,11 +358,14 @@ def stream_blocks(
                           disable=not progress):
                 mine = by_layer.get(i, [])
                 last = i == len(layers) - 1  # its outputs feed nothing
-                H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last,
-                               None if rewrite is None else partial(rewrite, i))
-                if not last:
-                    carry.advance()
-                on_block(i, mine, H, n_tokens)
+                # streamed weights: read now, dropped once `on_block` (the error table) has used them
+                with materialized(model, [layers[i]]):
+                    H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last,
+                                   None if rewrite is None else partial(rewrite, i))
+                    if not last:
+                        carry.advance()
+                    on_block(i, mine, H, n_tokens)
+                del H
                 if checkpoint is not None:
                     checkpoint.commit(i + 1)
                 carry.drop_others()
@@ -471,16 +496,19 @@ def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[M
     blocks = list(layers)
     hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
     try:
-        for j in range(len(layers) - 1):
-            layers[j] = _Skip(as_tuple[0])
-        _move_outside(model, layers, device)
-        for s, row in enumerate(batches):
-            layers[-1] = _Replay(last[s].to(device), as_tuple[0])
-            model(row.unsqueeze(0).to(device), use_cache=False)
+        with materialized(model, outside_blocks(model, layers)):
+            for j in range(len(layers) - 1):
+                layers[j] = _Skip(as_tuple[0])
+            _move_outside(model, layers, device)
+            try:
+                for s, row in enumerate(batches):
+                    layers[-1] = _Replay(last[s].to(device), as_tuple[0])
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+            finally:
+                _move_outside(model, layers, "cpu")
     finally:
         for h in hooks:
             h.remove()
-        _move_outside(model, layers, "cpu")
         for j, b in enumerate(blocks):
             layers[j] = b
     return H

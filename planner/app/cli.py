@@ -129,6 +129,12 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--validate-layers", default="0,8,16,24", metavar="L,L,...",
                    help="decoder layers whose modules get measured KL for --validate (default 0,8,16,24)")
     c.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    c.add_argument("--stream-weights", choices=["auto", "on", "off"],
+                   help="read the weights from the checkpoint's safetensors shards one decoder block at a time, "
+                        "so a model larger than host memory profiles: host memory ~ one block + activations + "
+                        "statistics (docs/profiling.md). auto (default): when the weights, in float32, would take "
+                        "over 60%% of the available memory; logged. Streams --estimator hessian only; the profile "
+                        "is the one an in-memory load gives")
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted profile of the same model and settings where it stopped: "
@@ -329,7 +335,7 @@ def _profile_request(args):
     """The profile settings `profile` and `demo` share (`demo` has no calibration or option flags)."""
     from bitplan.planner.app.usecases import ProfileRequest
     names = ("engine", "options", "group_sizes", "estimator", "quantizer", "calib", "tokens", "seq_len", "device",
-             "imatrix", "embeddings", "latency", "latency_batches")
+             "imatrix", "embeddings", "latency", "latency_batches", "stream_weights")
     return ProfileRequest(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 

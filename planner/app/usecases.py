@@ -53,6 +53,8 @@ class ProfileRequest(BaseModel):
     embeddings: str | None = None  # plan or keep the input embedding
     latency: str | None = None  # roofline:GPU or measured: also fill the latency table
     latency_batches: str | tuple[int, ...] | None = None
+    # weights read from disk one block at a time (auto: when they do not fit in memory): profiler/model.py
+    stream_weights: str | None = None
 
 
 def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileRequest(), *, force: bool = False,
@@ -94,7 +96,7 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     estimator = r.estimator or ("imatrix" if r.imatrix and not gguf else prof.DEFAULT_ESTIMATOR)
     name = prof.estimator_name(estimator, imatrix=r.imatrix)  # a missing imatrix fails before the model loads
     embeddings = prof.check_embeddings(r.embeddings, estimator)
-    loaded = ws.model(source)
+    loaded = _model_to_profile(ws, source, r.stream_weights or "auto", estimator)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
     pid = prof.input_profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device, quantizer=quantizer,
                                 embeddings=embeddings)
@@ -112,6 +114,31 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     if r.latency:
         return add_latency(ws, profile, r.latency, latency_batches, force=force)
     return profile
+
+
+def _model_to_profile(ws: Workspace, source: str, stream_weights: str, estimator: str):
+    """The model at `source`, its weights left on disk when `stream_weights` says so (checked against the
+    estimator before the model loads).  A model with streamed weights serves this profile only: the
+    workspace forgets it, so that a later use case loads the model whole."""
+    from bitplan.profiler import profile as prof
+    from bitplan.profiler.model import check_causal_lm, load_model, loaded_bytes, resolve, streams_weights
+
+    if ws.has_model(source) and stream_weights != "on":
+        return ws.model(source)
+    check_causal_lm(source)
+    if not streams_weights(source, stream_weights):
+        return ws.model(source)
+    try:
+        prof.check_streams(estimator)
+    except InvalidInput as e:
+        if stream_weights == "on":
+            raise
+        raise InvalidInput(f"{source}'s weights ({loaded_bytes(resolve(source)[0]) / 2**30:.1f} GiB in float32) do "
+                           f"not fit in the memory available, so they would be streamed from disk; {e}, or load "
+                           f"them whole anyway with --stream-weights off") from None
+    loaded = load_model(source, stream_weights="on")
+    ws.adopt(source, None)  # another model the workspace held goes; this one is not kept for the next use case
+    return loaded
 
 
 def _measure(ws: Workspace, loaded, pid: str, work: Path, resume: bool, opts, estimator, quantizer, calib,
