@@ -35,7 +35,7 @@ from bitplan.db.files import atomic_write
 from bitplan.db.types import InvalidInput, Module
 from bitplan.profiler.model import decoder_layers, tied_head
 from bitplan.profiler.moe import ExpertMLP
-from bitplan.profiler.weights import materialized
+from bitplan.profiler.weights import materialized, streamed
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def block_inputs(model: nn.Module, batches: torch.Tensor, device: str,
     the hidden states: a resumed pass takes them from the checkpoint and needs only the arguments.
     """
     layers = decoder_layers(model)
-    with materialized(model, outside_blocks(model, layers, head=False)):
+    outside = outside_blocks(model, layers, head=False) if streamed(model) is not None else []
+    with materialized(model, outside):
         return _block_inputs(model, layers, batches, device, put)
 
 
@@ -496,7 +497,7 @@ def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[M
     blocks = list(layers)
     hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
     try:
-        with materialized(model, outside_blocks(model, layers)):
+        with materialized(model, outside_blocks(model, layers) if streamed(model) is not None else []):
             for j in range(len(layers) - 1):
                 layers[j] = _Skip(as_tuple[0])
             _move_outside(model, layers, device)
