@@ -349,6 +349,52 @@ def gguf_checkpoint(tmp_path_factory, llamacpp):
     return path
 
 
+# ------------------------------------------------------------------------------------- live server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()`: a loopback port nothing listens on (closed again; free until someone binds it)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """`with live_server(app) as base_url:` the ASGI `app` served by uvicorn on a free loopback port, in a
+    thread of this process, until the block ends."""
+    import contextlib
+    import threading
+    import time
+
+    @contextlib.contextmanager
+    def serve(app):
+        import uvicorn
+
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+    return serve
+
+
 # ------------------------------------------------------------------------------------- gpu marker
 
 

@@ -63,8 +63,8 @@ class PlanBody(PlanRequest):
     profile_id: str = Field(description="id of a stored profile")
 
 
-class PlanSummary(BaseModel):
-    """A stored plan without its assignment (`GET /v1/plans/{id}` has it)."""
+class PlanHead(BaseModel):
+    """What a plan is, without its assignment: the fields a summary and the whole plan share."""
 
     id: str
     profile_id: str
@@ -82,38 +82,25 @@ class PlanSummary(BaseModel):
     predicted_error: float
     status: str
     solve_seconds: float
-    created_at: datetime
     predicted_latency: dict[int, float] | None = None
     latency_source: str | None = None
 
 
-class PlanDocument(BaseModel):
+class PlanSummary(PlanHead):
+    """A stored plan without its assignment (`GET /v1/plans/{id}` has it)."""
+
+    created_at: datetime
+
+
+class PlanDocument(PlanHead):
     """A plan in the `bitplan.plan/1` interchange format (`Plan.to_dict`, docs/formats.md)."""
 
     model_config = ConfigDict(extra="allow")
 
     format: str
-    id: str
-    profile_id: str
-    model: ModelRef
-    budget: str
-    budget_bits: int
-    allocator: str
-    params: dict[str, Any]
-    pins: list[str]
     assignment: dict[str, Option] = Field(description="module name -> its option (bits, group_size, symmetric; "
                                                       "gguf: a GGUF type, in a plan of a --engine llamacpp profile)")
-    total_bits: int
-    fixed_bits: int
-    n_params: int
-    bits_per_weight: float
-    size_mib: float
-    predicted_error: float
-    status: str
-    solve_seconds: float
     created_at: str = Field(description="ISO 8601, UTC")
-    predicted_latency: dict[int, float] | None = None
-    latency_source: str | None = None
 
 
 class ProfileHead(BaseModel):

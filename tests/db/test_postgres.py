@@ -195,33 +195,15 @@ def test_a_long_budget_string_is_refused_not_truncated(replicas):
         assert len(r.json()["budget"]) <= 128
 
 
-def test_httpx_reaches_a_live_server_over_postgres(new_pg_database):
+def test_httpx_reaches_a_live_server_over_postgres(new_pg_database, live_server):
     """uvicorn on a real socket, as test_service.py runs it, over PostgreSQL."""
-    import socket
-    import time
-
-    import uvicorn
-
     from bitplan.planner import synthetic
     from bitplan.planner.app.service import create_app
 
     url = new_pg_database()
     Store(url).save_profile(synthetic.synthetic_profile())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(url, token=""), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+    with live_server(create_app(url, token="")) as base:
+        with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post("/v1/plans", json={"profile_id": "prof-synthetic", "budget": "3.5bpw", "allocator": "ilp"})
             assert r.status_code == 201 and r.json()["status"] == "optimal", r.text
             assert c.get("/v1/profiles").json()["items"][0]["n_modules"] == 211
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)

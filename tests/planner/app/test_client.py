@@ -4,7 +4,6 @@ server that is not there, are one line and a non-zero exit."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,20 +14,14 @@ import pytest
 from bitplan.db.store import Store
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def server(tmp_path, make_profile):
+def server(tmp_path, make_profile, free_port):
     """`bitplan serve` on a free port with one worker, its roots `tmp_path/root`, one stored profile."""
     root = tmp_path / "root"
     root.mkdir()
     url = str(tmp_path / "served.db")
     profile = Store(url).save_profile(make_profile())
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONSAFEPATH="1", BITPLAN_ROOTS=str(root), BITPLAN_TOKEN="s3cret")
     proc = subprocess.Popen([sys.executable, "-m", "bitplan.planner.app.cli", "serve", "--db", url, "--port",
                              str(port), "--workers", "1", "-q"], env=env)
@@ -72,10 +65,8 @@ def test_what_the_server_refuses_is_one_line(server, run_cli, monkeypatch, tmp_p
     assert code == 2 and "--search-state runs locally only" in err
 
 
-def test_no_server_there_is_one_line(run_cli):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+def test_no_server_there_is_one_line(run_cli, free_port):
+    port = free_port()  # nothing listens there
     code, _, err = run_cli("plan", "prof-x", "--server", f"http://127.0.0.1:{port}", "-q")
     assert code == 2 and "cannot reach the server" in err and "Traceback" not in err
     code, _, err = run_cli("plan", "prof-x", "--server", "localhost:8000", "-q")

@@ -2,41 +2,23 @@
 
 import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from bitplan.db.store import Store
 from bitplan.planner.app.service import create_app
 
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def server(tmp_path, make_profile):
+def server(tmp_path, make_profile, live_server):
     """A live server over a store holding one synthetic profile; yields (base URL, store)."""
     url = str(tmp_path / "svc.db")
     store = Store(url)
     store.save_profile(make_profile())
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(url, token=""), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(url, token="")) as base:
+        yield base, store
 
 
 def test_create_read_list(server):
@@ -152,20 +134,12 @@ def _raw(port: int, head: str, body: bytes = b"", *, wait: float = 5.0) -> tuple
 
 
 @pytest.fixture()
-def guarded(tmp_path, make_profile):
+def guarded(tmp_path, make_profile, live_server):
     """A live server with a token and a 64 KiB body limit; yields its port."""
     url = str(tmp_path / "g.db")
     Store(url).save_profile(make_profile())
-    port = free_port()
-    app = create_app(url, token="s3cret", max_body=65536)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(url, token="s3cret", max_body=65536)) as base:
+        yield int(base.rsplit(":", 1)[1])
 
 
 GUARD = {

@@ -15,15 +15,11 @@ they fail.
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from bitplan.db.store import Store
 from bitplan.db.types import CalibrationRef, Evaluation, Module
@@ -107,7 +103,7 @@ def moe_profile():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, live_server):
     """A live server (token required) over a store holding the dense and the MoE synthetic profiles, plans
     of four allocators at five budgets, and evaluations of two of them; yields (base URL, store)."""
     url = str(tmp_path_factory.mktemp("web") / "web.db")
@@ -126,20 +122,8 @@ def site(tmp_path_factory):
                 ppl = 28.0 + 400.0 * 4.0 ** -plan.bits_per_weight * (2.0 if allocator == "uniform" else 1.0)
                 store.save_evaluation(Evaluation(plan_id=plan.id, checkpoint=f"/srv/out/{plan.id}",
                                                  corpus="shakespeare-eval", n_tokens=8192, window=512, perplexity=ppl))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(url, token=TOKEN), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(url, token=TOKEN)) as base:
+        yield base, store
     store.close()
 
 
