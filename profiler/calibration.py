@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from bitplan.db.formats import CALIB_TEXT, EVAL_TEXT
 from bitplan.db.types import CalibrationRef, InvalidInput
 
 EVAL_GENRES = ("tragedies",)
-CALIB = "shakespeare:calib"
-EVAL = "shakespeare:eval"
+CALIB, EVAL = CALIB_TEXT, EVAL_TEXT
 
 
 def _plays() -> list[Path]:

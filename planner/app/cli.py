@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from bitplan.db.formats import GGUF_OPTIONS
+from bitplan.db.formats import EXPORT_FORMATS, GGUF_OPTIONS
 from bitplan.db.types import (DEFAULT_OPTIONS, GPTQ_INPUTS, BitplanError, Evaluation, InvalidInput, Plan,
                               Profile)
 from bitplan.planner.budgets import DEMO_BUDGETS
@@ -201,7 +201,7 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--format", default="bitplan",
-                   choices=["bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf"],
+                   choices=EXPORT_FORMATS,
                    help="bitplan (default, our kernels), gptqmodel (GPTQ with per-module dynamic rules: GPTQModel, "
                         "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
                         "llama-quantize command line), gguf (--out FILE.gguf, written by the built llama-quantize "

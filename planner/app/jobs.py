@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from bitplan.db.files import WRITTEN_MARK, read_profile_file
+from bitplan.db.formats import CALIB_TEXT, EMBEDDED_MODELS, EVAL_TEXT, EXPORT_FORMATS
 from bitplan.db.store import Store
 from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput, PathNotAllowed,
                               Profile, Quantizer, parse_options)
@@ -35,9 +36,8 @@ from bitplan.planner.request import PlanRequest
 log = logging.getLogger(__name__)
 
 ROOTS_ENV = "BITPLAN_ROOTS"
-EMBEDDED_MODELS = ("smollm2-135m",)  # profiler/model.py EMBEDDED, named here so the service imports no torch
-BUILTIN_TEXTS = ("shakespeare:calib", "shakespeare:eval")  # profiler/calibration.py CALIB, EVAL
-FORMATS = ("bitplan", "gptqmodel", "compressed-tensors", "llamacpp", "gguf")  # executor/export.py FORMATS
+EMBEDDED = tuple(EMBEDDED_MODELS)
+BUILTIN_TEXTS = (CALIB_TEXT, EVAL_TEXT)
 
 
 # ------------------------------------------------------------------------------------------ roots
@@ -127,7 +127,7 @@ class ApplyJob(BaseModel):
     plan: str = Field(description="a stored plan id")
     out: str = Field(description="the output folder (a file for gguf), inside the roots")
     overwrite: bool = False
-    format: Literal[FORMATS] = "bitplan"  # type: ignore[valid-type]
+    format: Literal[EXPORT_FORMATS] = "bitplan"  # type: ignore[valid-type]
     gptq_inputs: Literal[GPTQ_INPUTS] = "original"  # type: ignore[valid-type]
 
 
@@ -167,7 +167,7 @@ def checked_params(store: Store, kind: str, params: BaseModel, roots: tuple[Path
     update: dict[str, Any] = {}
     if kind == "profile":
         p: ProfileJob = params  # type: ignore[assignment]
-        update["model"] = inside_roots(p.model, "model", roots, names=EMBEDDED_MODELS)
+        update["model"] = inside_roots(p.model, "model", roots, names=EMBEDDED)
         if p.calib:
             update["calib"] = inside_roots(p.calib, "calib", roots, names=BUILTIN_TEXTS, pattern=True)
         if p.imatrix and p.imatrix != IMATRIX_FROM_CALIBRATION:
@@ -195,14 +195,14 @@ def checked_params(store: Store, kind: str, params: BaseModel, roots: tuple[Path
         plan = store.get_plan(p.plan)
         update["out"] = inside_roots(p.out, "out", roots)
         if plan.model.source:
-            inside_roots(plan.model.source, f"the model of plan {plan.id}", roots, names=EMBEDDED_MODELS)
+            inside_roots(plan.model.source, f"the model of plan {plan.id}", roots, names=EMBEDDED)
     elif kind == "eval":
         p = params  # type: ignore[assignment]
-        update["checkpoint"] = inside_roots(p.checkpoint, "checkpoint", roots, names=EMBEDDED_MODELS)
+        update["checkpoint"] = inside_roots(p.checkpoint, "checkpoint", roots, names=EMBEDDED)
         if p.text:
             update["text"] = inside_roots(p.text, "text", roots, names=BUILTIN_TEXTS, pattern=True)
         if p.base:
-            update["base"] = inside_roots(p.base, "base", roots, names=EMBEDDED_MODELS)
+            update["base"] = inside_roots(p.base, "base", roots, names=EMBEDDED)
         if p.plan_id:
             store.get_plan(p.plan_id)
     return params.model_copy(update=update)
@@ -212,7 +212,7 @@ def _check_source(profile: Profile, roots: tuple[Path, ...]) -> None:
     # a profile file may name any model: the search and evaluations would load it
     if profile.model.source:
         inside_roots(profile.model.source, f"the model of profile {profile.id or 'in the file'}", roots,
-                     names=EMBEDDED_MODELS)
+                     names=EMBEDDED)
 
 
 def _plan_fields(p: BaseModel) -> dict:
