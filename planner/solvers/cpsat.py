@@ -63,7 +63,7 @@ def solve(model: Model, *, time_limit: float | None = None, num_workers: int = 2
     # Warm start: greedy's plan as a hint (complete, feasible).
     hinted = set(model.pairs_of(model.hint).tolist())
     for p, var in enumerate(x):
-        m.add_hint(var, p in hinted)
+        m.add_hint(var, int(p in hinted))
 
     # Solve.
     solver = cp_model.CpSolver()
