@@ -8,7 +8,6 @@ import importlib.util
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from datetime import datetime, timedelta, timezone
@@ -96,14 +95,8 @@ def _pg_bin() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def postgres():
+def postgres(free_port):
     """A PostgreSQL server of its own for this test session (Debian's package: `make sysdeps` installs it):
     a new cluster in a temporary folder, on a free loopback port, trusting local connections, stopped and
     removed at the end; its base URL (`postgresql://bitplan@127.0.0.1:PORT`).  initdb refuses to run as
@@ -132,7 +125,7 @@ def postgres():
         entry = pwd.getpwnam(account)
         os.chown(home, entry.pw_uid, entry.pw_gid)
         run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-    port = _free_port()
+    port = free_port()
 
     def pg(*argv: str) -> None:
         done = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=home, capture_output=True, text=True,
