@@ -411,7 +411,6 @@ def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Mod
     return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
 
-
 def gptq_propagated(loaded: LoadedModel, profile: Profile, planned: list[tuple[Module, nn.Linear]],
                     assignment: dict[str, Option], *, device: str | None = None,
                     progress: bool = True) -> GPTQCache:
@@ -447,9 +446,9 @@ def gptq_on_quantized_inputs(model: nn.Module, batches: torch.Tensor, planned: l
             option = assignment[m.name]
             if not option.quantized:
                 continue
-            q = quantizer_for(m, quantizer)
-            qw = (cache.gptq(m.name, lin.weight, H[m.name].to(torch.float32), option, q) if q.method == "gptq"
-                  else quantize(lin.weight, option, q))
+            h = H.get(m.name)  # none for RTN modules (the embedding)
+            qw = quantize(lin.weight, option, quantizer_for(m, quantizer), None if h is None else h.to(torch.float32),
+                          cache=cache, name=m.name)
             originals.append((lin, lin.weight.data))
             lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
 
