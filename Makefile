@@ -8,11 +8,12 @@ VENV   ?= .venv
 LOCK    = constraints.txt
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
-# The torch release the lock is made with; pip takes the build that suits the machine (the CPU wheel
-# here, the CUDA wheel from PyPI on a GPU machine).  The CUDA wheel requires this exact triton: the lock
-# pins it for CPU machines too, so both kinds of machine run the same Triton.
-LOCK_TORCH  ?= 2.13.0
-LOCK_TRITON ?= 3.7.1
+# The torch release the lock is made with: 2.14.1, the oldest that GPTQModel 7.7.0 (the `engines` extra)
+# accepts.  PyPI has only its CUDA wheel for Linux x86_64, which CPU machines install too (about 5.5 GB
+# with its nvidia-* libraries; it runs on the CPU).  That wheel requires triton~=3.8.0 (its metadata),
+# of which 3.8.0 is the one release: the lock pins it, so every machine runs the same Triton.
+LOCK_TORCH  ?= 2.14.1
+LOCK_TRITON ?= 3.8.0
 
 .PHONY: setup llamacpp demo test test-fast docs lock clean sysdeps
 
