@@ -39,11 +39,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from bitplan.db.store import DEFAULT_PAGE, MAX_PAGE, Store
+from bitplan.db.store import DEFAULT_PAGE, MAX_PAGE, JobConflict, Store
 from bitplan.db.tables import JOB_FINAL
 from bitplan.db.types import BitplanError, CalibrationRef, Evaluation, ModelRef, Option, Quantizer
-from bitplan.planner.app.jobs import JobBody, allowed_roots, submit
-from bitplan.planner.app.usecases import run_plan
+from bitplan.db.formats import EXPORT_FORMATS
+from bitplan.planner.app.jobs import JobBody, allowed_roots, inside_roots, submit
+from bitplan.planner.app.usecases import ProfileValidation, profile_validation, run_plan
 from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.request import PlanRequest
 
@@ -132,6 +133,16 @@ class ProfileDocument(ProfileHead):
 
     format: str
     modules: list[dict[str, Any]]
+
+
+class ServerInfo(BaseModel):
+    """What a client needs to know of this server before it names paths or formats."""
+
+    version: str
+    roots: list[str] = Field(description="the folders jobs may read and write (BITPLAN_ROOTS); a relative "
+                                         "path is taken inside the first")
+    database: str = Field(description="the store's kind: sqlite or postgresql (never its location)")
+    export_formats: list[str] = Field(description="what `apply` jobs can write (`format`)")
 
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -226,6 +237,15 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
                   for err in e.errors()[:10]]
         return JSONResponse(status_code=422, content={"detail": errors})
 
+    @app.get("/v1/server")
+    def server_info() -> ServerInfo:
+        """This server's version, allowed roots and export formats (the page shows the roots)."""
+        from importlib.metadata import version
+
+        return ServerInfo(version=version("bitplan"), roots=[str(r) for r in allowed],
+                          database=workspace.store.url.split(":", 1)[0].split("+", 1)[0],
+                          export_formats=list(EXPORT_FORMATS))
+
     # ------------------------------------------------------------------------------------ profiles
 
     @app.get("/v1/profiles")
@@ -238,6 +258,12 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
     def get_profile(profile_id: str, ws: WorkspaceDep) -> ProfileDocument:
         """A stored profile in the interchange format."""
         return ProfileDocument.model_validate(ws.store.get_profile(profile_id).to_dict())
+
+    @app.get("/v1/profiles/{profile_id}/validation")
+    def get_profile_validation(profile_id: str, ws: WorkspaceDep) -> ProfileValidation:
+        """How well the profile's predicted error ranked what was measured: Spearman's rho between each
+        evaluated plan's predicted error and its measured KL and perplexity, per evaluation text."""
+        return profile_validation(ws.store, profile_id)
 
     # --------------------------------------------------------------------------------------- plans
 
@@ -301,6 +327,15 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
         it is over already)."""
         return JobDocument.model_validate(ws.store.cancel_job(job_id))
 
+    @app.get("/v1/jobs/{job_id}/output", response_model=None,
+             responses={200: {"description": "the checkpoint an apply job wrote: a .gguf file as it is, a "
+                                             "folder as an uncompressed tar streamed as it is read",
+                              "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                          for t in ("application/x-tar", "application/octet-stream")}}})
+    def job_output(job_id: str, ws: WorkspaceDep) -> Response:
+        """Download what a succeeded apply job wrote (409 before it has succeeded; 404 once it is gone)."""
+        return _output_response(ws.store.get_job(job_id), allowed)
+
     @app.get("/v1/jobs/{job_id}/events", response_model=None, response_class=StreamingResponse,
              responses={200: {"description": "server-sent events: one `progress` event (a JobDocument) per "
                                              "change, the last one when the job is over",
@@ -337,6 +372,49 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
         return _web_file(f"/web/{name}")
 
     return Guard(app, token=token, max_body=max_body)
+
+
+def _output_response(job: dict, roots: tuple[Path, ...]) -> Response:
+    from fastapi.responses import FileResponse
+
+    from bitplan.db.types import NotFound
+
+    if job["kind"] != "apply":
+        raise NotFound(f"job {job['id']} is a {job['kind']} job: only apply jobs write a checkpoint to download")
+    if job["state"] != "succeeded":
+        raise JobConflict(f"job {job['id']} is {job['state']}: its checkpoint can be downloaded once it has succeeded")
+    # the roots may have narrowed since the job ran
+    path = Path(inside_roots((job.get("result") or {}).get("checkpoint", ""), "the job's checkpoint", roots))
+    if path.is_file():
+        return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    if not path.is_dir():
+        raise NotFound(f"the checkpoint of job {job['id']} is no longer where the job wrote it: run the apply again")
+    return StreamingResponse(_tar_stream(path), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{path.name}.tar"'})
+
+
+def _tar_stream(folder: Path, chunk: int = 2**20):
+    """`folder` as an uncompressed tar (safetensors do not compress), written by a thread into a pipe and
+    read out as it is written: memory stays at a chunk whatever the checkpoint's size.  A client that goes
+    away closes the pipe, and the writer stops on the broken pipe."""
+    import tarfile
+    import threading
+
+    read_fd, write_fd = os.pipe()
+
+    def write():
+        try:
+            with os.fdopen(write_fd, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|") as tar:
+                tar.add(folder, arcname=folder.name)
+        except (BrokenPipeError, ValueError):
+            pass
+
+    writer = threading.Thread(target=write, name=f"tar {folder.name}", daemon=True)
+    writer.start()
+    with os.fdopen(read_fd, "rb") as pipe:
+        while data := pipe.read(chunk):
+            yield data
+    writer.join()
 
 
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",

@@ -387,6 +387,57 @@ def _evaluate_rows(ws: Workspace, profile: Profile, rows: list[CompareRow], toke
     return [r.model_copy(update=measured[r.plan_id]) if r.plan_id else r for r in rows]
 
 
+class TextValidation(BaseModel):
+    """On one evaluation text: how the plans' predicted errors ranked their measured ones."""
+
+    corpus: str
+    n_plans: int
+    spearman_kl: float | None = None  # None where fewer than 3 plans have a measured KL
+    spearman_perplexity: float | None = None
+
+
+class ProfileValidation(BaseModel):
+    """What the evaluations stored so far say of a profile's predictions (`GET /v1/profiles/{id}/validation`)."""
+
+    profile_id: str
+    n_plans: int
+    n_evaluated: int
+    texts: list[TextValidation]
+
+
+def profile_validation(store, profile_id: str) -> ProfileValidation:
+    """Spearman's rho between predicted error and measured KL / perplexity over the profile's evaluated
+    plans, per evaluation text (bitplan's own evaluator; a plan evaluated twice on a text counts its
+    newest).  A rank correlation: the planner needs the order of its costs right, not their scale."""
+    store.get_profile(profile_id)  # 404 for an unknown profile
+    plans = {p.id: p for p in store.list_plans(profile_id)}
+    by_text: dict[str, dict[str, Evaluation]] = {}
+    for plan_id in plans:
+        for ev in store.list_evaluations(plan_id):  # newest first
+            if ev.engine == "bitplan":
+                by_text.setdefault(ev.corpus, {}).setdefault(plan_id, ev)
+    texts = [_text_validation(corpus, evs, plans) for corpus, evs in sorted(by_text.items())]
+    return ProfileValidation(profile_id=profile_id, n_plans=len(plans),
+                             n_evaluated=len({p for evs in by_text.values() for p in evs}),
+                             texts=sorted(texts, key=lambda t: -t.n_plans))
+
+
+def _text_validation(corpus: str, evs: dict[str, Evaluation], plans: dict[str, Plan]) -> TextValidation:
+    def rho(pairs):
+        if len(pairs) < 3:
+            return None
+        from scipy.stats import spearmanr
+
+        value = spearmanr(*zip(*pairs)).statistic
+        return None if value != value else round(float(value), 4)  # NaN: all predictions equal
+
+    predicted = {pid: plans[pid].predicted_error for pid in evs}
+    return TextValidation(
+        corpus=corpus, n_plans=len(evs),
+        spearman_kl=rho([(predicted[p], e.kl_divergence) for p, e in evs.items() if e.kl_divergence is not None]),
+        spearman_perplexity=rho([(predicted[p], e.perplexity) for p, e in evs.items()]))
+
+
 def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bool = False,
               fmt: str = "bitplan", gptq_inputs: str = "original") -> Path:
     """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:

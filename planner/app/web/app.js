@@ -111,7 +111,12 @@ const fmt = {
   when: (s) => (s ? new Date(s).toLocaleString() : ""),
 };
 
-const state = { profiles: [], profilesCursor: null, documents: new Map(), plan: null, following: new Map() };
+const state = { profiles: [], profilesCursor: null, documents: new Map(), plan: null, following: new Map(), server: null };
+
+async function serverInfo() {
+  if (!state.server) state.server = await api("/v1/server");
+  return state.server;
+}
 
 async function profileDocument(id) {
   if (!state.documents.has(id)) state.documents.set(id, await api(`/v1/profiles/${encodeURIComponent(id)}`));
@@ -136,13 +141,27 @@ async function loadProfiles(more = false) {
     el("td", {}, p.options.map(optionLabel).join(" ")),
     el("td", {}, p.device),
     el("td", {}, p.has_latency ? "yes" : ""),
+    el("td", { class: "validation", dataset: { id: p.id } }),
     el("td", {}, fmt.when(p.created_at)),
     el("td", {}, el("button", { type: "button", onclick: () => { location.hash = `#plan/${p.id}`; } }, "plan…")))));
   $("#profiles-more").hidden = !state.profilesCursor;
+  guarded(() => showValidation(state.profiles.map((p) => p.id)));
   for (const select of [$("#plan-profile"), $("#compare-profile")]) {
     const keep = select.value;
     select.replaceChildren(...state.profiles.map((p) => el("option", { value: p.id }, `${p.id} · ${p.model.name} · ${p.estimator}`)));
     if (keep && state.profiles.some((p) => p.id === keep)) select.value = keep;
+  }
+}
+
+// "rho 0.93 · 8 plans · shakespeare:eval": the text with the most evaluated plans; blank until 3 are evaluated
+async function showValidation(ids) {
+  for (const id of ids) {
+    const v = await api(`/v1/profiles/${encodeURIComponent(id)}/validation`);
+    const cell = document.querySelector(`#profiles-table td.validation[data-id="${CSS.escape(id)}"]`);
+    const t = v.texts.find((x) => x.spearman_kl != null || x.spearman_perplexity != null);
+    if (!cell || !t) continue;
+    const [what, rho] = t.spearman_kl != null ? ["KL", t.spearman_kl] : ["perplexity", t.spearman_perplexity];
+    cell.textContent = `ρ ${fmt.num(rho, 2)} (${what}, ${t.n_plans} plans, ${t.corpus})`;
   }
 }
 
@@ -217,7 +236,7 @@ async function loadPlans() {
   const id = $("#plan-profile").value;
   if (!id) return;
   const page = await api(`/v1/plans?profile_id=${encodeURIComponent(id)}&limit=20`);
-  $("#plans-table tbody").replaceChildren(...page.items.map((p) => el("tr", {},
+  $("#plans-table tbody").replaceChildren(...page.items.map((p) => el("tr", { dataset: { id: p.id } },
     el("td", { class: "id" }, p.id), el("td", {}, p.allocator), el("td", {}, p.budget),
     el("td", { class: "num" }, fmt.num(p.bits_per_weight)), el("td", { class: "num" }, fmt.num(p.size_mib, 2)),
     el("td", { class: "num" }, fmt.sci(p.predicted_error)), el("td", {}, p.status),
@@ -251,6 +270,18 @@ $("#plan-apply").addEventListener("click", () => {
   $("#job-kind").value = "apply";
   showJobFields();
   $('#job-form [name="plan"]').value = state.plan.id;
+  $('#job-form [name="out"]').value = exportPath(state.plan.id, $('#job-form [name="format"]').value);
+});
+
+// where an export goes by default: a folder (a file for gguf) under exports/ of the server's first root
+function exportPath(planId, format) {
+  return `exports/${planId}-${format}${format === "gguf" ? ".gguf" : ""}`;
+}
+
+$('#job-form [name="format"]').addEventListener("change", (ev) => {
+  const out = $('#job-form [name="out"]');
+  const plan = $('#job-form [name="plan"]').value.trim();
+  if (plan && (!out.value || out.value.startsWith("exports/"))) out.value = exportPath(plan, ev.target.value);
 });
 
 // ---------------------------------------------------------------------------------------------- heat map
@@ -562,9 +593,30 @@ function jobRow(job) {
     el("td", { class: "message" }, job.error || job.message || ""),
     el("td", { class: "id" }, job.result_id || ""),
     el("td", {}, fmt.when(job.created_at)),
-    el("td", {}, FINAL.has(job.state) ? "" : el("button", { type: "button", onclick: () => guarded(async () => {
+    el("td", {}, FINAL.has(job.state) ? downloadButton(job) : el("button", { type: "button", onclick: () => guarded(async () => {
       updateJob(await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" }));
     }) }, "cancel")));
+}
+
+function downloadButton(job) {
+  if (job.kind !== "apply" || job.state !== "succeeded") return "";
+  return el("button", { type: "button", class: "download", onclick: () => guarded(() => downloadOutput(job.id)) }, "download");
+}
+
+// the checkpoint through fetch (a plain link cannot send the bearer token), saved under the server's name
+async function downloadOutput(id) {
+  const r = await fetch(`/v1/jobs/${encodeURIComponent(id)}/output`, { headers: authHeaders() });
+  if (!r.ok) {
+    let detail = `HTTP ${r.status}`;
+    try { detail = detailText(await r.json()); } catch (_) { /* not JSON */ }
+    throw new ApiError(r.status, detail);
+  }
+  const name = /filename="?([^";]+)"?/.exec(r.headers.get("Content-Disposition") || "");
+  const link = el("a", { href: URL.createObjectURL(await r.blob()), download: name ? name[1] : `${id}.out` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
 function updateJob(job) {
@@ -636,6 +688,8 @@ async function route() {
       await loadCompare();
     } else if (name === "jobs") {
       showJobFields();
+      const info = await serverInfo();
+      $("#server-roots").textContent = info.roots.join(", ");
       await loadJobs();
     }
   });

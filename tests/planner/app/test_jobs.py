@@ -374,3 +374,59 @@ def test_jobs_that_load_a_model_on_a_gpu_take_turns(monkeypatch):
     assert order == ["first in", "first out", "second in"]
     with worker.device_lock(job("plan", allocator="ilp")):  # no model, no lock: runs beside anything
         pass
+
+
+def _finished_apply(store, plan, out: Path, state: str = "succeeded") -> str:
+    id = store.create_job("apply", {"plan": plan.id, "out": str(out)})
+    store.claim_job("w:1:")
+    store.finish_job(id, "w:1:", state, result_id=plan.id, result={"checkpoint": str(out)})
+    return id
+
+
+def test_an_apply_jobs_checkpoint_downloads(client, roots, tmp_path):
+    """A folder comes as a tar of every file, byte for byte; a .gguf file as it is; nothing before the job
+    has succeeded (409), of another kind of job, or once the output is gone (404); outside the roots 403."""
+    import io
+    import tarfile
+
+    c, store, plan = client
+    folder = roots[0] / "exports" / "q"
+    (folder / "sub").mkdir(parents=True)
+    files = {"model.safetensors": os.urandom(3 * 2**20 + 7), "config.json": b'{"a": 1}', "sub/x.txt": b"x"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    r = c.get(f"/v1/jobs/{_finished_apply(store, plan, folder)}/output")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert r.headers["content-disposition"] == 'attachment; filename="q.tar"'
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert got == {f"q/{name}": data for name, data in files.items()}
+
+    gguf = roots[0] / "exports" / "m.gguf"
+    gguf.write_bytes(b"GGUF" + os.urandom(1000))
+    r = c.get(f"/v1/jobs/{_finished_apply(store, plan, gguf)}/output")
+    assert r.status_code == 200 and r.content == gguf.read_bytes() and 'filename="m.gguf"' in r.headers["content-disposition"]
+
+    queued = store.create_job("apply", {"plan": plan.id, "out": str(folder)})
+    assert c.get(f"/v1/jobs/{queued}/output").status_code == 409
+    store.cancel_job(queued)
+    assert c.get(f"/v1/jobs/{_finished_apply(store, plan, folder, 'failed')}/output").status_code == 409
+    other = store.create_job("plan", {})
+    store.claim_job("w:1:")
+    store.finish_job(other, "w:1:", "succeeded")
+    r = c.get(f"/v1/jobs/{other}/output")
+    assert r.status_code == 404 and "only apply jobs" in r.json()["detail"]
+    outside = roots[1] / "secret"
+    r = c.get(f"/v1/jobs/{_finished_apply(store, plan, outside)}/output")
+    assert r.status_code == 403 and str(roots[1]) not in r.text
+    gone = _finished_apply(store, plan, roots[0] / "exports" / "gone")
+    r = c.get(f"/v1/jobs/{gone}/output")
+    assert r.status_code == 404 and "run the apply again" in r.json()["detail"]
+    assert c.get("/v1/jobs/job-nope/output").status_code == 404
+
+
+def test_server_info_names_the_roots(client, roots):
+    c, _, _ = client
+    info = c.get("/v1/server").json()
+    assert info["roots"] == [str(roots[0].resolve())] and info["database"] == "sqlite"
+    assert "gguf" in info["export_formats"] and info["version"]

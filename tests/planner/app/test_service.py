@@ -180,11 +180,14 @@ def test_every_route_documents_its_response(tmp_path):
     """/openapi.json gives a schema for every route's success response, and the error shape for 4xx."""
     spec = create_app(str(tmp_path / "o.db"), token="").openapi()
     routes = [(path, method, op) for path, ops in spec["paths"].items() for method, op in ops.items()]
-    assert len(routes) == 12
+    assert len(routes) == 15
     for path, method, op in routes:
         ok = next(v for k, v in op["responses"].items() if k.startswith("2"))
-        content = ok["content"].get("application/json") or ok["content"]["text/event-stream"]
-        assert content["schema"].get("$ref"), (method, path, content)
+        if path.endswith("/output"):  # a checkpoint: bytes
+            assert ok["content"]["application/x-tar"]["schema"] == {"type": "string", "format": "binary"}
+        else:
+            content = ok["content"].get("application/json") or ok["content"]["text/event-stream"]
+            assert content["schema"].get("$ref"), (method, path, content)
         assert {"401", "404", "413", "422"} <= set(op["responses"]), (method, path)
     pages = [k for k in spec["components"]["schemas"] if k.startswith("Page")]
     assert len(pages) == 4 and all("next_cursor" in spec["components"]["schemas"][k]["properties"] for k in pages)
@@ -193,3 +196,41 @@ def test_every_route_documents_its_response(tmp_path):
     assert {"assignment", "bits_per_weight", "size_mib", "status"} <= set(plan)
     body = spec["components"]["schemas"]["PlanBody"]
     assert body.get("additionalProperties") is False and "profile_id" in body["required"]
+
+
+def test_profile_validation_ranks_predicted_against_measured(tmp_path, make_profile):
+    """Spearman's rho per evaluation text, over each plan's newest bitplan evaluation: 1.0 where the
+    measured KL keeps the predicted order, scipy's value where one pair is swapped; fewer than 3 plans
+    give none."""
+    from fastapi.testclient import TestClient
+    from scipy.stats import spearmanr
+
+    from bitplan.db.types import Evaluation
+    from bitplan.planner.plan import allocate
+    from bitplan.planner.request import PlanRequest
+
+    store = Store(str(tmp_path / "v.db"))
+    profile = store.save_profile(make_profile())
+    plans = sorted((store.save_plan(allocate(profile, PlanRequest(budget=f"{b}bpw", allocator="greedy")))
+                    for b in (2.5, 3.0, 3.5, 4.0, 5.0)), key=lambda p: p.predicted_error)
+    assert len({p.predicted_error for p in plans}) == 5
+
+    def evaluate(plan, corpus, kl, ppl, engine="bitplan"):
+        store.save_evaluation(Evaluation(plan_id=plan.id, checkpoint="c", corpus=corpus, n_tokens=8, window=8,
+                                         perplexity=ppl, kl_divergence=kl, engine=engine))
+
+    for i, p in enumerate(plans):
+        evaluate(p, "a", kl=10.0 + i, ppl=20.0 + i)           # superseded below
+        evaluate(p, "a", kl=float(i), ppl=30.0 + [0, 2, 1, 3, 4][i])
+        evaluate(p, "b", kl=5.0 - i, ppl=9.0, engine="llamacpp")  # not bitplan's evaluator: left out
+    for p in plans[:2]:
+        evaluate(p, "c", kl=1.0, ppl=2.0)
+    with TestClient(create_app(store.url, token="")) as c:
+        v = c.get(f"/v1/profiles/{profile.id}/validation").json()
+        assert c.get("/v1/profiles/prof-nope/validation").status_code == 404
+    assert (v["n_plans"], v["n_evaluated"]) == (5, 5)
+    a, cc = v["texts"]
+    assert (a["corpus"], a["n_plans"], a["spearman_kl"]) == ("a", 5, 1.0)
+    want = spearmanr([p.predicted_error for p in plans], [30, 32, 31, 33, 34]).statistic
+    assert a["spearman_perplexity"] == pytest.approx(want, abs=1e-4) and want < 1
+    assert (cc["corpus"], cc["n_plans"], cc["spearman_kl"], cc["spearman_perplexity"]) == ("c", 2, None, None)

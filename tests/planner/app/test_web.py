@@ -105,8 +105,10 @@ def moe_profile():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, live_server):
     """A live server (token required) over a store holding the dense and the MoE synthetic profiles, plans
-    of four allocators at five budgets, and evaluations of two of them; yields (base URL, store)."""
+    of four allocators at five budgets, and evaluations of two of them; yields (base URL, store, the
+    server's one allowed root)."""
     url = str(tmp_path_factory.mktemp("web") / "web.db")
+    root = tmp_path_factory.mktemp("web-root").resolve()
     store = Store(url)
     # as a profile measured on the built-in calibration text would read
     store.save_profile(synthetic.synthetic_profile().model_copy(update={
@@ -122,8 +124,8 @@ def site(tmp_path_factory, live_server):
                 ppl = 28.0 + 400.0 * 4.0 ** -plan.bits_per_weight * (2.0 if allocator == "uniform" else 1.0)
                 store.save_evaluation(Evaluation(plan_id=plan.id, checkpoint=f"/srv/out/{plan.id}",
                                                  corpus="shakespeare-eval", n_tokens=8192, window=512, perplexity=ppl))
-    with live_server(create_app(url, token=TOKEN)) as base:
-        yield base, store
+    with live_server(create_app(url, token=TOKEN, roots=str(root))) as base:
+        yield base, store, root
     store.close()
 
 
@@ -131,7 +133,7 @@ def site(tmp_path_factory, live_server):
 def page(browser, site):
     """A new tab (its own sessionStorage) at the site, the token given in the dialog; fails the test on any
     error the page's script raised."""
-    base, _ = site
+    base, *_ = site
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     tab = context.new_page()
     errors: list[str] = []
@@ -147,7 +149,7 @@ def page(browser, site):
 
 
 def api(site, path: str):
-    base, _ = site
+    base, *_ = site
     r = httpx.get(base + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     r.raise_for_status()
     return r.json()
@@ -165,7 +167,7 @@ def pixel(page, x: float, y: float) -> tuple[int, int, int]:
 
 
 def test_the_page_is_served_without_the_token_and_data_is_not(site):
-    base, _ = site
+    base, *_ = site
     r = httpx.get(base + "/")
     assert r.status_code == 200 and "<title>bitplan</title>" in r.text
     assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -176,7 +178,7 @@ def test_the_page_is_served_without_the_token_and_data_is_not(site):
 
 
 def test_token_is_asked_once_and_profiles_listed(browser, site, shots):
-    base, _ = site
+    base, *_ = site
     context = browser.new_context(viewport={"width": 1400, "height": 700})
     tab = context.new_page()
     tab.goto(base + "/")
@@ -193,6 +195,12 @@ def test_token_is_asked_once_and_profiles_listed(browser, site, shots):
     row = tab.inner_text('#profiles-table tr[data-id="prof-synthetic"]')
     assert "synthetic" in row and "211" in row and "2b/g64 3b/g64 4b/g64 8b/g64" in row
     assert "shakespeare:calib (4096 tokens)" in row
+    # validation: the rank correlation of predicted error and measured perplexity over the 10 evaluated plans
+    v = api(site, "/v1/profiles/prof-synthetic/validation")["texts"][0]
+    cell = '#profiles-table td.validation[data-id="prof-synthetic"]'
+    tab.wait_for_function(f"() => document.querySelector('{cell}').textContent !== ''")
+    assert tab.inner_text(cell) == f"ρ {v['spearman_perplexity']:.2f} (perplexity, 10 plans, shakespeare-eval)"
+    assert tab.inner_text('#profiles-table td.validation[data-id="prof-synthetic-moe8-8l"]') == ""
     assert tab.evaluate("sessionStorage.getItem('bitplan.token')") == TOKEN
     tab.reload()  # kept for the tab: not asked again
     tab.wait_for_selector("#profiles-table tbody tr")
@@ -289,7 +297,7 @@ def test_compare_draws_a_line_per_allocator(page, site, shots):
 
 
 def test_a_job_started_on_the_page_shows_its_progress_live(page, site, shots):
-    _, store = site
+    _, store, _ = site
     page.evaluate("location.hash = '#jobs'")
     page.wait_for_selector("#view-jobs:not([hidden])")
     # bad input first: one line in the banner, nothing queued
@@ -322,6 +330,48 @@ def test_a_job_started_on_the_page_shows_its_progress_live(page, site, shots):
     store.finish_job(job_id, "test-worker", "succeeded", result_id="prof-synthetic")
     page.wait_for_selector(f'{row}[data-state="succeeded"]')
     assert "100 %" in page.inner_text(row) and "prof-synthetic" in page.inner_text(row)
+
+
+def test_a_plans_export_is_applied_as_a_job_and_downloaded(page, site, shots):
+    """From the plan's view to a job with a prefilled output under the server's root, then the checkpoint
+    the job wrote downloaded from its row (a tar of the folder) through the token-carrying fetch."""
+    import tarfile
+
+    _, store, root = site
+    page.evaluate("location.hash = '#plan/prof-synthetic'")
+    page.wait_for_selector("#plans-table tbody tr")
+    plan = store.get_plan(page.get_attribute("#plans-table tbody tr", "data-id"))
+    page.click(f'#plans-table tr[data-id="{plan.id}"] button')
+    page.wait_for_function(f"() => window.bitplanHeatmap && window.bitplanHeatmap.planId === '{plan.id}'")
+    page.click("#plan-apply")
+    page.wait_for_selector("#view-jobs:not([hidden])")
+    page.wait_for_function("() => document.getElementById('server-roots').textContent !== ''")
+    assert page.inner_text("#server-roots") == str(root)
+    assert page.input_value('#job-form [name="out"]') == f"exports/{plan.id}-bitplan"
+    page.select_option('#job-form [name="format"]', "gguf")
+    assert page.input_value('#job-form [name="out"]') == f"exports/{plan.id}-gguf.gguf"
+    page.select_option('#job-form [name="format"]', "compressed-tensors")
+    page.click("#job-form button[type=submit]")
+    page.wait_for_selector('#jobs-table tr[data-state="queued"]')
+    job_id = page.get_attribute('#jobs-table tr[data-state="queued"]', "data-id")
+    job = store.get_job(job_id)
+    out = Path(job["params"]["out"])
+    assert out == root / "exports" / f"{plan.id}-compressed-tensors" and job["params"]["format"] == "compressed-tensors"
+    # the worker this test plays writes the folder and reports it
+    assert store.claim_job("test-worker")["id"] == job_id
+    out.mkdir(parents=True)
+    (out / "config.json").write_text('{"quantization_config": {}}')
+    (out / "model.safetensors").write_bytes(os.urandom(4096))
+    store.finish_job(job_id, "test-worker", "succeeded", result_id=plan.id, result={"checkpoint": str(out)})
+    row = f'#jobs-table tr[data-id="{job_id}"]'
+    page.wait_for_selector(f"{row} button.download")
+    with page.expect_download() as got:
+        page.click(f"{row} button.download")
+    assert got.value.suggested_filename == f"{out.name}.tar"
+    with tarfile.open(got.value.path()) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert files == {f"{out.name}/{f.name}": f.read_bytes() for f in out.iterdir()}
+    shots(page, "export")
 
 
 def test_the_page_files_ship_in_the_package():
