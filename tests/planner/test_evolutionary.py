@@ -384,3 +384,44 @@ def test_the_final_contest_spends_reserve_rows_only_where_it_is_close():
                    for s in range(200)]
         right[name] = np.mean([d == (p.total_error(child) < p.total_error(parent)) for d in decided])
     assert right["racing"] > right["stage rows only"] + 0.1, right
+
+
+def test_a_stage_passes_on_no_child_that_is_already_clearly_worse():
+    """`cut` keeps the best `keep` by mean, less those more than 2 standard errors worse than the best,
+    paired by row: under small noise a clearly worse child stops there while one equal to the best goes on
+    (nearly always: a 2-sigma rule); under noise larger than the gaps every one of the `keep` goes on; on
+    one row there is no error to judge by."""
+    from bitplan.planner.allocators.evolutionary.search import cut
+
+    truth = np.array([1.0, 1.0, 1.5, 2.0, 3.0])  # the first two equal: they differ by the noise alone
+    kept, loud_kept = [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        row_effect = rng.normal(0, 1.0, 8)  # text difficulty: shared by every candidate on a row
+        quiet = truth[:, None] + row_effect + rng.normal(0, 0.005, (5, 8))
+        kept.append(sorted(cut(quiet, 4)))
+        loud = truth[:, None] + row_effect + rng.normal(0, 3.0, (5, 8))
+        loud_kept.append(len(cut(loud, 4)))
+        one_row = quiet[:, :1]
+        assert cut(one_row, 3) == [int(j) for j in np.argsort(one_row[:, 0], kind="stable")[:3]]
+    assert all(k in ([0, 1], [0], [1]) for k in kept)  # never a clearly worse one
+    assert np.mean([k == [0, 1] for k in kept]) > 0.85
+    assert np.mean(loud_kept) > 3.5
+
+
+def test_cutting_clearly_worse_children_spends_fewer_tokens_for_the_same_result():
+    """On a quiet additive oracle the search takes the same path with and without the cut (the children it
+    drops were beaten anyway) and spends fewer tokens on the stages."""
+    from bitplan.planner.allocators.evolutionary import search
+
+    p = small_problem(4)
+    params = dict(generations=5, offspring=8, stage_tokens=[128, 256, 512], patience=None, start="uniform")
+    with_cut = evo.solve(p, context=evo.AdditiveOracle(p, noise=1e-9, n_rows=16), **params)
+    keep_all = search.cut
+    try:
+        search.cut = lambda scores, keep, z=0: [int(j) for j in np.argsort(scores.mean(axis=1), kind="stable")[:keep]]
+        without = evo.solve(p, context=evo.AdditiveOracle(p, noise=1e-9, n_rows=16), **params)
+    finally:
+        search.cut = keep_all
+    assert np.array_equal(with_cut.choice, without.choice)
+    assert with_cut.info["tokens_search"] < without.info["tokens_search"]

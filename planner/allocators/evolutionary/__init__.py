@@ -19,9 +19,11 @@ of its neighbours is really better.  In the spirit of EvoPress (Sieberling et al
   A switch moves one level (the next smaller / larger size), or any level with probability `explore`.
   After the switches, bits left over are spent on the raises of best predicted gain that fit.
 - **Selection** (1+λ) in stages: `offspring` distinct children are scored on `stage_tokens[0]` tokens
-  of fitness text, the best `survivors[0]` go on to `stage_tokens[1]` fresh tokens, and so on; the
-  parent re-enters at the last stage and is replaced only by a strictly better child on the same
-  tokens.  Each generation draws its stages' token rows afresh (a seeded permutation of the oracle's
+  of fitness text, the best `survivors[0]` go on to `stage_tokens[1]` fresh tokens, and so on, less
+  any child whose paired difference to the stage's best is already more than 2 standard errors above
+  zero (`cut`: no more tokens for a child that is clearly worse); the parent re-enters at the last
+  stage, where child and parent race on more rows while they are within 2 standard errors (`race`),
+  and it is replaced only by a strictly better child on the same tokens.  Each generation draws its stages' token rows afresh (a seeded permutation of the oracle's
   fitness pool; rows are disjoint across a generation's stages while the pool lasts).
 - **Stopping**: after `generations`, at `time_limit` seconds, or when the parent's held-out fitness
   (text the search never selects on) has not improved for `patience` generations.

@@ -94,17 +94,30 @@ def fitness_rows(oracle: FitnessOracle, choice: np.ndarray, rows: Sequence[int])
 def staged_selection(oracle: FitnessOracle, parent: np.ndarray, kids: list[Child],
                      stage_rows: list[list[int]], survivors: list[int],
                      reserve: Sequence[int] = ()) -> tuple[Child | None, float]:
-    """Staged (1+λ) selection: cut `kids` down on more and more rows; at the last stage the best child
-    meets the parent (`race`), and only a better child replaces it.  The winning child (None: the parent
-    stays) and the best mean fitness of the contest."""
+    """Staged (1+λ) selection: cut `kids` down on more and more rows (`cut`); at the last stage the best
+    child meets the parent (`race`), and only a better child replaces it.  The winning child (None: the
+    parent stays) and the best mean fitness of the contest."""
     alive = kids
     for rows, keep in zip(stage_rows[:-1], survivors):
-        scores = [oracle.fitness(kid, rows) for kid, _ in alive]
-        alive = [alive[j] for j in np.argsort(scores, kind="stable")[:keep]]
+        alive = [alive[j] for j in cut(np.array([fitness_rows(oracle, kid, rows) for kid, _ in alive]), keep)]
     scores = [oracle.fitness(kid, stage_rows[-1]) for kid, _ in alive]
     child = alive[int(np.argmin(scores))]
     wins, child_mean, parent_mean = race(oracle, child[0], parent, stage_rows[-1], reserve)
     return (child if wins else None), min(child_mean, parent_mean)
+
+
+def cut(scores: np.ndarray, keep: int, z: float = RACE_Z) -> list[int]:
+    """The candidates that go on from a stage, given their fitness `scores [candidates, rows]`: the `keep`
+    best by mean, less those whose paired difference to the stage's best is more than `z` standard errors
+    above zero (on two rows or more): a candidate already clearly worse gets no more tokens, so a stage
+    whose candidates differ by more than the noise passes fewer of them on."""
+    means = scores.mean(axis=1)
+    order = np.argsort(means, kind="stable")[:keep]
+    if scores.shape[1] < 2:
+        return [int(j) for j in order]
+    d = scores - scores[order[0]]
+    se = d.std(axis=1, ddof=1) / np.sqrt(scores.shape[1])
+    return [int(j) for j in order if not d[j].mean() > z * se[j]]
 
 
 def race(oracle: FitnessOracle, child: np.ndarray, parent: np.ndarray, rows: Sequence[int],
