@@ -113,14 +113,18 @@ def main(argv=None):
     plans = ([tuple(p.split("@")[::-1]) for p in args.plans.split(",")] if args.plans else
              [(b, a) for b in args.budgets.split(",") for a in args.allocators.split(",")])
     for budget, allocator in plans:
+        t0 = time.perf_counter()
         plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator))
+        plan_seconds = time.perf_counter() - t0  # the search's own time and forward tokens are in its plan
+        search = plan.params.get("search") or {}
         for inputs in args.gptq_inputs.split(","):
             t0 = time.perf_counter()
             cache = shared if inputs == "original" else prof.gptq_propagated(
                 loaded, profile, planned, plan.assignment, progress=True)
             row = dict(budget=budget, allocator=allocator, gptq_inputs=inputs, plan_id=plan.id,
                        bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
-                       predicted_error=plan.predicted_error, gptq_seconds=time.perf_counter() - t0)
+                       predicted_error=plan.predicted_error, plan_seconds=plan_seconds,
+                       search_tokens=search.get("tokens_used", 0), gptq_seconds=time.perf_counter() - t0)
             for name, windows in texts.items():
                 r = evaluate_plans(loaded.model, planned, [plan.assignment], windows.ids, quantizer=quantizer,
                                    hessians=hessians, cache=cache, per_window=True, progress=False)[0]

@@ -35,8 +35,11 @@ ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
 EMBED_ROLE = "embed_tokens"
 EMBED_MIN_BITS = 4
 # The activations GPTQ's statistics `H` come from when a plan is applied (`apply --gptq-inputs`): the
-# unquantized model's, or those the plan's own model, quantized up to each block, feeds that block.
+# unquantized model's, or those the plan's own model, quantized up to each block, feeds that block.  The
+# default is `quantized`: on the embedded model it was better or level in every paired comparison of
+# bench/recipes.py (docs/measurements.md), most at low bits and on text of another domain.
 GPTQ_INPUTS = ("original", "quantized")
+DEFAULT_GPTQ_INPUTS = "quantized"
 
 
 # --------------------------------------------------------------------------------------- errors

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from bitplan.db.formats import EXPORT_FORMATS, GGUF_OPTIONS
-from bitplan.db.types import (DEFAULT_OPTIONS, GPTQ_INPUTS, BitplanError, Evaluation, InvalidInput, Plan,
-                              Profile)
+from bitplan.db.types import (DEFAULT_GPTQ_INPUTS, DEFAULT_OPTIONS, GPTQ_INPUTS, BitplanError, Evaluation,
+                              InvalidInput, Plan, Profile)
 from bitplan.planner.budgets import DEMO_BUDGETS
 
 log = logging.getLogger("bitplan")
@@ -206,10 +206,10 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
                         "vLLM), compressed-tensors (pack-quantized: vLLM), llamacpp (a --tensor-type-file and the "
                         "llama-quantize command line), gguf (--out FILE.gguf, written by the built llama-quantize "
                         "from the model's F16 GGUF, its tensor types checked against the plan; `make llamacpp`)")
-    c.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default=GPTQ_INPUTS[0],
-                   help="a GPTQ profile's plans: each block's input statistics from the unquantized model "
-                        "(original, default; shared by every plan) or from the plan's model quantized up to that "
-                        "block (quantized: GPTQ for the inputs the deployed model feeds it; one more pass)")
+    c.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default=DEFAULT_GPTQ_INPUTS,
+                   help="a GPTQ profile's plans: each block's input statistics from the plan's model quantized up "
+                        "to that block (quantized, default: GPTQ for the inputs the deployed model feeds it; one "
+                        "more pass per plan) or from the unquantized model (original: shared by every plan)")
 
 
 def _eval_arguments(c: argparse.ArgumentParser) -> None:

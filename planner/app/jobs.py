@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from bitplan.db.files import WRITTEN_MARK, read_profile_file
 from bitplan.db.formats import CALIB_TEXT, EMBEDDED_MODELS, EVAL_TEXT, EXPORT_FORMATS
 from bitplan.db.store import Store
-from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput, PathNotAllowed,
+from bitplan.db.types import (DEFAULT_GPTQ_INPUTS, DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput, PathNotAllowed,
                               Profile, Quantizer, parse_options)
 from bitplan.planner.app.usecases import COMPARE_EVAL_TOKENS, IMATRIX_FROM_CALIBRATION, ProfileRequest
 from bitplan.planner.request import PlanRequest
@@ -128,7 +128,7 @@ class ApplyJob(BaseModel):
     out: str = Field(description="the output folder (a file for gguf), inside the roots")
     overwrite: bool = False
     format: Literal[EXPORT_FORMATS] = "bitplan"  # type: ignore[valid-type]
-    gptq_inputs: Literal[GPTQ_INPUTS] = "original"  # type: ignore[valid-type]
+    gptq_inputs: Literal[GPTQ_INPUTS] = DEFAULT_GPTQ_INPUTS  # type: ignore[valid-type]
 
 
 class EvalJob(BaseModel):

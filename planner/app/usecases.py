@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from bitplan.db.files import exclusive
 from bitplan.db.store import content_profile_id
 from bitplan.db.formats import parse_gguf_options
-from bitplan.db.types import (DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, Budget, Evaluation, InfeasibleBudget,
-                              InvalidInput, NotFound, Option, Plan, Profile, Quantizer, parse_options)
+from bitplan.db.types import (DEFAULT_GPTQ_INPUTS, DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, Budget, Evaluation,
+                              InfeasibleBudget, InvalidInput, NotFound, Option, Plan, Profile, Quantizer,
+                              parse_options)
 from bitplan.planner.allocators import lookup_allocator, needs_context
 from bitplan.planner.app.workspace import Workspace
 from bitplan.planner.budgets import DEMO_BUDGETS, parse_budgets
@@ -439,7 +440,7 @@ def _text_validation(corpus: str, evs: dict[str, Evaluation], plans: dict[str, P
 
 
 def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bool = False,
-              fmt: str = "bitplan", gptq_inputs: str = "original") -> Path:
+              fmt: str = "bitplan", gptq_inputs: str = DEFAULT_GPTQ_INPUTS) -> Path:
     """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:
     executor/export.py).  GPTQ results the workspace keeps for the plan's profile are not computed
     again, and the `H` collected for those it lacks is kept there for the next plan.  `gptq_inputs`:
@@ -672,7 +673,9 @@ def run_demo(ws: Workspace, *, source: str = "smollm2-135m", budgets: Sequence[s
         for allocator in allocators:
             t0 = time.perf_counter()
             plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator))
-            out = run_apply(ws, plan, Path(out_dir) / plan.id, overwrite=True)
+            # GPTQ from the unquantized model's activations: the results profiling kept serve every plan,
+            # where `quantized` inputs (apply's default) would cost a pass per plan (docs/recipes.md)
+            out = run_apply(ws, plan, Path(out_dir) / plan.id, overwrite=True, gptq_inputs="original")
             ev = run_eval(ws, str(out), tokens=eval_tokens, plan_id=plan.id)
             rows.append(DemoRow(budget=budget, allocator=allocator, bits_per_weight=plan.bits_per_weight,
                                 size_mib=plan.size_mib, predicted_error=plan.predicted_error,

@@ -42,11 +42,11 @@ def test_applies_reuse_the_profile_s_gptq_and_write_the_same_checkpoint(store, t
     assert len(calls) == 14 * 4 and cache.profile_id == profile.id  # every module at every option, once
     plans = [run_plan(ws, profile, PlanRequest(budget=b)) for b in ("3bpw", "4bpw")]
     for plan in plans:
-        run_apply(ws, plan, tmp_path / f"cached-{plan.id}")
+        run_apply(ws, plan, tmp_path / f"cached-{plan.id}", gptq_inputs="original")
     assert len(calls) == 14 * 4 and cache.hessians is None  # no GPTQ, no H collected again
     uncached = Workspace(store, progress=False)
     for plan in plans:  # without the cache: H collected again, GPTQ run again, the same bytes
-        run_apply(uncached, plan, tmp_path / f"fresh-{plan.id}")
+        run_apply(uncached, plan, tmp_path / f"fresh-{plan.id}", gptq_inputs="original")
         cached, fresh = tensors(tmp_path / f"cached-{plan.id}"), tensors(tmp_path / f"fresh-{plan.id}")
         assert cached.keys() == fresh.keys()
         for key in cached:
@@ -72,7 +72,7 @@ def test_a_reused_profile_collects_h_once_for_all_its_plans(store, tiny_checkpoi
 
     monkeypatch.setattr(prof, "gptq_hessians", gptq_hessians)
     for b in ("3bpw", "3.5bpw", "4bpw"):
-        run_apply(ws, run_plan(ws, profile, PlanRequest(budget=b)), tmp_path / b)
+        run_apply(ws, run_plan(ws, profile, PlanRequest(budget=b)), tmp_path / b, gptq_inputs="original")
     assert len(collected) == 1 and cache.hessians is not None
 
 

@@ -40,7 +40,8 @@ def test_profile_plan_apply_reload(checkpoint, text_file, tmp_path):
         assert not zero, f"{family}: predicted error 0 at a quantized option: {zero[:5]}"
         plan = run_plan(ws, profile, PlanRequest(budget="3.5bpw"))
         assert plan.total_bits <= plan.budget_bits
-        out = run_apply(ws, plan, tmp_path / "q")
+        # the unquantized model's H, so that the in-memory reference below can take the same
+        out = run_apply(ws, plan, tmp_path / "q", gptq_inputs="original")
 
     reloaded, _, _ = load_quantized(out)
     loaded = load_model(str(path))

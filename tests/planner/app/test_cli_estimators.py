@@ -19,15 +19,16 @@ def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_p
     assert [m["error"] for m in gptq["modules"]] != [m["error"] for m in rtn["modules"]]
     code, out, _ = run_cli("plan", gptq["id"], "--budget", "3.5bpw", "--json", "-q")
     plan = json.loads(out)
-    code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / "q"), "--json", "-q")
+    code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / "q"), "--gptq-inputs", "original",
+                             "--json", "-q")
     assert code == 0, err
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quantizer"] == "gptq"
     assert config["quantization_config"]["gptq_inputs"] == "original"
-    # GPTQ on the activations of the plan's own quantized model: other codes, recorded, the same bytes twice
-    for name in ("p1", "p2"):
-        code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / name), "--gptq-inputs", "quantized",
-                                 "--json", "-q")
+    # GPTQ on the activations of the plan's own quantized model (the default): other codes, recorded, the
+    # same bytes twice
+    for name, flags in (("p1", ["--gptq-inputs", "quantized"]), ("p2", [])):
+        code, out, err = run_cli("apply", plan["id"], "--out", str(tmp_path / name), *flags, "--json", "-q")
         assert code == 0, err
     qc = json.loads((tmp_path / "p1" / "config.json").read_text())["quantization_config"]
     assert qc["gptq_inputs"] == "quantized"
