@@ -30,6 +30,14 @@ cheap row still sets its shape and size relative to the siblings.  And a measure
 option whose cheap error is > 0 (however many tokens) becomes `α · cheap` there.  Both are listed in
 the result's `estimated` (the Profile's `estimated`, with the reason).  The token rule never touches a
 dense module (it sees every token of the sample); the zero rule can.
+
+**A sample of the experts.**  Measuring every routed expert makes the estimator's cost grow with the
+experts: two passes each, about 90,000 for DeepSeek-V3.  With `experts=K` only K experts of each layer
+and role are measured, picked at evenly spaced ranks of their routed tokens in the KL sample (the
+busiest first, none below `MIN_KL_TOKENS`); the others take the median α of the measured ones, as a
+thinly measured expert does, and their own cheap rows keep their shapes and their differences.  The
+passes are then bounded per layer: `points × (dense modules + K × expert roles)`, whatever the number
+of experts.  The profile's `estimated` names every expert so estimated.
 """
 
 from __future__ import annotations
@@ -136,12 +144,14 @@ def _prior_alphas(alpha: np.ndarray, trusted: np.ndarray,
 
 def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
             modules: Sequence[Module] | None = None, routed: Sequence[int] | np.ndarray | None = None,
-            min_tokens: int = MIN_KL_TOKENS, labels: Sequence[str] | None = None) -> Rescaled:
+            min_tokens: int = MIN_KL_TOKENS, labels: Sequence[str] | None = None,
+            unmeasured: Sequence[bool] | np.ndarray | None = None) -> Rescaled:
     """`(calibrated [M, O], alpha [M])` from a cheap table and KL measured at option columns `points`.
 
     `routed[m]`: the routed tokens behind module m's measurement (None: every row is well measured);
     below `min_tokens` the row is the siblings' α times its cheap row, measured points included
-    (module docstring; `modules` say who the siblings are).  A module whose cheap error is zero at
+    (module docstring; `modules` say who the siblings are); so is a row of `unmeasured` (an expert left
+    out of the sample: its row of `measured` is ignored).  A module whose cheap error is zero at
     every measured point (nothing to scale), or whose KL is not > 0 at any, takes its siblings' α the
     same way, so its unmeasured options are neither zeroed nor inflated.  A measured point that is 0
     where the cheap error is > 0 is `α · cheap` instead.  `estimated` names every row changed so
@@ -154,8 +164,9 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
     logs = np.where(ok, np.log(np.where(ok, measured, 1.0) / np.where(ok, c, 1.0)), 0.0)
     n = ok.sum(axis=1)
     alpha = np.exp(np.divide(logs.sum(axis=1), n, out=np.zeros(len(n)), where=n > 0))
-    thin = np.zeros(len(n), bool) if routed is None else np.asarray(routed) < min_tokens
-    trusted = (n > 0) & ~thin
+    skipped = np.zeros(len(n), bool) if unmeasured is None else np.asarray(unmeasured, bool)
+    thin = (np.zeros(len(n), bool) if routed is None else np.asarray(routed) < min_tokens) & ~skipped
+    trusted = (n > 0) & ~thin & ~skipped
     estimated: dict[int, str] = {}
     if not trusted.all():
         prior, source = _prior_alphas(alpha, trusted, modules)
@@ -163,6 +174,10 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
         for i in np.flatnonzero(thin):
             estimated[int(i)] = (f"{int(routed[i])} routed tokens behind its measured KL (< {min_tokens}): "
                                  f"α {alpha[i]:.3g} times its cheap error, α {source[i]}")
+        for i in np.flatnonzero(skipped):
+            estimated[int(i)] = (f"not in the sample of experts measured: α {alpha[i]:.3g} times its cheap "
+                                 f"error, α {source[i]}")
+        thin = thin | skipped
         for i in np.flatnonzero(~thin & (n == 0) & (cheap > 0).any(axis=1) & (c <= 0).all(axis=1)):
             estimated[int(i)] = (f"cheap error 0 at every measured point, nothing to fit: α {alpha[i]:.3g} times "
                                  f"its cheap error elsewhere, α {source[i]}")
@@ -181,6 +196,29 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
     return Rescaled(out, alpha, estimated)
 
 
+def expert_sample(modules: Sequence[Module], routed_tokens: dict[str, np.ndarray] | None, experts: int,
+                  min_tokens: int = MIN_KL_TOKENS) -> list[int]:
+    """Indices of the modules `calibrate` measures with `experts=K`: every dense module, and of each layer's
+    routed experts per role the K at evenly spaced ranks of routed tokens (the busiest first), among those
+    with at least `min_tokens` (fewer would not be trusted anyway: `rescale`)."""
+    if experts < 1:
+        raise ValueError(f"experts must be >= 1, not {experts}")
+    groups: dict[tuple, list[int]] = {}
+    keep = []
+    for i, m in enumerate(modules):
+        if m.expert is None:
+            keep.append(i)
+        else:
+            groups.setdefault((expert_set_name(m), m.role), []).append(i)
+    for (name, _), idx in groups.items():
+        tokens = np.asarray(routed_tokens[name]) if routed_tokens else np.zeros(max(modules[i].expert for i in idx) + 1)
+        ranked = [i for i in sorted(idx, key=lambda i: (-tokens[modules[i].expert], modules[i].expert))
+                  if tokens[modules[i].expert] >= min_tokens] or sorted(idx, key=lambda i: -tokens[modules[i].expert])
+        picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(experts, len(ranked)))).astype(int))
+        keep += [ranked[j] for j in picks]
+    return sorted(keep)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
               cheap: np.ndarray, batches: torch.Tensor, *, points: int = DEFAULT_POINTS,
@@ -188,8 +226,12 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
               device: str = "cpu", progress: bool = True,
               hessian_batches: torch.Tensor | None = None,
               cache: GPTQCache | None = None, min_tokens: int = MIN_KL_TOKENS,
-              importance: dict[str, np.ndarray] | None = None) -> Rescaled:
+              importance: dict[str, np.ndarray] | None = None, experts: int | None = None,
+              routed_tokens: dict[str, np.ndarray] | None = None) -> Rescaled:
     """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
+
+    `experts`: measure only that many routed experts per layer and role, chosen by `routed_tokens` (expert
+    set name -> tokens per expert over `batches`, `profile.routing_stats`); None measures every module.
 
     `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
     cheap table was made on, so that the measured points use the same ΔW as the rest of the row; for the
@@ -200,15 +242,20 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     if not cols:
         return Rescaled(np.asarray(cheap, float), np.ones(len(planned)), {})
     routing: dict = {}
-    measured = kl_table(model, planned, [options[i] for i in cols], batches, quantizer=quantizer, device=device,
-                        progress=progress, hessian_batches=hessian_batches, cache=cache, routing=routing,
-                        importance=importance)
     total = batches.numel()
+    sample = expert_sample([m for m, _ in planned], routed_tokens, experts, min(min_tokens, total)) \
+        if experts is not None else list(range(len(planned)))
+    measured = np.zeros((len(planned), len(cols)))
+    measured[sample] = kl_table(model, [planned[i] for i in sample], [options[i] for i in cols], batches,
+                                quantizer=quantizer, device=device, progress=progress,
+                                hessian_batches=hessian_batches, cache=cache, routing=routing, importance=importance)
     routed = [total if m.expert is None else int(routing[expert_set_name(m)].tokens[m.expert])
               for m, _ in planned]
+    unmeasured = np.ones(len(planned), bool)
+    unmeasured[sample] = False
     # a dense module is never thin, even in a sample smaller than the threshold
     result = rescale(cheap, measured, cols, modules=[m for m, _ in planned], routed=routed,
-                     min_tokens=min(min_tokens, total), labels=[o.label for o in options])
+                     min_tokens=min(min_tokens, total), labels=[o.label for o in options], unmeasured=unmeasured)
     alpha = result.alpha
     log.info("calibrated %d modules at %s: alpha median %.3g, range %.3g..%.3g", len(planned),
              [options[i].label for i in cols], np.median(alpha), alpha.min(), alpha.max())

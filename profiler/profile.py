@@ -59,6 +59,7 @@ class TableInputs:
     imatrix: str | Path | None = None
     cache: GPTQCache | None = None
     importance: dict[str, np.ndarray] | None = None  # the llamacpp quantizer's, `importance_rows`
+    kl_experts: int | None = None  # `calibrated`: routed experts measured per layer and role (None: all)
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,14 @@ def _calibrated_table(t: TableInputs) -> ErrorTable:
     error = _cheap(t, "fisher")
     # the KL points on the first sequences of the same text, as many as `kl` would measure on
     rows = max(1, DEFAULT_KL_TOKENS // t.batches.shape[1])
+    routed = None
+    if t.kl_experts is not None and any(m.expert is not None for m, _ in t.planned):
+        routed = {name: np.asarray(r.tokens) for name, r in
+                  routing_stats(t.model, t.batches[:rows], t.device, t.progress).items()}
     # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
     cal = calibrate(t.model, t.planned, t.options, error, t.batches[:rows], quantizer=t.quantizer, device=t.device,
-                    progress=t.progress, hessian_batches=t.batches, cache=t.cache, importance=t.importance)
+                    progress=t.progress, hessian_batches=t.batches, cache=t.cache, importance=t.importance,
+                    experts=t.kl_experts if routed is not None else None, routed_tokens=routed)
     return ErrorTable(cal.error, estimated={t.planned[i][0].name: why for i, why in cal.estimated.items()})
 
 
@@ -166,11 +172,23 @@ def estimator_name(estimator: str, *, imatrix: str | Path | None = None) -> str:
 
 
 def input_profile_id(loaded: LoadedModel, calib_fp: str, estimator: str, options: list[Option], seq_len: int,
-                     device: str, *, quantizer: Quantizer, embeddings: str) -> str:
-    """Same model, text, estimator (`estimator_name`), quantizer, options, sequence length, device and embedding
-    setting -> same profile (reused from the store, not recomputed)."""
+                     device: str, *, quantizer: Quantizer, embeddings: str, kl_experts: int | None = None) -> str:
+    """Same model, text, estimator (`estimator_name`), quantizer, options, sequence length, device, embedding
+    setting and sample of experts -> same profile (reused from the store, not recomputed)."""
+    settings = {"embeddings": embeddings, **({"kl_experts": kl_experts} if kl_experts is not None else {})}
     return content_id(loaded.ref.fingerprint, calib_fp, estimator, quantizer.model_dump(),
-                      [o.model_dump() for o in options], seq_len, device, {"embeddings": embeddings}, prefix="prof-")
+                      [o.model_dump() for o in options], seq_len, device, settings, prefix="prof-")
+
+
+def check_kl_experts(kl_experts: int | None, estimator: str) -> None:
+    """InvalidInput unless `kl_experts` is None, or a positive count for the `calibrated` estimator."""
+    if kl_experts is None:
+        return
+    if estimator != "calibrated":
+        raise InvalidInput(f"--kl-experts sets how many experts the calibrated estimator measures; drop it for "
+                           f"--estimator {estimator}")
+    if isinstance(kl_experts, bool) or not isinstance(kl_experts, int) or kl_experts < 1:
+        raise InvalidInput(f"--kl-experts is a count of experts per layer and role (1 or more), not {kl_experts!r}")
 
 
 def check_embeddings(embeddings: str | None, estimator: str = "") -> str:
@@ -221,6 +239,7 @@ def profile_model(
     imatrix: str | Path | None = None,
     cache: GPTQCache | None = None,
     embeddings: str = "keep",
+    kl_experts: int | None = None,
 ) -> Profile:
     """Measure `error[module, option]` with `estimator` (one of ESTIMATORS) on `n_tokens` of `calib`; sizes
     are exact.
@@ -247,6 +266,9 @@ def profile_model(
     `embeddings="plan"` makes the input embedding a module of the profile (with a tied head, the pair:
     `planned_linears`), quantized with RTN whatever `quantizer` is (`kernels.quantize.quantizer_for`);
     `"keep"` leaves it at 16 bits in `fixed_bits`.
+
+    `kl_experts` (`calibrated` only): the KL points of an MoE model are measured on that many routed
+    experts per layer and role, the others scaled like them (profiler/calibrate.py).
     """
     spec = get_estimator(estimator)
     if streamed(loaded.model) is not None:
@@ -269,8 +291,9 @@ def profile_model(
     importance = None
     if quantizer.imatrix is not None:
         importance = importance_rows(read_imatrix(imatrix), [m for m, _ in planned])
+    check_kl_experts(kl_experts, estimator)
     table = spec.table(TableInputs(model, planned, options, batches, quantizer, device, progress, work_dir,
-                                   imatrix, cache, importance))
+                                   imatrix, cache, importance, kl_experts))
     error, estimated = table.error, dict(table.estimated)
     modules = [m if m.name not in table.fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
@@ -281,7 +304,7 @@ def profile_model(
     size = np.array([[o.size_bits(*m.shape) for o in options] for m in modules], dtype=np.int64)
     return Profile(
         id=input_profile_id(loaded, calib_ref.fingerprint, name, options, seq_len, device, quantizer=quantizer,
-                            embeddings=embeddings),
+                            embeddings=embeddings, kl_experts=kl_experts),
         model=loaded.ref,
         calibration=calib_ref,
         estimator=name,

@@ -135,6 +135,10 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
                         "statistics (docs/profiling.md). auto (default): when the weights, in float32, would take "
                         "over 60%% of the available memory; logged. Streams --estimator hessian only; the profile "
                         "is the one an in-memory load gives")
+    c.add_argument("--kl-experts", type=int, metavar="K",
+                   help="an MoE model with --estimator calibrated: measure KL on K routed experts per layer and role "
+                        "(evenly spaced by routed tokens, the busiest first); the others take their median scale. "
+                        "Bounds the KL passes per layer whatever the number of experts (default: every expert)")
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted profile of the same model and settings where it stopped: "
@@ -335,7 +339,7 @@ def _profile_request(args):
     """The profile settings `profile` and `demo` share (`demo` has no calibration or option flags)."""
     from bitplan.planner.app.usecases import ProfileRequest
     names = ("engine", "options", "group_sizes", "estimator", "quantizer", "calib", "tokens", "seq_len", "device",
-             "imatrix", "embeddings", "latency", "latency_batches", "stream_weights")
+             "imatrix", "embeddings", "latency", "latency_batches", "stream_weights", "kl_experts")
     return ProfileRequest(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 

@@ -56,6 +56,8 @@ class ProfileRequest(BaseModel):
     latency_batches: str | tuple[int, ...] | None = None
     # weights read from disk one block at a time (auto: when they do not fit in memory): profiler/model.py
     stream_weights: str | None = None
+    # `calibrated` on an MoE model: KL measured on this many routed experts per layer and role (None: all)
+    kl_experts: int | None = None
 
 
 def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileRequest(), *, force: bool = False,
@@ -97,10 +99,11 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     estimator = r.estimator or ("imatrix" if r.imatrix and not gguf else prof.DEFAULT_ESTIMATOR)
     name = prof.estimator_name(estimator, imatrix=r.imatrix)  # a missing imatrix fails before the model loads
     embeddings = prof.check_embeddings(r.embeddings, estimator)
+    prof.check_kl_experts(r.kl_experts, estimator)
     loaded = _model_to_profile(ws, source, r.stream_weights or "auto", estimator)
     _, calib_ref = token_batches(loaded.tokenizer, calib, tokens, seq_len)
     pid = prof.input_profile_id(loaded, calib_ref.fingerprint, name, opts, seq_len, device, quantizer=quantizer,
-                                embeddings=embeddings)
+                                embeddings=embeddings, kl_experts=r.kl_experts)
     cache = ws.gptq_cache(pid)
     profile = None if force else _stored_profile(ws, pid)
     if profile is None:
@@ -111,7 +114,7 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
             profile = None if force else _stored_profile(ws, pid)
             if profile is None:
                 profile = _measure(ws, loaded, pid, work, resume, opts, estimator, quantizer, calib, tokens,
-                                   seq_len, device, r.imatrix, cache, embeddings)
+                                   seq_len, device, r.imatrix, cache, embeddings, r.kl_experts)
     if r.latency:
         return add_latency(ws, profile, r.latency, latency_batches, force=force)
     return profile
@@ -143,7 +146,7 @@ def _model_to_profile(ws: Workspace, source: str, stream_weights: str, estimator
 
 
 def _measure(ws: Workspace, loaded, pid: str, work: Path, resume: bool, opts, estimator, quantizer, calib,
-             tokens, seq_len, device, imatrix, cache, embeddings) -> Profile:
+             tokens, seq_len, device, imatrix, cache, embeddings, kl_experts) -> Profile:
     """`profile_model` with its unfinished work kept in `work` (resumed or discarded), then stored."""
     from bitplan.profiler import profile as prof
 
@@ -156,7 +159,8 @@ def _measure(ws: Workspace, loaded, pid: str, work: Path, resume: bool, opts, es
     t0 = time.perf_counter()
     profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib,
                                  n_tokens=tokens, seq_len=seq_len, device=device, progress=ws.progress,
-                                 work_dir=work, imatrix=imatrix, cache=cache, embeddings=embeddings)
+                                 work_dir=work, imatrix=imatrix, cache=cache, embeddings=embeddings,
+                                 kl_experts=kl_experts)
     profile = ws.store.save_profile(profile)
     shutil.rmtree(work, ignore_errors=True)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)

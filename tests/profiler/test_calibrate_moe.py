@@ -130,3 +130,63 @@ def test_calibrated_moe_profile_has_no_free_quantized_option(moe_checkpoint, sta
     # a dense module sees every token: estimated only where it measured 0 (the repeated token's q and k)
     assert all(prof.estimated[m.name].startswith("measured KL 0") for m in prof.modules
                if m.expert is None and m.name in prof.estimated)
+
+
+def test_expert_sample_takes_k_experts_per_layer_and_role_by_routed_tokens():
+    """Every dense module; per layer and role, K experts at evenly spaced ranks of routed tokens, busiest
+    first, none under the trust threshold where enough are above it."""
+    from bitplan.profiler.calibrate import expert_sample
+
+    dense = Module(name="model.layers.0.self_attn.q_proj", shape=(64, 64), layer=0, role="q_proj")
+    modules = [dense, *_experts(0, 8), *_experts(0, 8, "up_proj"), *_experts(1, 8)]
+    tokens = {"model.layers.0.mlp.experts": np.array([90, 10, 80, 3, 70, 60, 50, 40]),
+              "model.layers.1.mlp.experts": np.array([0, 0, 0, 0, 0, 0, 9, 20])}
+    picked = [modules[i] for i in expert_sample(modules, tokens, 3)]
+    assert picked[0] is dense
+    layer0 = [(m.role, m.expert) for m in picked if m.layer == 0 and m.expert is not None]
+    # ranks by tokens, trusted only (>= 8): 0 (90), 2, 4, 5, 6, 7, 1 (10): evenly spaced picks 0, 3, 6
+    assert sorted(layer0) == sorted([(r, e) for r in ("down_proj", "up_proj") for e in (0, 5, 1)])
+    assert sorted(m.expert for m in picked if m.layer == 1) == [6, 7]  # only two are trusted
+    assert len(expert_sample(modules, tokens, 100)) == 1 + 2 * 7 + 2  # every trusted one
+    with pytest.raises(ValueError):
+        expert_sample(modules, tokens, 0)
+
+
+def test_rescale_gives_unmeasured_experts_the_measured_ones_alpha():
+    modules = _experts(0, 4)
+    cheap = np.array([[4.0, 2.0, 1.0]] * 4)
+    measured = np.array([[8.0, 4.0], [12.0, 6.0], [999.0, 999.0], [0.0, 0.0]])  # rows 2, 3: not measured
+    out, alpha = res = rescale(cheap, measured, [0, 1], modules=modules, routed=[100, 100, 100, 100],
+                               unmeasured=[False, False, True, True])
+    np.testing.assert_allclose(alpha, [2.0, 3.0, 2.5, 2.5])
+    np.testing.assert_allclose(out[2:], 2.5 * cheap[2:])  # their rows of `measured` are ignored
+    assert sorted(res.estimated) == [2, 3] and all("not in the sample" in w for w in res.estimated.values())
+
+
+def test_calibrate_with_a_sample_measures_only_the_sample(moe_checkpoint, text_file, monkeypatch):
+    """With experts=K: the sampled modules' rows equal the full calibration's, the others are estimated,
+    and the KL passes drop to points x (dense + K x roles) per layer."""
+    from bitplan.profiler import calibrate as cal
+    from bitplan.profiler.model import planned_linears
+    from bitplan.profiler.profile import routing_stats
+
+    loaded = load_model(str(moe_checkpoint("qwen2_moe")))
+    planned = planned_linears(loaded.model)
+    opts = parse_options("2,3,4")
+    batches, _ = token_batches(loaded.tokenizer, str(text_file), KL_TOKENS, 64)
+    rng = np.random.default_rng(0)
+    cheap = np.sort(rng.uniform(0.1, 1.0, (len(planned), 3)), axis=1)[:, ::-1].copy()
+    tokens = {k: np.asarray(r.tokens) for k, r in routing_stats(loaded.model, batches).items()}
+    passes = []
+    real = cal.kl_table
+    monkeypatch.setattr(cal, "kl_table", lambda model, mods, *a, **kw: passes.append(len(mods)) or real(model, mods, *a, **kw))
+    full = cal.calibrate(loaded.model, planned, opts, cheap, batches, progress=False)
+    some = cal.calibrate(loaded.model, planned, opts, cheap, batches, progress=False, experts=1, routed_tokens=tokens)
+    sample = cal.expert_sample([m for m, _ in planned], tokens, 1)
+    assert passes == [len(planned), len(sample)] and len(sample) < len(planned)
+    np.testing.assert_allclose(some.error[sample], full.error[sample])
+    skipped = sorted(set(range(len(planned))) - set(sample))
+    assert skipped and all(planned[i][0].expert is not None for i in skipped)
+    assert all("not in the sample" in some.estimated[i] for i in skipped)
+    assert np.all(some.error[skipped] > 0)
+

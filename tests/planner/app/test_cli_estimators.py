@@ -61,3 +61,25 @@ def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, run_cli):
                              "--seq-len", "32", "--json", "-q")
     assert code == 0, err
     assert json.loads(out)["quantizer"] == "gptq"
+
+
+def test_profile_kl_experts_from_the_cli(db, moe_checkpoint, text_file, run_cli):
+    """`profile --kl-experts K`: its own profile id (the default's is unchanged), the experts left out named
+    in `estimated`, no zero at a quantized option; refused in one line for another estimator or K < 1."""
+    common = [str(moe_checkpoint("qwen2_moe")), "--calib", str(text_file), "--tokens", "256", "--seq-len", "64",
+              "--options", "2,4", "--quantizer", "rtn", "--json", "-q"]
+    code, out, err = run_cli("profile", *common, "--kl-experts", "1")
+    assert code == 0, err
+    sampled = json.loads(out)
+    code, out, err = run_cli("profile", *common)
+    assert code == 0, err
+    full = json.loads(out)
+    assert sampled["id"] != full["id"] and sampled["estimator"] == full["estimator"] == "calibrated"
+    left_out = {n for n, why in sampled["estimated"].items() if "not in the sample" in why}
+    experts = {m["name"] for m in full["modules"] if m.get("expert") is not None}
+    assert left_out and left_out < experts
+    assert all(min(m["error"][:2]) > 0 for m in sampled["modules"])
+    for bad, says in ((["--kl-experts", "2", "--estimator", "fisher"], "drop it for --estimator fisher"),
+                      (["--kl-experts", "0"], "1 or more")):
+        code, out, err = run_cli("profile", *common, *bad)
+        assert code != 0 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
