@@ -196,7 +196,7 @@ def rescale(cheap: np.ndarray, measured: np.ndarray, points: list[int], *,
     return Rescaled(out, alpha, estimated)
 
 
-def expert_sample(modules: Sequence[Module], routed_tokens: dict[str, np.ndarray] | None, experts: int,
+def expert_sample(modules: Sequence[Module], routed_tokens: dict[str, np.ndarray], experts: int,
                   min_tokens: int = MIN_KL_TOKENS) -> list[int]:
     """Indices of the modules `calibrate` measures with `experts=K`: every dense module, and of each layer's
     routed experts per role the K at evenly spaced ranks of routed tokens (the busiest first), among those
@@ -211,9 +211,9 @@ def expert_sample(modules: Sequence[Module], routed_tokens: dict[str, np.ndarray
         else:
             groups.setdefault((expert_set_name(m), m.role), []).append(i)
     for (name, _), idx in groups.items():
-        tokens = np.asarray(routed_tokens[name]) if routed_tokens else np.zeros(max(modules[i].expert for i in idx) + 1)
-        ranked = [i for i in sorted(idx, key=lambda i: (-tokens[modules[i].expert], modules[i].expert))
-                  if tokens[modules[i].expert] >= min_tokens] or sorted(idx, key=lambda i: -tokens[modules[i].expert])
+        tokens = np.asarray(routed_tokens[name])
+        ranked = sorted(idx, key=lambda i: (-tokens[modules[i].expert], modules[i].expert))
+        ranked = [i for i in ranked if tokens[modules[i].expert] >= min_tokens] or ranked
         picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(experts, len(ranked)))).astype(int))
         keep += [ranked[j] for j in picks]
     return sorted(keep)
@@ -231,7 +231,8 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
 
     `experts`: measure only that many routed experts per layer and role, chosen by `routed_tokens` (expert
-    set name -> tokens per expert over `batches`, `profile.routing_stats`); None measures every module.
+    set name -> tokens per expert over `batches`, `profile.routing_stats`: needed with `experts`); None
+    measures every module.
 
     `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
     cheap table was made on, so that the measured points use the same ΔW as the rest of the row; for the

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from bitplan.db.files import WRITTEN_MARK, read_profile_file
 from bitplan.db.formats import CALIB_TEXT, EMBEDDED_MODELS, EVAL_TEXT, EXPORT_FORMATS
 from bitplan.db.store import Store
-from bitplan.db.types import (DEFAULT_GPTQ_INPUTS, DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput, PathNotAllowed,
-                              Profile, Quantizer, parse_options)
+from bitplan.db.types import (DEFAULT_GPTQ_INPUTS, DEFAULT_GROUP_SIZES, DEFAULT_OPTIONS, GPTQ_INPUTS, InvalidInput,
+                              PathNotAllowed, Profile, Quantizer, parse_options)
 from bitplan.planner.app.usecases import COMPARE_EVAL_TOKENS, IMATRIX_FROM_CALIBRATION, ProfileRequest
 from bitplan.planner.request import PlanRequest
 

@@ -243,7 +243,7 @@ def create_app(db_url: str | None = None, token: str | None = None, *, roots: st
         from importlib.metadata import version
 
         return ServerInfo(version=version("bitplan"), roots=[str(r) for r in allowed],
-                          database=workspace.store.url.split(":", 1)[0].split("+", 1)[0],
+                          database=workspace.store.engine.dialect.name,
                           export_formats=list(EXPORT_FORMATS))
 
     # ------------------------------------------------------------------------------------ profiles

@@ -24,19 +24,26 @@ function detailText(body) {
   return typeof d === "string" ? d : JSON.stringify(d);
 }
 
-async function api(path, { method = "GET", body } = {}) {
+// the response of a request with the token; a refusal becomes an ApiError with the service's one line
+async function send(path, { method = "GET", body } = {}) {
   const headers = authHeaders();
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await r.text();
-  let data = text;
-  try { data = JSON.parse(text); } catch (_) { /* a non-JSON answer is shown as it came */ }
   if (r.status === 401) {
     askToken();
     throw new ApiError(401, "this service needs its bearer token");
   }
-  if (!r.ok) throw new ApiError(r.status, detailText(data) || `HTTP ${r.status}`);
-  return data;
+  if (!r.ok) throw new ApiError(r.status, detailText(parsed(await r.text())) || `HTTP ${r.status}`);
+  return r;
+}
+
+// a non-JSON answer is shown as it came
+function parsed(text) {
+  try { return JSON.parse(text); } catch (_) { return text; }
+}
+
+async function api(path, options) {
+  return parsed(await (await send(path, options)).text());
 }
 
 // every item of a paged list (limit/cursor), up to `max`
@@ -605,12 +612,7 @@ function downloadButton(job) {
 
 // the checkpoint through fetch (a plain link cannot send the bearer token), saved under the server's name
 async function downloadOutput(id) {
-  const r = await fetch(`/v1/jobs/${encodeURIComponent(id)}/output`, { headers: authHeaders() });
-  if (!r.ok) {
-    let detail = `HTTP ${r.status}`;
-    try { detail = detailText(await r.json()); } catch (_) { /* not JSON */ }
-    throw new ApiError(r.status, detail);
-  }
+  const r = await send(`/v1/jobs/${encodeURIComponent(id)}/output`);
   const name = /filename="?([^";]+)"?/.exec(r.headers.get("Content-Disposition") || "");
   const link = el("a", { href: URL.createObjectURL(await r.blob()), download: name ? name[1] : `${id}.out` });
   document.body.append(link);
