@@ -13,12 +13,15 @@ timed (what a serving engine's decode graph sees).  Times are medians over repla
     python bench/kernels.py --shapes smollm2 --bits 4 --batches 1
     python bench/kernels.py --shapes llama3-8b.gate_up --bits 4 --batches 256 --all-configs
     python bench/kernels.py --shapes llama3-8b,square --bits 2,3,4,8 --batches 1,2,4,16 --no-compare --before
+    python bench/kernels.py --shapes square --bits 2,3,4,8 --batches 1,2,4,8,16 --no-compare --skinny
 
 Prints a table and writes JSON (`--out`, default bench/results/kernels.json), after every shape and width
 so that a run cut short keeps its rows.  `--all-configs` times every configuration the tuner chooses among
 instead (and bf16 beside them): what its space offers.  `--before` also times, at batches up to 4, the gemv's
 fp32 body (`HALF2` off: the kernel before packed fp16 pairs), tuned over its own candidates as the tuner
-does, so that before and after come from one process on one card.
+does, so that before and after come from one process on one card.  `--skinny` also times, at batches 2-16, the
+skinny kernel (`kernels/skinny.py`) and the kernel the dispatcher used there before it (gemv up to 4 rows, else
+tiled), each tuned over its own candidates.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from bitplan.kernels import reference
 from bitplan.kernels.matmul import (_TUNED, CONFIGS, GEMV_MAX_M, _fastest, _launch, _sm_count, gemv_configs, matmul,
-                                    tuning_bucket)
+                                    skinny_fits, tuning_bucket)
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -75,7 +78,8 @@ def before(x, copies, N: int, K: int, bits: int, group: int) -> tuple[float, flo
     return t, _launch("gemv", x, *_operands(copies[0]), *shape, cfg), cfg
 
 
-def run(shapes, bits_list, batches, group, regime, save, compare=True, with_before=False) -> list[dict]:
+def run(shapes, bits_list, batches, group, regime, save, compare=True, with_before=False,
+        with_skinny=False) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     rows, bf16 = [], {}
@@ -98,19 +102,25 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True, with_befo
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ w_ref
                 rel = float((matmul(x, p0, s0, z0, bits, group, K, regime=regime).float() - ref).norm() / ref.norm())
+                timed = (("gemv", "tiled") if compare else ()) + (regime,)
+                if with_skinny and skinny_fits(M, K, group, x.dtype):  # the previous dispatcher's kernel beside it
+                    timed = tuple(dict.fromkeys(timed + ("gemv" if M <= GEMV_MAX_M else "tiled", "skinny")))
                 t = {r: cold_time_us([lambda c=c, r=r: matmul(x, c[0], c[1], c[2], bits, group, K, regime=r)
-                                      for c in copies]) for r in (("gemv", "tiled") if compare else ()) + (regime,)}
-                t.setdefault("gemv", float("nan")), t.setdefault("tiled", float("nan"))
-                t_ours = t[regime]  # None: the dispatcher's choice (tuned between both at skinny batches)
+                                      for c in copies]) for r in timed}
+                for r in ("gemv", "tiled", "skinny"):
+                    t.setdefault(r, float("nan"))
+                t_ours = t[regime]  # None: the dispatcher's choice (tuned among the kernels `_regimes` offers)
                 if (name, M) not in bf16:
                     bf16[name, M] = cold_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in w_bf16])
                 t_bf16 = bf16[name, M]
                 moved = weight_bytes + M * K * 2 + M * N * 2
                 rows.append(dict(shape=name, N=N, K=K, bits=bits, batch=M, ours_us=t_ours, gemv_us=t["gemv"],
-                                 tiled_us=t["tiled"], floor_us=t_floor, bf16_us=t_bf16,
+                                 tiled_us=t["tiled"], skinny_us=t["skinny"], floor_us=t_floor, bf16_us=t_bf16,
                                  ours_GBps=moved / t_ours / 1e3, of_floor=t_floor / t_ours,
                                  vs_bf16=t_bf16 / t_ours, rel_err=rel, configs=tuned(N, K, bits, M)))
                 r = rows[-1]
+                if with_skinny:
+                    r["old_us"] = t["gemv" if M <= GEMV_MAX_M else "tiled"]
                 if with_before and M <= GEMV_MAX_M:
                     t_before, y_before, cfg_before = before(x, copies, N, K, bits, group)
                     r.update(before_us=t_before, before_of_floor=t_floor / t_before, speedup=t_before / t_ours,
@@ -119,7 +129,7 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True, with_befo
                     print(f"{'':>18} before (fp32 gemv body) {t_before:8.1f} us ({r['before_of_floor']:4.2f} of floor)"
                           f"  after/before x{r['speedup']:4.2f}  err {r['before_rel_err']:.1e}", flush=True)
                 print(f"{name:>18} {bits}b M={M:<4} ours {t_ours:8.1f} us (gemv {t['gemv']:7.1f}, tiled "
-                      f"{t['tiled']:7.1f})  floor {t_floor:7.1f} us ({r['of_floor']:4.2f})  bf16 {t_bf16:8.1f} us "
+                      f"{t['tiled']:7.1f}, skinny {t['skinny']:7.1f})  floor {t_floor:7.1f} us ({r['of_floor']:4.2f})  bf16 {t_bf16:8.1f} us "
                       f"(x{r['vs_bf16']:5.2f})  {r['ours_GBps']:6.0f} GB/s  err {rel:.1e}", flush=True)
             del copies
             save(rows)  # after every shape and width: a run cut short still leaves its rows
@@ -173,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
     ap.add_argument("--all-configs", action="store_true", help="time every configuration of the tuner's space")
     ap.add_argument("--before", action="store_true", help="also time the fp32 gemv body (HALF2 off) at batches <= 4")
+    ap.add_argument("--skinny", action="store_true",
+                    help="also time, at batches 2-16, the skinny kernel and the kernel the dispatcher used before it")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py measures GPU kernels: run it on a machine with CUDA")
@@ -189,9 +201,11 @@ def main(argv=None):
     if args.all_configs:
         harness.done(save(all_configs(shapes, bits, batches, args.group_size, args.regime, save)))
         return
-    rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare, args.before)
+    rows = run(shapes, bits, batches, args.group_size, args.regime, save, not args.no_compare, args.before,
+               args.skinny)
     columns = COLUMNS + ([("before us", "before_us", ".1f"), ("floor/before", "before_of_floor", ".2f"),
-                          ("before/ours", "speedup", ".2f")] if args.before else [])
+                          ("before/ours", "speedup", ".2f")] if args.before else []) \
+        + ([("old us", "old_us", ".1f"), ("skinny us", "skinny_us", ".1f")] if args.skinny else [])
     print(harness.table(rows, columns, title=""))
     harness.done(save(rows))
 

@@ -674,7 +674,34 @@ def tiled_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> li
     return out
 
 
-CONFIGS = {"gemv": gemv_configs, "tiled": tiled_configs}
+def skinny_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> list[dict]:
+    from bitplan.kernels import skinny
+
+    return skinny.skinny_configs(M, N, K, bits, group, sms)
+
+
+CONFIGS = {"gemv": gemv_configs, "tiled": tiled_configs, "skinny": skinny_configs}
+
+
+def skinny_fits(M: int, k: int, group: int, dtype: torch.dtype) -> bool:
+    """Whether the skinny kernel (`kernels/skinny.py`: tensor cores, no K-ordered code tile) can run this product:
+    2 to 16 rows of 16-bit activations, groups of 128 rows or more."""
+    from bitplan.kernels import skinny
+
+    return 2 <= M <= skinny.SKINNY_MAX_M and dtype in (torch.float16, torch.bfloat16) and \
+        skinny.skinny_group(group, k) is not None
+
+
+def _regimes(M: int, k: int, group: int, dtype: torch.dtype) -> list[str]:
+    """The kernels the dispatcher's tuner chooses among for M rows: the gemv (up to 4 rows) or the tiled kernel,
+    and from 2 to 16 rows the skinny kernel beside it (each timed, the faster kept per shape and batch)."""
+    first = "gemv" if M <= GEMV_MAX_M and gemv_group(group, k) else "tiled"
+    return [first, "skinny"] if SKINNY_ENABLED and skinny_fits(M, k, group, dtype) else [first]
+
+
+# BITPLAN_SKINNY=0 leaves batch 2-16 to the gemv and tiled kernels alone (under the interpreter it is off unless
+# asked for, so that the dispatcher's default there stays the kernel the other tests pin)
+SKINNY_ENABLED = os.environ.get("BITPLAN_SKINNY", "0" if INTERPRET else "1") != "0"
 
 
 _TUNED: dict[tuple, dict] = {}
@@ -705,8 +732,16 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
         return x2 @ dequantize(q0, q1, scales, z0, z1, K, bits, group, symmetric, x2.dtype)
     cfg = dict(cfg)
     cfg.pop("DEQUANT", None)
-    split = cfg.pop("SPLIT_K")
+    regime = cfg.pop("REGIME", regime)  # the dispatcher's tuner may choose the skinny kernel (`_regimes`)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if regime == "skinny":
+        from bitplan.kernels import skinny
+
+        tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        ws, count = workspace(x2.device, M * N, tiles) if cfg["SPLIT_K"] > 1 else (y, y)
+        skinny.launch(x2, q0, q1, scales, z0, z1, y, ws, count, M, N, K, widths, group, symmetric, cfg)
+        return y
+    split = cfg.pop("SPLIT_K")
     common = dict(W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=symmetric, ATOMIC=split > 1)
     if regime == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
@@ -743,8 +778,8 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], scales.shape[1]
-    if regime is None:
-        regime = "gemv" if M <= GEMV_MAX_M and gemv_group(group_size, k) else "tiled"
+    regimes = [regime] if regime is not None else _regimes(M, k, group_size, x2.dtype)
+    regime = regimes[0] if len(regimes) == 1 else "auto"
     q0 = qweight[0]
     q1 = qweight[1] if len(widths) > 1 else q0
     symmetric = not qzeros
@@ -754,7 +789,8 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     shape = (M, N, k, bits, group_size, symmetric)
 
     def candidates() -> list[dict]:  # only on a cache miss: decode calls this function per layer per token
-        return CONFIGS[regime](M, N, k, bits, group_size, _sm_count(x2.device))
+        return [dict(cfg, REGIME=r) for r in regimes for cfg in CONFIGS[r](M, N, k, bits, group_size,
+                                                                              _sm_count(x2.device))]
 
     if config is not None:
         config = dict(candidates()[0], **config)
