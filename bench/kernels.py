@@ -179,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--batches", default="1,2,16,64,256")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--regime", choices=["gemv", "tiled"], default=None, help="force one kernel (default: dispatch)")
+    ap.add_argument("--regime", choices=["gemv", "tiled", "skinny"], default=None, help="force one kernel (default: dispatch)")
     ap.add_argument("--no-compare", action="store_true", help="time only the dispatcher's kernel, not both")
     ap.add_argument("--all-configs", action="store_true", help="time every configuration of the tuner's space")
     ap.add_argument("--before", action="store_true", help="also time the fp32 gemv body (HALF2 off) at batches <= 4")

@@ -20,6 +20,8 @@ it, once per output and row: `s·(Σ x·(OFF + c) - (OFF + z)·Σ x)` (3 bits: t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -64,53 +66,80 @@ def offset(widths: tuple[int, ...], fp16: bool) -> float:
 
 
 @triton.jit
-def _shard_step(acc, words, x_ptr, rm, mask_m, stride_xm, k0, K, i: tl.constexpr, W: tl.constexpr,
-                R: tl.constexpr, JOIN: tl.constexpr, MULT: tl.constexpr, BLOCK_N: tl.constexpr,
-                DT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """`acc += Σ x·MULT·(OFF + c)` over the codes at positions `i` and `i + 16/W` (and, `JOIN = 2`, `i + 8/W`
-    and `i + 24/W`) of the tile's word rows `words [BLOCK_N, R]`: one dot with K' = 2·JOIN·R."""
-    P: tl.constexpr = 32 // W
-    H: tl.constexpr = P // 2
+def _pair(words, i: tl.constexpr, W: tl.constexpr, DT: tl.constexpr):
     lo, hi = _code_pairs(words, i, W, DT)
-    a = tl.join(lo, hi)  # [BLOCK_N, R, 2]: K' column 2r + h is K row r·P + i + h·H
-    if JOIN == 2:
-        lo2, hi2 = _code_pairs(words, i + H // 2, W, DT)
-        a = tl.join(a, tl.join(lo2, hi2))  # [BLOCK_N, R, 2, 2]: column 4r + 2h + e is row r·P + i + e·H/2 + h·H
-    KD: tl.constexpr = 2 * JOIN * R
-    a = tl.reshape(a, (BLOCK_N, KD))
-    kk = tl.arange(0, KD)
-    if JOIN == 2:
-        krow = (kk // 4) * P + i + ((kk // 2) % 2) * H + (kk % 2) * (H // 2)
-    else:
-        krow = (kk // 2) * P + i + (kk % 2) * H
-    krow = k0 + krow
-    xt = tl.load(x_ptr + rm[None, :] * stride_xm + krow[:, None], mask=(krow < K)[:, None] & mask_m[None, :],
-                 other=0.0)  # [KD, BLOCK_M]
-    if MULT != 1:
-        xt = (xt.to(tl.float32) * MULT).to(xt.dtype)  # exact: a power of two
-    if DOT_FP32:
-        acc = tl.dot(a.to(tl.float32), xt.to(tl.float32), acc)
-    else:
-        acc = tl.dot(a, xt, acc)
-    return acc
+    return tl.join(lo, hi)  # [BLOCK_N, R, 2]
+
+
+@triton.jit
+def _all_pairs(words, W: tl.constexpr, DT: tl.constexpr):
+    """Every code of `words [BLOCK_N, R]` as DT magic numbers, `[BLOCK_N, R, 2, 2, ...]`: the first 2 is `h`, the
+    half of the word (code `i + h·16/W`), the others the bits of the pair position `i`, least significant first."""
+    H: tl.constexpr = 16 // W
+    if H == 2:
+        return tl.join(_pair(words, 0, W, DT), _pair(words, 1, W, DT))
+    elif H == 4:
+        return tl.join(tl.join(_pair(words, 0, W, DT), _pair(words, 1, W, DT)),
+                       tl.join(_pair(words, 2, W, DT), _pair(words, 3, W, DT)))
+    elif H == 8:
+        return tl.join(tl.join(tl.join(_pair(words, 0, W, DT), _pair(words, 1, W, DT)),
+                               tl.join(_pair(words, 2, W, DT), _pair(words, 3, W, DT))),
+                       tl.join(tl.join(_pair(words, 4, W, DT), _pair(words, 5, W, DT)),
+                               tl.join(_pair(words, 6, W, DT), _pair(words, 7, W, DT))))
+    else:  # 1-bit words: 16 pair positions, the outermost join the highest bit of i
+        return tl.join(_all_pairs_8(words, 0, W, DT), _all_pairs_8(words, 8, W, DT))
+
+
+@triton.jit
+def _all_pairs_8(words, b: tl.constexpr, W: tl.constexpr, DT: tl.constexpr):
+    """`_all_pairs` of the 8 pair positions `b .. b + 8`."""
+    return tl.join(tl.join(tl.join(_pair(words, b, W, DT), _pair(words, b + 1, W, DT)),
+                           tl.join(_pair(words, b + 2, W, DT), _pair(words, b + 3, W, DT))),
+                   tl.join(tl.join(_pair(words, b + 4, W, DT), _pair(words, b + 5, W, DT)),
+                           tl.join(_pair(words, b + 6, W, DT), _pair(words, b + 7, W, DT))))
+
+
+@triton.jit
+def _bitrev(v, BITS: tl.constexpr):
+    """`v`'s lowest BITS bits in reverse order."""
+    out = tl.zeros_like(v)
+    for b in tl.static_range(BITS):
+        out |= ((v >> b) & 1) << (BITS - 1 - b)
+    return out
 
 
 @triton.jit
 def _shard_tile(acc, q_ptr, stride_q, x_ptr, rm, mask_m, stride_xm, rn, mask_n, k0, K,
                 W: tl.constexpr, MULT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 DT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """`acc += Σ x·MULT·(OFF + c)` over one shard's codes of K rows `k0 .. k0 + BLOCK_K`: `[BLOCK_N, BLOCK_M]`."""
+    """`acc += Σ x·MULT·(OFF + c)` over one shard's codes of K rows `k0 .. k0 + BLOCK_K` (`[BLOCK_N, BLOCK_M]`) in one
+    dot, whose K' order is the codes' order in registers: K' = `((r_hi·H + v)·4 + r_lo)·2 + h` for word row
+    `r = 4·r_hi + r_lo`, half `h` and pair position `i = bitrev(v)` (`_all_pairs` nests its joins that way round).
+    Bit 0 of K' (h) is the pair in one register, bits 1-2 (r_lo) the four lanes of a dot operand's row, the rest
+    a thread's own registers, as the tensor cores' register operand holds them; the activations are gathered
+    in that order."""
     P: tl.constexpr = 32 // W
     H: tl.constexpr = P // 2
     R: tl.constexpr = BLOCK_K // P
-    JOIN: tl.constexpr = 1 if 2 * R >= 16 else 2
+    LOG_H: tl.constexpr = 1 if H == 2 else 2 if H == 4 else 3 if H == 8 else 4
+    kk = tl.arange(0, BLOCK_K)
+    r = (kk // (8 * H)) * 4 + (kk // 2) % 4
+    krow = k0 + r * P + _bitrev((kk // 8) % H, LOG_H) + (kk % 2) * H
+    # the activations first: their loads and the words' issue together (a barrier follows the words' loads)
+    xt = tl.load(x_ptr + rm[None, :] * stride_xm + krow[:, None], mask=(krow < K)[:, None] & mask_m[None, :],
+                 other=0.0)  # [BLOCK_K, BLOCK_M]
     wrow = k0 // P + tl.arange(0, R)
     words = tl.load(q_ptr + wrow[None, :] * stride_q + rn[:, None], mask=mask_n[:, None] & (wrow * P < K)[None, :],
                     other=0)  # [BLOCK_N, R]
-    for i in tl.static_range(H // JOIN):
-        acc = _shard_step(acc, words, x_ptr, rm, mask_m, stride_xm, k0, K, i, W, R, JOIN, MULT, BLOCK_N, DT,
-                          DOT_FP32)
-    return acc
+    a = tl.reshape(_all_pairs(words, W, DT), (BLOCK_N, R // 4, 4, 2, H))  # [n, r_hi, r_lo, h, v]
+    a = tl.reshape(tl.permute(a, (0, 1, 4, 2, 3)), (BLOCK_N, BLOCK_K))  # [n, r_hi, v, r_lo, h]
+    if MULT != 1:
+        xt = (xt.to(tl.float32) * MULT).to(xt.dtype)  # exact: a power of two
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), xt.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, xt, acc)
+    return acc, xt
 
 
 @triton.jit
@@ -133,14 +162,12 @@ def _skinny_kernel(
     for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, n_tiles)):
         k0 = t * BLOCK_K
         d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        d = _shard_tile(d, q0_ptr, stride_q0, x_ptr, rm, mask_m, stride_xm, rn, mask_n, k0, K, W0, 1 << W1,
-                        BLOCK_N, BLOCK_K, DT, DOT_FP32)
+        d, xt = _shard_tile(d, q1_ptr if W1 > 0 else q0_ptr, stride_q1 if W1 > 0 else stride_q0, x_ptr, rm, mask_m,
+                            stride_xm, rn, mask_n, k0, K, W1 if W1 > 0 else W0, 1, BLOCK_N, BLOCK_K, DT, DOT_FP32)
         if W1 > 0:
-            d = _shard_tile(d, q1_ptr, stride_q1, x_ptr, rm, mask_m, stride_xm, rn, mask_n, k0, K, W1, 1,
-                            BLOCK_N, BLOCK_K, DT, DOT_FP32)
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.sum(tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
-                            other=0.0).to(tl.float32), axis=1)  # [BLOCK_M]
+            d, _ = _shard_tile(d, q0_ptr, stride_q0, x_ptr, rm, mask_m, stride_xm, rn, mask_n, k0, K, W0, 1 << W1,
+                               BLOCK_N, BLOCK_K, DT, DOT_FP32)
+        xs = tl.sum(xt.to(tl.float32), axis=0)  # [BLOCK_M]: every K row of the tile once, unscaled
         g = k0 // GROUP
         scale = tl.load(s_ptr + g * stride_s + rn, mask=mask_n, other=0.0).to(tl.float32)
         z = _zeros(z0_ptr, z1_ptr, g, rn, stride_z0, stride_z1, mask_n, W0, W1, SYMMETRIC).to(tl.float32)
@@ -161,16 +188,24 @@ def skinny_group(group: int, k: int) -> int | None:
 
 
 def skinny_configs(M: int, N: int, K: int, bits: int, group: int, sms: int) -> list[dict]:
-    """The tuner's candidates: output tiles of 64-256 rows of W, K tiles of 128 or 256, split-K to fill the SMs."""
+    """The tuner's candidates: output tiles of 64 or 128 rows of W, K tiles of 128 (or 256 where the group allows),
+    split-K to fill the SMs.  On an H100 (8192², batch 4 and 16, 2 and 4 bits) every candidate of a wider space --
+    tiles of 256 rows, 1-4 pipeline stages, 2-16 programs an SM -- timed within 27-35 µs except the 256-row
+    tiles (66-92 µs), 128 rows on 8 warps mostly fastest (bench/results/skinny_configs_v7.json)."""
     out = []
-    for block_n, warps in ((128, 4), (64, 4), (256, 8)):
+    wide = os.environ.get("BITPLAN_SKINNY_WIDE") == "1"  # that space, for bench/kernels.py --all-configs
+    tiles = ((128, 8), (128, 4), (64, 4)) + (((256, 8),) if wide else ())
+    for block_n, warps in tiles:
         for block_k in (128, 256):
             if group < K and group % block_k:
                 continue
-            for per_sm in (2, 4):
-                split = _split(-(-K // block_k), -(-N // block_n), sms, per_sm)
-                out.append(dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
-                                num_stages=1))
+            # num_stages 2: Triton's pipeliner prefetches the next tile's words and activations (cp.async), for
+            # about one more instruction a weight (bench/sass_skinny.py)
+            for stages in (1, 2, 3, 4) if wide else (1, 2):
+                for per_sm in (2, 4, 8, 16) if wide else (2, 4, 8):
+                    split = _split(-(-K // block_k), -(-N // block_n), sms, per_sm)
+                    out.append(dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                                    num_stages=stages))
     return out
 
 
