@@ -22,6 +22,11 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
   to mma.sync, not wgmma, at 255 registers a thread (one program per SM), tensor pipe 24-26 % busy
   (bench/results/ncu_kernels_v4.txt), so at 256 rows it reaches about half of cuBLAS bf16.
 
+From 2 to 16 rows the tuner also times a third kernel, **skinny** (`kernels/skinny.py`: the tensor cores with
+the weight as the register operand and the codes in the order they lie in the words, no K-ordered code tile),
+and keeps whichever of it and the gemv or tiled kernel is faster per shape and batch (`_regimes`;
+`BITPLAN_SKINNY=0` leaves it out).
+
 Split-K partial sums meet in a workspace that the last program of each output tile drains (`_store`),
 so every product is one launch.
 
