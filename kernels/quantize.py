@@ -11,6 +11,7 @@ with what is stored.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,30 @@ class GPTQCache:
     def has(self, name: str, option: Option, quantizer: Quantizer) -> bool:
         return (name, option, quantizer) in self._kept
 
+    def entries(self, names: Iterable[str]) -> GPTQCache:
+        """A cache of these modules' results alone, without a byte limit (for a worker that quantizes
+        them: its new results come back through `update`)."""
+        names = set(names)
+        sub = GPTQCache(max_bytes=1 << 62, inputs=self.inputs)
+        for key, qw in self._kept.items():
+            if key[0] in names:
+                sub._keep(key, qw)
+        return sub
+
+    def update(self, other: GPTQCache) -> None:
+        """Keep `other`'s results too, within this cache's byte limit."""
+        for key, qw in other._kept.items():
+            if key not in self._kept:
+                self._keep(key, qw)
+
+    def _keep(self, key: tuple, qw: QuantizedWeight) -> None:
+        size = qw.q.numel() + 2 * qw.scales.numel() + (0 if qw.zeros is None else qw.zeros.numel())
+        if self.bytes + size <= self.max_bytes:
+            self._kept[key] = QuantizedWeight(q=qw.q.to("cpu", torch.uint8), scales=qw.scales.cpu(),
+                                              zeros=None if qw.zeros is None else qw.zeros.to("cpu", torch.uint8),
+                                              option=qw.option)
+            self.bytes += size
+
     def gptq(self, name: str, W: torch.Tensor, H: torch.Tensor | None, option: Option,
              quantizer: Quantizer) -> QuantizedWeight:
         key = (name, option, quantizer)
@@ -235,12 +260,7 @@ class GPTQCache:
         if H is None:
             raise ValueError(f"the gptq quantizer needs the input statistics H of {name}")
         qw = gptq(W, H, option, **quantizer.settings)
-        size = qw.q.numel() + 2 * qw.scales.numel() + (0 if qw.zeros is None else qw.zeros.numel())
-        if self.bytes + size <= self.max_bytes:
-            self._kept[key] = QuantizedWeight(q=qw.q.to("cpu", torch.uint8), scales=qw.scales.cpu(),
-                                              zeros=None if qw.zeros is None else qw.zeros.to("cpu", torch.uint8),
-                                              option=option)
-            self.bytes += size
+        self._keep(key, qw)
         return qw
 
 

@@ -53,6 +53,7 @@ from torch import nn
 from bitplan.db.formats import GGUF_TYPES
 from bitplan.db.types import Module, Option, Quantizer
 from bitplan.kernels.quantize import GPTQCache
+from bitplan.profiler.cluster import Cluster
 from bitplan.profiler.kl import kl_table
 from bitplan.profiler.moe import expert_set_name
 
@@ -227,7 +228,7 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
               hessian_batches: torch.Tensor | None = None,
               cache: GPTQCache | None = None, min_tokens: int = MIN_KL_TOKENS,
               importance: dict[str, np.ndarray] | None = None, experts: int | None = None,
-              routed_tokens: dict[str, np.ndarray] | None = None) -> Rescaled:
+              routed_tokens: dict[str, np.ndarray] | None = None, cluster: Cluster | None = None) -> Rescaled:
     """Measure KL at the calibration points of every planned module and rescale `cheap` (module docstring).
 
     `experts`: measure only that many routed experts per layer and role, chosen by `routed_tokens` (expert
@@ -237,6 +238,7 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     `hessian_batches`: the calibration text GPTQ's `H` comes from (default `batches`); pass the text the
     cheap table was made on, so that the measured points use the same ΔW as the rest of the row; for the
     same reason `importance` is the llamacpp quantizer's, as the cheap table's.
+    `cluster`: the KL points are measured on its workers (profiler/cluster.py).
     The result's `estimated` maps row indices of `planned` to why the row is an estimate.
     """
     cols = calibration_points(options, points, widths=sorted({m.shape[1] for m, _ in planned}))
@@ -249,7 +251,8 @@ def calibrate(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options
     measured = np.zeros((len(planned), len(cols)))
     measured[sample] = kl_table(model, [planned[i] for i in sample], [options[i] for i in cols], batches,
                                 quantizer=quantizer, device=device, progress=progress,
-                                hessian_batches=hessian_batches, cache=cache, routing=routing, importance=importance)
+                                hessian_batches=hessian_batches, cache=cache, routing=routing, importance=importance,
+                                cluster=cluster)
     routed = [total if m.expert is None else int(routing[expert_set_name(m)].tokens[m.expert])
               for m, _ in planned]
     unmeasured = np.ones(len(planned), bool)

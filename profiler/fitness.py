@@ -204,6 +204,93 @@ class KLFitness:
         self.close()
 
 
+class FitnessWorker:
+    """A cluster worker's `KLFitness` (a Ray actor): the model held once, its planned modules found by name."""
+
+    def __init__(self, model: nn.Module, names: list[str], options, fitness_ids, heldout_ids, kw: dict,
+                 device: str):
+        torch.set_grad_enabled(False)
+        planned = {m.name: (m, lin) for m, lin in planned_for(model, set(names))}
+        self.oracle = KLFitness(model, [planned[n] for n in names], options, fitness_ids, heldout_ids,
+                                device=device, **kw)
+
+    def call(self, method: str, *args):
+        return getattr(self.oracle, method)(*args)
+
+    def counts(self) -> tuple[int, int]:
+        return self.oracle.tokens_used, self.oracle.forward_blocks
+
+
+class ClusterFitness:
+    """`KLFitness` on a Ray cluster (profiler/cluster.py): one oracle per worker, each holding the model.
+
+    A generation's parent is recorded on every worker (`prepare`), so any of them replays any offspring
+    from its first changed block; a stage's candidates (`fitness_rows_many`, `fitness_many`) are handed to
+    whichever worker is free.  Each score is the one `KLFitness` gives in one process.  `tokens_used`
+    counts every worker's tokens: the parent's recording once per worker.
+    """
+
+    def __init__(self, cluster, model: nn.Module, planned: list[tuple[Module, nn.Linear]], options,
+                 fitness_ids: torch.Tensor, heldout_ids: torch.Tensor, *, device: str = "cpu", **kw):
+        self.cluster, self.ray = cluster, cluster.connect()
+        self.n_rows, self.row_tokens = int(fitness_ids.shape[0]), int(fitness_ids.shape[1])
+        self.base_tokens = int(fitness_ids.numel() + heldout_ids.numel())
+        self._describe = dict(kw.get("describe") or {}, fitness_tokens=int(fitness_ids.numel()),
+                              heldout_tokens=int(heldout_ids.numel()), row_tokens=self.row_tokens)
+        self.workers = cluster.actors(FitnessWorker, (model.cpu(), [m.name for m, _ in planned], list(options),
+                                                      fitness_ids, heldout_ids, kw), device)
+
+    def describe(self) -> dict:
+        return {"oracle": "kl", **self._describe}
+
+    def _counts(self) -> list[tuple[int, int]]:
+        return self.ray.get([w.counts.remote() for w in self.workers])
+
+    @property
+    def tokens_used(self) -> int:
+        return sum(t for t, _ in self._counts())
+
+    @property
+    def forward_blocks(self) -> int:
+        return sum(b for _, b in self._counts())
+
+    def prepare(self, choice: np.ndarray, rows: Sequence[int]) -> None:
+        self.ray.get([w.call.remote("prepare", np.asarray(choice), list(rows)) for w in self.workers])
+
+    def _each(self, method: str, choices: list[np.ndarray], rows: Sequence[int]) -> list:
+        out: list = [None] * len(choices)
+        calls = [(method, np.asarray(c), list(rows)) for c in choices]
+        self.cluster.pool(self.workers, calls, "call", on_result=out.__setitem__)
+        return out
+
+    def fitness_rows_many(self, choices: list[np.ndarray], rows: Sequence[int]) -> list[list[float]]:
+        return self._each("fitness_rows", choices, rows)
+
+    def fitness_many(self, choices: list[np.ndarray], rows: Sequence[int]) -> list[float]:
+        return self._each("fitness", choices, rows)
+
+    def fitness_rows(self, choice: np.ndarray, rows: Sequence[int]) -> list[float]:
+        return self.fitness_rows_many([choice], rows)[0]
+
+    def fitness(self, choice: np.ndarray, rows: Sequence[int]) -> float:
+        return self.fitness_many([choice], rows)[0]
+
+    def heldout(self, choice: np.ndarray) -> float:
+        return self.ray.get(self.workers[0].call.remote("heldout", np.asarray(choice)))
+
+    def close(self) -> None:
+        """The workers end; the model in this process was never changed."""
+        if self.workers:
+            self.cluster.close(self.workers)
+            self.workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def token_splits(tokenizer, calib: CalibrationRef, fitness_tokens: int, heldout_tokens: int,
                  row_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(fitness [n, row_tokens], heldout [m, row_tokens])` from the text of `calib` after the text tokens
@@ -228,8 +315,10 @@ def check_same_model(loaded, measured: ModelRef, what: str) -> None:
 
 def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DEFAULT_FITNESS_TOKENS,
                            heldout_tokens: int = DEFAULT_HELDOUT_TOKENS, row_tokens: int = DEFAULT_ROW_TOKENS,
-                           device: str = "cpu", cache_mib: float = DEFAULT_CACHE_MIB) -> KLFitness:
-    """The KL oracle of `profile`'s modules on its loaded model, on text after the profile's calibration."""
+                           device: str = "cpu", cache_mib: float = DEFAULT_CACHE_MIB,
+                           cluster=None) -> KLFitness | ClusterFitness:
+    """The KL oracle of `profile`'s modules on its loaded model, on text after the profile's calibration;
+    with `cluster` (profiler/cluster.py) one on each of its workers (`ClusterFitness`)."""
     from bitplan.profiler.profile import gptq_hessians
 
     check_same_model(loaded, profile.model, f"profile {profile.id}")
@@ -247,6 +336,8 @@ def kl_fitness_for_profile(loaded, profile: Profile, *, fitness_tokens: int = DE
     if profile.quantizer.method == "gptq":
         H = gptq_hessians(loaded, profile, planned, device=device)
         hessians = [H.get(m.name) for m, _ in planned]  # none for the embedding: RTN
-    return KLFitness(loaded.model, planned, profile.options, fit, held, device=device, cache_mib=cache_mib,
-                     describe={"text": spec, "skip_tokens": profile.calibration.n_tokens},
-                     quantizer=profile.quantizer, hessians=hessians)
+    kw = dict(cache_mib=cache_mib, describe={"text": spec, "skip_tokens": profile.calibration.n_tokens},
+              quantizer=profile.quantizer, hessians=hessians)
+    if cluster is not None:
+        return ClusterFitness(cluster, loaded.model, planned, profile.options, fit, held, device=device, **kw)
+    return KLFitness(loaded.model, planned, profile.options, fit, held, device=device, **kw)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import Module, Option, Quantizer
 from bitplan.kernels.quantize import GPTQCache, quantize_dequantize, quantizer_for
+from bitplan.profiler.cluster import Cluster
 from bitplan.profiler.model import decoder_layers, is_embedding
 from bitplan.profiler.moe import record_routing
 from bitplan.profiler.stream import _Replay, _Skip, outside_hessians, stream_blocks
@@ -122,12 +123,31 @@ class Replayer:
         return max(total / self.batches.numel(), 0.0)
 
 
+def measure_module(replayer: Replayer, m: Module, lin: nn.Module, options: Sequence[Option], quantizer: Quantizer,
+                   H: torch.Tensor | None = None, *, cache: GPTQCache | None = None,
+                   importance: np.ndarray | None = None, chunk: int = 128) -> list[float]:
+    """KL(base ‖ only `m` quantized) at each option: `lin`'s weight swapped in place, run, restored."""
+    W, out = lin.weight.data, []
+    # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks; the embedding
+    # changes every block's input: run them all
+    first = 0 if is_embedding(m) else len(replayer.layers) if m.layer is None else m.layer
+    for opt in options:
+        # a tied pair's head holds this same Parameter: the swap reaches the lookup and the head
+        lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), H, cache=cache, name=m.name,
+                                              importance=importance)
+        try:
+            out.append(replayer.kl_from(first, chunk))
+        finally:
+            lin.weight.data = W
+    return out
+
+
 @torch.no_grad()
 def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
              batches: torch.Tensor, *, quantizer: Quantizer = Quantizer(), device: str = "cpu", chunk: int = 128,
              progress: bool = True, hessian_batches: torch.Tensor | None = None,
              cache: GPTQCache | None = None, routing: dict | None = None,
-             importance: dict[str, np.ndarray] | None = None) -> np.ndarray:
+             importance: dict[str, np.ndarray] | None = None, cluster: Cluster | None = None) -> np.ndarray:
     """`[modules, options]` measured KL(base ‖ only this module quantized with this option), nats per token.
 
     With a GPTQ `quantizer` the blocks are streamed once more to collect each module's `H`, on
@@ -139,7 +159,11 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     `routing`, if given, receives the base model's routing records over `batches` (`moe.record_routing`):
     how many of the measured tokens each expert's KL rests on (`calibrated` distrusts too few).
     `importance`: the llamacpp quantizer's column weights per module (`imatrix.importance_rows`).
+    `cluster`: the modules are measured on its workers (profiler/cluster.py), the same numbers.
     """
+    if cluster is not None:
+        return _kl_table_on(cluster, model, planned, options, batches, quantizer, device, chunk, progress,
+                            hessian_batches, cache, routing, importance)
     index = {m.name: i for i, (m, _) in enumerate(planned)}
     error = np.zeros((len(planned), len(options)))
     model.to(device)
@@ -154,26 +178,13 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     def measure(mods, H=None):
         model.to(device)
         for m, lin in mods:
-            W = lin.weight.data
             Hm = None if H is None or m.name not in H else H[m.name]
-            for o, opt in enumerate(options):
-                # a tied pair's head holds this same Parameter: the swap reaches the lookup and the head
-                lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache,
-                                                      name=m.name, importance=(importance or {}).get(m.name))
-                try:
-                    # a module outside the blocks (an untied lm_head) changes only the head: replay all blocks;
-                    # the embedding changes every block's input: run them all
-                    first = 0 if is_embedding(m) else len(replayer.layers) if m.layer is None else m.layer
-                    error[index[m.name], o] = replayer.kl_from(first, chunk)
-                finally:
-                    lin.weight.data = W
-                bar.update()
+            error[index[m.name]] = measure_module(replayer, m, lin, options, quantizer, Hm, cache=cache,
+                                                  importance=(importance or {}).get(m.name), chunk=chunk)
+            bar.update(len(options))
 
     try:
-        cached = cache is not None and all(cache.has(m.name, o, quantizer) for m, _ in planned
-                                                   if quantizer_for(m, quantizer).method == "gptq"
-                                                   for o in options if o.quantized)
-        if quantizer.method == "gptq" and not cached:
+        if quantizer.method == "gptq" and not _cached(cache, planned, options, quantizer):
             hb = batches if hessian_batches is None else hessian_batches
             stream_blocks(model, hb, planned, lambda i, mods, H, n: measure(mods, H), device,
                           progress=False)
@@ -187,4 +198,58 @@ def kl_table(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options:
     finally:
         bar.close()
         model.to("cpu")
+    return error
+
+
+def _cached(cache: GPTQCache | None, planned, options, quantizer: Quantizer) -> bool:
+    """Whether `cache` holds GPTQ's result for every planned module GPTQ quantizes, at every option."""
+    return cache is not None and all(cache.has(m.name, o, quantizer) for m, _ in planned
+                                     if quantizer_for(m, quantizer).method == "gptq"
+                                     for o in options if o.quantized)
+
+
+class KLWorker:
+    """A cluster worker's share of `kl_table` (a Ray actor): the model held once, its own base pass,
+    and modules measured as they are handed to it, with the GPTQ results they need."""
+
+    def __init__(self, model: nn.Module, batches: torch.Tensor, options: list[Option], quantizer: Quantizer,
+                 chunk: int, device: str):
+        self.model, self.options, self.quantizer, self.chunk = model.to(device), options, quantizer, chunk
+        with torch.no_grad(), record_routing(model) as records:
+            self.replayer = Replayer(model, batches, device)
+        self.routing = records
+
+    def routing_records(self) -> dict:
+        return self.routing
+
+    @torch.no_grad()
+    def measure(self, m: Module, cache: GPTQCache | None, importance: np.ndarray | None) -> list[float]:
+        return measure_module(self.replayer, m, self.model.get_submodule(m.name), self.options, self.quantizer,
+                              cache=cache, importance=importance, chunk=self.chunk)
+
+
+def _kl_table_on(cluster: Cluster, model, planned, options, batches, quantizer, device, chunk, progress,
+                 hessian_batches, cache, routing, importance) -> np.ndarray:
+    """`kl_table` with its modules measured by the cluster's workers, GPTQ's results first (on the cluster)
+    where `cache` lacks them."""
+    from bitplan.profiler.profile import gptq_results
+
+    if quantizer.method == "gptq" and not _cached(cache, planned, options, quantizer):
+        # every result the workers need, whatever the caller's cache could keep
+        cache = gptq_results(model, planned, options, batches if hessian_batches is None else hessian_batches,
+                             quantizer, device, progress, cluster=cluster)
+    error = np.zeros((len(planned), len(options)))
+    workers = cluster.actors(KLWorker, (model.cpu(), batches, options, quantizer, chunk), device)
+    if routing is not None:
+        routing.update(cluster.connect().get(workers[0].routing_records.remote()))
+    calls = [(m, None if cache is None else cache.entries([m.name]), (importance or {}).get(m.name))
+             for m, _ in planned]
+
+    def got(i: int, row: list[float]) -> None:
+        error[i] = row
+
+    try:
+        cluster.pool(workers, calls, "measure", on_result=got, progress=progress, desc="kl (module x option)")
+    finally:
+        cluster.close(workers)
     return error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from bitplan.kernels.quantize import GPTQCache, quantize, quantize_dequantize, q
 from bitplan.profiler import estimators, moe
 from bitplan.profiler.calibrate import calibrate
 from bitplan.profiler.calibration import CALIB, token_batches
+from bitplan.profiler.cluster import Cluster
 from bitplan.profiler.fisher import fisher_diagonal
 from bitplan.profiler.hutchinson import hutchinson_traces
 from bitplan.profiler.imatrix import estimator_tag, file_sha256, imatrix_diagonals, importance_rows, read_imatrix
@@ -60,6 +61,7 @@ class TableInputs:
     cache: GPTQCache | None = None
     importance: dict[str, np.ndarray] | None = None  # the llamacpp quantizer's, `importance_rows`
     kl_experts: int | None = None  # `calibrated`: routed experts measured per layer and role (None: all)
+    cluster: Cluster | None = None  # where the modules' work fans out (profiler/cluster.py)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Estimator:
 
 def _cheap(t: TableInputs, estimator: str, stats: dict | None = None) -> np.ndarray:
     return error_table(t.model, t.planned, t.options, t.batches, estimator, t.quantizer, t.device, t.progress,
-                       work_dir=t.work_dir, stats=stats, cache=t.cache, importance=t.importance)
+                       work_dir=t.work_dir, stats=stats, cache=t.cache, importance=t.importance, cluster=t.cluster)
 
 
 def _hessian_table(t: TableInputs) -> ErrorTable:
@@ -117,10 +119,13 @@ def _hutchinson_table(t: TableInputs) -> ErrorTable:
 
 def _kl_table(t: TableInputs) -> ErrorTable:
     return ErrorTable(kl_table(t.model, t.planned, t.options, t.batches, quantizer=t.quantizer, device=t.device,
-                               progress=t.progress, cache=t.cache, importance=t.importance))
+                               progress=t.progress, cache=t.cache, importance=t.importance, cluster=t.cluster))
 
 
 def _calibrated_table(t: TableInputs) -> ErrorTable:
+    if t.cache is None and t.quantizer.method == "gptq":
+        # the KL points' ΔW is the Fisher rows' GPTQ result: kept from the one for the other
+        t = replace(t, cache=GPTQCache())
     error = _cheap(t, "fisher")
     # the KL points on the first sequences of the same text, as many as `kl` would measure on
     rows = max(1, DEFAULT_KL_TOKENS // t.batches.shape[1])
@@ -131,7 +136,7 @@ def _calibrated_table(t: TableInputs) -> ErrorTable:
     # GPTQ's ΔW at those points from H of the whole text, as the fisher rows and `apply` have it
     cal = calibrate(t.model, t.planned, t.options, error, t.batches[:rows], quantizer=t.quantizer, device=t.device,
                     progress=t.progress, hessian_batches=t.batches, cache=t.cache, importance=t.importance,
-                    experts=t.kl_experts if routed is not None else None, routed_tokens=routed)
+                    experts=t.kl_experts if routed is not None else None, routed_tokens=routed, cluster=t.cluster)
     return ErrorTable(cal.error, estimated={t.planned[i][0].name: why for i, why in cal.estimated.items()})
 
 
@@ -240,6 +245,7 @@ def profile_model(
     cache: GPTQCache | None = None,
     embeddings: str = "keep",
     kl_experts: int | None = None,
+    cluster: Cluster | None = None,
 ) -> Profile:
     """Measure `error[module, option]` with `estimator` (one of ESTIMATORS) on `n_tokens` of `calib`; sizes
     are exact.
@@ -269,6 +275,9 @@ def profile_model(
 
     `kl_experts` (`calibrated` only): the KL points of an MoE model are measured on that many routed
     experts per layer and role, the others scaled like them (profiler/calibrate.py).
+
+    `cluster`: the modules' quantization, error rows and KL points fan out over a Ray cluster
+    (profiler/cluster.py); the profile is the same.
     """
     spec = get_estimator(estimator)
     if streamed(loaded.model) is not None:
@@ -293,7 +302,7 @@ def profile_model(
         importance = importance_rows(read_imatrix(imatrix), [m for m, _ in planned])
     check_kl_experts(kl_experts, estimator)
     table = spec.table(TableInputs(model, planned, options, batches, quantizer, device, progress, work_dir,
-                                   imatrix, cache, importance, kl_experts))
+                                   imatrix, cache, importance, kl_experts, cluster))
     error, estimated = table.error, dict(table.estimated)
     modules = [m if m.name not in table.fallback else m.model_copy(update={"fallback": True}) for m, _ in planned]
     if any(m.expert is not None for m in modules):
@@ -335,9 +344,12 @@ def routing_stats(model: nn.Module, batches: torch.Tensor, device: str = "cpu",
 def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Option], batches: torch.Tensor,
                 estimator: str, quantizer: Quantizer = Quantizer(), device: str = "cpu",
                 progress: bool = True, work_dir: str | Path | None = None, stats: dict | None = None,
-                cache: GPTQCache | None = None, importance: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                cache: GPTQCache | None = None, importance: dict[str, np.ndarray] | None = None,
+                cluster: Cluster | None = None) -> np.ndarray:
     """`[modules, options]` error of an estimator with a per-module `formula` (`hessian`, `fisher`, ...), ΔW
     from `quantizer` (with `importance`, the llamacpp quantizer's column weights per module).
+
+    `cluster`: each block's modules are quantized and measured on its workers (profiler/cluster.py).
 
     With `work_dir` an interrupted table resumes: a streamed pass (`hessian`; the GPTQ `H` of any
     estimator) at the block after its last finished one, with the rows finished so far; the `fisher`
@@ -360,14 +372,10 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
 
     def fill(mods, stats, H=None):
         # a block's modules x options (an MoE block: hundreds of matrices), under the blocks' bar
-        for m, lin in tqdm(mods, desc="error table", unit="module", leave=False,
-                           disable=not progress or len(mods) < 2):
-            W = lin.weight.detach()
-            Hm = None if H is None or m.name not in H else H[m.name].cpu()
-            for j, opt in enumerate(options):
-                dW = quantize_dequantize(W, opt, quantizer_for(m, quantizer), Hm, cache=cache, name=m.name,
-                                         importance=(importance or {}).get(m.name)) - W
-                error[index[m.name], j] = estimate(dW, stats[m.name].cpu(), n)
+        rows = module_rows(mods, stats, H, options, quantizer, estimate, n, device, cache=cache,
+                           importance=importance, cluster=cluster, progress=progress)
+        for (m, _), row in zip(mods, rows):
+            error[index[m.name]] = row
 
     # an untied lm_head: not in any block; the embedding has no linear's inputs to hook
     outside = [(m, lin) for m, lin in planned if m.layer is None and not is_embedding(m)]
@@ -391,8 +399,7 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
     F = stats if stats is not None else fisher_diagonal(model, batches, planned, device, progress,
                         checkpoint=None if work_dir is None else Path(work_dir) / "fisher.pt")
     if quantizer.method != "gptq":  # no H needed
-        for m, lin in tqdm(planned, desc="error tables", unit="module", disable=not progress):
-            fill([(m, lin)], F)
+        fill(planned, F)
         return error
     stream_blocks(model, batches, planned, lambda i, mods, H, _: fill(mods, F, H), device, progress,
                   checkpoint=ckpt)
@@ -400,6 +407,86 @@ def error_table(model, planned: list[tuple[Module, nn.Linear]], options: list[Op
         fill(outside, F, outside_hessians(model, batches, outside, device, progress))
     fill(embedding, F)  # RTN: no H
     return error
+
+
+def module_rows(mods: list[tuple[Module, nn.Module]], stats: dict[str, torch.Tensor] | None,
+                H: dict[str, torch.Tensor] | None, options: list[Option], quantizer: Quantizer,
+                estimate: Callable | None, n: int, device: str = "cpu", *, cache: GPTQCache | None = None,
+                importance: dict[str, np.ndarray] | None = None, cluster: Cluster | None = None,
+                progress: bool = False) -> list[np.ndarray | None]:
+    """Each module's `[options]` error, `estimate(ΔW, stats[name], n)` with ΔW from `quantizer` (GPTQ from
+    `H[name]`): in this process, or with `cluster` one task per module on its workers.  With `estimate`
+    None only GPTQ runs (its results go to `cache`) and the rows are None.  Results GPTQ makes go to
+    `cache` either way."""
+    imp = importance or {}
+
+    def args(m: Module, lin: nn.Module) -> tuple:
+        h = None if H is None or m.name not in H else H[m.name]
+        st = None if stats is None or estimate is None else stats[m.name]
+        return (m, lin.weight.detach(), h, None if st is h else st, options, quantizer, estimate, n,
+                imp.get(m.name), cache)
+
+    if cluster is None or len(mods) < 2:
+        return [_module_row(*args(m, lin)) for m, lin in
+                tqdm(mods, desc="error table", unit="module", leave=False, disable=not progress or len(mods) < 2)]
+    rows: list = [None] * len(mods)
+
+    def got(i: int, result: tuple) -> None:
+        rows[i], kept = result
+        if cache is not None:
+            cache.update(kept)
+
+    def remote(m, W, h, st, *rest) -> tuple:
+        # to the workers from the host; the module's results so far with it, its new ones come back
+        return (m, W.cpu(), None if h is None else h.cpu(), None if st is None else st.cpu(), *rest[:-1],
+                None if cache is None else cache.entries([m.name]))
+
+    calls = [remote(*args(m, lin)) for m, lin in mods]
+    cluster.map(_remote_row, calls, device, on_result=got, progress=progress, desc="error table")
+    return rows
+
+
+def _module_row(m: Module, W: torch.Tensor, H: torch.Tensor | None, stats: torch.Tensor | None,
+                options: list[Option], quantizer: Quantizer, estimate: Callable | None, n: int,
+                importance: np.ndarray | None, cache: GPTQCache | None) -> np.ndarray | None:
+    """One module's row of `module_rows` (`stats` None: `H` is the statistics, as for `hessian`)."""
+    q = quantizer_for(m, quantizer)
+    H = None if H is None else H.cpu()
+    row = np.zeros(len(options))
+    for j, opt in enumerate(options):
+        if estimate is None:
+            if opt.quantized and q.method == "gptq":
+                quantize(W, opt, q, H, cache=cache, name=m.name)
+            continue
+        dW = quantize_dequantize(W, opt, q, H, cache=cache, name=m.name, importance=importance) - W
+        row[j] = estimate(dW, (H if stats is None else stats).cpu(), n)
+    return None if estimate is None else row
+
+
+def _remote_row(m, W, H, stats, options, quantizer, estimate, n, importance, cache, device) -> tuple:
+    """`_module_row` as a cluster task: on the worker's device, its GPTQ results returned with the row."""
+    row = _module_row(m, W.to(device), None if H is None else H.to(device), stats, options, quantizer, estimate,
+                      n, importance, cache)
+    return row, cache
+
+
+def gptq_results(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
+                 batches: torch.Tensor, quantizer: Quantizer, device: str = "cpu", progress: bool = True, *,
+                 cache: GPTQCache | None = None, cluster: Cluster | None = None) -> GPTQCache:
+    """A cache holding GPTQ's result for every planned module at every quantized option, from `H` of
+    `batches` (what `error_table` puts in its cache on the way), made with `cluster` where given."""
+    cache = cache if cache is not None else GPTQCache(max_bytes=1 << 62)
+    gptq_mods = [(m, lin) for m, lin in planned if quantizer_for(m, quantizer).method == "gptq"]
+
+    def run(mods, H):
+        module_rows(mods, None, H, options, quantizer, None, 0, device, cache=cache, cluster=cluster)
+
+    stream_blocks(model, batches, gptq_mods, lambda i, mods, H, _: run(mods, H), device, progress,
+                  desc="GPTQ")
+    outside = [(m, lin) for m, lin in gptq_mods if m.layer is None]
+    if outside:
+        run(outside, outside_hessians(model, batches, outside, device, progress))
+    return cache
 
 
 def embedding_statistics(model: nn.Module, batches: torch.Tensor, m: Module, device: str = "cpu",

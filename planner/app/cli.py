@@ -139,6 +139,7 @@ def _profile_arguments(c: argparse.ArgumentParser) -> None:
                    help="an MoE model with --estimator calibrated: measure KL on K routed experts per layer and role "
                         "(evenly spaced by routed tokens, the busiest first); the others take their median scale. "
                         "Bounds the KL passes per layer whatever the number of experts (default: every expert)")
+    ray_arg(c)
     c.add_argument("--force", action="store_true", help="recompute even if the same profile is stored")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted profile of the same model and settings where it stopped: "
@@ -175,6 +176,7 @@ def _plan_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--budget-split", default="model", choices=["model", "block"],
                    help="model (default): one budget for the whole model; block: every decoder block gets the "
                         "same bits per weight, solved block by block (MC-MoE's allocation, a baseline)")
+    ray_arg(c)  # the evolutionary search's offspring
     c.add_argument("--output", help="also write the plan as JSON to this file")
 
 
@@ -197,6 +199,7 @@ def _compare_arguments(c: argparse.ArgumentParser) -> None:
                         "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,Q4_K_M,Q5_K_M; each is made by llama-quantize, and "
                         "--allocators plan at its exact tensor bytes; all measured by llama-perplexity (perplexity, "
                         "KL divergence to the F16 base) on the held-out text (needs --evaluate; --budgets unused)")
+    ray_arg(c)
     c.add_argument("--output", help="also write the table as JSON to this file")
 
 
@@ -248,6 +251,7 @@ def _serve_arguments(c: argparse.ArgumentParser) -> None:
                    help="worker processes that run jobs (default 1; 0: jobs wait for a `bitplan worker`)")
     c.add_argument("--solve-in", choices=["processes", "threads"],
                    help="where quick plans are solved: 2 processes (default; $BITPLAN_SOLVE_IN) or 2 threads")
+    ray_arg(c)  # the workers' profile jobs
 
 
 def _worker_arguments(c: argparse.ArgumentParser) -> None:
@@ -256,6 +260,7 @@ def _worker_arguments(c: argparse.ArgumentParser) -> None:
                    help="seconds without a heartbeat after which another worker's job is taken for dead "
                         "and resumed (default 30)")
     c.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # the `serve` whose death ends this worker
+    ray_arg(c)
 
 
 def non_negative_int(text: str) -> int:
@@ -274,6 +279,7 @@ def _demo_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--tokens", type=positive_int, help="calibration tokens (default 4096)")
     c.add_argument("--eval-tokens", type=positive_int, default=8192, help="evaluation tokens (default 8192)")
     c.add_argument("--out", default="runs", help="where the quantized checkpoints go (default ./runs)")
+    ray_arg(c)
 
 
 def estimator_args(c: argparse.ArgumentParser) -> None:
@@ -332,7 +338,21 @@ def _store(args):
 
 def _workspace(args, **kw):
     from bitplan.planner.app.workspace import Workspace
-    return Workspace(_store(args), progress=not args.quiet, **kw)
+    return Workspace(_store(args), progress=not args.quiet, cluster=_cluster(args), **kw)
+
+
+def _cluster(args):
+    from bitplan.profiler.cluster import Cluster
+    return Cluster.parse(getattr(args, "ray", None))
+
+
+def ray_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="spread independent work over a Ray cluster: a profile's modules (GPTQ, error rows) and KL "
+                        "points, the evolutionary search's offspring. local starts one on this machine, auto joins "
+                        "the one this machine is a node of, or a head's host:port; off for none (default "
+                        "$BITPLAN_RAY_ADDRESS). Results are the same as without; needs pip install 'bitplan[ray]' "
+                        "(docs/scale.md)")
 
 
 def _profile_request(args):
@@ -378,7 +398,8 @@ def cmd_profile(args):
     if args.server:
         return _on_server(args, "profile", {"model": args.model, "force": args.force,
                                             **_profile_request(args).model_dump(exclude_defaults=True)},
-                          {"--validate": args.validate, "--output": bool(args.output), "--resume": args.resume})
+                          {"--validate": args.validate, "--output": bool(args.output), "--resume": args.resume,
+                           "--ray": args.ray is not None})
     if args.validate:
         return cmd_validate(args)
     profile = run_profile(_workspace(args), args.model, _profile_request(args), force=args.force, resume=args.resume)
@@ -420,7 +441,8 @@ def cmd_plan(args):
     if args.server:
         return _on_server(args, "plan", {"profile": args.profile, "profile_file": args.profile_file,
                                          **request.model_dump(exclude_defaults=True)},
-                          {"--search-state": bool(args.search_state), "--output": bool(args.output)})
+                          {"--search-state": bool(args.search_state), "--output": bool(args.output),
+                           "--ray": args.ray is not None})
     ws = _workspace(args)
     profile = _profile_arg(ws.store, args)
     plan = run_plan(ws, profile, request, search_state=args.search_state)
@@ -448,7 +470,7 @@ def cmd_compare(args):
                                             "eval_tokens": args.eval_tokens, **({"allocators": args.allocators}
                                                                                 if args.allocators else {}),
                                             **request.model_dump(exclude_defaults=True)},
-                          {"--output": bool(args.output)})
+                          {"--output": bool(args.output), "--ray": args.ray is not None})
     ws = _workspace(args)
     rows = [r.model_dump() for r in run_compare(ws, _profile_arg(ws.store, args), budgets, _csv(args.allocators),
                                                 request, evaluate=args.evaluate, eval_tokens=args.eval_tokens)]
@@ -565,6 +587,7 @@ def cmd_serve(args):
     argv = [sys.executable, "-m", "bitplan.planner.app.cli", "worker", "--parent", str(os.getpid())]
     argv += ["--db", args.db] if args.db else []
     argv += ["--quiet"] if args.quiet else []
+    argv += ["--ray", args.ray] if args.ray else []
     workers = [subprocess.Popen(argv) for _ in range(args.workers)]
     stop = threading.Event()
 
@@ -591,7 +614,7 @@ def cmd_serve(args):
 
 def cmd_worker(args):
     from bitplan.planner.app.worker import run_worker
-    ran = run_worker(args.db, parent=args.parent, once=args.once, lease=args.lease)
+    ran = run_worker(args.db, parent=args.parent, once=args.once, lease=args.lease, cluster=_cluster(args))
     if args.once:
         _emit(args, {"jobs": ran}, f"ran {ran} job{'s' if ran != 1 else ''}")
 

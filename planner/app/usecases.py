@@ -74,6 +74,8 @@ def run_profile(ws: Workspace, source: str, request: ProfileRequest = ProfileReq
     from bitplan.profiler.calibration import CALIB, token_batches
 
     r = request
+    if ws.cluster is not None:
+        ws.cluster.connect()  # a cluster that cannot be reached fails before a model loads
     latency_batches = None
     if r.latency:
         from bitplan.profiler.latency import DEFAULT_BATCHES, parse_batches, parse_spec
@@ -160,7 +162,7 @@ def _measure(ws: Workspace, loaded, pid: str, work: Path, resume: bool, opts, es
     profile = prof.profile_model(loaded, opts, estimator=estimator, quantizer=quantizer, calib=calib,
                                  n_tokens=tokens, seq_len=seq_len, device=device, progress=ws.progress,
                                  work_dir=work, imatrix=imatrix, cache=cache, embeddings=embeddings,
-                                 kl_experts=kl_experts)
+                                 kl_experts=kl_experts, cluster=ws.cluster)
     profile = ws.store.save_profile(profile)
     shutil.rmtree(work, ignore_errors=True)
     log.info("profile %s (%s) in %.0f s", profile.id, profile.estimator, time.perf_counter() - t0)
@@ -265,8 +267,11 @@ def search_context(ws: Workspace, profile: Profile, state_path: str | Path | Non
     from bitplan.planner.allocators.evolutionary import SearchContext
     from bitplan.profiler.fitness import kl_fitness_for_profile
 
+    if ws.cluster is not None:
+        ws.cluster.connect()  # a cluster that cannot be reached fails before the model loads
     loaded = ws.model_of(profile, "the evolutionary allocator")
-    return SearchContext(kl_fitness_for_profile(loaded, profile), state_path=state_path, progress=ws.progress)
+    return SearchContext(kl_fitness_for_profile(loaded, profile, cluster=ws.cluster), state_path=state_path,
+                         progress=ws.progress)
 
 
 def _with_id(ws: Workspace, profile: Profile | str) -> Profile:

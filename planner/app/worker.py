@@ -116,8 +116,9 @@ class Worker:
     the queue is empty."""
 
     def __init__(self, db_url: str | None = None, *, lease: float = LEASE_S, heartbeat: float = HEARTBEAT_S,
-                 poll: float = POLL_S, max_attempts: int = MAX_ATTEMPTS, parent: int | None = None):
-        self.store = Store(db_url)
+                 poll: float = POLL_S, max_attempts: int = MAX_ATTEMPTS, parent: int | None = None,
+                 cluster=None):
+        self.store, self.cluster = Store(db_url), cluster  # cluster: where profile jobs fan out (--ray)
         self.id = worker_id()
         self.lease, self.heartbeat, self.poll, self.max_attempts = lease, heartbeat, poll, max_attempts
         self.parent = parent
@@ -167,7 +168,7 @@ class Worker:
         beat = threading.Thread(target=self._beat, args=(id,), daemon=True, name=f"heartbeat {id}")
         beat.start()
         # a fresh workspace per job: a model loaded for one job is not kept in memory after it
-        ws = Workspace(self.store, progress=True)
+        ws = Workspace(self.store, progress=True, cluster=self.cluster)
         state, error, result_id, result = "failed", None, None, None
         try:
             try:

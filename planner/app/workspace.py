@@ -27,10 +27,11 @@ class Workspace:
     `keep_gptq`: keep every GPTQ result of the current profile for the applies after it (memory:
     a byte per weight and option, up to `GPTQCache.max_bytes`); worth it when one process applies
     several plans of one profile (`bitplan demo`, `compare --evaluate`).
+    `cluster`: the Ray cluster profiles fan out over (`profiler.cluster.Cluster`), None for this process.
     """
 
-    def __init__(self, store: Store, *, progress: bool = True, keep_gptq: bool = False):
-        self.store, self.progress, self.keep_gptq = store, progress, keep_gptq
+    def __init__(self, store: Store, *, progress: bool = True, keep_gptq: bool = False, cluster=None):
+        self.store, self.progress, self.keep_gptq, self.cluster = store, progress, keep_gptq, cluster
         self._source: str | None = None
         self._loaded = None  # profiler.model.LoadedModel of `_source`
         self._gptq = None  # kernels.quantize.GPTQCache of one profile

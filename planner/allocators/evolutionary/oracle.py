@@ -22,7 +22,9 @@ class FitnessOracle(Protocol):
     Optional: `prepare(choice, rows)` — called with each generation's parent and all its rows before
     any `fitness` call of that generation, so an oracle can cache the parent's work; `fitness_rows(choice,
     rows)` — the fitness of each row, whose mean is `fitness` (else the search asks row by row); `describe()`
-    — a JSON-able dict of what the oracle measures on (recorded in plans and search states).
+    — a JSON-able dict of what the oracle measures on (recorded in plans and search states);
+    `fitness_rows_many(choices, rows)` and `fitness_many(choices, rows)` — several candidates at once (an
+    oracle on a cluster scores them in parallel), each what `fitness_rows` and `fitness` give.
     """
 
     n_rows: int  # fitness rows (sequences) available to stages: row indices 0..n_rows-1

@@ -91,6 +91,21 @@ def fitness_rows(oracle: FitnessOracle, choice: np.ndarray, rows: Sequence[int])
     return np.asarray(each(choice, rows) if each else [oracle.fitness(choice, [r]) for r in rows], dtype=float)
 
 
+def scored(oracle: FitnessOracle, choices: list[np.ndarray], rows: Sequence[int]) -> np.ndarray:
+    """`[choices, rows]` fitness of each choice on each row: all at once where the oracle scores several
+    candidates together (`fitness_rows_many`: on a cluster's workers), else one by one."""
+    many = getattr(oracle, "fitness_rows_many", None)
+    if many is not None:
+        return np.asarray(many(choices, rows), dtype=float)
+    return np.array([fitness_rows(oracle, c, rows) for c in choices])
+
+
+def means(oracle: FitnessOracle, choices: list[np.ndarray], rows: Sequence[int]) -> list[float]:
+    """Each choice's fitness on `rows`, all at once where the oracle can (`fitness_many`)."""
+    many = getattr(oracle, "fitness_many", None)
+    return list(many(choices, rows)) if many is not None else [oracle.fitness(c, rows) for c in choices]
+
+
 def staged_selection(oracle: FitnessOracle, parent: np.ndarray, kids: list[Child],
                      stage_rows: list[list[int]], survivors: list[int],
                      reserve: Sequence[int] = ()) -> tuple[Child | None, float]:
@@ -99,8 +114,8 @@ def staged_selection(oracle: FitnessOracle, parent: np.ndarray, kids: list[Child
     parent stays) and the best mean fitness of the contest."""
     alive = kids
     for rows, keep in zip(stage_rows[:-1], survivors):
-        alive = [alive[j] for j in cut(np.array([fitness_rows(oracle, kid, rows) for kid, _ in alive]), keep)]
-    scores = [oracle.fitness(kid, stage_rows[-1]) for kid, _ in alive]
+        alive = [alive[j] for j in cut(scored(oracle, [kid for kid, _ in alive], rows), keep)]
+    scores = means(oracle, [kid for kid, _ in alive], stage_rows[-1])
     child = alive[int(np.argmin(scores))]
     wins, child_mean, parent_mean = race(oracle, child[0], parent, stage_rows[-1], reserve)
     return (child if wins else None), min(child_mean, parent_mean)
