@@ -1,10 +1,10 @@
-"""Batch 2-16 on the tensor cores without a K-ordered code tile (issue 22, item 2).
+"""Batch 2-16 on the tensor cores without a K-ordered code tile.
 
 `y[M, N] = x[M, K] @ W.T` for M <= 16, computed transposed (`y.T = W @ x.T`): the weight is the dot's first
 operand, `[BLOCK_N, K']`, which the tensor cores take from registers, and `x.T` the second, `[K', 16]`.
 
 The tiled kernel of `kernels/matmul.py` expands a tile's packed words into codes in K order (a reshape that
-Triton carries out through shared memory, with bank conflicts: 2.4-5.0x batch 1 at batch 16).  Here the K
+Triton carries out through shared memory, with bank conflicts: docs/kernels.md measures it).  Here the K
 order of the dot is the order in which codes lie in the words, and the activations are gathered to match:
 a dot sums over K, in any order, as long as both operands agree.  For code position `i` of every word of
 the tile, one LOP3 (after a shift) makes the fp16 (bf16) magic numbers `1024 + c` (`128 + c`) of codes `i`
