@@ -3,17 +3,26 @@
 On an MoE checkpoint (default: the trained tiny-Mixtral fixture, very uneven expert loads):
 
 1. For each estimator (`--estimators`, default fisher,calibrated) and quantizer (`--quantizers`, default
-   rtn,gptq), `ilp` plans at `--budget` (default 3.0 bpw), all of the same budget:
+   rtn,gptq), and each budget of `--budget` (comma-separated, default 3.0 bpw), plans all of that budget:
    - `per-expert`: `--granularity expert` (an expert's three matrices share one option);
    - `per-module`: every matrix on its own (finer still, for reference);
    - `layer-tied experts`: `--granularity layer_experts`, all routed experts of a layer at one option
      (what vLLM's fused MoE, llama.cpp's 3-D expert tensors, exllamav3 and ModelOpt run), attention free;
    - `equal per block`: per-expert units, but every decoder block gets the same bits per weight
      (`budget_split="block"`, MC-MoE's allocation: planner/blocks.py);
-   - `uniform`: the best single option that fits.
+   - `uniform`: the best single option that fits;
+   - `per-expert evolutionary` (at the budgets of `--evolutionary`): `bitplan plan --allocator
+     evolutionary --granularity expert`, the search started from the per-expert `ilp` plan
+     (`--search-params`, JSON, e.g. '{"generations": 40, "patience": 12}').
    Each is measured in memory on the model (`executor.evaluate.evaluate_plans`, the weights `apply`
-   writes): held-out perplexity and mean per-token KL(base ‖ plan) on `--eval-tokens` of the evaluation
-   text in windows of 512.
+   writes): held-out perplexity and mean per-token KL(base ‖ plan) on `--eval-tokens` of each text of
+   `--texts` (default `shakespeare:eval`, the held-out plays; `code`: Python standard-library source,
+   bench/recipes.py's `code_text`) in windows of 512.  Every plan's perplexity is also given over the
+   per-expert `ilp` plan's (and the per-expert evolutionary plan's, where run) with a 95 % paired
+   bootstrap interval over the windows (bench/recipes.py's `paired_ratio`): an interval wholly above 1
+   says the per-expert plan is better beyond the windows' noise.
+   Each profile also reports its routed expert matrices with an error of zero at a quantized option (the
+   done-when of issue 18: there must be none) and those on the fallback error (no calibration token).
 2. On the first profile (fisher, rtn): `--engine bitplan|vllm|llamacpp` plans at `--engine-budget` (default
    4.0 bpw; an engine for which it is infeasible is compared at the smallest budget its error names, with
    a `bitplan` plan at that budget too), each exported (`gptqmodel` and `compressed-tensors` for vllm,
@@ -26,12 +35,14 @@ bug returns a worse plan as "optimal" on rare small problems); a disagreement is
 and printed.  Writes `bench/results/moe_plans.json` (`--out`; after the allocation study too, so that a
 later failure keeps it); exports go under `--out-dir`.
 
-    python bench/moe_plans.py [--model DIR] [--db /tmp/moe.db] [--budget 3.0bpw] [--eval-tokens 8192]
-    python bench/moe_plans.py --quick     # fisher/rtn only, 256 calibration and 1,024 evaluation tokens
+    python bench/moe_plans.py [--model DIR] [--db /tmp/moe.db] [--budget 3.0bpw,3.5bpw] [--eval-tokens 8192]
+        [--texts shakespeare:eval,code] [--evolutionary 3.0bpw] [--skip-engines]
+    python bench/moe_plans.py --quick     # fisher/rtn only, 512 calibration and 1,024 evaluation tokens
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -46,7 +57,7 @@ harness.leave_sys_path()
 
 DEFAULT_MODEL = "/work/shared/fixtures/tiny-mixtral"
 
-QUICK = {"estimators": "fisher", "quantizers": "rtn", "tokens": 256, "eval_tokens": 1024}
+QUICK = {"estimators": "fisher", "quantizers": "rtn", "tokens": 512, "eval_tokens": 1024, "resamples": 200}
 
 # (row name, granularity, budget split, allocator)
 PLANS = (
@@ -56,6 +67,8 @@ PLANS = (
     ("equal per block", "expert", "block", "ilp"),
     ("uniform", "module", "model", "uniform"),
 )
+EVOLUTIONARY = ("per-expert evolutionary", "expert", "model", "evolutionary")
+REFERENCES = ("per-expert", "per-expert evolutionary")  # each row's perplexity is paired against these
 
 
 def plan_row(plan) -> dict:
@@ -77,39 +90,112 @@ def check_ilp(ws, profile, budget: str, plan, **kw) -> dict:
     return {"highs_predicted_error": other.predicted_error, "cbc_equals_highs": same}
 
 
-def allocation_study(ws, loaded, windows, args) -> dict:
+def zero_errors(profile) -> dict:
+    """Routed expert matrices with a predicted error of zero at a quantized option, and those whose row is
+    the fallback (no calibration token reached them): issue 18 wants none of the first."""
+    import numpy as np
+
+    quantized = [j for j, o in enumerate(profile.options) if o.quantized]
+    experts = [i for i, m in enumerate(profile.modules) if m.expert is not None]
+    zero = [profile.modules[i].name for i in experts if np.any(profile.error[i, quantized] <= 0)]
+    return {"routed_expert_matrices": len(experts), "zero_below_16_bits": zero,
+            "min_error_below_16_bits": float(profile.error[np.ix_(experts, quantized)].min()),
+            "fallback": [profile.modules[i].name for i in experts if profile.modules[i].fallback],
+            "estimated": sorted(n for n in profile.estimated if n in {profile.modules[i].name for i in experts})}
+
+
+def measure(loaded, planned, plan, texts, profile, hessians, cache) -> dict:
+    """Perplexity, KL and per-window NLL of one plan on every text, with the seconds it took."""
     from bitplan.executor.evaluate import evaluate_plans
+
+    out = {}
+    for name, windows in texts.items():
+        t0 = time.perf_counter()
+        r = evaluate_plans(loaded.model, planned, [plan.assignment], windows.ids, quantizer=profile.quantizer,
+                           hessians=hessians, cache=cache, per_window=True, progress=False)[0]
+        out[name] = {**r, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def paired(rows: list[dict], texts, resamples: int) -> None:
+    """Each row's perplexity over each reference row's (REFERENCES), with a 95 % paired bootstrap
+    interval over windows (bench/recipes.py's `paired_ratio`); the per-window NLLs are then dropped."""
+    paired_ratio = harness.sibling("recipes").paired_ratio
+    by_name = {r["plan"]: r for r in rows}
+    for name, windows in texts.items():
+        scored = int(windows.ids.shape[1]) - 1
+        for row in rows:
+            for ref in REFERENCES:
+                if ref in by_name and ref != row["plan"]:
+                    r, lo, hi = paired_ratio(row[name]["window_nll"], by_name[ref][name]["window_nll"], scored,
+                                             draws=resamples)
+                    row[name][f"vs {ref}"] = {"ratio": r, "ci95": [lo, hi],
+                                              "ref_better_beyond_ci": bool(lo > 1.0),
+                                              "ref_worse_beyond_ci": bool(hi < 1.0)}
+    for row in rows:  # kept in the JSON for later pairings, one list per text
+        for name in texts:
+            row[name]["window_nll"] = [round(x, 4) for x in row[name]["window_nll"]]
+
+
+def allocation_study(ws, loaded, texts, args, result, meta) -> list:
+    from bitplan.kernels.quantize import GPTQCache
     from bitplan.profiler.model import planned_linears
     from bitplan.planner.app.usecases import ProfileRequest, run_plan, run_profile
     from bitplan.planner.request import PlanRequest
     from bitplan.profiler.profile import gptq_hessians
 
     planned = planned_linears(loaded.model)
-    out = []
+    out = result.setdefault("allocation", [])
     for quantizer in args.quantizers:
         hessians = None
         for estimator in args.estimators:
             t0 = time.perf_counter()
             profile = run_profile(ws, args.model, ProfileRequest(estimator=estimator, quantizer=quantizer,
-                                                                 tokens=args.tokens))
-            rows = []
-            for name, granularity, split, allocator in PLANS:
-                kw = dict(granularity=granularity, budget_split=split)
-                plan = run_plan(ws, profile, PlanRequest(budget=args.budget, allocator=allocator, **kw))
-                row = {"plan": name, "granularity": granularity, "budget_split": split, "allocator": allocator,
-                       **plan_row(plan)}
-                if allocator == "ilp":
-                    row.update(check_ilp(ws, profile, args.budget, plan, **kw))
-                rows.append((row, plan))
+                                                                 tokens=args.tokens, embeddings=args.embeddings))
+            zeros = zero_errors(profile)
+            print(f"\n{profile.id} ({estimator}, {quantizer}; {profile.seconds:.0f} s): "
+                  f"{len(zeros['zero_below_16_bits'])} of {zeros['routed_expert_matrices']} routed expert matrices "
+                  f"with a zero error below 16 bits (smallest {zeros['min_error_below_16_bits']:.3g}); "
+                  f"{len(zeros['fallback'])} on the fallback error, {len(zeros['estimated'])} estimated",
+                  flush=True)
             if profile.quantizer.method == "gptq" and hessians is None:
                 hessians = gptq_hessians(loaded, profile, planned, progress=False)
-            measured = evaluate_plans(loaded.model, planned, [p.assignment for _, p in rows], windows.ids,
-                                      quantizer=profile.quantizer, hessians=hessians, progress=False)
-            for (row, _), m in zip(rows, measured):
-                row.update(m)
-            out.append({"estimator": estimator, "quantizer": quantizer, "profile_id": profile.id,
-                        "seconds": time.perf_counter() - t0, "plans": [r for r, _ in rows]})
-            print(format_study(out[-1]), flush=True)
+            cache = GPTQCache().claim(profile.id) if profile.quantizer.method == "gptq" else None
+            for budget in args.budget:
+                plans = list(PLANS) + ([EVOLUTIONARY] if budget in args.evolutionary else [])
+                rows = []
+                for name, granularity, split, allocator in plans:
+                    kw = dict(granularity=granularity, budget_split=split)
+                    extra, state = {}, None
+                    if allocator == "evolutionary":
+                        params = dict(args.search_params)
+                        extra = {"params": params, "time_limit": params.pop("time_limit", None)}
+                        state = args.search_state and f"{args.search_state}-{profile.id}-{budget}.json"
+                    tp = time.perf_counter()
+                    plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator, **extra, **kw),
+                                    search_state=state)
+                    row = {"plan": name, "granularity": granularity, "budget_split": split, "allocator": allocator,
+                           **plan_row(plan), "plan_seconds": time.perf_counter() - tp}
+                    if allocator == "ilp":
+                        row.update(check_ilp(ws, profile, budget, plan, **kw))
+                    if allocator == "evolutionary":
+                        search = plan.params.get("search") or {}
+                        row["search"] = {k: v for k, v in search.items() if k != "history"}
+                        row["search_tokens"] = search.get("tokens_used")
+                    row.update(measure(loaded, planned, plan, texts, profile, hessians, cache))
+                    first = row[next(iter(texts))]
+                    row["perplexity"], row["kl"] = first["perplexity"], first["kl"]  # of the first text
+                    rows.append(row)
+                    print(f"  {budget} {name}: " + "  ".join(f"{t}: ppl {row[t]['perplexity']:.3f} kl "
+                                                            f"{row[t]['kl']:.4f} ({row[t]['seconds']:.0f} s)"
+                                                            for t in texts), flush=True)
+                paired(rows, texts, args.resamples)
+                out.append({"estimator": estimator, "quantizer": quantizer, "profile_id": profile.id,
+                            "profile_seconds": profile.seconds, "budget": budget, "profile_check": zeros,
+                            "seconds": time.perf_counter() - t0, "plans": rows})
+                print(format_study(out[-1], texts), flush=True)
+                harness.write_result(args.out, result, meta)  # a later failure keeps what is done
+                t0 = time.perf_counter()
     return out
 
 
@@ -165,16 +251,27 @@ def engine_study(ws, loaded, windows, args) -> list[dict]:
     return rows
 
 
-STUDY = [("plan", "plan", "<"), ("bits/w", "bits_per_weight", ".4f"), ("pred.err", "predicted_error", ".4f"),
-         ("KL", "kl", ".4f"), ("ppl", "perplexity", ".3f"), ("status", "status", "<")]
+STUDY = [("plan", "plan", "<"), ("bits/w", "bits_per_weight", ".4f"), ("pred.err", "predicted_error", ".4f")]
 ENGINES = [("engine", "engine", "<"), ("budget", "budget", ""), ("format", lambda r: r.get("format", "infeasible"), ""),
            ("bits/w", "bits_per_weight", ".4f"), ("pred.err", "predicted_error", ".4f"), ("KL", "kl", ".4f"),
            ("ppl", "perplexity", ".3f")]
 
 
-def format_study(s: dict) -> str:
-    return harness.table(s["plans"], STUDY,
-                         title=f"\n{s['estimator']} estimator, {s['quantizer']} quantizer ({s['profile_id']})")
+def _vs(ref: str, text: str):
+    def cell(r: dict) -> str | None:
+        v = r[text].get(f"vs {ref}")
+        return None if v is None else f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+    return cell
+
+
+def format_study(s: dict, texts) -> str:
+    columns = list(STUDY)
+    refs = [ref for ref in REFERENCES if any(r["plan"] == ref for r in s["plans"])]
+    for t in texts:
+        columns += [(f"{t} KL", lambda r, t=t: r[t]["kl"], ".4f"), (f"{t} ppl", lambda r, t=t: r[t]["perplexity"], ".3f")]
+        columns += [(f"÷ {ref} (95% CI)", _vs(ref, t), "") for ref in refs]
+    return harness.table(s["plans"], columns, title=f"\n{s['estimator']} estimator, {s['quantizer']} quantizer "
+                                                    f"({s['profile_id']}), {s['budget']}")
 
 
 def format_engines(rows: list[dict], profile: str) -> str:
@@ -186,7 +283,23 @@ def main(argv=None) -> int:
     ap = harness.parser("moe_plans", __doc__, quick=QUICK)
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"MoE checkpoint directory (default {DEFAULT_MODEL})")
     ap.add_argument("--db", default=None, help="database (default: $BITPLAN_DB, else a temporary file)")
-    ap.add_argument("--budget", default="3.0bpw", help="budget of the allocation study (default 3.0bpw)")
+    ap.add_argument("--budget", default="3.0bpw",
+                    help="budgets of the allocation study, comma-separated (default 3.0bpw)")
+    ap.add_argument("--evolutionary", default="",
+                    help="budgets (of --budget) at which the per-expert evolutionary plan is added too")
+    ap.add_argument("--search-params", default="{}",
+                    help="the evolutionary allocator's parameters, JSON (time_limit: seconds of search)")
+    ap.add_argument("--search-state", default=None,
+                    help="path prefix of the search's state files (resume: the same command again)")
+    ap.add_argument("--texts", default="shakespeare:eval",
+                    help="evaluation texts, comma-separated: shakespeare:eval, code, or a file (default "
+                         "shakespeare:eval)")
+    ap.add_argument("--embeddings", default=None, choices=("plan", "keep"),
+                    help="the allocation study's profiles: plan or keep the input embedding (default: the "
+                         "profiler's, plan; tiny-Mixtral's embedding is 56 %% of its weights and takes 4 bits or "
+                         "more, so budgets under 3.41 bpw need keep)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (1 on a shared, busy machine)")
+    ap.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2,000)")
     ap.add_argument("--engine-budget", default="4.0bpw", help="budget of the engine study (default 4.0bpw)")
     ap.add_argument("--estimators", default="fisher,calibrated", help="default fisher,calibrated")
     ap.add_argument("--quantizers", default="rtn,gptq", help="default rtn,gptq")
@@ -197,6 +310,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.estimators = [x.strip() for x in args.estimators.split(",") if x.strip()]
     args.quantizers = [x.strip() for x in args.quantizers.split(",") if x.strip()]
+    args.budget = [x.strip() for x in args.budget.split(",") if x.strip()]
+    args.evolutionary = [x.strip() for x in args.evolutionary.split(",") if x.strip()]
+    if set(args.evolutionary) - set(args.budget):
+        ap.error(f"--evolutionary budgets must be among --budget ({', '.join(args.budget)})")
+    args.search_params = json.loads(args.search_params)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
     tmp = tempfile.mkdtemp(prefix="moe_plans-")
@@ -210,20 +328,29 @@ def main(argv=None) -> int:
     from bitplan.profiler.model import load_model
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     meta = harness.metadata(args)
     store = Store(args.db or os.environ.get("BITPLAN_DB") or str(Path(tmp) / "bitplan.db"))
     loaded = load_model(args.model)
     ws = Workspace(store, progress=False).adopt(args.model, loaded)
-    windows = ws.windows(loaded.tokenizer, tokens=args.eval_tokens)
+    texts, evals, base = {}, {}, {}
+    for name in [x.strip() for x in args.texts.split(",") if x.strip()]:
+        path, digest = harness.sibling("recipes").code_text() if name == "code" else (name, None)
+        texts[name] = w = ws.windows(loaded.tokenizer, text=None if name == "shakespeare:eval" else path,
+                                     tokens=args.eval_tokens)
+        evals[name] = {"corpus": w.corpus, "tokens": int(w.ids.numel()), "window": int(w.ids.shape[1]),
+                       **({"sha256": digest} if digest else {})}
+        t0 = time.perf_counter()
+        base[name] = perplexity(loaded.model, w.ids, progress=False)
+        print(f"unquantized: perplexity {base[name]:.3f} on {w.ids.numel()} tokens of {w.corpus} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    windows = next(iter(texts.values()))
+    result = {"model": args.model, "budgets": args.budget, "engine_budget": args.engine_budget,
+              "eval": evals[next(iter(texts))], "texts": evals, "unquantized_perplexity": base[next(iter(texts))],
+              "unquantized": base, "search_params": args.search_params, "embeddings": args.embeddings}
     t0 = time.perf_counter()
-    base = perplexity(loaded.model, windows.ids, progress=False)
-    print(f"unquantized: perplexity {base:.3f} on {windows.ids.numel()} tokens of {windows.corpus} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    result = {"model": args.model, "budget": args.budget, "engine_budget": args.engine_budget,
-              "eval": {"corpus": windows.corpus, "tokens": int(windows.ids.numel()), "window": int(windows.ids.shape[1])},
-              "unquantized_perplexity": base}
-    t0 = time.perf_counter()
-    result["allocation"] = allocation_study(ws, loaded, windows, args)
+    allocation_study(ws, loaded, texts, args, result, meta)
     harness.write_result(args.out, result, meta)  # a later failure keeps this part
     if not args.skip_engines:
         result["engines"] = engine_study(ws, loaded, windows, args)
