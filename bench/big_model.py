@@ -12,7 +12,9 @@ read from the kernel (`VmHWM`, reset through `/proc/self/clear_refs` between pha
 `base` the process before profiling (Python, torch, transformers), `W_b` one block's weights in float32,
 `Σ_b K²` over the block's planned matrices (each one's float64 `H`), `T · d · 4` the carried activations,
 `32 · N · K` the error table's temporaries for the largest matrix (ΔW and `ΔW·H` in float64, W, Ŵ, ΔW in
-float32).  The parts outside the blocks (embedding, final norm, head) are read for the passes that run
+float32).  Then the best uniform plan is applied with the weights streamed too
+(`executor.apply.apply_plan_streamed`: one block in memory, the output written from parts), its peak
+RSS reported the same way.  The parts outside the blocks (embedding, final norm, head) are read for the passes that run
 them, never with a block.  The checkpoint is deleted at the end unless `--keep`; free disk is checked first
 (at least 15 GB must stay free).  Prints a table and writes `bench/results/big_model.json`.
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     written = {"bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")) if args.reuse else 0}
     if not args.reuse:
         free = shutil.disk_usage(folder.parent if not folder.exists() else folder).free
-        want = args.layers * block_bytes + 2 * 49152 * args.hidden * 2
+        # the checkpoint, and the applied one (4-bit codes: about 0.3 of it) with its parts beside it
+        want = int(1.6 * (args.layers * block_bytes + 2 * 49152 * args.hidden * 2))
         if free - want < KEEP_FREE:
             print(f"not enough disk: the checkpoint needs {want / GB:.1f} GB and {KEEP_FREE / GB:.0f} GB must stay "
                   f"free; {free / GB:.1f} GB are free on {folder.parent}", file=sys.stderr)
@@ -189,7 +192,11 @@ def main(argv=None) -> int:
 
         from bitplan.db.types import Quantizer, parse_options
         from bitplan.profiler.model import load_model
-        from bitplan.profiler.profile import profile_model
+        from bitplan.executor.apply import apply_plan_streamed
+        from bitplan.planner.plan import allocate
+        from bitplan.planner.request import PlanRequest
+        from bitplan.profiler.model import planned_for
+        from bitplan.profiler.profile import calibration_batches, profile_model
         from bitplan.profiler.weights import streamed
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -212,16 +219,31 @@ def main(argv=None) -> int:
                                 device="cpu", progress=False, embeddings="keep")
         rows.append({"phase": "profile (streamed)", "seconds": time.perf_counter() - t, "before": before,
                      "peak": _status("VmHWM"), "sampled": sampler.peak})
-        sampler.stop.set()
+        profiled_before = before
         assert streamed(loaded.model) is not None
+        # the plan applied with the weights streamed too: the best single option that fits, written shard by shard
+        plan = allocate(profile, PlanRequest(budget="16bpw", allocator="uniform"))
+        _reset_peak()
+        sampler.peak = 0
+        before = _status("VmRSS")
+        t = time.perf_counter()
+        out = apply_plan_streamed(plan, loaded.model, loaded.tokenizer, planned_for(loaded.model, plan.assignment),
+                                  Path(f"{folder}-applied"), overwrite=True, progress=False,
+                                  quantizer=profile.quantizer,
+                                  batches=calibration_batches(loaded, profile) if args.quantizer != "rtn" else None)
+        applied_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        rows.append({"phase": f"apply (streamed, {plan.bits_per_weight:.2f} bpw)", "seconds": time.perf_counter() - t,
+                     "before": before, "peak": _status("VmHWM"), "sampled": sampler.peak})
+        sampler.stop.set()
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(f"{folder}-applied", ignore_errors=True)
     terms = formula(args, profile.calibration.n_tokens, vocab)
     for r in rows:
         r["peak_gib"] = r["peak"] / GiB
         r["before_gib"] = r.get("before", 0) / GiB or None
-    predicted = before + terms["total"]
+    predicted = profiled_before + terms["total"]
     print(harness.table(rows, [("phase", "phase", "<"), ("time s", "seconds", ".0f"),
                                ("RSS before GiB", "before_gib", ".2f"), ("peak RSS GiB", "peak_gib", ".2f")],
                         title=f"{args.layers} blocks, {n_params / 1e9:.2f} B parameters, "
@@ -229,14 +251,15 @@ def main(argv=None) -> int:
                               f"GiB in float32), {profile.calibration.n_tokens} tokens"))
     print(harness.table([{"term": k, "gib": v / GiB} for k, v in terms.items()],
                         [("formula term", "term", "<"), ("GiB", "gib", ".3f")]))
-    print(f"predicted peak = RSS before ({before / GiB:.2f} GiB) + formula ({terms['total'] / GiB:.2f} GiB) = "
-          f"{predicted / GiB:.2f} GiB; measured {rows[-1]['peak_gib']:.2f} GiB")
+    print(f"profile: predicted peak = RSS before ({profiled_before / GiB:.2f} GiB) + formula "
+          f"({terms['total'] / GiB:.2f} GiB) = {predicted / GiB:.2f} GiB; measured {rows[-2]['peak_gib']:.2f} GiB")
     path = harness.write_result(args.out, {
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "heads": args.heads, "kv_heads": args.kv_heads, "vocab": vocab, "parameters": n_params,
                   "checkpoint_bytes": written["bytes"], "float32_bytes": 4 * n_params},
         "profile": {"id": profile.id, "modules": len(profile.modules), "tokens": profile.calibration.n_tokens,
                     "options": args.options, "quantizer": args.quantizer, "estimator": "hessian"},
+        "applied": {"plan": plan.id, "bits_per_weight": plan.bits_per_weight, "checkpoint_bytes": applied_bytes},
         "phases": rows, "formula_bytes": terms, "predicted_peak_bytes": predicted,
         "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}, meta)
     harness.done(path)

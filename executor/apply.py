@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,16 +34,18 @@ MAX_SHARD_BYTES = 2 * 2**30
 
 def quantized_weights(
     planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False, quantizer: Quantizer = Quantizer(),
-    hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None, cache: GPTQCache | None = None, part: bool = False,
 ) -> Iterator[tuple[Module, nn.Linear, QuantizedWeight | None]]:
     """Quantize one planned linear at a time, in model order (so one block is in flight at a time).
 
     Yields `(module, linear, QuantizedWeight)`, or `None` in its place for a 16-bit option.
     A GPTQ `quantizer` needs `hessians[name] = Σ xxᵀ` of every quantized module's inputs (the profiler's
     `bitplan.profiler.stream.collect_hessians`), the same statistics the profile's GPTQ ΔW came from,
-    except for those whose result `cache` already holds.
+    except for those whose result `cache` already holds.  `part`: `planned` is a part of the model (one
+    block), checked against the plan as a whole by the caller.
     """
-    check_plan_matches(planned, plan)
+    if not part:
+        check_plan_matches(planned, plan)
     check_quantizer(planned, plan, quantizer, hessians, cache)
     bar = tqdm(planned, desc=f"quantizing ({quantizer.label})", unit="module", disable=not progress)
     for module, linear in bar:
@@ -57,9 +60,10 @@ def quantized_weights(
 
 def quantized_linears(planned: list[tuple[Module, nn.Linear]], plan: Plan, progress: bool = False,
                       quantizer: Quantizer = Quantizer(), hessians: Mapping[str, torch.Tensor] | None = None,
-                      cache: GPTQCache | None = None) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
+                      cache: GPTQCache | None = None, part: bool = False,
+                      ) -> Iterator[tuple[str, nn.Linear, QuantLinear | None]]:
     """`quantized_weights` as `(name, linear, QuantLinear or None)`; a planned embedding as a `QuantEmbedding`."""
-    for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache):
+    for module, linear, qw in quantized_weights(planned, plan, progress, quantizer, hessians, cache, part):
         if qw is None:
             yield module.name, linear, None
         elif isinstance(linear, nn.Embedding):
@@ -124,18 +128,27 @@ def quantize_model(model: nn.Module, planned: list[tuple[Module, nn.Linear]], pl
     return model
 
 
+def stored_keys(model: nn.Module) -> list[str]:
+    """The state keys a checkpoint of `model` stores: tied weights once, under their first name (the loader
+    ties them again)."""
+    keys, seen = [], set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            keys.append(key)
+    return keys
+
+
 def quantized_state_dict(model: nn.Module, planned: list[tuple[Module, nn.Linear]], plan: Plan,
                          storage_dtype: torch.dtype = torch.bfloat16, progress: bool = False,
                          quantizer: Quantizer = Quantizer(), hessians: Mapping[str, torch.Tensor] | None = None,
-                         cache: GPTQCache | None = None) -> dict:
-    """What the checkpoint stores, without modifying `model`."""
-    state, seen = {}, set()
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:  # tied weights are stored once; the loader ties them again
-            continue
-        seen.add(id(t))
-        state[key] = t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()
-    for name, _, qlinear in quantized_linears(planned, plan, progress, quantizer, hessians, cache):
+                         cache: GPTQCache | None = None, keys: set[str] | None = None) -> dict:
+    """What the checkpoint stores, without modifying `model`; with `keys`, of those alone (a part of the
+    model, which `planned` lies in)."""
+    wanted = set(stored_keys(model)) if keys is None else keys
+    state = {key: t.detach().to(storage_dtype) if t.is_floating_point() else t.detach()
+             for key, t in model.state_dict(keep_vars=True).items() if key in wanted}
+    for name, _, qlinear in quantized_linears(planned, plan, progress, quantizer, hessians, cache, part=keys is not None):
         if qlinear is None:
             continue
         state.pop(f"{name}.weight")
@@ -187,14 +200,92 @@ def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Modu
         state = quantized_state_dict(model, planned, plan, storage_dtype, progress, quantizer, hessians, cache)
         # one metadata key only: safetensors writes metadata in hash order, which would break byte-identity
         _write_shards(state, tmp, {"format": "pt"})
-        config = config_dict(model)
-        config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer,
-                                                            "original" if cache is None else cache.inputs)
-        config["dtype"] = str(storage_dtype).removeprefix("torch.")
-        write_json(tmp / "config.json", config)
-        write_json(tmp / WRITTEN_MARK, plan.to_dict())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_rest(tmp, plan, model, tokenizer, storage_dtype, quantizer, "original" if cache is None else cache.inputs)
+    out = Path(out_dir).expanduser().resolve()
+    log.info("wrote %s", out)
+    return out
+
+
+def _write_rest(tmp: Path, plan: Plan, model: nn.Module, tokenizer, storage_dtype: torch.dtype,
+                quantizer: Quantizer, gptq_inputs: str) -> None:
+    """What a checkpoint holds beside its shards: `config.json` with the quantization, the plan, the tokenizer."""
+    config = config_dict(model)
+    config["quantization_config"] = quantization_config(plan, storage_dtype, quantizer, gptq_inputs)
+    config["dtype"] = str(storage_dtype).removeprefix("torch.")
+    write_json(tmp / "config.json", config)
+    write_json(tmp / WRITTEN_MARK, plan.to_dict())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def apply_plan_streamed(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Module, nn.Linear]],
+                        out_dir: str | Path, *, batches: torch.Tensor | None = None,
+                        storage_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, progress: bool = True,
+                        quantizer: Quantizer = Quantizer(), device: str = "cpu") -> Path:
+    """`apply_plan` for a model whose weights stay on disk (`load_model(stream_weights="on")`): the same
+    files, byte for byte, with host memory holding one decoder block (and its `H`) at a time.
+
+    The parts outside the blocks (embedding, norms, head) are read and written first, then each block in
+    turn: read, its `H` collected on `batches` (the profile's calibration windows; GPTQ only), its modules
+    quantized, its tensors written to a part file, dropped.  The shards are then put together from the
+    parts, one shard in memory at a time.  GPTQ's statistics are the unquantized model's (`--gptq-inputs
+    original`).
+    """
+    from bitplan.profiler.model import decoder_layers
+    from bitplan.profiler.stream import outside_hessians, stream_blocks
+    from bitplan.profiler.weights import materialized, read_headers, read_tensor, streamed
+
+    if streamed(model) is None:
+        raise ValueError("apply_plan_streamed writes a model whose weights stay on disk; use apply_plan")
+    check_plan_matches(planned, plan)
+    gptq = [(m, lin) for m, lin in planned if plan.assignment[m.name].quantized
+            and quantizer_for(m, quantizer).method == "gptq"]
+    if gptq and batches is None:
+        raise InvalidInput("the gptq quantizer needs the calibration windows its H comes from")
+    layers = decoder_layers(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    keys = stored_keys(model)
+
+    def block_of(key: str) -> int | None:
+        head, _, rest = key.partition(f"{prefix}.")
+        return int(rest.split(".", 1)[0]) if not head and rest else None
+
+    by_block: dict[int | None, set[str]] = {}
+    for key in keys:
+        by_block.setdefault(block_of(key), set()).add(key)
+    mods_of: dict[int | None, list] = {}
+    for m, lin in planned:
+        mods_of.setdefault(block_of(m.name), []).append((m, lin))
+    in_blocks = {id(mod) for mod in layers.modules()}
+    gptq_names = {m.name for m, _ in gptq}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        parts = tmp / ".parts"  # removed before the folder becomes `out_dir`
+        parts.mkdir()
+
+        def write_part(block: int | None, modules: list[nn.Module], hessians=None) -> None:
+            with materialized(model, modules):
+                state = quantized_state_dict(model, mods_of.get(block, []), plan, storage_dtype, False, quantizer,
+                                             hessians, keys=by_block.get(block, set()))
+            path = parts / f"{'outside' if block is None else block}.safetensors"
+            save_file(state, path, metadata={"format": "pt"})
+
+        # the embedding, norms and head: each module holding parameters of its own outside the blocks
+        outside = [mod for mod in model.modules() if id(mod) not in in_blocks
+                   and next(mod.parameters(recurse=False), None) is not None]
+        head = [(m, lin) for m, lin in mods_of.get(None, []) if m.name in gptq_names]
+        write_part(None, outside, outside_hessians(model, batches, head, device, progress) if head else None)
+        if gptq:
+            stream_blocks(model, batches, gptq, lambda i, _mods, H, _n: write_part(i, [layers[i]], H), device,
+                          progress, desc="quantizing blocks")
+        else:
+            for i in tqdm(range(len(layers)), desc="quantizing blocks", unit="block", disable=not progress):
+                write_part(i, [layers[i]])
+
+        places = read_headers(parts)  # every part's tensors: where they lie, so each is read alone
+        _write_sharded({k: end - start for k, (_, start, end, _, _) in places.items()},
+                       lambda k: read_tensor(places[k]), tmp, {"format": "pt"})
+        shutil.rmtree(parts)
+        _write_rest(tmp, plan, model, tokenizer, storage_dtype, quantizer, "original")
     out = Path(out_dir).expanduser().resolve()
     log.info("wrote %s", out)
     return out
@@ -202,25 +293,30 @@ def apply_plan(plan: Plan, model: nn.Module, tokenizer, planned: list[tuple[Modu
 
 def _write_shards(state: dict, directory: Path, metadata: dict) -> None:
     """`model.safetensors`, or numbered shards of at most MAX_SHARD_BYTES plus an index."""
-    shards, current, size = [], {}, 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if current and size + nbytes > MAX_SHARD_BYTES:
+    _write_sharded({k: t.numel() * t.element_size() for k, t in state.items()}, state.__getitem__, directory,
+                   metadata)
+
+
+def _write_sharded(sizes: dict[str, int], read: Callable[[str], torch.Tensor], directory: Path,
+                   metadata: dict) -> None:
+    """`_write_shards` of the tensors `read(key)` gives, whose bytes `sizes` holds: keys in sorted order, one
+    shard in memory at a time."""
+    shards, current, size = [], [], 0
+    for key in sorted(sizes):
+        if current and size + sizes[key] > MAX_SHARD_BYTES:
             shards.append(current)
-            current, size = {}, 0
-        current[key] = state[key]
-        size += nbytes
+            current, size = [], 0
+        current.append(key)
+        size += sizes[key]
     shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for fname, keys in zip(names, shards):
+        save_file({k: read(k) for k in keys}, directory / fname, metadata=metadata)
     if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata=metadata)
         return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / fname, metadata=metadata)
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(sizes.values())},
+             "weight_map": {k: fname for fname, keys in zip(names, shards) for k in keys}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 

@@ -517,7 +517,7 @@ def gptq_hessians(loaded: LoadedModel, profile: Profile, planned: list[tuple[Mod
     planned = [(m, lin) for m, lin in planned if quantizer_for(m, profile.quantizer).method == "gptq"]
     if not planned:
         return {}
-    batches = _calibration_batches(loaded, profile)
+    batches = calibration_batches(loaded, profile)
     return collect_hessians(loaded.model, batches, planned, device or default_device(), progress=progress)
 
 
@@ -529,7 +529,7 @@ def gptq_propagated(loaded: LoadedModel, profile: Profile, planned: list[tuple[M
     if profile.quantizer.method != "gptq":
         raise InvalidInput(f"--gptq-inputs chooses the activations GPTQ sees; profile {profile.id}'s quantizer "
                            f"is {profile.quantizer.label}")
-    return gptq_on_quantized_inputs(loaded.model, _calibration_batches(loaded, profile), planned, assignment,
+    return gptq_on_quantized_inputs(loaded.model, calibration_batches(loaded, profile), planned, assignment,
                                     profile.quantizer, device or default_device(), progress).claim(profile.id)
 
 
@@ -575,7 +575,7 @@ def gptq_on_quantized_inputs(model: nn.Module, batches: torch.Tensor, planned: l
     return cache
 
 
-def _calibration_batches(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
+def calibration_batches(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
     """The profile's own calibration windows, checked to be the ones it was measured on.
 
     A profile whose calibration records no sequence length (`seq_len` 0) gets sequences of the default

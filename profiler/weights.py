@@ -74,7 +74,7 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(end - start for _, start, end, _, _ in read_headers(directory).values())
 
 
-def _read(place) -> torch.Tensor:
+def read_tensor(place) -> torch.Tensor:
     shard, start, end, dtype, shape = place
     buf = torch.empty(end - start, dtype=torch.uint8)
     with open(shard, "rb") as f:
@@ -122,7 +122,7 @@ class StreamedWeights:
                                f"memory (--stream-weights off)")
 
     def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        t = _read(self.places[key])
+        t = read_tensor(self.places[key])
         return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
     def nbytes(self, modules: Iterable[nn.Module]) -> int:

@@ -217,6 +217,11 @@ def _apply_arguments(c: argparse.ArgumentParser) -> None:
                    help="a GPTQ profile's plans: each block's input statistics from the plan's model quantized up "
                         "to that block (quantized, default: GPTQ for the inputs the deployed model feeds it; one "
                         "more pass per plan) or from the unquantized model (original: shared by every plan)")
+    c.add_argument("--stream-weights", choices=["auto", "on", "off"], default="auto",
+                   help="read the weights from the checkpoint's safetensors shards one decoder block at a time and "
+                        "write the output from parts, so a model larger than host memory applies (--format bitplan, "
+                        "--gptq-inputs original); the files are the same as with the model loaded whole. auto "
+                        "(default): when the weights, in float32, would take over 60%% of the available memory")
 
 
 def _eval_arguments(c: argparse.ArgumentParser) -> None:
@@ -523,13 +528,14 @@ def cmd_apply(args):
     if args.server:
         return _on_server(args, "apply", {"plan": args.plan, "out": args.out, "overwrite": args.overwrite,
                                           "format": args.format, "gptq_inputs": args.gptq_inputs},
-                          {"a plan file": Path(args.plan).is_file()})
+                          {"a plan file": Path(args.plan).is_file(), "--stream-weights": args.stream_weights != "auto"})
     ws = _workspace(args)
     if Path(args.plan).is_file():
         plan = Plan.from_dict(_read_json(args.plan))
     else:
         plan = _find(ws.store, args.plan, "plan")
-    out = run_apply(ws, plan, args.out, overwrite=args.overwrite, fmt=args.format, gptq_inputs=args.gptq_inputs)
+    out = run_apply(ws, plan, args.out, overwrite=args.overwrite, fmt=args.format, gptq_inputs=args.gptq_inputs,
+                    stream_weights=args.stream_weights)
     _emit(args, {"id": plan.id, "checkpoint": str(out)}, f"wrote {out} (plan {plan.id}, "
           f"{plan.bits_per_weight:.3f} bpw, {plan.size_mib:.1f} MiB)")
 

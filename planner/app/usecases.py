@@ -449,12 +449,16 @@ def _text_validation(corpus: str, evs: dict[str, Evaluation], plans: dict[str, P
 
 
 def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bool = False,
-              fmt: str = "bitplan", gptq_inputs: str = DEFAULT_GPTQ_INPUTS) -> Path:
+              fmt: str = "bitplan", gptq_inputs: str = DEFAULT_GPTQ_INPUTS, stream_weights: str = "auto") -> Path:
     """Write the quantized checkpoint of a stored plan, in our format or another engine's (`fmt`:
     executor/export.py).  GPTQ results the workspace keeps for the plan's profile are not computed
     again, and the `H` collected for those it lacks is kept there for the next plan.  `gptq_inputs`:
     GPTQ's statistics from the unquantized model's activations (`original`, shared by every plan of the
-    profile) or from those the plan's own quantized model gives each block (`quantized`)."""
+    profile) or from those the plan's own quantized model gives each block (`quantized`).
+
+    `stream_weights` (`auto`, `on`, `off`, as for profiling): the model's weights read from its shards one
+    block at a time and the checkpoint written from parts (`executor.apply.apply_plan_streamed`), for a
+    model larger than memory; our format, with GPTQ on the unquantized model's statistics."""
     from bitplan.executor.apply import missing_hessians
     from bitplan.executor.export import check_format, export_llamacpp, export_plan
     from bitplan.profiler import profile as prof
@@ -477,6 +481,8 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
         modules = _profile_modules(ws, plan)
         if modules is not None:
             return export_llamacpp(plan, modules, out, overwrite=overwrite)
+    if not ws.has_model(plan.model.source) and _streams_for_apply(plan.model.source, stream_weights, fmt):
+        return _apply_streamed(ws, plan, out, overwrite=overwrite, gptq_inputs=gptq_inputs)
     loaded = ws.model(plan.model.source)
     # a model replaced at its source since it was profiled would be quantized with another model's plan
     check_same_model(loaded, plan.model, f"plan {plan.id} (profile {plan.profile_id})")
@@ -495,6 +501,40 @@ def run_apply(ws: Workspace, plan: Plan | str, out: str | Path, *, overwrite: bo
             cache.hessians = hessians
     return export_plan(plan, loaded.model, loaded.tokenizer, planned, out, fmt, overwrite=overwrite,
                        progress=ws.progress, quantizer=quantizer, hessians=hessians, cache=cache)
+
+
+def _streams_for_apply(source: str, stream_weights: str, fmt: str) -> bool:
+    """Whether `apply` reads the weights from disk one block at a time (checked against the format)."""
+    from bitplan.profiler.model import check_causal_lm, loaded_bytes, resolve, streams_weights
+
+    check_causal_lm(source)
+    if not streams_weights(source, stream_weights):
+        return False
+    if fmt != "bitplan":
+        raise InvalidInput(f"{source}'s weights ({loaded_bytes(resolve(source)[0]) / 2**30:.1f} GiB in float32) would be "
+                           f"streamed from disk, which writes --format bitplan only; write that, or load them whole "
+                           f"with --stream-weights off")
+    return True
+
+
+def _apply_streamed(ws: Workspace, plan: Plan, out: Path, *, overwrite: bool, gptq_inputs: str) -> Path:
+    """`run_apply` with the weights streamed from disk (executor.apply.apply_plan_streamed)."""
+    from bitplan.executor.apply import apply_plan_streamed
+    from bitplan.profiler import profile as prof
+    from bitplan.profiler.fitness import check_same_model
+    from bitplan.profiler.model import load_model, planned_for
+
+    quantizer = plan_quantizer(ws, plan)
+    if quantizer.method == "gptq" and gptq_inputs != "original":
+        raise InvalidInput("with the weights streamed from disk GPTQ takes the unquantized model's statistics: pass "
+                           "--gptq-inputs original, or load the model whole with --stream-weights off")
+    loaded = load_model(plan.model.source, stream_weights="on")
+    check_same_model(loaded, plan.model, f"plan {plan.id} (profile {plan.profile_id})")
+    batches = prof.calibration_batches(loaded, ws.store.get_profile(plan.profile_id)) \
+        if quantizer.method == "gptq" else None
+    return apply_plan_streamed(plan, loaded.model, loaded.tokenizer, planned_for(loaded.model, plan.assignment), out,
+                               batches=batches, overwrite=overwrite, progress=ws.progress, quantizer=quantizer,
+                               device=prof.default_device())
 
 
 def _apply_gguf(ws: Workspace, plan: Plan, out: Path) -> Path:
