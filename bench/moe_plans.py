@@ -169,7 +169,8 @@ def allocation_study(ws, loaded, texts, args, result, meta) -> list:
                     extra, state = {}, None
                     if allocator == "evolutionary":
                         params = dict(args.search_params)
-                        extra = {"params": params, "time_limit": params.pop("time_limit", None)}
+                        extra = {"params": params, "time_limit": params.pop("time_limit", None),
+                                 "seed": params.pop("seed", 0)}
                         state = args.search_state and f"{args.search_state}-{profile.id}-{budget}.json"
                     tp = time.perf_counter()
                     plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator, **extra, **kw),
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--evolutionary", default="",
                     help="budgets (of --budget) at which the per-expert evolutionary plan is added too")
     ap.add_argument("--search-params", default="{}",
-                    help="the evolutionary allocator's parameters, JSON (time_limit: seconds of search)")
+                    help="the evolutionary allocator's parameters, JSON (time_limit: seconds of search; seed)")
     ap.add_argument("--search-state", default=None,
                     help="path prefix of the search's state files (resume: the same command again)")
     ap.add_argument("--texts", default="shakespeare:eval",
