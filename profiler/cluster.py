@@ -13,8 +13,11 @@ functions, same inputs, results put back in the same places; only the order in w
   model and its own KL oracle; a generation's parent is recorded on every worker, and a stage's
   candidates are scored in parallel.
 
-Workers are one per CPU of the cluster on `device="cpu"` (each with one torch thread, as Ray sets
-`OMP_NUM_THREADS`), one per GPU on `cuda`.  bitplan (with the `model` extra) must be importable on every
+A worker runs torch with the driver's thread count (`torch.get_num_threads()` where the fan-out starts),
+so on `device="cpu"` it takes that many of the cluster's CPUs (as many workers as fit), on `cuda` one GPU:
+a floating-point sum split over another number of threads can round otherwise, and with the same count
+every number is the one this process computes.  Run the driver with fewer threads (`torch.set_num_threads`,
+`OMP_NUM_THREADS`) for more, narrower workers.  bitplan (with the `model` extra) must be importable on every
 node: a local cluster (`--ray local`) starts its workers from this interpreter.  Ray is an optional extra
 (`pip install 'bitplan[ray]'`); without `--ray` or the variable nothing here imports it.
 """
@@ -81,31 +84,39 @@ class Cluster:
             log.info("Ray cluster %s: %s", self.address, ray.cluster_resources())
         return ray
 
-    def workers(self, device: str) -> tuple[int, dict]:
-        """How many workers a step runs on `device`, and the resources each takes."""
+    def workers(self, device: str) -> tuple[int, int, dict]:
+        """How many workers a step runs on `device`, their torch threads (the driver's), and the resources
+        each takes."""
+        import torch
+
         ray = self.connect()
-        res = ray.cluster_resources()
+        res, threads = ray.cluster_resources(), torch.get_num_threads()
         if device.startswith("cuda"):
             gpus = int(res.get("GPU", 0))
             if gpus < 1:
                 raise InvalidInput(f"the Ray cluster at {self.address!r} has no GPU: profile with --device cpu")
-            return gpus, {"num_gpus": 1, "num_cpus": 1}
-        return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
+            return gpus, threads, {"num_gpus": 1, "num_cpus": 1}
+        widest = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
+        if widest < threads:
+            log.warning("the Ray cluster's nodes have at most %d CPUs, this process runs %d torch threads: its "
+                        "workers run %d, and their sums may round otherwise than here", widest, threads, widest)
+            threads = max(1, widest)
+        return max(1, int(res.get("CPU", 1)) // threads), threads, {"num_cpus": threads}
 
     def map(self, fn: Callable, calls: Iterable[tuple], device: str, *, on_result: Callable[[int, object], None],
             progress: bool = False, desc: str = "") -> None:
         """`fn(*args, device)` for every `args` of `calls` as Ray tasks, at most a few per worker in flight
         (each holds its inputs in the object store); `on_result(index, result)` as each one finishes."""
         ray = self.connect()
-        workers, resources = self.workers(device)
-        task = ray.remote(max_retries=0, **resources)(fn)
+        workers, threads, resources = self.workers(device)
+        task = ray.remote(max_retries=0, **resources)(_run)
         window = 2 * workers
         pending: dict = {}
         calls = list(calls)
         bar = tqdm(total=len(calls), desc=desc, unit="module", leave=False, disable=not progress or len(calls) < 2)
         try:
             for i, args in enumerate(calls):
-                pending[task.remote(*args, _worker_device(device))] = i
+                pending[task.remote(threads, fn, *args, _worker_device(device))] = i
                 while len(pending) >= window or (i == len(calls) - 1 and pending):
                     done, _ = ray.wait(list(pending), num_returns=1)
                     on_result(pending.pop(done[0]), ray.get(done[0]))
@@ -118,16 +129,21 @@ class Cluster:
             bar.close()
 
     def actors(self, cls: type, args: Sequence, device: str) -> list:
-        """One actor of `cls(*args, device)` per worker (`args` put in the object store once)."""
+        """One actor holding `cls(*args, device)` per worker (`args` put in the object store once); its
+        methods are called through `call` (`pool`, `call_all`)."""
         ray = self.connect()
-        workers, resources = self.workers(device)
+        workers, threads, resources = self.workers(device)
         refs = [ray.put(a) for a in args]
-        actor = ray.remote(max_restarts=0, **resources)(cls)
-        return [actor.remote(*refs, _worker_device(device)) for _ in range(workers)]
+        host = ray.remote(max_restarts=0, **resources)(_Host)
+        return [host.remote(threads, cls, *refs, _worker_device(device)) for _ in range(workers)]
+
+    def call_all(self, actors: list, method: str, *args) -> list:
+        """`<method>(*args)` on every actor's object, their results in actor order."""
+        return self.connect().get([a.call.remote(method, *args) for a in actors])
 
     def pool(self, actors: list, calls: Iterable[tuple], method: str, *,
              on_result: Callable[[int, object], None], progress: bool = False, desc: str = "") -> None:
-        """`actor.<method>(*args)` for every `args` of `calls`, each on the next free actor;
+        """`<method>(*args)` for every `args` of `calls`, each on the next free actor's object;
         `on_result(index, result)` as each finishes."""
         ray = self.connect()
         calls = list(calls)
@@ -137,7 +153,7 @@ class Cluster:
             while True:
                 while free and (nxt := next(todo, None)) is not None:
                     actor = free.pop()
-                    pending[getattr(actor, method).remote(*nxt[1])] = (nxt[0], actor)
+                    pending[actor.call.remote(method, *nxt[1])] = (nxt[0], actor)
                 if not pending:
                     break
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -153,6 +169,27 @@ class Cluster:
         ray = self.connect()
         for actor in actors:
             ray.kill(actor)
+
+
+def _run(threads: int, fn: Callable, *args):
+    """A task: `fn(*args)` with the driver's torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+class _Host:
+    """An actor: one object of `cls`, built and called with the driver's torch threads."""
+
+    def __init__(self, threads: int, cls: type, *args):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.obj = cls(*args)
+
+    def call(self, method: str, *args):
+        return getattr(self.obj, method)(*args)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

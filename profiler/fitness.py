@@ -214,8 +214,17 @@ class FitnessWorker:
         self.oracle = KLFitness(model, [planned[n] for n in names], options, fitness_ids, heldout_ids,
                                 device=device, **kw)
 
-    def call(self, method: str, *args):
-        return getattr(self.oracle, method)(*args)
+    def prepare(self, choice, rows) -> None:
+        self.oracle.prepare(choice, rows)
+
+    def fitness_rows(self, choice, rows) -> list[float]:
+        return self.oracle.fitness_rows(choice, rows)
+
+    def fitness(self, choice, rows) -> float:
+        return self.oracle.fitness(choice, rows)
+
+    def heldout(self, choice) -> float:
+        return self.oracle.heldout(choice)
 
     def counts(self) -> tuple[int, int]:
         return self.oracle.tokens_used, self.oracle.forward_blocks
@@ -232,7 +241,7 @@ class ClusterFitness:
 
     def __init__(self, cluster, model: nn.Module, planned: list[tuple[Module, nn.Linear]], options,
                  fitness_ids: torch.Tensor, heldout_ids: torch.Tensor, *, device: str = "cpu", **kw):
-        self.cluster, self.ray = cluster, cluster.connect()
+        self.cluster = cluster
         self.n_rows, self.row_tokens = int(fitness_ids.shape[0]), int(fitness_ids.shape[1])
         self.base_tokens = int(fitness_ids.numel() + heldout_ids.numel())
         self._describe = dict(kw.get("describe") or {}, fitness_tokens=int(fitness_ids.numel()),
@@ -244,7 +253,7 @@ class ClusterFitness:
         return {"oracle": "kl", **self._describe}
 
     def _counts(self) -> list[tuple[int, int]]:
-        return self.ray.get([w.counts.remote() for w in self.workers])
+        return self.cluster.call_all(self.workers, "counts")
 
     @property
     def tokens_used(self) -> int:
@@ -255,12 +264,12 @@ class ClusterFitness:
         return sum(b for _, b in self._counts())
 
     def prepare(self, choice: np.ndarray, rows: Sequence[int]) -> None:
-        self.ray.get([w.call.remote("prepare", np.asarray(choice), list(rows)) for w in self.workers])
+        self.cluster.call_all(self.workers, "prepare", np.asarray(choice), list(rows))
 
     def _each(self, method: str, choices: list[np.ndarray], rows: Sequence[int]) -> list:
         out: list = [None] * len(choices)
-        calls = [(method, np.asarray(c), list(rows)) for c in choices]
-        self.cluster.pool(self.workers, calls, "call", on_result=out.__setitem__)
+        calls = [(np.asarray(c), list(rows)) for c in choices]
+        self.cluster.pool(self.workers, calls, method, on_result=out.__setitem__)
         return out
 
     def fitness_rows_many(self, choices: list[np.ndarray], rows: Sequence[int]) -> list[list[float]]:
@@ -276,7 +285,7 @@ class ClusterFitness:
         return self.fitness_many([choice], rows)[0]
 
     def heldout(self, choice: np.ndarray) -> float:
-        return self.ray.get(self.workers[0].call.remote("heldout", np.asarray(choice)))
+        return self.cluster.call_all(self.workers[:1], "heldout", np.asarray(choice))[0]
 
     def close(self) -> None:
         """The workers end; the model in this process was never changed."""

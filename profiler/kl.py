@@ -241,7 +241,7 @@ def _kl_table_on(cluster: Cluster, model, planned, options, batches, quantizer, 
     error = np.zeros((len(planned), len(options)))
     workers = cluster.actors(KLWorker, (model.cpu(), batches, options, quantizer, chunk), device)
     if routing is not None:
-        routing.update(cluster.connect().get(workers[0].routing_records.remote()))
+        routing.update(cluster.call_all(workers[:1], "routing_records")[0])
     calls = [(m, None if cache is None else cache.entries([m.name]), (importance or {}).get(m.name))
              for m, _ in planned]
 

@@ -1,8 +1,7 @@
 """Profiles fanned out over a local Ray cluster (`--ray`): the same tables, the same ids, the same plans.
 
-Ray itself runs here (`ray.init(num_cpus=2)`: two worker processes), installed by `make setup` with the `ray`
-extra; the single-process path runs in this process with its own thread count, so what is compared is
-the fan-out and the gathering of results, not a re-run of one path twice.
+Ray itself runs here (`ray.init(num_cpus=2)`: two workers of one torch thread, as this process runs while
+they do), installed by `make setup` with the `ray` extra.
 """
 
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import ray
+import torch
 
 from bitplan.db.types import Quantizer, parse_options
 from bitplan.planner.plan import allocate
@@ -22,9 +22,22 @@ from bitplan.profiler.profile import profile_model
 
 @pytest.fixture(scope="module")
 def cluster():
+    # workers run the driver's torch threads: with one, the two CPUs are two workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield Cluster("local")
     ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+def test_workers_take_the_drivers_threads(cluster):
+    assert cluster.workers("cpu") == (2, 1, {"num_cpus": 1})
+    torch.set_num_threads(2)
+    try:
+        assert cluster.workers("cpu") == (1, 2, {"num_cpus": 2})
+    finally:
+        torch.set_num_threads(1)
 
 
 def _both(loaded, cluster, text_file, **kw):
