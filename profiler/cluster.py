@@ -44,16 +44,14 @@ LOCAL, OFF = "local", "off"
 
 @dataclass(frozen=True)
 class Cluster:
-    """Where a profile's fan-out runs: a Ray cluster's `address` (see LOCAL), and for a local cluster how
-    many CPUs it may use (`cpus`, default all)."""
+    """Where a profile's fan-out runs: a Ray cluster's `address` (see LOCAL; a local one has every CPU)."""
 
     address: str
-    cpus: int | None = None
 
     @classmethod
-    def parse(cls, value: str | None, *, env: bool = True) -> Cluster | None:
-        """`--ray VALUE` (None: `$BITPLAN_RAY_ADDRESS` when `env`), `off` or empty for none."""
-        if value is None and env:
+    def parse(cls, value: str | None) -> Cluster | None:
+        """`--ray VALUE` (None: `$BITPLAN_RAY_ADDRESS`), `off` or empty for none."""
+        if value is None:
             value = os.environ.get(RAY_ENV)
         value = (value or "").strip()
         if not value or value == OFF:
@@ -74,10 +72,7 @@ class Cluster:
                 _check_reachable(self.address)
             kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
             try:
-                if self.address == LOCAL:
-                    ray.init(num_cpus=self.cpus, **kw)
-                else:
-                    ray.init(address=self.address, **kw)
+                ray.init(**({} if self.address == LOCAL else {"address": self.address}), **kw)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise InvalidInput(f"cannot reach the Ray cluster at {self.address!r} ({str(e).splitlines()[0]}): "
                                    f"start it (`ray start --head`), or give --ray local") from None

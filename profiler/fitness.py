@@ -204,30 +204,22 @@ class KLFitness:
         self.close()
 
 
-class FitnessWorker:
-    """A cluster worker's `KLFitness` (a Ray actor): the model held once, its planned modules found by name."""
+class FitnessWorker(KLFitness):
+    """A cluster worker's `KLFitness` (a Ray actor's): its planned modules found by name in its own copy of
+    the model."""
 
     def __init__(self, model: nn.Module, names: list[str], options, fitness_ids, heldout_ids, kw: dict,
                  device: str):
-        torch.set_grad_enabled(False)
         planned = {m.name: (m, lin) for m, lin in planned_for(model, set(names))}
-        self.oracle = KLFitness(model, [planned[n] for n in names], options, fitness_ids, heldout_ids,
-                                device=device, **kw)
+        super().__init__(model, [planned[n] for n in names], options, fitness_ids, heldout_ids, device=device, **kw)
 
-    def prepare(self, choice, rows) -> None:
-        self.oracle.prepare(choice, rows)
-
-    def fitness_rows(self, choice, rows) -> list[float]:
-        return self.oracle.fitness_rows(choice, rows)
-
-    def fitness(self, choice, rows) -> float:
-        return self.oracle.fitness(choice, rows)
-
-    def heldout(self, choice) -> float:
-        return self.oracle.heldout(choice)
+    def facts(self) -> dict:
+        """What `ClusterFitness` reports as its own: the same for every worker."""
+        return {"describe": self.describe(), "n_rows": self.n_rows, "row_tokens": self.row_tokens,
+                "base_tokens": self.base_tokens}
 
     def counts(self) -> tuple[int, int]:
-        return self.oracle.tokens_used, self.oracle.forward_blocks
+        return self.tokens_used, self.forward_blocks
 
 
 class ClusterFitness:
@@ -242,15 +234,14 @@ class ClusterFitness:
     def __init__(self, cluster, model: nn.Module, planned: list[tuple[Module, nn.Linear]], options,
                  fitness_ids: torch.Tensor, heldout_ids: torch.Tensor, *, device: str = "cpu", **kw):
         self.cluster = cluster
-        self.n_rows, self.row_tokens = int(fitness_ids.shape[0]), int(fitness_ids.shape[1])
-        self.base_tokens = int(fitness_ids.numel() + heldout_ids.numel())
-        self._describe = dict(kw.get("describe") or {}, fitness_tokens=int(fitness_ids.numel()),
-                              heldout_tokens=int(heldout_ids.numel()), row_tokens=self.row_tokens)
         self.workers = cluster.actors(FitnessWorker, (model.cpu(), [m.name for m, _ in planned], list(options),
                                                       fitness_ids, heldout_ids, kw), device)
+        facts = cluster.call_all(self.workers[:1], "facts")[0]
+        self._describe = facts["describe"]
+        self.n_rows, self.row_tokens, self.base_tokens = facts["n_rows"], facts["row_tokens"], facts["base_tokens"]
 
     def describe(self) -> dict:
-        return {"oracle": "kl", **self._describe}
+        return self._describe
 
     def _counts(self) -> list[tuple[int, int]]:
         return self.cluster.call_all(self.workers, "counts")

@@ -420,15 +420,17 @@ def module_rows(mods: list[tuple[Module, nn.Module]], stats: dict[str, torch.Ten
     `cache` either way."""
     imp = importance or {}
 
-    def args(m: Module, lin: nn.Module) -> tuple:
+    def inputs(m: Module) -> tuple:
+        """`(H, statistics)` of `m`; statistics None where they are its `H` (`hessian`) or not needed."""
         h = None if H is None or m.name not in H else H[m.name]
         st = None if stats is None or estimate is None else stats[m.name]
-        return (m, lin.weight.detach(), h, None if st is h else st, options, quantizer, estimate, n,
-                imp.get(m.name), cache)
+        return h, None if st is h else st
 
     if cluster is None or len(mods) < 2:
-        return [_module_row(*args(m, lin)) for m, lin in
-                tqdm(mods, desc="error table", unit="module", leave=False, disable=not progress or len(mods) < 2)]
+        return [_module_row(m, lin.weight.detach(), *inputs(m), options, quantizer, estimate, n, imp.get(m.name),
+                            cache)
+                for m, lin in tqdm(mods, desc="error table", unit="module", leave=False,
+                                   disable=not progress or len(mods) < 2)]
     rows: list = [None] * len(mods)
 
     def got(i: int, result: tuple) -> None:
@@ -436,12 +438,10 @@ def module_rows(mods: list[tuple[Module, nn.Module]], stats: dict[str, torch.Ten
         if cache is not None:
             cache.update(kept)
 
-    def remote(m, W, h, st, *rest) -> tuple:
-        # to the workers from the host; the module's results so far with it, its new ones come back
-        return (m, W.cpu(), None if h is None else h.cpu(), None if st is None else st.cpu(), *rest[:-1],
-                None if cache is None else cache.entries([m.name]))
-
-    calls = [remote(*args(m, lin)) for m, lin in mods]
+    # to the workers from the host, with the module's results so far; its new ones come back
+    calls = [(m, lin.weight.detach().cpu(), *(None if t is None else t.cpu() for t in inputs(m)), options,
+              quantizer, estimate, n, imp.get(m.name), None if cache is None else cache.entries([m.name]))
+             for m, lin in mods]
     cluster.map(_remote_row, calls, device, on_result=got, progress=progress, desc="error table")
     return rows
 
@@ -452,22 +452,23 @@ def _module_row(m: Module, W: torch.Tensor, H: torch.Tensor | None, stats: torch
     """One module's row of `module_rows` (`stats` None: `H` is the statistics, as for `hessian`)."""
     q = quantizer_for(m, quantizer)
     H = None if H is None else H.cpu()
-    row = np.zeros(len(options))
-    for j, opt in enumerate(options):
-        if estimate is None:
+    if estimate is None:
+        for opt in options:
             if opt.quantized and q.method == "gptq":
                 quantize(W, opt, q, H, cache=cache, name=m.name)
-            continue
+        return None
+    stats = (H if stats is None else stats).cpu()
+    row = np.zeros(len(options))
+    for j, opt in enumerate(options):
         dW = quantize_dequantize(W, opt, q, H, cache=cache, name=m.name, importance=importance) - W
-        row[j] = estimate(dW, (H if stats is None else stats).cpu(), n)
-    return None if estimate is None else row
+        row[j] = estimate(dW, stats, n)
+    return row
 
 
 def _remote_row(m, W, H, stats, options, quantizer, estimate, n, importance, cache, device) -> tuple:
-    """`_module_row` as a cluster task: on the worker's device, its GPTQ results returned with the row."""
-    row = _module_row(m, W.to(device), None if H is None else H.to(device), stats, options, quantizer, estimate,
-                      n, importance, cache)
-    return row, cache
+    """`_module_row` as a cluster task: the weight on the worker's device (GPTQ brings `H` there), its GPTQ
+    results returned with the row."""
+    return _module_row(m, W.to(device), H, stats, options, quantizer, estimate, n, importance, cache), cache
 
 
 def gptq_results(model: nn.Module, planned: list[tuple[Module, nn.Linear]], options: list[Option],
