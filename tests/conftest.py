@@ -112,6 +112,25 @@ def make_profile():
     return synthetic.synthetic_profile
 
 
+@pytest.fixture(scope="session")
+def exact_problem():
+    """`exact_problem(M, K, N, bits, group)`: `(x, packed, scales, zeros)` of a quantized matmul in which every
+    step of a kernel is exact (activations in {-1, 0, 1}, power-of-two scales), seeded: a kernel must give
+    the reference to the last bit."""
+    import torch
+
+    from bitplan.kernels import reference
+
+    def build(M: int, K: int, N: int, bits: int, group: int):
+        g = torch.Generator().manual_seed(7)
+        q = torch.randint(0, 2**bits, (K, N), generator=g)
+        zeros = torch.randint(0, 2**bits, (-(-K // group), N), generator=g)
+        scales = torch.full(zeros.shape, 2.0**-4).half()
+        x = torch.randint(-1, 2, (M, K), generator=g).half()
+        return x, reference.pack(q, bits), scales, zeros
+    return build
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh file database (`bitplan.db` in the test's temporary directory), closed after the test."""

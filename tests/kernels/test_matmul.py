@@ -134,19 +134,14 @@ def test_dequantize_then_matmul(bits, symmetric):
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("K,block_k", [(256, 64), (200, 32), (224, 64)], ids=["K256", "K200", "K224-tail"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
-def test_gemv_exact_on_integers(bits, K, block_k, M, half2):
+def test_gemv_exact_on_integers(bits, K, block_k, M, half2, exact_problem):
     """Both gemv bodies give the reference to the last bit where every step is exact: activations in
     {-1, 0, 1}, power-of-two scales.  So every code position of every word is read from the right bits (the
     HALF2 body pairs K rows i and P/2 + i of a word, and permutes the bytes of 3 bits' 1-bit word to match),
     its fp16 partial sums included; K tails of part of a word (200) and of part of a tile (224) too.  The
     exact sum is rounded once, to the output's fp16, on both sides."""
     N, group = 24, 64
-    g = torch.Generator().manual_seed(7)
-    q = torch.randint(0, 2**bits, (K, N), generator=g)
-    zeros = torch.randint(0, 2**bits, (-(-K // group), N), generator=g)
-    scales = torch.full(zeros.shape, 2.0**-4).half()
-    x = torch.randint(-1, 2, (M, K), generator=g).half()
-    packed = reference.pack(q, bits)
+    x, packed, scales, zeros = exact_problem(M, K, N, bits, group)
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
     got = run(x, packed, scales, zeros, bits, group, K, regime="gemv",
               config={"HALF2": half2, "BLOCK_K": block_k, "SPLIT_K": 2})

@@ -58,17 +58,12 @@ def test_skinny_matches_reference(case, bits, symmetric, dtype):
 @pytest.mark.parametrize("config", [{"SPLIT_K": 1}, {"SPLIT_K": 3}, {"BLOCK_K": 256, "SPLIT_K": 2},
                                     {"BLOCK_N": 128}], ids=["split1", "split3", "k256-split2", "n128"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
-def test_skinny_exact_on_integers(bits, config):
+def test_skinny_exact_on_integers(bits, config, exact_problem):
     """To the last bit where every step is exact (activations in {-1, 0, 1}, power-of-two scales): every code
     position of every word meets its own activation (the dot's K order is the words' order, the activations
     gathered to match), split-K slices each counted once and the workspace left at zero (twice each)."""
     M, K, N, group = 5, 768, 40, 256
-    g = torch.Generator().manual_seed(7)
-    q = torch.randint(0, 2**bits, (K, N), generator=g)
-    zeros = torch.randint(0, 2**bits, (-(-K // group), N), generator=g)
-    scales = torch.full(zeros.shape, 2.0**-4).half()
-    x = torch.randint(-1, 2, (M, K), generator=g).half()
-    packed = reference.pack(q, bits)
+    x, packed, scales, zeros = exact_problem(M, K, N, bits, group)
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K).half().float()
     for _ in range(2):
         got = run(x, packed, scales, zeros, bits, group, K, config=config)
