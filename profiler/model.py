@@ -170,7 +170,7 @@ def streams_weights(source: str, stream_weights: str = "auto", dtype: torch.dtyp
     if gguf or not any(directory.glob("*.safetensors")):
         if stream_weights == "on":
             raise InvalidInput(f"--stream-weights on reads safetensors shards; {directory / (gguf or '')} has "
-                               f"none: convert it, or profile it in memory (--stream-weights off)")
+                               f"none: convert it, or load it whole (--stream-weights off)")
         return False
     need, free = loaded_bytes(directory, dtype), available_ram()
     if stream_weights == "auto" and need <= STREAM_SHARE * free:
@@ -198,7 +198,7 @@ def _skeleton(directory: Path, config, dtype: torch.dtype) -> nn.Module:
     if unfuse_experts(model):
         # the shards name each expert as transformers' loader converts them, not as our linears
         raise InvalidInput(f"cannot stream the weights of {directory}: its MoE experts are fused in the model "
-                           f"and converted on loading; profile it in memory (--stream-weights off)")
+                           f"and converted on loading; load it whole (--stream-weights off)")
     attach(model, StreamedWeights(directory, model))
     return model
 

@@ -118,8 +118,8 @@ class StreamedWeights:
         if missing:
             raise InvalidInput(f"cannot stream the weights of {directory}: the model's {missing[0]} (and "
                                f"{len(missing) - 1} more) is not in its shards under that name (a checkpoint "
-                               f"that transformers converts on loading, e.g. fused MoE experts); profile it in "
-                               f"memory (--stream-weights off)")
+                               f"that transformers converts on loading, e.g. fused MoE experts); load it whole "
+                               f"(--stream-weights off)")
 
     def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         t = read_tensor(self.places[key])
