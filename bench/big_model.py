@@ -27,10 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,29 +39,6 @@ harness.leave_sys_path()
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 KEEP_FREE = 15 * GB  # what the checkpoint must leave free on its disk
-
-
-def _status(key: str) -> int:
-    """A `/proc/self/status` figure in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the high-water mark restarts from the current RSS
-
-
-class Sampler(threading.Thread):
-    """`VmRSS` every `every` seconds, its maximum kept (the kernel's VmHWM is the exact peak; this is a check)."""
-
-    def __init__(self, every: float = 0.2):
-        super().__init__(daemon=True)
-        self.every, self.peak, self.stop = every, 0, threading.Event()
-
-    def run(self):
-        while not self.stop.wait(self.every):
-            self.peak = max(self.peak, _status("VmRSS"))
 
 
 def shapes(args) -> dict[str, tuple[int, ...]]:
@@ -186,7 +161,7 @@ def main(argv=None) -> int:
         tok.save_pretrained(folder)
         print(f"writing {args.layers} blocks of {block_bytes / GiB:.3f} GiB (bf16) to {folder}", flush=True)
         written = write_checkpoint(folder, args, len(tok))
-        rows.append({"phase": "write checkpoint", "seconds": time.perf_counter() - t0, "peak": _status("VmHWM")})
+        rows.append({"phase": "write checkpoint", "seconds": time.perf_counter() - t0, "peak": harness.rss("VmHWM")})
     try:
         import torch
 
@@ -200,32 +175,32 @@ def main(argv=None) -> int:
         from bitplan.profiler.weights import streamed
 
         torch.set_num_threads(os.cpu_count() or 1)
-        sampler = Sampler()
+        sampler = harness.RssSampler()
         sampler.start()
-        _reset_peak()
-        base = _status("VmRSS")
+        harness.reset_peak()
+        base = harness.rss()
         t = time.perf_counter()
         loaded = load_model(str(folder), stream_weights="on")
         n_params = sum(p.numel() for p in loaded.model.parameters())
         vocab = loaded.model.config.vocab_size
         rows.append({"phase": "skeleton + fingerprint", "seconds": time.perf_counter() - t, "before": base,
-                     "peak": _status("VmHWM")})
-        _reset_peak()
+                     "peak": harness.rss("VmHWM")})
+        harness.reset_peak()
         sampler.peak = 0
-        before = _status("VmRSS")
+        before = harness.rss()
         t = time.perf_counter()
         profile = profile_model(loaded, parse_options(args.options), estimator="hessian",
                                 quantizer=Quantizer.parse(args.quantizer), n_tokens=args.tokens, seq_len=args.seq_len,
                                 device="cpu", progress=False, embeddings="keep")
         rows.append({"phase": "profile (streamed)", "seconds": time.perf_counter() - t, "before": before,
-                     "peak": _status("VmHWM"), "sampled": sampler.peak})
+                     "peak": harness.rss("VmHWM"), "sampled": sampler.peak})
         profiled_before = before
         assert streamed(loaded.model) is not None
         # the plan applied with the weights streamed too: the best single option that fits, written shard by shard
         plan = allocate(profile, PlanRequest(budget="16bpw", allocator="uniform"))
-        _reset_peak()
+        harness.reset_peak()
         sampler.peak = 0
-        before = _status("VmRSS")
+        before = harness.rss()
         t = time.perf_counter()
         out = apply_plan_streamed(plan, loaded.model, loaded.tokenizer, planned_for(loaded.model, plan.assignment),
                                   Path(f"{folder}-applied"), overwrite=True, progress=False,
@@ -233,7 +208,7 @@ def main(argv=None) -> int:
                                   batches=calibration_batches(loaded, profile) if args.quantizer != "rtn" else None)
         applied_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         rows.append({"phase": f"apply (streamed, {plan.bits_per_weight:.2f} bpw)", "seconds": time.perf_counter() - t,
-                     "before": before, "peak": _status("VmHWM"), "sampled": sampler.peak})
+                     "before": before, "peak": harness.rss("VmHWM"), "sampled": sampler.peak})
         sampler.stop.set()
     finally:
         if not args.keep:

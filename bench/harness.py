@@ -46,10 +46,12 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -175,6 +177,30 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[Column], *, title: s
 def done(path: Path) -> None:
     """The last line of a run: where its result went."""
     print(f"wrote {_shown(path)}", flush=True)
+
+
+def rss(key: str = "VmRSS") -> int:
+    """A `/proc/self/status` memory figure in bytes: `VmRSS` now, `VmHWM` its peak since `reset_peak`."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def reset_peak() -> None:
+    """Restart the kernel's high-water mark (`VmHWM`) from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class RssSampler(threading.Thread):
+    """`VmRSS` every `every` seconds, its maximum kept: a check on `VmHWM`, which is the exact peak."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop = every, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(self.every):
+            self.peak = max(self.peak, rss())
 
 
 def _cell(row: dict[str, Any], key: str | Callable[[dict], Any], spec: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -42,12 +41,6 @@ MODES = ("whole", "streamed", "streamed-disk", "fisher")
 MiB = 2**20
 
 
-def _status(key: str) -> int:
-    """A `/proc/self/status` figure in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-
-
 def whole_hessian_table(model, planned, options, batches, device: str):
     """The hessian error table with the whole model on `device` and every `H` held at once."""
     import numpy as np
@@ -55,11 +48,10 @@ def whole_hessian_table(model, planned, options, batches, device: str):
 
     from bitplan.kernels.quantize import quantize_dequantize
     from bitplan.profiler.estimators import hessian
-    from bitplan.profiler.stream import _accumulate, _expert_of
+    from bitplan.profiler.stream import BlockHessians, _expert_of
 
-    H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-         for m, lin in planned}
-    hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in planned]
+    H = BlockHessians(device, budget=1 << 62)  # every module's statistics in memory at once
+    hooks = [h for m, lin in planned if (h := H.hook(m, lin, _expert_of(model, m))) is not None]
     model.to(device)
     try:
         with torch.no_grad():
@@ -99,25 +91,34 @@ ATTN_LLAMA70B = [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)]  # q, k
 ATTN_DSV3 = [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384)]  # MLA: q_a, q_b, kv_a, kv_b, o
 SHAPES = {
     "Llama-3-70B": {"hidden": 8192, "vocab": 128256, "params": 70.6e9, "blocks": {
-        "block": (80, ATTN_LLAMA70B + [(28672, 8192), (28672, 8192), (8192, 28672)])}},
+        "block": (80, ATTN_LLAMA70B + [(28672, 8192), (28672, 8192), (8192, 28672)], None)}},
     "DeepSeek-V3": {"hidden": 7168, "vocab": 129280, "params": 671e9, "blocks": {
-        "dense block (0-2)": (3, ATTN_DSV3 + [(18432, 7168), (18432, 7168), (7168, 18432)]),
-        "MoE block (3-60)": (58, ATTN_DSV3 + [(2048, 7168), (2048, 7168), (7168, 2048)] * 257)}},
+        "dense block (0-2)": (3, ATTN_DSV3 + [(18432, 7168), (18432, 7168), (7168, 18432)], None),
+        # the shared expert's three matrices, and 256 routed experts of 2048, 8 active
+        "MoE block (3-60)": (58, ATTN_DSV3 + [(2048, 7168), (2048, 7168), (7168, 2048)], (256, 8, 2048))}},
 }
 
 
 def formula(tokens: int = 4096, weight_bytes: int = 2, act_bytes: int = 2) -> list[dict]:
     """Streamed peak device memory of the docs' examples: the largest of `W_b + H_b` over blocks, plus
-    the activations; `H` float64 (8 bytes a value), one `K x K` per planned matrix."""
+    the activations; `H` float64 (8 bytes a value), one `K x K` per planned matrix outside the routed
+    experts, theirs as `bench/moe_statistics.py` counts it (routing spread evenly)."""
+    routed_terms = harness.sibling("moe_statistics").formula
     rows = []
     for model, spec in SHAPES.items():
-        for kind, (n, shapes) in spec["blocks"].items():
+        d = spec["hidden"]
+        for kind, (n, shapes, routed) in spec["blocks"].items():
             w = sum(o * i for o, i in shapes) * weight_bytes
             h = sum(i * i for _, i in shapes) * 8
-            a = tokens * spec["hidden"] * act_bytes
+            if routed is not None:
+                experts, active, inter = routed
+                w += experts * 3 * d * inter * weight_bytes
+                t = routed_terms(d, inter, [tokens * active // experts] * experts, [])
+                h += t["routed_inputs"] + t["one_read_H"]
+            a = tokens * d * act_bytes
             rows.append({"model": model, "block": kind, "n_blocks": n, "block_weights": w, "H": h,
                          "activations": a, "streamed_peak": w + h + a,
-                         "outside_blocks": 2 * spec["vocab"] * spec["hidden"] * weight_bytes,
+                         "outside_blocks": 2 * spec["vocab"] * d * weight_bytes,
                          "whole_model": spec["params"] * weight_bytes,
                          "fisher": spec["params"] * (weight_bytes + 4 + weight_bytes)})
     return rows
@@ -145,9 +146,8 @@ def child(args) -> dict:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS: the peak below is the pass's own
-    base = _status("VmRSS")
+    harness.reset_peak()  # the peak below is the pass's own
+    base = harness.rss()
     t0 = time.perf_counter()
     if args.mode == "whole":
         error = whole_hessian_table(model, planned, options, batches, args.device)
@@ -159,7 +159,7 @@ def child(args) -> dict:
         error = error_table(model, planned, options, batches, "hessian", device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     return {"mode": args.mode, "seconds": seconds, "load_seconds": load_s, "load_rss": load_rss,
-            "rss_before": base, "peak_rss": _status("VmHWM"),
+            "rss_before": base, "peak_rss": harness.rss("VmHWM"),
             "gpu_peak": torch.cuda.max_memory_allocated() if cuda else None,
             "terms": terms(model, planned, batches.numel()), "n_tokens": int(batches.numel()),
             "n_modules": len(planned), "error": error.tolist()}

@@ -98,24 +98,30 @@ class Cluster:
             threads = max(1, widest)
         return max(1, int(res.get("CPU", 1)) // threads), threads, {"num_cpus": threads}
 
-    def map(self, fn: Callable, calls: Iterable[tuple], device: str, *, on_result: Callable[[int, object], None],
-            progress: bool = False, desc: str = "") -> None:
-        """`fn(*args, device)` for every `args` of `calls` as Ray tasks, at most a few per worker in flight
-        (each holds its inputs in the object store); `on_result(index, result)` as each one finishes."""
+    def map(self, fn: Callable, calls: Iterable[tuple], device: str, *, total: int,
+            on_result: Callable[[int, object], None], progress: bool = False, desc: str = "") -> None:
+        """`fn(*args, device)` for every `args` of the `total` in `calls` as Ray tasks, at most a few per
+        worker in flight (each holds its inputs in the object store; `calls` is read as they go out);
+        `on_result(index, result)` as each one finishes."""
         ray = self.connect()
         workers, threads, resources = self.workers(device)
         task = ray.remote(max_retries=0, **resources)(_run)
         window = 2 * workers
         pending: dict = {}
-        calls = list(calls)
-        bar = tqdm(total=len(calls), desc=desc, unit="module", leave=False, disable=not progress or len(calls) < 2)
+        bar = tqdm(total=total, desc=desc, unit="module", leave=False, disable=not progress or total < 2)
+
+        def wait_one() -> None:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            on_result(pending.pop(done[0]), ray.get(done[0]))
+            bar.update()
+
         try:
             for i, args in enumerate(calls):
                 pending[task.remote(threads, fn, *args, _worker_device(device))] = i
-                while len(pending) >= window or (i == len(calls) - 1 and pending):
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                    on_result(pending.pop(done[0]), ray.get(done[0]))
-                    bar.update()
+                while len(pending) >= window:
+                    wait_one()
+            while pending:
+                wait_one()
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -17,7 +17,8 @@ factor: what `ExpertLinears.forward` receives).
 
 **Per-expert H.**  An expert's linears see only the tokens routed to it, and while they run
 `ExpertMLP.routing_weight` holds those tokens' weights `w`; `bitplan.profiler.stream` accumulates
-`H = Σ w² xxᵀ` for expert linears.  Why `w²`: the block adds `w · expert(x)` to the residual stream, so
+`H = Σ w² xxᵀ` for expert linears (in float32, from the routed rows themselves while an expert has seen
+fewer rows than its width, spilled to disk over a budget: `BlockHessians`).  Why `w²`: the block adds `w · expert(x)` to the residual stream, so
 an error `ΔW` inside the expert reaches the block output as `w · ΔW x` (to first order, for gate and up
 as for down), whose square carries `w²`.  Divided by *all* calibration tokens, as for a dense module,
 `tr(ΔW H ΔWᵀ)/n` is the expert's share of the mean per-token block-output error: a rarely routed
@@ -228,8 +229,8 @@ def classify_linears(layer: nn.Module) -> dict[int, tuple[str, int | None] | Non
 
     Routed experts' matrices: `(gate_proj|up_proj|down_proj, e)`.  A block's other linears are its
     shared expert (`shared_<role>`, no expert id) and, where the router or a shared-expert gate is an
-    nn.Linear (Qwen2-MoE's `shared_expert_gate` maps the hidden state to one value), its gates: at most
-    one output per expert.  Gates stay at 16 bits (counted in the profile's fixed bits): they decide
+    nn.Linear (Qwen2-MoE's `shared_expert_gate` maps the hidden state to one value), its gates: one output
+    per expert, or one.  Gates stay at 16 bits (counted in the profile's fixed bits): they decide
     which experts run and how much each counts, so a small error there moves whole expert outputs,
     and they hold a negligible share of the weights (`hidden x experts`).
     """
@@ -247,7 +248,9 @@ def classify_linears(layer: nn.Module) -> dict[int, tuple[str, int | None] | Non
                 mine.add(id(lin))
         for sub_name, lin in block.named_modules():
             if isinstance(lin, nn.Linear) and id(lin) not in mine:
-                out[id(lin)] = None if lin.out_features <= len(experts) else \
+                # a gate has one output per expert or a single one; a shared expert narrower than the
+                # expert count (a scaled-down DeepSeek-V3's) is still planned
+                out[id(lin)] = None if lin.out_features in (1, len(experts)) else \
                     (f"shared_{sub_name.rsplit('.', 1)[-1]}", None)
     return out
 

@@ -439,10 +439,11 @@ def module_rows(mods: list[tuple[Module, nn.Module]], stats: dict[str, torch.Ten
             cache.update(kept)
 
     # to the workers from the host, with the module's results so far; its new ones come back
-    calls = [(m, lin.weight.detach().cpu(), *(None if t is None else t.cpu() for t in inputs(m)), options,
+    # made as the tasks go out, so a block's routed experts' H exist a few at a time (BlockHessians)
+    calls = ((m, lin.weight.detach().cpu(), *(None if t is None else t.cpu() for t in inputs(m)), options,
               quantizer, estimate, n, imp.get(m.name), None if cache is None else cache.entries([m.name]))
-             for m, lin in mods]
-    cluster.map(_remote_row, calls, device, on_result=got, progress=progress, desc="error table")
+             for m, lin in mods)
+    cluster.map(_remote_row, calls, device, total=len(mods), on_result=got, progress=progress, desc="error table")
     return rows
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -318,11 +318,15 @@ def stream_blocks(
     checkpoint: BlockCheckpoint | None = None,
     desc: str = "profiling blocks",
     rewrite: Callable[[int, list[tuple[Module, nn.Linear]], dict[str, torch.Tensor]], None] | None = None,
+    statistics_budget: int | None = None,
 ) -> None:
     """Run the model one block at a time; after each block call `on_block(i, its planned linears, H, n_tokens)`.
 
     `H[name]: [K, K]` float64 is `Σ xxᵀ` over every calibration token's input to that linear; for a
-    routed expert's linear, over the tokens routed to it, each weighted by its routing weight squared.
+    routed expert's linear, over the tokens routed to it, each weighted by its routing weight squared,
+    accumulated in float32 and made when read (`BlockHessians`: what is kept of the routed experts' inputs
+    goes to disk over `statistics_budget` bytes; read each `H` once and drop it, and a block's peak holds
+    one routed `H` at a time).
 
     The carried hidden states (`tokens x hidden` values of the model's dtype) stay on the device while
     they fit in `activation_budget` bytes (default: `default_activation_budget`), else go to a
@@ -362,11 +366,13 @@ def stream_blocks(
                 # streamed weights: read now, dropped once `on_block` (the error table) has used them
                 with materialized(model, [layers[i]]):
                     H = _run_block(model, layers[i], [a[i] for a in block_args], mine, carry, device, last,
-                                   None if rewrite is None else partial(rewrite, i))
-                    if not last:
-                        carry.advance()
-                    on_block(i, mine, H, n_tokens)
-                del H
+                                   None if rewrite is None else partial(rewrite, i), statistics_budget)
+                    try:
+                        if not last:
+                            carry.advance()
+                        on_block(i, mine, H, n_tokens)
+                    finally:
+                        H.close()
                 if checkpoint is not None:
                     checkpoint.commit(i + 1)
                 carry.drop_others()
@@ -396,19 +402,21 @@ def _carry(model: nn.Module, batches: torch.Tensor, device: str, activation_budg
 
 
 def _run_block(model: nn.Module, block: nn.Module, block_args: list, mine: list[tuple[Module, nn.Linear]],
-               carry: Carry, device: str, last: bool, rewrite: Callable | None = None) -> dict[str, torch.Tensor]:
+               carry: Carry, device: str, last: bool, rewrite: Callable | None = None,
+               statistics_budget: int | None = None) -> "BlockHessians":
     """One block over every batch (its outputs carried on unless it is the `last`); `H` of its planned linears.
     With `rewrite`: a first pass for `H`, `rewrite(mine, H)`, then a second pass whose outputs are carried."""
     block.to(device)
-    H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-         for m, lin in mine}
-    hooks = [lin.register_forward_hook(_accumulate(H[m.name], _expert_of(model, m))) for m, lin in mine]
+    H = BlockHessians(device, statistics_budget)
+    hooks = [H.hook(m, lin, _expert_of(model, m)) for m, lin in mine]
+    hooks = [h for h in hooks if h is not None]
     carrying = not last and rewrite is None
     try:
         for s, (args, kw) in enumerate(block_args):
             out = block(carry.get(s), *args, **kw)
             if carrying:
                 carry.put(s, out[0] if isinstance(out, tuple) else out)
+            H.fit()
         for h in hooks:
             h.remove()
         hooks = []
@@ -417,11 +425,163 @@ def _run_block(model: nn.Module, block: nn.Module, block_args: list, mine: list[
             for s, (args, kw) in enumerate(block_args) if not last else ():
                 out = block(carry.get(s), *args, **kw)
                 carry.put(s, out[0] if isinstance(out, tuple) else out)
+    except BaseException:
+        H.close()
+        raise
     finally:
         for h in hooks:
             h.remove()
         block.to("cpu")
     return H
+
+
+class RoutedInput:
+    """`Σ w²xxᵀ` of one routed expert's input, the linears reading it (gate and up) sharing it.
+
+    A routed expert sees a small share of the tokens (DeepSeek-V3's 256 experts, 8 active: 1/32 each),
+    so while it has seen fewer rows than its input width `K` it keeps the rows `w·x` themselves (float32),
+    fewer values than `H`'s `K²`; from `K` rows on it folds them into a float32 `H`.  `spill` moves
+    what it holds to a folder (`H` added to the one there, rows appended); `hessian()` puts every part
+    together as float64.
+    """
+
+    def __init__(self, K: int, device: str):
+        self.K, self.device = K, device
+        self.rows: list[torch.Tensor] = []
+        self.n_rows = 0
+        self.H: torch.Tensor | None = None
+        self.folder: Path | None = None
+        self.disk_rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.rows.append(x.to(torch.float32))
+        self.n_rows += len(x)
+        if self.n_rows >= self.K:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.H is None:
+            self.H = torch.zeros(self.K, self.K, dtype=torch.float32, device=self.device)
+        X = torch.cat(self.rows)
+        self.H.addmm_(X.T, X)
+        self.rows, self.n_rows = [], 0
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.K * (self.n_rows + (self.K if self.H is not None else 0))
+
+    def spill(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        if self.H is not None:
+            path = folder / "H.npy"
+            H = self.H.cpu().numpy()
+            np.save(path, np.load(path) + H if path.exists() else H)
+            self.H = None
+        if self.rows:
+            with open(folder / "rows.f32", "ab") as f:
+                torch.cat(self.rows).cpu().numpy().tofile(f)
+            self.disk_rows += self.n_rows
+            self.rows, self.n_rows = [], 0
+
+    def hessian(self) -> torch.Tensor:
+        """`[K, K]` float64 on the device."""
+        H = torch.zeros(self.K, self.K, dtype=torch.float64, device=self.device)
+        if self.H is not None:
+            H += self.H
+        parts = list(self.rows)
+        if self.folder is not None:
+            if (self.folder / "H.npy").exists():
+                H += torch.from_numpy(np.load(self.folder / "H.npy")).to(self.device)
+            rows = np.memmap(self.folder / "rows.f32", np.float32, "r", shape=(self.disk_rows, self.K)) \
+                if self.disk_rows else np.zeros((0, self.K), np.float32)
+            step = max(1, (64 << 20) // (4 * self.K))  # rows read back 64 MiB at a time
+            parts += [torch.from_numpy(np.array(rows[i:i + step])) for i in range(0, len(rows), step)]
+        for X in parts:
+            X = X.to(self.device, torch.float64)
+            H.addmm_(X.T, X)
+        return H
+
+
+class BlockHessians(Mapping):
+    """`H` of each planned linear of one block by name: a float64 tensor accumulated in the pass for a
+    dense linear, made on reading from its `RoutedInput` for a routed expert's (the last one read is kept,
+    so gate and up make it once).  Routed inputs above `budget` bytes (default: a quarter of
+    `default_activation_budget`) go to a temporary folder, largest first, after each batch; `close()`
+    removes it."""
+
+    def __init__(self, device: str, budget: int | None = None):
+        self.device = device
+        self.budget = default_activation_budget(device) // 2 if budget is None else budget
+        self.dense: dict[str, torch.Tensor] = {}
+        self.routed: dict[str, RoutedInput] = {}
+        self._inputs: dict[tuple[int, bool], RoutedInput] = {}
+        self._last: tuple[RoutedInput, torch.Tensor] | None = None
+        self.folder: Path | None = None
+
+    def hook(self, m: Module, lin: nn.Linear, expert: ExpertMLP | None):
+        """Accumulate `lin`'s inputs under `m.name`; the forward hook, or None where another linear's
+        hook already feeds the same input."""
+        if expert is None:
+            H = self.dense[m.name] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64,
+                                                 device=self.device)
+            return lin.register_forward_hook(_accumulate(H))
+        key = (id(expert), lin is expert.down_proj)
+        shared = key in self._inputs
+        if not shared:
+            self._inputs[key] = RoutedInput(lin.in_features, self.device)
+        acc = self.routed[m.name] = self._inputs[key]
+        if shared:
+            return None
+
+        def hook(_mod, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            if expert.routing_weight is not None:
+                x = x * expert.routing_weight.reshape(-1, 1).to(torch.float32)
+            acc.add(x)
+        return lin.register_forward_hook(hook)
+
+    @property
+    def routed_bytes(self) -> int:
+        return sum(acc.nbytes for acc in self._inputs.values())
+
+    def fit(self) -> None:
+        """Spill the largest routed inputs until the rest fits in the budget."""
+        over = self.routed_bytes - self.budget
+        if over <= 0:
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="bitplan-routed-H-"))
+            log.info("routed experts' statistics over %.2f GiB: spilling to %s", self.budget / 2**30, self.folder)
+        for i, acc in sorted(enumerate(self._inputs.values()), key=lambda t: -t[1].nbytes):
+            if over <= 0:
+                break
+            over -= acc.nbytes
+            acc.spill(self.folder / str(i))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.dense:
+            return self.dense[name]
+        acc = self.routed[name]
+        if self._last is None or self._last[0] is not acc:
+            self._last = None  # one made H at a time
+            self._last = (acc, acc.hessian())
+        return self._last[1]
+
+    def __iter__(self):
+        yield from self.dense
+        yield from self.routed
+
+    def __len__(self) -> int:
+        return len(self.dense) + len(self.routed)
+
+    def close(self) -> None:
+        self._last = None
+        self._inputs.clear()
+        self.routed.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def collect_hessians(model: nn.Module, batches: torch.Tensor, planned: list[tuple[Module, nn.Linear]],
@@ -523,11 +683,9 @@ def _expert_of(model: nn.Module, m: Module) -> ExpertMLP | None:
     return owner if isinstance(owner, ExpertMLP) else None
 
 
-def _accumulate(H: torch.Tensor, expert: ExpertMLP | None = None):
-    """`H += Σ xxᵀ`; in a routed expert `Σ w² xxᵀ`, `w` the tokens' routing weights (profiler/moe.py: why)."""
+def _accumulate(H: torch.Tensor):
+    """`H += Σ xxᵀ` of a linear's inputs."""
     def hook(_mod, args, _out):
         x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)  # [tokens, K]
-        if expert is not None and expert.routing_weight is not None:
-            x = x * expert.routing_weight.reshape(-1, 1).to(torch.float64)
         H.addmm_(x.T, x)
     return hook

@@ -13,7 +13,7 @@ from bitplan.db.types import InvalidInput, ModelRef, Profile, parse_options
 from bitplan.profiler import moe
 from bitplan.profiler.model import LoadedModel, fixed_bits, load_model, planned_linears
 from bitplan.profiler.profile import profile_model
-from bitplan.profiler.stream import stream_blocks
+from bitplan.profiler.stream import RoutedInput, stream_blocks
 
 KINDS = ("mixtral", "qwen2_moe")
 OPTIONS = parse_options("2,3,4,8")
@@ -98,6 +98,64 @@ def test_routing_stats_and_per_expert_hessians(moe_loaded, text_file):
                 H += xe.T @ xe
     for e, H in want.items():
         torch.testing.assert_close(got[f"model.layers.0.mlp.experts.{e}.gate_proj"], H, rtol=1e-5, atol=1e-6)
+
+
+def test_routed_input_rows_fold_and_spill(tmp_path):
+    """An expert's input is kept as rows below K of them, as a float32 H from K on; spilled parts (H added,
+    rows appended) and parts still in memory make the same H as Σ xxᵀ in float64."""
+    g = torch.Generator().manual_seed(0)
+    K = 24
+    chunks = [torch.randn(n, K, generator=g) for n in (5, 7, 20, 3, 11, 2)]
+    want = sum(x.double().T @ x.double() for x in chunks)
+    acc = RoutedInput(K, "cpu")
+    acc.add(chunks[0])
+    acc.add(chunks[1])
+    assert acc.H is None and acc.n_rows == 12 and acc.nbytes == 4 * K * 12  # rows: fewer values than H
+    acc.add(chunks[2])
+    assert acc.H is not None and acc.n_rows == 0 and acc.nbytes == 4 * K * K  # folded at K rows
+    acc.spill(tmp_path / "e")
+    assert acc.nbytes == 0 and (tmp_path / "e" / "H.npy").exists()
+    acc.add(chunks[3])
+    acc.spill(tmp_path / "e")  # rows appended on disk
+    acc.add(chunks[4])
+    acc.spill(tmp_path / "e")
+    acc.add(chunks[5])  # and some left in memory
+    assert acc.disk_rows == 14 and acc.n_rows == 2
+    torch.testing.assert_close(acc.hessian(), want, rtol=1e-6, atol=1e-5)
+    assert acc.hessian().dtype == torch.float64
+
+
+def test_routed_hessians_over_budget_go_to_disk(moe_loaded):
+    """With no memory budget every routed expert's statistics go to disk after each batch; the H read back
+    are those kept in memory, gate and up share theirs, dense H are untouched, and the folder is gone after."""
+    model = moe_loaded.model
+    batches = _ids(model, (4, 16), seed=3)
+    planned = planned_linears(model)
+    kept, spilled, folders = {}, {}, []
+
+    def keep(into, spill):
+        def on_block(i, mods, H, n):
+            if spill:
+                assert H.folder is not None and any(H.folder.rglob("*.f32"))
+                folders.append(H.folder)
+            into.update({k: v.clone() for k, v in H.items()})
+        return on_block
+
+    stream_blocks(model, batches, planned, keep(kept, False), progress=False)
+    stream_blocks(model, batches, planned, keep(spilled, True), progress=False, statistics_budget=0)
+    assert folders and not any(f.exists() for f in folders)
+    assert kept.keys() == spilled.keys()
+    routed = [m.name for m, _ in planned if m.expert is not None and m.layer is not None]
+    assert routed
+    for name in kept:
+        if name in routed:
+            torch.testing.assert_close(spilled[name], kept[name], rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(spilled[name], kept[name])
+    gates = [name for name in routed if name.endswith("gate_proj")]
+    for name in gates:
+        assert torch.equal(kept[name], kept[name.replace("gate_proj", "up_proj")])
+    assert sum(float(kept[name].abs().sum()) > 0 for name in gates) > len(gates) // 2  # routed tokens reached them
 
 
 @pytest.mark.parametrize("estimator", ["hessian", "fisher"])
