@@ -249,7 +249,19 @@ def test_other_architectures_unfuse_exactly(kind):
     roles = {(m.role, m.expert is not None) for m, _ in planned_linears(unfused)}
     assert {("gate_proj", True), ("up_proj", True), ("down_proj", True)} <= roles
     if kind == "deepseek_v3":
-        assert {("shared_down_proj", False), ("down_proj", False)} <= roles  # shared expert; dense layer 0
+        assert {("shared_gate_proj", False), ("shared_up_proj", False), ("shared_down_proj", False),
+                ("down_proj", False)} <= roles  # shared expert; dense layer 0
+
+
+def test_shared_expert_narrower_than_the_expert_count_is_planned():
+    """A gate has one output per expert (or one); a shared expert with fewer outputs than there are experts
+    (DeepSeek-V3 scaled down: 16 experts of 8) is a matrix to plan, not a gate."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("deepseek_v3", **_SMALL, **{**_MLA, "n_routed_experts": 16, "moe_intermediate_size": 8})
+    model = AutoModelForCausalLM.from_config(cfg)
+    moe.unfuse_experts(model)
+    shared = {m.role: lin.out_features for m, lin in planned_linears(model) if "shared_experts" in m.name}
+    assert shared == {"shared_gate_proj": 8, "shared_up_proj": 8, "shared_down_proj": 64}
 
 
 def test_unsupported_fused_layout_is_a_clear_error():
