@@ -7,15 +7,17 @@ time) and profiles it with `--estimator hessian` on a few hundred calibration to
 read from the kernel (`VmHWM`, reset through `/proc/self/clear_refs` between phases, and a thread sampling
 `VmRSS`), set against the formula of docs/profiling.md ("Streamed weights"):
 
-    peak ≈ base + W_b + 8 · Σ_b K² + T · d · 4 + 32 · max N·K      (float32 weights, float64 H)
+    peak ≈ base + W_b + 8 · Σ_b K² + T · d · 4 + E      (float32 weights, float64 H)
+    E = 12 · max N·K + min(24 · max N·K, 3 · CHUNK_BYTES)
 
 `base` the process before profiling (Python, torch, transformers), `W_b` one block's weights in float32,
 `Σ_b K²` over the block's planned matrices (each one's float64 `H`), `T · d · 4` the carried activations,
-`32 · N · K` the error table's temporaries for the largest matrix (ΔW and `ΔW·H` in float64, W, Ŵ, ΔW in
-float32).  Then the best uniform plan is applied with the weights streamed too
-(`executor.apply.apply_plan_streamed`: one block in memory, the output written from parts), its peak
-RSS reported the same way.  The parts outside the blocks (embedding, final norm, head) are read for the passes that run
-them, never with a block.  The checkpoint is deleted at the end unless `--keep`; free disk is checked first
+`E` the error table's temporaries for the largest matrix (W, Ŵ, ΔW in float32; ΔW's rows in float64, their
+product with `H` and that times the rows, `CHUNK_BYTES` of rows at a time: profiler/estimators.py).
+Then the best uniform plan is applied with the weights streamed too (`executor.apply.apply_plan_streamed`:
+one block in memory, the output written from parts), its peak RSS reported the same way.  The parts
+outside the blocks (embedding, final norm, head) are read for the passes that run them, never with a
+block.  The checkpoint is deleted at the end unless `--keep`; free disk is checked first
 (at least 15 GB must stay free).  Prints a table and writes `bench/results/big_model.json`.
 
     nice -n 10 python bench/big_model.py [--size-gb 30] [--hidden 4096 --intermediate 14336] [--tokens 256]
@@ -108,7 +110,10 @@ def formula(args, n_tokens: int, vocab: int) -> dict:
     W_b = 4 * sum(numel(s) for s in block.values())
     H = 8 * sum(s[1] ** 2 for s in block.values() if len(s) == 2)
     act = 4 * n_tokens * args.hidden
-    temps = 32 * max(numel(s) for s in block.values())
+    from bitplan.profiler.estimators import CHUNK_BYTES
+
+    nk = max(numel(s) for s in block.values())
+    temps = 12 * nk + min(24 * nk, 3 * CHUNK_BYTES)
     embedding = 4 * vocab * args.hidden
     return {"block_weights": W_b, "H": H, "activations": act, "error_temporaries": temps,
             "embedding": embedding, "total": max(W_b + H + act + temps, embedding + act)}

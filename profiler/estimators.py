@@ -21,9 +21,25 @@ from __future__ import annotations
 import torch
 
 
+# Rows of ΔW taken at a time by `tr(ΔW H ΔWᵀ)` (row-separable): its float64 temporaries (the rows, their
+# product with H, and that times the rows) stay under 3 x this many bytes, not 24 bytes a weight (a
+# 128,256 x 8,192 head: 23.5 GiB).  A matrix of fewer rows is one chunk.
+CHUNK_BYTES = 256 << 20
+
+
+def _row_chunks(dW: torch.Tensor):
+    """Consecutive row blocks of `dW` of at most `CHUNK_BYTES` in float64."""
+    rows = max(1, CHUNK_BYTES // (8 * dW.shape[1]))
+    return (dW[i:i + rows] for i in range(0, dW.shape[0], rows))
+
+
+def _quadratic(dW: torch.Tensor, H: torch.Tensor) -> float:
+    """`tr(ΔW H ΔWᵀ)` in `H`'s dtype, one row chunk at a time."""
+    return sum(float(((d @ H) * d).sum()) for d in (c.to(H.dtype) for c in _row_chunks(dW)))
+
+
 def hessian(dW: torch.Tensor, H: torch.Tensor, n_tokens: int) -> float:
-    dW = dW.to(H.dtype)
-    return max(float(((dW @ H) * dW).sum()) / n_tokens, 0.0)
+    return max(_quadratic(dW, H) / n_tokens, 0.0)
 
 
 def fisher(dW: torch.Tensor, F: torch.Tensor, n_tokens: int) -> float:
@@ -42,7 +58,10 @@ def embedding_hessian(dW: torch.Tensor, counts: torch.Tensor, H: torch.Tensor | 
     """`hessian` of an input embedding `[V, d]`: the lookup's `H` is `diag(counts)` over the rows (each read
     adds its row's error to the residual stream), so its term is `Σ_v counts_v ||ΔW_v||²`; a tied head adds
     its own `tr(ΔW H ΔWᵀ)` with `H: [d, d]` of the head's inputs."""
-    dW = dW.to(torch.float64)
-    lookup = float(counts.to(torch.float64) @ (dW ** 2).sum(dim=1))
-    return max((lookup + (0.0 if H is None else float(((dW @ H.to(torch.float64)) * dW).sum()))) / n_tokens, 0.0)
+    counts = counts.to(torch.float64)
+    lookup, row = 0.0, 0
+    for d in _row_chunks(dW):
+        lookup += float(counts[row:row + len(d)] @ (d.to(torch.float64) ** 2).sum(dim=1))
+        row += len(d)
+    return max((lookup + (0.0 if H is None else _quadratic(dW, H.to(torch.float64)))) / n_tokens, 0.0)
 

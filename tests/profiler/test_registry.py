@@ -63,3 +63,21 @@ def test_the_input_id_hashes_quantizer_and_embeddings():
     ids = {pid(Quantizer()), pid(Quantizer(method="gptq")), pid(Quantizer.parse("gptq:damp=0.05")),
            pid(Quantizer(), "plan"), pid(Quantizer(), estimator="hessian")}
     assert len(ids) == 5 and pid(Quantizer.parse("gptq:damp=0.1")) == pid(Quantizer(method="gptq"))
+
+
+def test_hessian_in_row_chunks_equals_the_whole_product(monkeypatch):
+    """`tr(ΔW H ΔWᵀ)` is taken a few rows at a time (bounded temporaries for a large head); the sum of the
+    chunks is the whole product's, for a linear and for an embedding with a tied head."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    dW = torch.randn(37, 16, generator=g) * 1e-2
+    X = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    counts = torch.randint(0, 5, (37,), generator=g).double()
+    whole = float(((dW.double() @ H) * dW.double()).sum()) / 100
+    lookup = float(counts @ (dW.double() ** 2).sum(dim=1)) / 100
+    assert estimators.hessian(dW, H, 100) == whole  # fewer rows than a chunk: one chunk, the same sum
+    monkeypatch.setattr(estimators, "CHUNK_BYTES", 8 * 16 * 5)  # 5 rows a chunk: 8 chunks, the last of 2
+    assert estimators.hessian(dW, H, 100) == pytest.approx(whole, rel=1e-12)
+    assert estimators.embedding_hessian(dW, counts, H, 100) == pytest.approx(whole + lookup, rel=1e-12)
