@@ -427,8 +427,10 @@ def module_rows(mods: list[tuple[Module, nn.Module]], stats: dict[str, torch.Ten
         return h, None if st is h else st
 
     if cluster is None or len(mods) < 2:
-        return [_module_row(m, lin.weight.detach(), *inputs(m), options, quantizer, estimate, n, imp.get(m.name),
-                            cache)
+        # on `device`: the streamed pass has put the block back on the host, and GPTQ and the error run where
+        # the weight is (on a GPU they are most of a large model's profile)
+        return [_module_row(m, lin.weight.detach().to(device), *inputs(m), options, quantizer, estimate, n,
+                            imp.get(m.name), cache)
                 for m, lin in tqdm(mods, desc="error table", unit="module", leave=False,
                                    disable=not progress or len(mods) < 2)]
     rows: list = [None] * len(mods)
@@ -452,13 +454,13 @@ def _module_row(m: Module, W: torch.Tensor, H: torch.Tensor | None, stats: torch
                 importance: np.ndarray | None, cache: GPTQCache | None) -> np.ndarray | None:
     """One module's row of `module_rows` (`stats` None: `H` is the statistics, as for `hessian`)."""
     q = quantizer_for(m, quantizer)
-    H = None if H is None else H.cpu()
+    H = None if H is None else H.to(W.device)
     if estimate is None:
         for opt in options:
             if opt.quantized and q.method == "gptq":
                 quantize(W, opt, q, H, cache=cache, name=m.name)
         return None
-    stats = (H if stats is None else stats).cpu()
+    stats = (H if stats is None else stats).to(W.device)
     row = np.zeros(len(options))
     for j, opt in enumerate(options):
         dW = quantize_dequantize(W, opt, q, H, cache=cache, name=m.name, importance=importance) - W

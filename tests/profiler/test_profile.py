@@ -90,3 +90,28 @@ def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_checkpoint, tm
     copy = tmp_path / "elsewhere"
     shutil.copytree(tiny_checkpoint, copy)
     assert load_model(str(copy)).ref.fingerprint == load_model(str(tiny_checkpoint)).ref.fingerprint
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_error_table_on_cuda_quantizes_on_the_gpu(loaded, monkeypatch, method):
+    """The streamed pass puts each block back on the host before its error table: the table still quantizes
+    and measures every matrix on the GPU (it ran on the CPU once, most of a large model's profile), and
+    matches the CPU table."""
+    from bitplan.profiler import profile as prof
+
+    model, planned = loaded.model, planned_linears(loaded.model)
+    batches = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    options, quantizer = parse_options("2,4"), Quantizer(method=method)
+    cpu = prof.error_table(model, planned, options, batches, "hessian", quantizer, progress=False)
+    devices = []
+    real = prof.quantize_dequantize
+
+    def recording(W, *args, **kwargs):
+        devices.append(W.device.type)
+        return real(W, *args, **kwargs)
+
+    monkeypatch.setattr(prof, "quantize_dequantize", recording)
+    cuda = prof.error_table(model, planned, options, batches, "hessian", quantizer, device="cuda", progress=False)
+    assert devices.count("cuda") == len(planned) * len(options) and "cpu" not in devices
+    np.testing.assert_allclose(cuda, cpu, rtol=2e-3, atol=1e-9)
