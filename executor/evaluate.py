@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from bitplan.db.types import Quantizer
 from bitplan.profiler.calibration import EVAL, token_batches
+from bitplan.profiler.stream import run_streamed
+from bitplan.profiler.weights import streamed
 
 EVAL_TOKENS = 8192  # held-out tokens a perplexity is measured on
 EVAL_WINDOW = 512  # tokens per scored window
@@ -34,14 +36,23 @@ def eval_windows(tokenizer, text: str | None = None, tokens: int = EVAL_TOKENS, 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str = "cpu", progress: bool = True) -> float:
-    """exp(mean next-token NLL) over `windows: [n, window]`, each scored on its own (stride = window)."""
-    model.to(device)
+    """exp(mean next-token NLL) over `windows: [n, window]`, each scored on its own (stride = window).  A
+    model whose weights stay on disk runs one block at a time over all windows (`run_streamed`)."""
     nll, count = 0.0, 0
-    for row in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-        ids = row.unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
+
+    def score(_s, ids, out) -> None:
+        nonlocal nll, count
+        logits = out.logits[0, :-1].float()
         nll += float(nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
+
+    if streamed(model) is not None:
+        run_streamed(model, windows, score, device, progress, desc="perplexity (streamed blocks)")
+        return math.exp(nll / count)
+    model.to(device)
+    for s, row in enumerate(tqdm(windows, desc="perplexity", unit="window", disable=not progress)):
+        ids = row.unsqueeze(0).to(device)
+        score(s, ids, model(ids, use_cache=False))
     return math.exp(nll / count)
 
 

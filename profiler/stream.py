@@ -630,17 +630,32 @@ class _Skip(nn.Module):
 @torch.no_grad()
 def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[Module, nn.Linear]],
                      device: str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
-    """`H = Σ xxᵀ` of planned linears outside the blocks (an untied `lm_head`), streamed too.
-
-    Their inputs come after the last block (the final norm's outputs), which `stream_blocks` does not
-    reach: the blocks are streamed once more, keeping the last block's outputs (on the CPU), then the
-    model runs with every block replaced by a stand-in, the last one replaying its recorded output.
-    So only the parts outside the blocks (embeddings, final norm, head) are ever on the device.
-    """
+    """`H = Σ xxᵀ` of planned linears outside the blocks (an untied `lm_head`), streamed too
+    (`run_streamed`: only the parts outside the blocks are ever on the device with them)."""
     H = {m.name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
          for m, lin in mods}
     if not mods:
         return H
+    hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
+    try:
+        run_streamed(model, batches, lambda *_: None, device, progress, desc="head inputs")
+    finally:
+        for h in hooks:
+            h.remove()
+    return H
+
+
+@torch.no_grad()
+def run_streamed(model: nn.Module, batches: torch.Tensor, on_row: Callable[[int, torch.Tensor, object], None],
+                 device: str = "cpu", progress: bool = False, desc: str = "blocks") -> None:
+    """The whole model over each row of `batches`, one block on the device at a time; `on_row(s, ids,
+    output)` with the model's output (its logits) for row `s`.
+
+    What comes after the last block (the final norm, the head) is not reached by `stream_blocks`: the
+    blocks are streamed once, keeping the last block's outputs (on the CPU), then the model runs with
+    every block replaced by a stand-in, the last one replaying its recorded output.  So the blocks and
+    the parts outside them (embeddings, final norm, head) are never on the device together.
+    """
     layers = decoder_layers(model)
     last: list[torch.Tensor] = []
     as_tuple = [False]
@@ -651,11 +666,10 @@ def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[M
 
     h = layers[-1].register_forward_hook(keep)
     try:
-        stream_blocks(model, batches, [], lambda *_: None, device, progress, desc="head inputs")
+        stream_blocks(model, batches, [], lambda *_: None, device, progress, desc=desc)
     finally:
         h.remove()
     blocks = list(layers)
-    hooks = [lin.register_forward_hook(_accumulate(H[m.name])) for m, lin in mods]
     try:
         with materialized(model, outside_blocks(model, layers) if streamed(model) is not None else []):
             for j in range(len(layers) - 1):
@@ -664,15 +678,13 @@ def outside_hessians(model: nn.Module, batches: torch.Tensor, mods: list[tuple[M
             try:
                 for s, row in enumerate(batches):
                     layers[-1] = _Replay(last[s].to(device), as_tuple[0])
-                    model(row.unsqueeze(0).to(device), use_cache=False)
+                    ids = row.unsqueeze(0).to(device)
+                    on_row(s, ids, model(ids, use_cache=False))
             finally:
                 _move_outside(model, layers, "cpu")
     finally:
-        for h in hooks:
-            h.remove()
         for j, b in enumerate(blocks):
             layers[j] = b
-    return H
 
 
 def _expert_of(model: nn.Module, m: Module) -> ExpertMLP | None:

@@ -616,10 +616,15 @@ def run_eval(ws: Workspace, checkpoint: str, *, text: str | None = None, tokens:
         model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise InvalidInput(f"{checkpoint} has no tokenizer to read the evaluation text with")
+    from bitplan.profiler.weights import streamed
+
+    on_disk = streamed(model) is not None  # perplexity runs one block at a time; decoding needs the whole model
     windows = ws.windows(tokenizer, text, tokens, window)
     ppl = perplexity(model, windows.ids, device=device, progress=ws.progress)
     speed = None
-    if on_gpu and (speed_batches is None or speed_batches):
+    if on_gpu and on_disk:
+        log.warning("no decode speed for %s: its weights stay on disk (decoding needs the whole model)", checkpoint)
+    elif on_gpu and (speed_batches is None or speed_batches):
         log.info("decode speed at batch %s beside the bf16 model", ", ".join(map(str, speed_batches or (1, 16))))
         speed = speed_report(model, speed_batches or (1, 16), device=device)
     path = Path(checkpoint)

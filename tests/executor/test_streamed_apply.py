@@ -74,3 +74,19 @@ def test_the_use_case_streams_and_refuses_what_it_cannot_stream(checkpoints, tex
     loaded = run_apply(ws, plan, tmp_path / "l", stream_weights="off", gptq_inputs="original")
     assert _same_files(streamed, loaded)
     store.close()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_streamed_perplexity_equals_the_in_memory_one(checkpoints, tie):
+    """`eval` of a model whose weights stay on disk runs the blocks one at a time over every window and the
+    head on the replayed last block: the same perplexity as the whole model's forward."""
+    from bitplan.executor.evaluate import perplexity
+    from bitplan.profiler.weights import streamed
+
+    whole = load_model(str(checkpoints[tie]))
+    lazy = load_model(str(checkpoints[tie]), stream_weights="on")
+    assert streamed(lazy.model) is not None
+    windows = torch.randint(0, whole.model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    want = perplexity(whole.model, windows, progress=False)
+    assert perplexity(lazy.model, windows, progress=False) == pytest.approx(want, rel=1e-6)
+    assert all(p.is_meta for p in lazy.model.model.layers.parameters())  # the blocks' weights stayed on disk
