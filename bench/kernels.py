@@ -19,9 +19,9 @@ Prints a table and writes JSON (`--out`, default bench/results/kernels.json), af
 so that a run cut short keeps its rows.  `--all-configs` times every configuration the tuner chooses among
 instead (and bf16 beside them): what its space offers.  `--before` also times, at batches up to 4, the gemv's
 fp32 body (`HALF2` off: the kernel before packed fp16 pairs), tuned over its own candidates as the tuner
-does, so that before and after come from one process on one card.  `--skinny` also times, at batches 2-16, the
-skinny kernel (`kernels/skinny.py`) and the kernel the dispatcher used there before it (gemv up to 4 rows, else
-tiled), each tuned over its own candidates.
+does, so that before and after come from one process on one card.  `--skinny` also times the skinny kernel
+(`kernels/skinny.py`; above 16 rows its large-batch tiles, which the dispatcher does not offer) and the gemv (up to
+4 rows) or tiled kernel, each tuned over its own candidates.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from bitplan.kernels import reference
 from bitplan.kernels.matmul import (_TUNED, CONFIGS, GEMV_MAX_M, _fastest, _launch, _sm_count, gemv_configs, matmul,
                                     skinny_fits, tuning_bucket)
+from bitplan.kernels.skinny import SKINNY_MAX_M
 from bitplan.kernels.timing import clone_packed, cold_time_us, copies_for, copy_bandwidth, floor_us, random_packed
 
 SHAPES = {  # name: (N, K) of W [N, K], y = x @ W.T
@@ -103,7 +104,8 @@ def run(shapes, bits_list, batches, group, regime, save, compare=True, with_befo
                 ref = x.float() @ w_ref
                 rel = float((matmul(x, p0, s0, z0, bits, group, K, regime=regime).float() - ref).norm() / ref.norm())
                 timed = (("gemv", "tiled") if compare else ()) + (regime,)
-                if with_skinny and skinny_fits(M, K, group, x.dtype):  # the previous dispatcher's kernel beside it
+                # the previous dispatcher's kernel beside it; above 16 rows the large-batch tiles, which it never offers
+                if with_skinny and skinny_fits(min(M, SKINNY_MAX_M), K, group, x.dtype):
                     timed = tuple(dict.fromkeys(timed + ("gemv" if M <= GEMV_MAX_M else "tiled", "skinny")))
                 t = {r: cold_time_us([lambda c=c, r=r: matmul(x, c[0], c[1], c[2], bits, group, K, regime=r)
                                       for c in copies]) for r in timed}

@@ -22,10 +22,10 @@ Two kernels, picked by `matmul` from the number of rows M (measured on an H100: 
   to mma.sync, not wgmma, at 255 registers a thread (one program per SM), tensor pipe 24-26 % busy
   (bench/results/ncu_kernels_v4.txt), so at 256 rows it reaches about half of cuBLAS bf16.
 
-From 2 to 16 rows the tuner also times a third kernel, **skinny** (`kernels/skinny.py`: the tensor cores with
-the weight as the register operand and the codes in the order they lie in the words, no K-ordered code tile),
-and keeps whichever of it and the gemv or tiled kernel is faster per shape and batch (`_regimes`;
-`BITPLAN_SKINNY=0` leaves it out).
+From 2 to 16 rows the tuner also times a third kernel, **skinny** (`kernels/skinny.py`: the tensor cores with the
+weight as the register operand, which Triton lowers to wgmma, and the codes in the order they lie in the words,
+no K-ordered code tile), and keeps whichever of it and the gemv or tiled kernel is faster per shape and batch
+(`_regimes`; `BITPLAN_SKINNY=0` leaves it out).
 
 Split-K partial sums meet in a workspace that the last program of each output tile drains (`_store`),
 so every product is one launch.
@@ -690,7 +690,9 @@ CONFIGS = {"gemv": gemv_configs, "tiled": tiled_configs, "skinny": skinny_config
 
 def skinny_fits(M: int, k: int, group: int, dtype: torch.dtype) -> bool:
     """Whether the skinny kernel (`kernels/skinny.py`: tensor cores, no K-ordered code tile) can run this product:
-    2 to 16 rows of 16-bit activations, groups of 128 rows or more."""
+    2 to 16 rows of 16-bit activations, groups of 128 rows or more.  Its large-batch tiles (`skinny.large_configs`)
+    are not offered: on an H200 they took 1.5-2.0x the tiled kernel's time at 64 and 256 rows
+    (bench/results/kernels_large_batch_v8.json)."""
     from bitplan.kernels import skinny
 
     return 2 <= M <= skinny.SKINNY_MAX_M and dtype in (torch.float16, torch.bfloat16) and \
@@ -742,7 +744,7 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
     if regime == "skinny":
         from bitplan.kernels import skinny
 
-        tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
         ws, count = workspace(x2.device, M * N, tiles) if cfg["SPLIT_K"] > 1 else (y, y)
         skinny.launch(x2, q0, q1, scales, z0, z1, y, ws, count, M, N, K, widths, group, symmetric, cfg)
         return y

@@ -55,8 +55,14 @@ def test_skinny_matches_reference(case, bits, symmetric, dtype):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+LARGE = {"BLOCK_M": 64, "BLOCK_N": 64, "SCALE_W": True}  # a large-batch tile (`skinny.large_configs`)
+
+
 @pytest.mark.parametrize("config", [{"SPLIT_K": 1}, {"SPLIT_K": 3}, {"BLOCK_K": 256, "SPLIT_K": 2},
-                                    {"BLOCK_N": 128}], ids=["split1", "split3", "k256-split2", "n128"])
+                                    {"BLOCK_N": 128}, {"XPERM": True, "SPLIT_K": 3}, dict(LARGE, SPLIT_K=1),
+                                    dict(LARGE, BLOCK_K=256, SPLIT_K=2, XPERM=True)],
+                         ids=["split1", "split3", "k256-split2", "n128", "xperm-split3", "scale_w",
+                              "scale_w-k256-split2-xperm"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
 def test_skinny_exact_on_integers(bits, config, exact_problem):
     """To the last bit where every step is exact (activations in {-1, 0, 1}, power-of-two scales): every code
@@ -68,6 +74,20 @@ def test_skinny_exact_on_integers(bits, config, exact_problem):
     for _ in range(2):
         got = run(x, packed, scales, zeros, bits, group, K, config=config)
         torch.testing.assert_close(got.float(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
+def test_skinny_large_batch(bits, dtype):
+    """Above 16 rows (SCALE_W tiles): several tiles of x's rows, the last one partly masked, a K tail, split-K."""
+    M, K, N, group = 80, 640, 72, 128
+    packed, scales, zeros = packed_weight(K, N, bits, group, False)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
+    for xperm in (False, True):
+        got = run(x, packed, scales, zeros, bits, group, K, config=dict(LARGE, SPLIT_K=2, XPERM=xperm))
+        assert got.dtype == dtype and got.shape == (M, N)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 def test_skinny_fits():
