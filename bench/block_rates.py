@@ -117,11 +117,12 @@ def rates(name: str, args) -> dict:
     for m, lin in planned:
         counts[tuple(lin.weight.shape)] = counts.get(tuple(lin.weight.shape), 0) + (scale if m.expert is not None else 1)
     shapes = {}
+    X = torch.randn(args.tokens, 256, device=dev, dtype=torch.float64)
+    gptq(torch.randn(256, 256, device=dev), X.T @ X, four)  # warm-up: the kernels' first launches
     for shape, n in counts.items():
         W = torch.randn(*shape, device=dev)
         X = torch.randn(args.tokens, shape[1], device=dev, dtype=torch.float64)
         H = X.T @ X
-        gptq(W, H, four)  # warm-up
         shapes[str(shape)] = {"count": n, "seconds": timed(lambda: gptq(W, H, four))}
         t_gptq += shapes[str(shape)]["seconds"] * n * len(quantized)
     table = t_dense + t_routed * scale
