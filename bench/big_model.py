@@ -21,7 +21,7 @@ block.  The checkpoint is deleted at the end unless `--keep`; free disk is check
 (at least 15 GB must stay free).  Prints a table and writes `bench/results/big_model.json`.
 
     nice -n 10 python bench/big_model.py [--size-gb 30] [--hidden 4096 --intermediate 14336] [--tokens 256]
-                                         [--folder DIR] [--keep] [--reuse]
+                                         [--folder DIR] [--keep] [--reuse [--eval-only]]
 """
 
 from __future__ import annotations
@@ -103,6 +103,21 @@ def write_checkpoint(folder: Path, args, vocab: int) -> dict:
     return {"bytes": total, "shards": len(shards)}
 
 
+def eval_phase(loaded, args, sampler) -> dict:
+    """Perplexity of the (random) model on `--eval-tokens` of the held-out plays, its weights streamed: what
+    `bitplan eval` does with a model larger than memory (the figure itself means nothing for random weights)."""
+    from bitplan.executor.evaluate import eval_windows, perplexity
+
+    windows = eval_windows(loaded.tokenizer, tokens=args.eval_tokens, window=args.seq_len)
+    harness.reset_peak()
+    sampler.peak = 0
+    before = harness.rss()
+    t = time.perf_counter()
+    ppl = perplexity(loaded.model, windows.ids, progress=False)
+    return {"phase": f"eval (streamed, {windows.ids.numel()} tokens)", "seconds": time.perf_counter() - t,
+            "before": before, "peak": harness.rss("VmHWM"), "sampled": sampler.peak, "perplexity": ppl}
+
+
 def formula(args, n_tokens: int, vocab: int) -> dict:
     """The streamed-weights peak's terms in bytes (float32 weights and activations, float64 H): the block
     pass's, or recording block 0's inputs with the embedding read, whichever is larger."""
@@ -136,10 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", default="/var/tmp/bitplan-big-model", help="where the checkpoint goes")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (it is deleted otherwise)")
     ap.add_argument("--reuse", action="store_true", help="profile the checkpoint already in --folder")
+    ap.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens of the streamed eval (default 512)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="with --reuse: only load the checkpoint and evaluate it streamed (no profile, no apply)")
     args = ap.parse_args(argv)
 
     from bitplan.profiler.model import EMBEDDED, resolve
 
+    if args.eval_only and not args.reuse:
+        ap.error("--eval-only evaluates the checkpoint already in --folder: give --reuse too")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = Path(args.folder)
     tok_dir, gguf = resolve(next(iter(EMBEDDED)))
@@ -190,6 +210,17 @@ def main(argv=None) -> int:
         vocab = loaded.model.config.vocab_size
         rows.append({"phase": "skeleton + fingerprint", "seconds": time.perf_counter() - t, "before": base,
                      "peak": harness.rss("VmHWM")})
+        if args.eval_only:
+            rows.append(eval_phase(loaded, args, sampler))
+            for r in rows:
+                r["peak_gib"], r["before_gib"] = r["peak"] / GiB, r["before"] / GiB
+            print(harness.table(rows, [("phase", "phase", "<"), ("time s", "seconds", ".0f"),
+                                       ("RSS before GiB", "before_gib", ".2f"), ("peak RSS GiB", "peak_gib", ".2f"),
+                                       ("perplexity", lambda r: r.get("perplexity"), ".1f")]))
+            harness.done(harness.write_result(args.out, {
+                "model": {"folder": str(folder), "parameters": n_params, "checkpoint_bytes": written["bytes"]},
+                "phases": rows}, meta))
+            return 0
         harness.reset_peak()
         sampler.peak = 0
         before = harness.rss()
@@ -214,9 +245,10 @@ def main(argv=None) -> int:
         applied_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         rows.append({"phase": f"apply (streamed, {plan.bits_per_weight:.2f} bpw)", "seconds": time.perf_counter() - t,
                      "before": before, "peak": harness.rss("VmHWM"), "sampled": sampler.peak})
+        rows.append(eval_phase(loaded, args, sampler))
         sampler.stop.set()
     finally:
-        if not args.keep:
+        if not args.keep and not args.eval_only:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(f"{folder}-applied", ignore_errors=True)
     terms = formula(args, profile.calibration.n_tokens, vocab)
@@ -232,7 +264,7 @@ def main(argv=None) -> int:
     print(harness.table([{"term": k, "gib": v / GiB} for k, v in terms.items()],
                         [("formula term", "term", "<"), ("GiB", "gib", ".3f")]))
     print(f"profile: predicted peak = RSS before ({profiled_before / GiB:.2f} GiB) + formula "
-          f"({terms['total'] / GiB:.2f} GiB) = {predicted / GiB:.2f} GiB; measured {rows[-2]['peak_gib']:.2f} GiB")
+          f"({terms['total'] / GiB:.2f} GiB) = {predicted / GiB:.2f} GiB; measured {next(r for r in rows if r['phase'].startswith('profile'))['peak_gib']:.2f} GiB")
     path = harness.write_result(args.out, {
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "heads": args.heads, "kv_heads": args.kv_heads, "vocab": vocab, "parameters": n_params,
