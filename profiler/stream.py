@@ -490,11 +490,10 @@ class RoutedInput:
         if self.H is not None:
             H += self.H
         parts = list(self.rows)
-        if self.folder is not None:
-            if (self.folder / "H.npy").exists():
-                H += torch.from_numpy(np.load(self.folder / "H.npy")).to(self.device)
-            rows = np.memmap(self.folder / "rows.f32", np.float32, "r", shape=(self.disk_rows, self.K)) \
-                if self.disk_rows else np.zeros((0, self.K), np.float32)
+        if self.folder is not None and (self.folder / "H.npy").exists():
+            H += torch.from_numpy(np.load(self.folder / "H.npy")).to(self.device)
+        if self.disk_rows:
+            rows = np.memmap(self.folder / "rows.f32", np.float32, "r", shape=(self.disk_rows, self.K))
             step = max(1, (64 << 20) // (4 * self.K))  # rows read back 64 MiB at a time
             parts += [torch.from_numpy(np.array(rows[i:i + step])) for i in range(0, len(rows), step)]
         for X in parts:
@@ -506,13 +505,13 @@ class RoutedInput:
 class BlockHessians(Mapping):
     """`H` of each planned linear of one block by name: a float64 tensor accumulated in the pass for a
     dense linear, made on reading from its `RoutedInput` for a routed expert's (the last one read is kept,
-    so gate and up make it once).  Routed inputs above `budget` bytes (default: a quarter of
-    `default_activation_budget`) go to a temporary folder, largest first, after each batch; `close()`
-    removes it."""
+    so gate and up make it once).  Routed inputs above `budget` bytes (default: half of
+    `default_activation_budget`, looked up once a block has routed inputs) go to a temporary folder,
+    largest first, after each batch; `close()` removes it."""
 
     def __init__(self, device: str, budget: int | None = None):
         self.device = device
-        self.budget = default_activation_budget(device) // 2 if budget is None else budget
+        self.budget = budget
         self.dense: dict[str, torch.Tensor] = {}
         self.routed: dict[str, RoutedInput] = {}
         self._inputs: dict[tuple[int, bool], RoutedInput] = {}
@@ -547,6 +546,10 @@ class BlockHessians(Mapping):
 
     def fit(self) -> None:
         """Spill the largest routed inputs until the rest fits in the budget."""
+        if not self._inputs:
+            return
+        if self.budget is None:
+            self.budget = default_activation_budget(self.device) // 2
         over = self.routed_bytes - self.budget
         if over <= 0:
             return
