@@ -324,7 +324,8 @@ def test_apply_cli_refuses_another_model(tmp_path, foreign_plan, run_cli):
 # ------------------------------------------------------------------------------ one GPU job per device
 
 
-def test_jobs_that_load_a_model_on_a_gpu_take_turns(monkeypatch):
+def test_jobs_that_load_a_model_on_a_gpu_take_turns(monkeypatch, tmp_path):
+    import tempfile
     import threading
     import types
 
@@ -347,7 +348,8 @@ def test_jobs_that_load_a_model_on_a_gpu_take_turns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(uuid=f"test-{os.getpid()}-{i}"))
+                        lambda i: types.SimpleNamespace(uuid=f"test-{i}"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the lock file is this test's own
     first_in, release, order = threading.Event(), threading.Event(), []
 
     def first():
