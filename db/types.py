@@ -212,12 +212,15 @@ class Quantizer(BaseModel):
 
     Part of what a profile means and of its id: a profile predicts the checkpoints its quantizer writes,
     and `apply` quantizes its plans with the same one (`kernels/quantize.py`).  The settings are GPTQ's
-    (`kernels.quantize.gptq` says what each does and why these defaults); RTN has none, so an RTN
-    quantizer keeps them at their defaults and its dump leaves them out: every RTN quantizer is one (and
-    so is every llamacpp one without an importance matrix).  `imatrix` (llamacpp only): the first 16 hex
-    of the sha256 of the llama.cpp importance matrix that weighs each row's rounding, in the profile's ΔW
-    as in `llama-quantize --imatrix` when `apply` writes the plan; the workspace keeps the file under that
-    name.  Text form (`parse`, `label`): `rtn`, `llamacpp`, `llamacpp:imatrix=<16 hex>`, `gptq`,
+    (`kernels.quantize.gptq` says what each does and why these defaults) and `clip`, RTN's and GPTQ's:
+    each group's range is searched for the least squared rounding error instead of being its min and max
+    (`kernels.quantize._grid`).  A setting at its default is left out of the dump, so a quantizer's id
+    is the one it had before the setting existed; `clip` is false unless given, which is what a stored
+    profile without it was measured with.  An RTN quantizer takes `clip` alone, a llamacpp one none.
+    `imatrix` (llamacpp only): the first 16 hex of the sha256 of the llama.cpp importance matrix that
+    weighs each row's rounding, in the profile's ΔW as in `llama-quantize --imatrix` when `apply` writes
+    the plan; the workspace keeps the file under that name.  Text form (`parse`, `label`): `rtn`,
+    `rtn:clip=true`, `llamacpp`, `llamacpp:imatrix=<16 hex>`, `gptq`, `gptq:clip=true`,
     `gptq:damp=0.05,block_size=64,act_order=false`.
     """
 
@@ -227,30 +230,32 @@ class Quantizer(BaseModel):
     damp: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     block_size: int = Field(default=128, ge=1)
     act_order: bool = True
+    clip: bool = False
     imatrix: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
 
     @model_validator(mode="after")
-    def _rtn_has_no_settings(self) -> "Quantizer":
-        if self.method != "gptq" and (given := [k for k, v in self._all_settings().items() if v != _default(k)]):
-            raise ValueError(f"{self.method} takes no settings ({', '.join(given)} given): they are GPTQ's, "
-                             f"e.g. {_QUANTIZER_EXAMPLE!r}")
+    def _only_its_settings(self) -> "Quantizer":
+        own = _METHOD_SETTINGS[self.method]
+        if given := [k for k, v in self._all_settings().items() if k not in own and v != _default(k)]:
+            whose = "GPTQ's" if self.method == "rtn" else "GPTQ's and RTN's"
+            raise ValueError(f"{self.method} takes {_settings_phrase(own)} ({', '.join(given)} given): "
+                             f"they are {whose}, e.g. {_QUANTIZER_EXAMPLE!r}")
         if self.imatrix is not None and self.method != "llamacpp":
             raise ValueError(f"an importance matrix weighs llama.cpp's quantization only, not {self.method}'s")
         return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        if self.method == "gptq":
-            return {k: v for k, v in handler(self).items() if k != "imatrix"}
-        return {"method": self.method} | ({} if self.imatrix is None else {"imatrix": self.imatrix})
+        settings = {k: v for k, v in self.settings.items() if k != "clip" or v}
+        return {"method": self.method} | settings | ({} if self.imatrix is None else {"imatrix": self.imatrix})
 
     def _all_settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in type(self).model_fields if k not in ("method", "imatrix")}
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments of `kernels.quantize.gptq` (`{}` for RTN)."""
-        return self._all_settings() if self.method == "gptq" else {}
+        """The keyword arguments of `kernels.quantize.gptq` or `rtn` (`{}` for llamacpp)."""
+        return {k: getattr(self, k) for k in _METHOD_SETTINGS[self.method]}
 
     @property
     def label(self) -> str:
@@ -278,16 +283,13 @@ class Quantizer(BaseModel):
                 return cls(method=method, imatrix=value)
             raise InvalidInput(f"bad quantizer {text!r}: write 'llamacpp', or 'llamacpp:imatrix=<the first 16 hex "
                                f"of the importance matrix's sha256>' (profile --imatrix FILE writes it)")
-        if method != "gptq" and colon:
-            raise InvalidInput(f"bad quantizer {text!r}: {method} takes no settings; write {method!r}, or GPTQ with "
-                               f"settings, e.g. {_QUANTIZER_EXAMPLE!r}")
+        own = _METHOD_SETTINGS[method]
         settings: dict[str, Any] = {}
         for item in rest.split(",") if colon else ():
             key, eq, value = (s.strip() for s in item.partition("="))
-            if key not in cls.model_fields or key in ("method", "imatrix"):
-                names = [k for k in cls.model_fields if k not in ("method", "imatrix")]
-                raise InvalidInput(f"unknown gptq setting {key!r} in {text!r}: the settings are "
-                                   f"{', '.join(names[:-1])} and {names[-1]}, e.g. {_QUANTIZER_EXAMPLE!r}")
+            if key not in own:
+                raise InvalidInput(f"unknown {method} setting {key!r} in {text!r}: {method} takes "
+                                   f"{_settings_phrase(own)}, e.g. {_QUANTIZER_EXAMPLE!r}")
             if not eq or key in settings:
                 raise InvalidInput(f"bad quantizer {text!r}: give each setting once as key=value, "
                                    f"e.g. {_QUANTIZER_EXAMPLE!r}")
@@ -299,6 +301,16 @@ class Quantizer(BaseModel):
             rule = {"damp": "damp must be a finite number > 0", "block_size": "block_size must be an integer >= 1"}
             raise InvalidInput(f"bad quantizer {text!r}: {rule.get(key, _one_line(e))}, "
                                f"e.g. {_QUANTIZER_EXAMPLE!r}") from None
+
+
+# the settings each method takes: the keyword arguments of its function in kernels/quantize.py
+_METHOD_SETTINGS = {"rtn": ("clip",), "gptq": ("damp", "block_size", "act_order", "clip"), "llamacpp": ()}
+
+
+def _settings_phrase(names: tuple[str, ...]) -> str:
+    if not names:
+        return "no settings"
+    return "the setting " + names[0] if len(names) == 1 else f"the settings {', '.join(names[:-1])} and {names[-1]}"
 
 
 def _default(setting: str) -> Any:

@@ -170,8 +170,8 @@ def config_dict(model: nn.Module) -> dict:
 def quantization_config(plan: Plan, storage_dtype: torch.dtype, quantizer: Quantizer = Quantizer(),
                         gptq_inputs: str = "original") -> dict:
     """What `config.json` records of the quantization; the loaders need `quant_method` and `modules` alone
-    (`quantizer`, `quantizer_settings` and, for GPTQ, `gptq_inputs` say where the codes came from, `{}`
-    settings for RTN)."""
+    (`quantizer`, `quantizer_settings` and, for GPTQ, `gptq_inputs` say where the codes came from; RTN's
+    one setting is `clip`)."""
     return {
         "quant_method": QUANT_METHOD,
         "format": CHECKPOINT_FORMAT,

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # the best plans measured on the embedded model and on tiny-Mixtral: README, "Choosing the estimator"
 DEFAULT_ESTIMATOR = "calibrated"
-DEFAULT_QUANTIZER = Quantizer(method="gptq")
+DEFAULT_QUANTIZER = Quantizer(method="gptq", clip=True)
 DEFAULT_OPTIONS = "2,3,4,8"
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512

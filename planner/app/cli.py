@@ -304,9 +304,10 @@ def estimator_args(c: argparse.ArgumentParser) -> None:
                         "of every GGUF type is weighted by it, in the profile as in llama-quantize --imatrix when "
                         "its plans are applied ('calibration': llama-imatrix makes one from the calibration text)")
     c.add_argument("--quantizer", metavar="rtn|gptq[:KEY=VALUE,...]",
-                   help="where each option's ΔW comes from; apply uses the same one (default gptq: with the "
-                        "profile's H, damp=0.1, block_size=128, act_order=true; e.g. gptq:damp=0.05 changes one; "
-                        "rtn: round to nearest, needs no H)")
+                   help="where each option's ΔW comes from; apply uses the same one (default gptq:clip=true: GPTQ "
+                        "with the profile's H, damp=0.1, block_size=128, act_order=true, each group's range searched "
+                        "for the least rounding error; e.g. gptq:damp=0.05 changes one, gptq alone keeps min-max "
+                        "ranges; rtn: round to nearest, needs no H; rtn:clip=true searches the ranges too)")
 
 
 def embeddings_arg(c: argparse.ArgumentParser) -> None:

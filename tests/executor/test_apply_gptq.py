@@ -33,9 +33,9 @@ def test_apply_with_gptq(loaded, tmp_path):
     rtn_out = apply_plan(plan, model, None, planned, tmp_path / "rtn", progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["quantizer"]) == ("bitplan", "gptq")
-    assert qc["quantizer_settings"] == {"damp": 0.1, "block_size": 128, "act_order": True}
+    assert qc["quantizer_settings"] == {"damp": 0.1, "block_size": 128, "act_order": True, "clip": False}
     qc = json.loads((rtn_out / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["quantizer"], qc["quantizer_settings"]) == ("bitplan", "rtn", {})
+    assert (qc["quant_method"], qc["quantizer"], qc["quantizer_settings"]) == ("bitplan", "rtn", {"clip": False})
     reloaded, _, _ = load_quantized(out)
     in_memory = copy.deepcopy(model)
     quantize_model(in_memory, planned_linears(in_memory), plan, quantizer=gptq, hessians=H)

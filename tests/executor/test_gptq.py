@@ -76,6 +76,37 @@ def test_diagonal_hessian_gives_rtn():
             assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
 
 
+def test_clip_with_a_diagonal_hessian_gives_clipped_rtn():
+    """GPTQ searches each group's range as RTN does, on the values the group has when it is reached: with
+    nothing spreading they are the weights, and the result is `rtn(clip=True)`'s exactly."""
+    W = torch.randn(16, 576, generator=torch.Generator().manual_seed(2))
+    H = torch.diag(torch.rand(576, generator=torch.Generator().manual_seed(3)) + 0.1)
+    for opt in (Option(bits=3, group_size=128), Option(bits=2, group_size=64, symmetric=True)):
+        a, b = gptq(W, H, opt, clip=True), rtn(W, opt, clip=True)
+        assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
+        assert not torch.equal(b.scales, rtn(W, opt).scales)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_clip_lowers_gptq_output_error_at_low_bits(bits):
+    """On heavy-tailed weights GPTQ with the range search has a lower layer-output error than without."""
+    _, H = correlated(512, 128, 8)
+    torch.manual_seed(9)
+    W = torch.distributions.StudentT(3.0).sample((64, 128))
+    opt = Option(bits=bits, group_size=64)
+    assert output_error(W, gptq(W, H, opt, clip=True).dequantize(), H) < \
+        0.95 * output_error(W, gptq(W, H, opt).dequantize(), H)
+
+
+def test_embedding_keeps_the_clip_setting():
+    from bitplan.db.types import EMBED_ROLE, Module
+    from bitplan.kernels.quantize import quantizer_for
+
+    emb = Module(name="model.embed_tokens", shape=(100, 64), role=EMBED_ROLE)
+    assert quantizer_for(emb, Quantizer(method="gptq", clip=True)) == Quantizer(clip=True)
+    assert quantizer_for(emb, Quantizer(method="gptq")) == Quantizer()
+
+
 def test_act_order_keeps_original_groups_and_helps_uneven_inputs():
     X, H = correlated(512, 256, 4)
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(5))
@@ -102,9 +133,12 @@ def test_quantize_dispatch():
     with pytest.raises(ValueError, match="needs"):
         quantize(W, Option(bits=4), Quantizer(method="gptq"))
     H = torch.eye(64) + 0.1
-    for text in ("gptq", "gptq:damp=0.05,block_size=16,act_order=false"):
+    for text in ("gptq", "gptq:damp=0.05,block_size=16,act_order=false", "gptq:clip=true"):
         q = Quantizer.parse(text)
         assert torch.equal(quantize(W, Option(bits=4), q, H).q, gptq(W, H, Option(bits=4), **q.settings).q)
+    assert torch.equal(quantize(W, Option(bits=2), Quantizer(clip=True)).scales,
+                       rtn(W, Option(bits=2), clip=True).scales)
+    assert not torch.equal(rtn(W, Option(bits=2), clip=True).scales, rtn(W, Option(bits=2)).scales)
     with pytest.raises(TypeError, match=r"quantizer must be a Quantizer \(e\.g\. Quantizer\.parse\('gptq'\)\)"):
         quantize(W, Option(bits=4), "gptq")
 

@@ -7,8 +7,8 @@ from bitplan.profiler.profile import DEFAULT_QUANTIZER, profile_model
 RTN, GPTQ = Quantizer(), Quantizer(method="gptq")
 
 
-def test_the_default_quantizer_is_gptq_at_its_defaults():
-    assert DEFAULT_QUANTIZER == GPTQ and DEFAULT_QUANTIZER.label == "gptq"
+def test_the_default_quantizer_is_gptq_with_searched_ranges():
+    assert DEFAULT_QUANTIZER == Quantizer(method="gptq", clip=True) and DEFAULT_QUANTIZER.label == "gptq:clip=true"
 
 
 @pytest.mark.parametrize("estimator", ["hessian", "fisher"])
