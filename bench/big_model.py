@@ -118,6 +118,16 @@ def eval_phase(loaded, args, sampler) -> dict:
             "before": before, "peak": harness.rss("VmHWM"), "sampled": sampler.peak, "perplexity": ppl}
 
 
+def phase_table(rows: list[dict], title: str | None = None) -> str:
+    """The phases' table (each row gains its RSS figures in GiB, kept in the result)."""
+    for r in rows:
+        r["peak_gib"] = r["peak"] / GiB
+        r["before_gib"] = r.get("before", 0) / GiB or None
+    return harness.table(rows, [("phase", "phase", "<"), ("time s", "seconds", ".0f"),
+                                ("RSS before GiB", "before_gib", ".2f"), ("peak RSS GiB", "peak_gib", ".2f"),
+                                ("perplexity", lambda r: r.get("perplexity"), ".1f")], title=title)
+
+
 def formula(args, n_tokens: int, vocab: int) -> dict:
     """The streamed-weights peak's terms in bytes (float32 weights and activations, float64 H): the block
     pass's, or recording block 0's inputs with the embedding read, whichever is larger."""
@@ -212,11 +222,7 @@ def main(argv=None) -> int:
                      "peak": harness.rss("VmHWM")})
         if args.eval_only:
             rows.append(eval_phase(loaded, args, sampler))
-            for r in rows:
-                r["peak_gib"], r["before_gib"] = r["peak"] / GiB, r["before"] / GiB
-            print(harness.table(rows, [("phase", "phase", "<"), ("time s", "seconds", ".0f"),
-                                       ("RSS before GiB", "before_gib", ".2f"), ("peak RSS GiB", "peak_gib", ".2f"),
-                                       ("perplexity", lambda r: r.get("perplexity"), ".1f")]))
+            print(phase_table(rows))
             harness.done(harness.write_result(args.out, {
                 "model": {"folder": str(folder), "parameters": n_params, "checkpoint_bytes": written["bytes"]},
                 "phases": rows}, meta))
@@ -252,19 +258,15 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(f"{folder}-applied", ignore_errors=True)
     terms = formula(args, profile.calibration.n_tokens, vocab)
-    for r in rows:
-        r["peak_gib"] = r["peak"] / GiB
-        r["before_gib"] = r.get("before", 0) / GiB or None
     predicted = profiled_before + terms["total"]
-    print(harness.table(rows, [("phase", "phase", "<"), ("time s", "seconds", ".0f"),
-                               ("RSS before GiB", "before_gib", ".2f"), ("peak RSS GiB", "peak_gib", ".2f")],
-                        title=f"{args.layers} blocks, {n_params / 1e9:.2f} B parameters, "
-                              f"{written['bytes'] / GB:.1f} GB of bf16 weights ({2 * written['bytes'] / GiB:.1f} "
-                              f"GiB in float32), {profile.calibration.n_tokens} tokens"))
+    print(phase_table(rows, title=f"{args.layers} blocks, {n_params / 1e9:.2f} B parameters, "
+                                  f"{written['bytes'] / GB:.1f} GB of bf16 weights ({2 * written['bytes'] / GiB:.1f} "
+                                  f"GiB in float32), {profile.calibration.n_tokens} tokens"))
     print(harness.table([{"term": k, "gib": v / GiB} for k, v in terms.items()],
                         [("formula term", "term", "<"), ("GiB", "gib", ".3f")]))
+    measured = next(r for r in rows if r["phase"].startswith("profile"))["peak_gib"]
     print(f"profile: predicted peak = RSS before ({profiled_before / GiB:.2f} GiB) + formula "
-          f"({terms['total'] / GiB:.2f} GiB) = {predicted / GiB:.2f} GiB; measured {next(r for r in rows if r['phase'].startswith('profile'))['peak_gib']:.2f} GiB")
+          f"({terms['total'] / GiB:.2f} GiB) = {predicted / GiB:.2f} GiB; measured {measured:.2f} GiB")
     path = harness.write_result(args.out, {
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "heads": args.heads, "kv_heads": args.kv_heads, "vocab": vocab, "parameters": n_params,

@@ -2,8 +2,8 @@
 
 For every planned matrix of the model (the tied embedding included) and each code width at one group
 size, RTN with min-max ranges and with `clip` (`kernels/quantize.py`): the summed squared rounding error
-of each, and the range each group chose as a fraction of its min-max range (read back from the stored
-fp16 scale, so to within its rounding).  Asks for a wider search than `CLIP_SHRINK` (`--down-to`) to show
+of each, and the range each group chose as a fraction of its min-max range (the ratio of the stored fp16
+scales, so to within their rounding).  Asks for a wider search than `CLIP_SHRINK` (`--down-to`) to show
 how many groups would go further than the search does.  Prints a table per width and writes
 `bench/results/clip_search.json`.
 
@@ -51,13 +51,10 @@ def main(argv=None):
         e_plain = e_clip = 0.0
         fractions = []
         for _, W in mats:
-            Wg = Q._grouped(W, args.group_size, float("nan"))
-            plain, clipped = Q._grid(Wg, opt), Q._grid(Wg, opt, clip=True)
-            for (s, z), acc in ((plain, "plain"), (clipped, "clip")):
-                err = float(torch.nansum((((Q._codes(Wg, s[..., None], z[..., None], bits) - z[..., None])
-                                           * s[..., None] - Wg) ** 2)))
-                e_plain, e_clip = (e_plain + err, e_clip) if acc == "plain" else (e_plain, e_clip + err)
-            fractions.append((clipped[0] / plain[0]).flatten())
+            plain, clipped = Q.rtn(W, opt), Q.rtn(W, opt, clip=True)
+            e_plain += float(((plain.dequantize() - W) ** 2).sum())
+            e_clip += float(((clipped.dequantize() - W) ** 2).sum())
+            fractions.append((clipped.scales.float() / plain.scales.float()).flatten())
         f = torch.cat(fractions).numpy()
         rows.append(dict(bits=bits, matrices=len(mats), groups=int(f.size), error_ratio=e_clip / e_plain,
                          median_fraction=float(np.median(f)), p10_fraction=float(np.percentile(f, 10)),

@@ -214,8 +214,8 @@ class Quantizer(BaseModel):
     and `apply` quantizes its plans with the same one (`kernels/quantize.py`).  The settings are GPTQ's
     (`kernels.quantize.gptq` says what each does and why these defaults) and `clip`, RTN's and GPTQ's:
     each group's range is searched for the least squared rounding error instead of being its min and max
-    (`kernels.quantize._grid`).  A setting at its default is left out of the dump, so a quantizer's id
-    is the one it had before the setting existed; `clip` is false unless given, which is what a stored
+    (`kernels.quantize._grid`).  `clip` at its default is left out of the dump, so a quantizer without it
+    keeps the id it had before the setting existed; it is false unless given, which is what a stored
     profile without it was measured with.  An RTN quantizer takes `clip` alone, a llamacpp one none.
     `imatrix` (llamacpp only): the first 16 hex of the sha256 of the llama.cpp importance matrix that
     weighs each row's rounding, in the profile's ΔW as in `llama-quantize --imatrix` when `apply` writes
@@ -237,7 +237,8 @@ class Quantizer(BaseModel):
     def _only_its_settings(self) -> "Quantizer":
         own = _METHOD_SETTINGS[self.method]
         if given := [k for k, v in self._all_settings().items() if k not in own and v != _default(k)]:
-            whose = "GPTQ's" if self.method == "rtn" else "GPTQ's and RTN's"
+            whose = " and ".join(f"{m.upper()}'s" for m, names in _METHOD_SETTINGS.items()
+                                 if any(k in names for k in given))
             raise ValueError(f"{self.method} takes {_settings_phrase(own)} ({', '.join(given)} given): "
                              f"they are {whose}, e.g. {_QUANTIZER_EXAMPLE!r}")
         if self.imatrix is not None and self.method != "llamacpp":

@@ -80,14 +80,11 @@ def _grid(Wg: torch.Tensor, option: Option, clip: bool = False) -> tuple[torch.T
     rows = max(1, _CLIP_CHUNK // (Wg.shape[1] * Wg.shape[2]))
     for r in range(0, Wg.shape[0], rows):
         w, keep = Wg[r:r + rows].masked_fill(pad[r:r + rows], 0.0), ~pad[r:r + rows]
-        best = None
+        best = torch.full_like(lo[r:r + rows], float("inf"))
         for p in CLIP_SHRINK:
             s, zz = _scale_zero(lo[r:r + rows] * p, hi[r:r + rows] * p, option)
             q = _codes(w, s.unsqueeze(2), zz.unsqueeze(2), option.bits)
             err = (((q - zz.unsqueeze(2)) * s.unsqueeze(2) - w) ** 2 * keep).sum(dim=2)
-            if best is None:
-                best, scale[r:r + rows], z[r:r + rows] = err, s, zz
-                continue
             better = err < best  # ties keep the wider range
             best = torch.where(better, err, best)
             scale[r:r + rows] = torch.where(better, s, scale[r:r + rows])
@@ -227,7 +224,9 @@ def quantizer_for(module: Module, quantizer: Quantizer) -> Quantizer:
     head does have correlated inputs, but GPTQ on them would trade the rows' own error (what every
     lookup reads) for the head's; RTN keeps every row as close as the grid allows for both uses.
     """
-    return Quantizer(clip=quantizer.clip) if module.role == EMBED_ROLE and quantizer.method == "gptq" else quantizer
+    if module.role == EMBED_ROLE and quantizer.method == "gptq":
+        return Quantizer(clip=quantizer.clip)
+    return quantizer
 
 
 class GPTQCache:
@@ -303,8 +302,8 @@ class GPTQCache:
 
 def quantize(W: torch.Tensor, option: Option, quantizer: Quantizer = Quantizer(), H: torch.Tensor | None = None,
              *, cache: GPTQCache | None = None, name: str | None = None) -> QuantizedWeight:
-    """`rtn(W, option, **quantizer.settings)` or `gptq(W, H, option, **quantizer.settings)`; GPTQ needs `H`, unless `cache` holds
-    module `name`'s result (RTN is cheaper than a lookup and never cached)."""
+    """`rtn(W, option, **quantizer.settings)` or `gptq(W, H, option, **quantizer.settings)`; GPTQ needs `H`,
+    unless `cache` holds module `name`'s result (RTN is cheaper than a lookup and never cached)."""
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a Quantizer (e.g. Quantizer.parse({quantizer!r})), "
                         f"not {type(quantizer).__name__}")

@@ -20,10 +20,10 @@ factor: what `ExpertLinears.forward` receives).
 `H = Σ w² xxᵀ` for expert linears (in float32, from the routed rows themselves while an expert has seen
 fewer rows than its width, spilled to disk over a budget: `BlockHessians`).  Why `w²`: the block adds
 `w · expert(x)` to the residual stream, so an error `ΔW` inside the expert reaches the block output as
-`w · ΔW x` (to first order, for gate and up as for down), whose square carries `w²`.  Divided by *all* calibration tokens, as for a dense module,
-`tr(ΔW H ΔWᵀ)/n` is the expert's share of the mean per-token block-output error: a rarely routed
-expert is cheap because few tokens pay for its error.  The Fisher estimator needs nothing of this:
-its gradients flow through the routing weights already.
+`w · ΔW x` (to first order, for gate and up as for down), whose square carries `w²`.  Divided by *all*
+calibration tokens, as for a dense module, `tr(ΔW H ΔWᵀ)/n` is the expert's share of the mean per-token
+block-output error: a rarely routed expert is cheap because few tokens pay for its error.  The Fisher
+estimator needs nothing of this: its gradients flow through the routing weights already.
 
 **Experts without calibration tokens.**  Their measured error is exactly zero (no token ever multiplies
 their weights), which would tell the planner they can take 2 bits for free, however the deployed
