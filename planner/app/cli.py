@@ -400,7 +400,7 @@ def _on_server(args, kind: str, params: dict, local: dict[str, bool]) -> None:
 
 def cmd_profile(args):
     from bitplan.db.files import write_json
-    from bitplan.planner.app.usecases import run_profile
+    from bitplan.planner.app.usecases import profile_options, run_profile
     if args.server:
         return _on_server(args, "profile", {"model": args.model, "force": args.force,
                                             **_profile_request(args).model_dump(exclude_defaults=True)},
@@ -408,7 +408,9 @@ def cmd_profile(args):
                            "--ray": args.ray is not None})
     if args.validate:
         return cmd_validate(args)
-    profile = run_profile(_workspace(args), args.model, _profile_request(args), force=args.force, resume=args.resume)
+    request = _profile_request(args)
+    profile_options(request)  # bad options or quantizer are refused before the store is opened (or made)
+    profile = run_profile(_workspace(args), args.model, request, force=args.force, resume=args.resume)
     if args.output:
         write_json(args.output, profile.to_dict())
     _emit(args, profile.to_dict(), format_profile(profile))

@@ -39,6 +39,15 @@ def test_gptq_profile_is_applied_with_gptq(db, tiny_checkpoint, text_file, tmp_p
     assert code == 0 and 1 < json.loads(out)["perplexity"] < 1e6
 
 
+def test_a_bad_quantizer_is_refused_before_the_store_is_made(db, tiny_checkpoint, run_cli):
+    from pathlib import Path
+
+    for text in ("rtn:clip=maybe", "rtn:damp=0.1", "llamacpp:clip=true"):
+        code, out, err = run_cli("profile", str(tiny_checkpoint), "--quantizer", text)
+        assert code != 0 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert not Path(db).exists()
+
+
 def test_kl_estimator_and_validate(db, tiny_checkpoint, text_file, run_cli):
     code, out, _ = run_cli("profile", str(tiny_checkpoint), "--estimator", "kl", "--quantizer", "rtn",
                            "--options", "2,4", "--calib", str(text_file), "--tokens", "64", "--seq-len", "32", "--json", "-q")
