@@ -125,6 +125,16 @@ def parser(name: str, doc: str | None, *, quick: dict[str, Any] | None = None,
     return BenchParser(name, doc, quick=quick, result=result)
 
 
+def search_request(params: str | dict[str, Any]) -> dict[str, Any]:
+    """`PlanRequest` keywords of the evolutionary allocator's parameters as a bench's `--search-params`
+    gives them (JSON): `time_limit` and `seed` are the request's own fields, the rest its `params`."""
+    try:
+        params = dict(json.loads(params) if isinstance(params, str) else params)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--search-params must be a JSON object, e.g. '{{\"generations\": 20}}': {e}") from None
+    return {"params": params, "time_limit": params.pop("time_limit", None), "seed": params.pop("seed", 0)}
+
+
 def metadata(args: argparse.Namespace | None = None, **extra: Any) -> dict[str, Any]:
     """Where and how a result was measured: start time (UTC), command line, arguments, git commit (and
     whether the tree had uncommitted changes), machine, device, and versions of the stack; `extra`

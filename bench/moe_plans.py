@@ -168,9 +168,7 @@ def allocation_study(ws, loaded, texts, args, result, meta) -> list:
                     kw = dict(granularity=granularity, budget_split=split)
                     extra, state = {}, None
                     if allocator == "evolutionary":
-                        params = dict(args.search_params)
-                        extra = {"params": params, "time_limit": params.pop("time_limit", None),
-                                 "seed": params.pop("seed", 0)}
+                        extra = harness.search_request(args.search_params)
                         state = args.search_state and f"{args.search_state}-{profile.id}-{budget}.json"
                     tp = time.perf_counter()
                     plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator, **extra, **kw),

@@ -76,7 +76,11 @@ def main(argv=None):
                                                                      "or a file or glob")
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens per text")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--search-params", default="{}",
+                    help="the evolutionary allocator's parameters, JSON, e.g. '{\"fitness_tokens\": 8192}' "
+                         "(time_limit: seconds of search; seed)")
     args = ap.parse_args(argv)
+    harness.search_request(args.search_params)  # a malformed one fails before the model loads
 
     import torch
 
@@ -114,7 +118,8 @@ def main(argv=None):
              [(b, a) for b in args.budgets.split(",") for a in args.allocators.split(",")])
     for budget, allocator in plans:
         t0 = time.perf_counter()
-        plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator))
+        search_params = harness.search_request(args.search_params) if allocator == "evolutionary" else {}
+        plan = run_plan(ws, profile, PlanRequest(budget=budget, allocator=allocator, **search_params))
         plan_seconds = time.perf_counter() - t0  # the search's own time and forward tokens are in its plan
         search = plan.params.get("search") or {}
         for inputs in args.gptq_inputs.split(","):

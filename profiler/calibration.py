@@ -79,8 +79,8 @@ def special_prefix(tokenizer) -> list[int]:
     return full[:n]
 
 
-def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int, *,
-                  skip_text: int = 0) -> tuple[torch.Tensor, CalibrationRef]:
+def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int, *, skip_text: int = 0,
+                  what: str = "--tokens") -> tuple[torch.Tensor, CalibrationRef]:
     """`[n_tokens // seq_len, seq_len]` token ids from the start of the text, and its fingerprint.
 
     Each window is the tokenizer's `special_prefix` (BOS for Llama 3, Gemma, Mistral, ...) followed by the
@@ -90,7 +90,8 @@ def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int, *,
     would from its own tokenizer; no BOS is invented for it, whatever `bos_token` it declares.  Scorers
     never take position 0 as a target, so a BOS is context, never a predicted token.  `n_tokens` and the
     fingerprint count the windows' positions, prefix included, so a change of prefix changes the fingerprint.
-    `skip_text`: start after that many text tokens (`text_tokens_used` of windows drawn before).
+    `skip_text`: start after that many text tokens (`text_tokens_used` of windows drawn before).  `what`
+    names `n_tokens` to the user in the message when the text is too short.
     """
     if n_tokens < seq_len:
         raise InvalidInput(f"--tokens {n_tokens} is below one sequence of {seq_len}; ask for at least {seq_len}")
@@ -110,7 +111,7 @@ def token_batches(tokenizer, spec: str, n_tokens: int, seq_len: int, *,
             break
         chars *= 2
     if len(ids) < need:
-        raise InvalidInput(f"{spec!r} has only {len(ids)} tokens; ask for --tokens "
+        raise InvalidInput(f"{spec!r} has only {len(ids)} tokens; ask for {what} "
                            f"{max(0, len(ids) - skip_text) // step * seq_len} or fewer")
     body = torch.tensor(ids[skip_text:need], dtype=torch.long).view(n_seq, step)
     ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n_seq, -1), body], dim=1)

@@ -301,7 +301,7 @@ def token_splits(tokenizer, calib: CalibrationRef, fitness_tokens: int, heldout_
     row_text = text_tokens_used(tokenizer, row_tokens, row_tokens)
     n_fit, n_held = fitness_tokens // row_tokens, heldout_tokens // row_tokens
     ids, _ = token_batches(tokenizer, calib.name, (n_fit + n_held) * row_tokens, row_tokens,
-                           skip_text=-(-used // row_text) * row_text)
+                           skip_text=-(-used // row_text) * row_text, what="fitness_tokens + heldout_tokens")
     return ids[:n_fit], ids[n_fit:]
 
 

@@ -335,6 +335,11 @@ def plan_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--time-limit", type=float, help="solver time limit, seconds")
     c.add_argument("--generations", type=positive_int, help="evolutionary: generations (default 20)")
     c.add_argument("--offspring", type=positive_int, help="evolutionary: offspring per generation (default 16)")
+    c.add_argument("--fitness-tokens", type=positive_int,
+                   help="evolutionary: tokens of calibration text it selects on (default 1024)")
+    c.add_argument("--heldout-tokens", type=positive_int,
+                   help="evolutionary: tokens of calibration text it picks its result on, never selected on "
+                        "(default 512)")
 
 
 def _store(args):
@@ -460,8 +465,9 @@ def cmd_plan(args):
 
 
 def _search_params(args) -> dict:
-    """--generations / --offspring: the evolutionary allocator's parameters (any other allocator refuses them)."""
-    return {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
+    """The evolutionary allocator's parameters given as options (any other allocator refuses them)."""
+    return {k: v for k in ("generations", "offspring", "fitness_tokens", "heldout_tokens")
+            if (v := getattr(args, k)) is not None}
 
 
 def cmd_compare(args):

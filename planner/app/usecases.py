@@ -252,7 +252,7 @@ def run_plan(ws: Workspace, profile: Profile | str, request: PlanRequest = PlanR
     its resumable state goes."""
     request = request.checked()  # a bad request fails before anything is read
     profile = _with_id(ws, profile)
-    context = search_context(ws, profile, search_state) if needs_context(request.allocator) else None
+    context = search_context(ws, profile, search_state, request.params) if needs_context(request.allocator) else None
     try:
         plan = allocate(profile, request, context=context)
     finally:
@@ -262,15 +262,21 @@ def run_plan(ws: Workspace, profile: Profile | str, request: PlanRequest = PlanR
     return ws.store.save_plan(plan)
 
 
-def search_context(ws: Workspace, profile: Profile, state_path: str | Path | None = None):
-    """The evolutionary allocator's SearchContext: a KL oracle on the profile's model and calibration text."""
+def search_context(ws: Workspace, profile: Profile, state_path: str | Path | None = None, params: dict | None = None):
+    """The evolutionary allocator's SearchContext: a KL oracle on the profile's model and calibration text,
+    with the fitness pool and held-out split the search's `params` ask for (`fitness_tokens`,
+    `heldout_tokens`; else the oracle's defaults)."""
     from bitplan.planner.allocators.evolutionary import SearchContext
     from bitplan.profiler.fitness import kl_fitness_for_profile
 
     if ws.cluster is not None:
         ws.cluster.connect()  # a cluster that cannot be reached fails before the model loads
     loaded = ws.model_of(profile, "the evolutionary allocator")
-    return SearchContext(kl_fitness_for_profile(loaded, profile, cluster=ws.cluster), state_path=state_path,
+    pool = {k: v for k in ("fitness_tokens", "heldout_tokens") if (v := (params or {}).get(k)) is not None}
+    for k, v in pool.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidInput(f"{k} must be a positive whole number of tokens, not {v!r}")
+    return SearchContext(kl_fitness_for_profile(loaded, profile, cluster=ws.cluster, **pool), state_path=state_path,
                          progress=ws.progress)
 
 
@@ -343,7 +349,7 @@ def run_compare(ws: Workspace, profile: Profile | str, budgets: str | Sequence[s
     profile = _with_id(ws, profile)
     unit_of(profile.modules, request.granularity, request.engine or profile_engine(profile))  # fails here, before any solve
     ws.store.save_profile(profile)
-    context = search_context(ws, profile) if measuring else None
+    context = search_context(ws, profile, params=params) if measuring else None
     rows = []
     try:
         for budget in budgets:

@@ -337,6 +337,40 @@ def test_plan_cli_loads_the_profile_s_model_and_resumes(tiny_profile, tmp_path):
     assert plan.total_bits <= plan.budget_bits and plan.params["fitness"]["skip_tokens"] == 128
 
 
+def test_the_fitness_pool_is_the_size_asked_and_a_bad_size_is_refused(tiny_profile, tmp_path, capsys):
+    """--fitness-tokens / --heldout-tokens size the oracle's pools (recorded in the plan); a pool the text
+    cannot give, a size that is no number, or an oracle of other sizes is refused in one line."""
+    from bitplan.db.store import Store
+    from bitplan.planner.app.cli import main
+    from bitplan.planner.app.usecases import run_plan
+    from bitplan.planner.app.workspace import Workspace
+    from bitplan.profiler.fitness import KLFitness
+
+    db = f"sqlite:///{tmp_path / 'bitplan.db'}"
+    profile = Store(db).save_profile(tiny_profile)
+    base = ["plan", profile.id, "--allocator", "evolutionary", "--budget", "3.5bpw", "--generations", "1",
+            "--offspring", "2", "--db", db, "-q", "--json"]
+    assert main(base + ["--fitness-tokens", "256", "--heldout-tokens", "128"]) == 0
+    plan = Store(db).list_plans()[0]
+    assert plan.params["fitness_tokens"] == 256 and plan.params["heldout_tokens"] == 128
+    assert (plan.params["fitness"]["fitness_tokens"], plan.params["fitness"]["heldout_tokens"]) == (256, 128)
+    capsys.readouterr()
+    assert main(base + ["--fitness-tokens", str(10**9)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert last.startswith("error:") and "fitness_tokens + heldout_tokens" in last and "or fewer" in last
+    with pytest.raises(InvalidInput, match="positive whole number"):
+        run_plan(Workspace(Store(db)), profile.id, PlanRequest(budget="3.5bpw", allocator="evolutionary",
+                                                               params={"fitness_tokens": "many"}))
+    assert len(Store(db).list_plans()) == 1  # nothing stored by the refusals
+
+    model, planned, options, fit, held = tiny(1)
+    size = np.array([[o.size_bits(*m.shape) for o in options] for m, _ in planned])
+    p = AllocationProblem(size[:, ::-1] * 1e-6, size, np.ones(size.shape, dtype=bool), int(size[:, 1].sum()))
+    with KLFitness(model, planned, options, fit, held) as oracle:
+        with pytest.raises(InvalidInput, match="build it with fitness_tokens"):
+            evo.solve(p, context=oracle, generations=1, fitness_tokens=fit.numel() * 2)
+
+
 def test_compare_runs_the_search_beside_the_additive_allocators(tiny_profile, tmp_path):
     """`bitplan compare --allocators ilp,evolutionary --evaluate`: one model for the searches and the
     evaluation, every plan within budget, the search's parameters in its plan, and refused without it."""

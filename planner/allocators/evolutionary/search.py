@@ -158,11 +158,14 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
           context: SearchContext | FitnessOracle | None = None, unit: np.ndarray | None = None,
           generations: int = 20, offspring: int = 16, stage_tokens: Sequence[int] | None = None,
           survivors: Sequence[int] | None = None, max_swaps: int = 3, explore: float = 0.25,
-          patience: int | None = 8, start: str = "ilp") -> Assignment:
+          patience: int | None = 8, start: str = "ilp", fitness_tokens: int | None = None,
+          heldout_tokens: int | None = None) -> Assignment:
     """Evolutionary search from `start`'s plan on `context`'s fitness oracle (package docstring).
 
     `unit[m]` (from `allocate`) maps the oracle's modules to the problem's units; without it the oracle
-    scores unit choices directly.
+    scores unit choices directly.  `fitness_tokens` / `heldout_tokens` are the sizes of the oracle's
+    fitness pool and held-out split: whoever builds the oracle reads them from the request
+    (`planner/app/usecases.py`'s `search_context`), and the search only checks that its oracle has them.
     """
     started = time.perf_counter()  # the time limit counts the start allocator too
     refuse_latency(problem, "evolutionary")
@@ -174,6 +177,7 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
         context = SearchContext(context)
     params = SearchParams(seed, generations, offspring, max_swaps, explore, patience, start, time_limit)
     require_feasible(problem)
+    _check_pool(context, fitness_tokens, heldout_tokens)
     oracle = context.oracle if unit is None else OnModules(context.oracle, unit)
     stages = Stages.for_oracle(oracle, offspring, stage_tokens, survivors)
 
@@ -188,6 +192,20 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
             write_state(path, state)
     search = _Search(problem, oracle, context, params, stages, state, path, started)
     return search.report(search.run())
+
+
+def _check_pool(context: SearchContext, fitness_tokens: int | None, heldout_tokens: int | None) -> None:
+    """InvalidInput when the oracle's pools (its `describe()`, in whole rows) are not the sizes asked."""
+    described = context.describe()
+    row = described.get("row_tokens")
+    for key, asked in (("fitness_tokens", fitness_tokens), ("heldout_tokens", heldout_tokens)):
+        if asked is None:
+            continue
+        if asked < 1:
+            raise InvalidInput(f"{key} must be a positive number of tokens, not {asked}")
+        if key in described and row and described[key] != asked // row * row:
+            raise InvalidInput(f"the fitness oracle has {described[key]} {key.replace('_', ' ')}, not the {asked} "
+                               f"asked: build it with {key}={asked}")
 
 
 def _start_state(problem: AllocationProblem, oracle: FitnessOracle, params: SearchParams,
