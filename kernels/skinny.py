@@ -232,9 +232,8 @@ def skinny_group(group: int, k: int) -> int | None:
 
 # x's tile gathered in the dot's K' order (2-byte loads) or loaded in K order and permuted in the program (fewer
 # instructions and half the barriers in the loop at batch 16: bench/sass_skinny.py [--xperm]).  The tuner offers both
-# up to 16 rows: at batch 16 on an H100 the best XPERM candidate took 0.84-0.97x the best gathered one's time at 11 of
-# 12 large-layer products (1.01x on gate+up at 4 bits; bench/results/xperm_b16_v9.json).  BITPLAN_SKINNY_XPERM=0
-# offers the gathered tile alone
+# up to 16 rows, since neither is faster at every shape (docs/kernels.md); BITPLAN_SKINNY_XPERM=0 offers the gathered
+# tile alone
 XPERMS = (False,) if os.environ.get("BITPLAN_SKINNY_XPERM") == "0" else (False, True)
 SKINNY_MAX_M = 16  # up to here the small-batch tiles (x.T padded to 16 columns); above, the SCALE_W tiles
 
