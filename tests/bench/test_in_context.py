@@ -51,17 +51,8 @@ def test_a_noisy_free_module_is_floored_not_free():
 
 
 @pytest.mark.slow  # a whole bench run in a subprocess
-def test_in_context_runs_end_to_end(tiny_checkpoint, text_file, tmp_path):
-    from bitplan.db.store import Store
-    from bitplan.db.types import Quantizer, parse_options
-    from bitplan.profiler.model import load_model
-    from bitplan.profiler.profile import profile_model
-
-    db = str(tmp_path / "bitplan.db")
-    loaded = load_model(str(tiny_checkpoint))
-    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,4,8"), calib=str(text_file), n_tokens=128,
-                                                   seq_len=64, quantizer=Quantizer(method="gptq"),
-                                                   estimator="fisher", progress=False))
+def test_in_context_runs_end_to_end(gptq_store, text_file, tmp_path):
+    db, profile = gptq_store
     out = tmp_path / "in_context.json"
     cmd = [sys.executable, str(ROOT / "bench" / "in_context.py"), "--db", db, "--profile", profile.id,
            "--budget", "3.5bpw", "--uniform", "4.5bpw", "--tokens", "128", "--texts", str(text_file),

@@ -16,17 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]  # tests/bench/ -> the repository root
 
 @pytest.mark.slow  # a whole bench run in a subprocess
-def test_recipes_pairs_plans_on_shared_windows(tiny_checkpoint, text_file, tmp_path):
-    from bitplan.db.store import Store
-    from bitplan.db.types import Quantizer, parse_options
-    from bitplan.profiler.model import load_model
-    from bitplan.profiler.profile import profile_model
-
-    db = str(tmp_path / "bitplan.db")
-    loaded = load_model(str(tiny_checkpoint))
-    profile = Store(db).save_profile(profile_model(loaded, parse_options("2,4,8"), calib=str(text_file), n_tokens=128,
-                                                   seq_len=64, quantizer=Quantizer(method="gptq"),
-                                                   estimator="fisher", progress=False))
+def test_recipes_pairs_plans_on_shared_windows(gptq_store, text_file, tmp_path):
+    db, profile = gptq_store
     out = tmp_path / "recipes.json"
     cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id,
            "--plans", "uniform@3.5bpw,ilp@3.5bpw,ilp@5bpw", "--pairs", "ilp@3.5bpw:ilp@5bpw",
@@ -66,3 +57,24 @@ def test_per_window_nll_adds_up_to_the_perplexity(loaded):
     nll = evaluate_plans(loaded.model, planned, [{m.name: Option(bits=3) for m, _ in planned}], windows,
                          progress=False, per_window=True)[0]["window_nll"]
     assert math.exp(sum(nll) / (3 * 15)) == pytest.approx(plain["perplexity"], rel=1e-12)
+
+
+@pytest.mark.slow  # a whole bench run in a subprocess
+def test_recipes_passes_search_params_to_the_evolutionary_plan(gptq_store, text_file, tmp_path):
+    from bitplan.db.store import Store
+
+    db, profile = gptq_store
+    out = tmp_path / "recipes.json"
+    params = '{"generations": 1, "offspring": 2, "fitness_tokens": 256, "heldout_tokens": 128, "seed": 3}'
+    cmd = [sys.executable, str(ROOT / "bench" / "recipes.py"), "--db", db, "--profile", profile.id,
+           "--plans", "evolutionary@3.5bpw", "--gptq-inputs", "original", "--texts", str(text_file),
+           "--tokens", "128", "--window", "64", "--search-params", params, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, row = json.loads(out.read_text())["rows"]
+    plan = Store(db).get_plan(row["plan_id"])
+    assert plan.allocator == "evolutionary" and plan.params["generations"] == 1
+    assert (plan.params["fitness"]["fitness_tokens"], plan.params["fitness"]["heldout_tokens"]) == (256, 128)
+    bad = subprocess.run(cmd[:-4] + ["--search-params", "{generations: 1}"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("--search-params must be")
