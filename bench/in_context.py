@@ -92,7 +92,6 @@ def main(argv=None):
 
     from bitplan.db.store import Store
     from bitplan.db.types import Budget
-    from bitplan.executor.evaluate import evaluate_plans
     from bitplan.planner.allocators import ilp, uniform
     from bitplan.planner.app.workspace import Workspace
     from bitplan.planner.plan import problem_from_profile
@@ -151,11 +150,10 @@ def main(argv=None):
                  if profile.quantizer.method == "gptq" else None)
         row = {"plan": name, "bits_per_weight": float(
             sum(profile.size_bits[m, o] for m, o in enumerate(choice)) / profile.n_params)}
-        for text, windows in texts.items():
-            r = evaluate_plans(loaded.model, planned, [assignment], windows.ids, quantizer=profile.quantizer,
-                               hessians=hessians, cache=cache, per_window=True, progress=False)[0]
-            nll[name, text] = r.pop("window_nll")
-            row[text] = r
+        measured, window_nll = recipes.on_texts(loaded, planned, assignment, texts, quantizer=profile.quantizer,
+                                                hessians=hessians, cache=cache)
+        row.update(measured)
+        nll.update({(name, text): v for text, v in window_nll.items()})
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(f"{name:>24}  {row['bits_per_weight']:.3f} bpw  " + "  ".join(

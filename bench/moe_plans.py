@@ -118,23 +118,27 @@ def measure(loaded, planned, plan, texts, profile, hessians, cache) -> dict:
 
 
 def paired(rows: list[dict], texts, resamples: int) -> None:
-    """Each row's perplexity over each reference row's (REFERENCES), with a 95 % paired bootstrap
-    interval over windows (bench/recipes.py's `paired_ratio`); the per-window NLLs are then dropped."""
-    paired_ratio = harness.sibling("recipes").paired_ratio
+    """Each row's perplexity and mean KL over each reference row's (REFERENCES), with 95 % paired bootstrap
+    intervals over windows (bench/recipes.py's `paired_ratio`, `paired_sum_ratio`)."""
+    recipes = harness.sibling("recipes")
     by_name = {r["plan"]: r for r in rows}
     for name, windows in texts.items():
         scored = int(windows.ids.shape[1]) - 1
         for row in rows:
             for ref in REFERENCES:
                 if ref in by_name and ref != row["plan"]:
-                    r, lo, hi = paired_ratio(row[name]["window_nll"], by_name[ref][name]["window_nll"], scored,
-                                             draws=resamples)
-                    row[name][f"vs {ref}"] = {"ratio": r, "ci95": [lo, hi],
-                                              "ref_better_beyond_ci": bool(lo > 1.0),
-                                              "ref_worse_beyond_ci": bool(hi < 1.0)}
+                    mine, theirs = row[name], by_name[ref][name]
+                    for key, (r, lo, hi) in (
+                            (f"vs {ref}", recipes.paired_ratio(mine["window_nll"], theirs["window_nll"], scored,
+                                                               draws=resamples)),
+                            (f"kl vs {ref}", recipes.paired_sum_ratio(mine["window_kl"], theirs["window_kl"],
+                                                                      draws=resamples))):
+                        mine[key] = {"ratio": r, "ci95": [lo, hi], "ref_better_beyond_ci": bool(lo > 1.0),
+                                     "ref_worse_beyond_ci": bool(hi < 1.0)}
     for row in rows:  # kept in the JSON for later pairings, one list per text
         for name in texts:
-            row[name]["window_nll"] = [round(x, 4) for x in row[name]["window_nll"]]
+            for key in ("window_nll", "window_kl"):
+                row[name][key] = [round(x, 6) for x in row[name][key]]
 
 
 def allocation_study(ws, loaded, texts, args, result, meta) -> list:
@@ -256,9 +260,9 @@ ENGINES = [("engine", "engine", "<"), ("budget", "budget", ""), ("format", lambd
            ("ppl", "perplexity", ".3f")]
 
 
-def _vs(ref: str, text: str):
+def _vs(ref: str, text: str, what: str = ""):
     def cell(r: dict) -> str | None:
-        v = r[text].get(f"vs {ref}")
+        v = r[text].get(f"{what}vs {ref}")
         return None if v is None else f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
     return cell
 
@@ -269,6 +273,7 @@ def format_study(s: dict, texts) -> str:
     for t in texts:
         columns += [(f"{t} KL", lambda r, t=t: r[t]["kl"], ".4f"), (f"{t} ppl", lambda r, t=t: r[t]["perplexity"], ".3f")]
         columns += [(f"÷ {ref} (95% CI)", _vs(ref, t), "") for ref in refs]
+        columns += [(f"KL ÷ {ref}", _vs(ref, t, "kl "), "") for ref in refs[:1]]
     return harness.table(s["plans"], columns, title=f"\n{s['estimator']} estimator, {s['quantizer']} quantizer "
                                                     f"({s['profile_id']}), {s['budget']}")
 

@@ -61,6 +61,29 @@ def paired_ratio(a: list[float], b: list[float], tokens: int, draws: int = 2000,
     return (math.exp((a.sum() - b.sum()) / (len(a) * tokens)), *np.percentile(ratios, [2.5, 97.5]))
 
 
+def on_texts(loaded, planned, assignment: dict, texts: dict, *, quantizer, hessians, cache) -> tuple[dict, dict]:
+    """One plan measured as `apply` writes it on each text: `({text: perplexity and KL}, {text: per-window
+    NLL})` (`executor.evaluate.evaluate_plans`), the NLLs for paired intervals."""
+    from bitplan.executor.evaluate import evaluate_plans
+
+    measured, nll = {}, {}
+    for name, windows in texts.items():
+        r = evaluate_plans(loaded.model, planned, [assignment], windows.ids, quantizer=quantizer, hessians=hessians,
+                           cache=cache, per_window=True, progress=False)[0]
+        nll[name] = r.pop("window_nll")
+        r.pop("window_kl")
+        measured[name] = r
+    return measured, nll
+
+
+def paired_sum_ratio(a: list[float], b: list[float], draws: int = 2000, seed: int = 0) -> tuple:
+    """Σa / Σb of per-window sums over the same windows (mean KL of plan `a` over plan `b`'s) and its 95 %
+    paired bootstrap interval."""
+    a, b = np.asarray(a), np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(a), (draws, len(a)))
+    return (float(a.sum() / b.sum()), *np.percentile(a[idx].sum(1) / b[idx].sum(1), [2.5, 97.5]))
+
+
 def main(argv=None):
     ap = harness.parser("recipes", __doc__, quick={"budgets": "3.5bpw", "allocators": "ilp", "tokens": 1024})
     ap.add_argument("--db", help="the store holding the profile (default: $BITPLAN_DB or the user data dir)")
@@ -130,11 +153,10 @@ def main(argv=None):
                        bits_per_weight=plan.bits_per_weight, size_mib=plan.size_mib,
                        predicted_error=plan.predicted_error, plan_seconds=plan_seconds,
                        search_tokens=search.get("tokens_used", 0), gptq_seconds=time.perf_counter() - t0)
-            for name, windows in texts.items():
-                r = evaluate_plans(loaded.model, planned, [plan.assignment], windows.ids, quantizer=quantizer,
-                                   hessians=hessians, cache=cache, per_window=True, progress=False)[0]
-                nll[budget, allocator, inputs, name] = r.pop("window_nll")
-                row[name] = r
+            measured, window_nll = on_texts(loaded, planned, plan.assignment, texts, quantizer=quantizer,
+                                            hessians=hessians, cache=cache)
+            row.update(measured)
+            nll.update({(budget, allocator, inputs, name): v for name, v in window_nll.items()})
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             print(f"{budget:>8} {allocator:>10} {inputs:>9}  {plan.bits_per_weight:.3f} bpw  " + "  ".join(

@@ -180,7 +180,8 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
                    quantizer: Quantizer = Quantizer(), hessians=None, device: str = "cpu", progress: bool = True,
                    cache=None, importance: dict | None = None, per_window: bool = False) -> list[dict]:
     """Perplexity and mean per-token KL(base ‖ plan) of each assignment (module name -> Option) on `windows`;
-    with `per_window`, also each window's summed NLL (`window_nll`), for paired intervals between plans.
+    with `per_window`, also each window's summed NLL and KL (`window_nll`, `window_kl`), for paired
+    intervals between plans.
 
     In memory, one plan after another: each planned weight is replaced by its quantized-dequantized
     value (the values `apply` stores), everything else stays as loaded, and the original weights are
@@ -206,15 +207,15 @@ def evaluate_plans(model: nn.Module, planned, assignments: list[dict], windows: 
                 # a tied embedding's Parameter is the head's too: both read the quantized values
                 lin.weight.data = quantize_dequantize(W, opt, quantizer_for(m, quantizer), H, cache=cache,
                                                       name=m.name, importance=(importance or {}).get(m.name))
-            nlls, kl, count = [], 0.0, 0
+            nlls, kls, count = [], [], 0
             for row, logp in zip(windows, base):
                 ids = row.unsqueeze(0).to(device)
                 logits = model(ids, use_cache=False).logits[0].float()
                 nlls.append(float(nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")))
-                kl += mean_kl(logp, logits)[0]
+                kls.append(mean_kl(logp, logits)[0])
                 count += ids.shape[1]
-            out.append(dict(perplexity=math.exp(sum(nlls) / (count - len(windows))), kl=kl / count,
-                            **({"window_nll": nlls} if per_window else {})))
+            out.append(dict(perplexity=math.exp(sum(nlls) / (count - len(windows))), kl=sum(kls) / count,
+                            **({"window_nll": nlls, "window_kl": kls} if per_window else {})))
     finally:
         for m, lin in planned:
             lin.weight.data = originals[m.name]

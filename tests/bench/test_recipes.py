@@ -42,7 +42,7 @@ def test_recipes_pairs_plans_on_shared_windows(gptq_store, text_file, tmp_path):
     assert "vs_original_inputs" in rows[1][str(text_file)] and "vs_uniform" in rows[2]["code"]
 
 
-def test_per_window_nll_adds_up_to_the_perplexity(loaded):
+def test_per_window_nll_and_kl_add_up_to_the_plan_s_figures(loaded):
     import torch
 
     from bitplan.db.types import Option
@@ -51,12 +51,28 @@ def test_per_window_nll_adds_up_to_the_perplexity(loaded):
 
     planned = planned_linears(loaded.model)
     windows = torch.randint(0, loaded.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
-    plain, paired = (evaluate_plans(loaded.model, planned, [{m.name: Option(bits=3) for m, _ in planned}], windows,
-                                    progress=False, per_window=w)[0] for w in (False, True))
-    assert len(paired.pop("window_nll")) == 3 and paired == plain
-    nll = evaluate_plans(loaded.model, planned, [{m.name: Option(bits=3) for m, _ in planned}], windows,
-                         progress=False, per_window=True)[0]["window_nll"]
+    plans = [{m.name: Option(bits=b) for m, _ in planned} for b in (3, 2)]
+    plain, paired = (evaluate_plans(loaded.model, planned, plans[:1], windows, progress=False, per_window=w)[0]
+                     for w in (False, True))
+    nll, kl = paired.pop("window_nll"), paired.pop("window_kl")
+    assert len(nll) == len(kl) == 3 and paired == plain
     assert math.exp(sum(nll) / (3 * 15)) == pytest.approx(plain["perplexity"], rel=1e-12)
+    assert sum(kl) / (3 * 16) == pytest.approx(plain["kl"], rel=1e-12)
+
+    recipes = harness_sibling("recipes")
+    two = evaluate_plans(loaded.model, planned, plans, windows, progress=False, per_window=True)
+    r, lo, hi = recipes.paired_sum_ratio(two[1]["window_kl"], two[0]["window_kl"])
+    assert r == pytest.approx(two[1]["kl"] / two[0]["kl"], rel=1e-9) and lo <= r <= hi and r > 1  # 2 bits worse
+
+
+def harness_sibling(name: str):
+    """bench/<name>.py as a module (bench/harness.py's `sibling`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness.sibling(name)
 
 
 @pytest.mark.slow  # a whole bench run in a subprocess
