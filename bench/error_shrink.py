@@ -73,6 +73,8 @@ def main(argv=None):
     rows = []
     try:
         for key, plan in plans.items():
+            for m, lin in planned:  # each plan's GPTQ statistics come from the loaded weights, not the last λ's
+                lin.weight.data = originals[m.name]
             q = quantized(plan)
             low = {m.name for m, _ in planned if plan.assignment[m.name].quantized
                    and plan.assignment[m.name].bits < args.below_bits}

@@ -31,12 +31,13 @@ def test_error_shrink_ends_are_the_plan_and_the_unquantized_model(gptq_store, te
     target = run_plan(ws, profile, PlanRequest(budget="4.5bpw", allocator="uniform"))
     out = tmp_path / "shrink.json"
     cmd = [sys.executable, str(ROOT / "bench" / "error_shrink.py"), "--db", db, "--plan", plan.id, "--target",
-           target.id, "--shrink", "1,0", "--below-bits", "99", "--text", str(text_file), "--tokens", "256",
+           target.id, "--shrink", "0,1", "--below-bits", "99", "--text", str(text_file), "--tokens", "256",
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["plan"], r["shrink"]) for r in rows] == [("plan", 1.0), ("plan", 0.0), ("target", 1.0)]
+    # λ = 1 last: the target's GPTQ must not see the plan's quantized weights
+    assert [(r["plan"], r["shrink"]) for r in rows] == [("plan", 0.0), ("plan", 1.0), ("target", 1.0)]
 
     loaded = load_model(profile.model.source)
     planned = planned_for(loaded.model, {m.name for m in profile.modules})
@@ -48,6 +49,6 @@ def test_error_shrink_ends_are_the_plan_and_the_unquantized_model(gptq_store, te
         measured.append(evaluate_plans(loaded.model, planned, [p.assignment], windows, quantizer=profile.quantizer,
                                        hessians=hessians, cache=cache, progress=False)[0]["perplexity"])
     base = perplexity(loaded.model, windows, progress=False)  # the loaded weights, as they are
-    assert rows[0]["perplexity"] == pytest.approx(measured[0], rel=1e-5)
+    assert rows[1]["perplexity"] == pytest.approx(measured[0], rel=1e-5)
     assert rows[2]["perplexity"] == pytest.approx(measured[1], rel=1e-5)
-    assert rows[1]["perplexity"] == pytest.approx(base, rel=1e-5) and rows[1]["shrunk_weight_share"] > 0.5
+    assert rows[0]["perplexity"] == pytest.approx(base, rel=1e-5) and rows[0]["shrunk_weight_share"] > 0.5
