@@ -266,16 +266,13 @@ def search_context(ws: Workspace, profile: Profile, state_path: str | Path | Non
     """The evolutionary allocator's SearchContext: a KL oracle on the profile's model and calibration text,
     with the fitness pool and held-out split the search's `params` ask for (`fitness_tokens`,
     `heldout_tokens`; else the oracle's defaults)."""
-    from bitplan.planner.allocators.evolutionary import SearchContext
+    from bitplan.planner.allocators.evolutionary import SearchContext, pool_sizes
     from bitplan.profiler.fitness import kl_fitness_for_profile
 
+    pool = pool_sizes(params or {})  # a bad size fails before the model loads
     if ws.cluster is not None:
         ws.cluster.connect()  # a cluster that cannot be reached fails before the model loads
     loaded = ws.model_of(profile, "the evolutionary allocator")
-    pool = {k: v for k in ("fitness_tokens", "heldout_tokens") if (v := (params or {}).get(k)) is not None}
-    for k, v in pool.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidInput(f"{k} must be a positive whole number of tokens, not {v!r}")
     return SearchContext(kl_fitness_for_profile(loaded, profile, cluster=ws.cluster, **pool), state_path=state_path,
                          progress=ws.progress)
 

@@ -358,9 +358,13 @@ def test_the_fitness_pool_is_the_size_asked_and_a_bad_size_is_refused(tiny_profi
     assert main(base + ["--fitness-tokens", str(10**9)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
     assert last.startswith("error:") and "fitness_tokens + heldout_tokens" in last and "or fewer" in last
+    class NoLoad(Workspace):
+        def model_of(self, *args, **kw):
+            raise AssertionError("the model was loaded before the request was checked")
+
     with pytest.raises(InvalidInput, match="positive whole number"):
-        run_plan(Workspace(Store(db)), profile.id, PlanRequest(budget="3.5bpw", allocator="evolutionary",
-                                                               params={"fitness_tokens": "many"}))
+        run_plan(NoLoad(Store(db)), profile.id, PlanRequest(budget="3.5bpw", allocator="evolutionary",
+                                                            params={"fitness_tokens": "many"}))
     assert len(Store(db).list_plans()) == 1  # nothing stored by the refusals
 
     model, planned, options, fit, held = tiny(1)

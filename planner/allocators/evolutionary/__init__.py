@@ -52,8 +52,8 @@ oracle to units), `mutation` (the moves), `state` (the resumable state, its key 
 """
 
 from bitplan.planner.allocators.evolutionary.oracle import AdditiveOracle, FitnessOracle, SearchContext
-from bitplan.planner.allocators.evolutionary.search import DEFAULT_STAGE_ROWS, IMPROVEMENT, solve
+from bitplan.planner.allocators.evolutionary.search import DEFAULT_STAGE_ROWS, IMPROVEMENT, pool_sizes, solve
 from bitplan.planner.allocators.evolutionary.state import STATE_FORMAT
 
 __all__ = ["AdditiveOracle", "DEFAULT_STAGE_ROWS", "FitnessOracle", "IMPROVEMENT", "STATE_FORMAT",
-           "SearchContext", "solve"]
+           "SearchContext", "pool_sizes", "solve"]

@@ -177,7 +177,7 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
         context = SearchContext(context)
     params = SearchParams(seed, generations, offspring, max_swaps, explore, patience, start, time_limit)
     require_feasible(problem)
-    _check_pool(context, fitness_tokens, heldout_tokens)
+    _check_pool(context, pool_sizes({"fitness_tokens": fitness_tokens, "heldout_tokens": heldout_tokens}))
     oracle = context.oracle if unit is None else OnModules(context.oracle, unit)
     stages = Stages.for_oracle(oracle, offspring, stage_tokens, survivors)
 
@@ -194,15 +194,21 @@ def solve(problem: AllocationProblem, *, seed: int = 0, time_limit: float | None
     return search.report(search.run())
 
 
-def _check_pool(context: SearchContext, fitness_tokens: int | None, heldout_tokens: int | None) -> None:
+def pool_sizes(params: dict) -> dict[str, int]:
+    """The fitness pool and held-out sizes that search parameters ask for (those given), checked: what the
+    builder of the oracle reads before it loads anything."""
+    pool = {k: params[k] for k in ("fitness_tokens", "heldout_tokens") if params.get(k) is not None}
+    for k, v in pool.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidInput(f"{k} must be a positive whole number of tokens, not {v!r}")
+    return pool
+
+
+def _check_pool(context: SearchContext, pool: dict[str, int]) -> None:
     """InvalidInput when the oracle's pools (its `describe()`, in whole rows) are not the sizes asked."""
     described = context.describe()
     row = described.get("row_tokens")
-    for key, asked in (("fitness_tokens", fitness_tokens), ("heldout_tokens", heldout_tokens)):
-        if asked is None:
-            continue
-        if asked < 1:
-            raise InvalidInput(f"{key} must be a positive number of tokens, not {asked}")
+    for key, asked in pool.items():
         if key in described and row and described[key] != asked // row * row:
             raise InvalidInput(f"the fitness oracle has {described[key]} {key.replace('_', ' ')}, not the {asked} "
                                f"asked: build it with {key}={asked}")
