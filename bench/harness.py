@@ -130,8 +130,9 @@ def search_request(params: str | dict[str, Any]) -> dict[str, Any]:
     gives them (JSON): `time_limit` and `seed` are the request's own fields, the rest its `params`."""
     try:
         params = dict(json.loads(params) if isinstance(params, str) else params)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"--search-params must be a JSON object, e.g. '{{\"generations\": 20}}': {e}") from None
+    except (ValueError, TypeError) as e:  # a user's typo: one line and exit 2, as argparse refuses
+        print(f"--search-params must be a JSON object, e.g. '{{\"generations\": 20}}': {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return {"params": params, "time_limit": params.pop("time_limit", None), "seed": params.pop("seed", 0)}
 
 

@@ -93,4 +93,4 @@ def test_recipes_passes_search_params_to_the_evolutionary_plan(gptq_store, text_
     assert (plan.params["fitness"]["fitness_tokens"], plan.params["fitness"]["heldout_tokens"]) == (256, 128)
     bad = subprocess.run(cmd[:-4] + ["--search-params", "{generations: 1}"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONSAFEPATH": "1"})
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("--search-params must be")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("--search-params must be")
