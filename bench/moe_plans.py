@@ -318,6 +318,7 @@ def main(argv=None) -> int:
     args.evolutionary = [x.strip() for x in args.evolutionary.split(",") if x.strip()]
     if set(args.evolutionary) - set(args.budget):
         ap.error(f"--evolutionary budgets must be among --budget ({', '.join(args.budget)})")
+    harness.search_request(args.search_params)  # a malformed one fails in one line, before any work
     args.search_params = json.loads(args.search_params)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
