@@ -812,6 +812,20 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
     return _launch(regime, x2, *weights, *shape, config).reshape(*lead, N)
 
 
+@torch.library.custom_op("bitplan::quant_matmul", mutates_args=())
+def quant_matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor,
+                 qzeros: list[torch.Tensor], bits: int, group_size: int, k: int) -> torch.Tensor:
+    """`matmul` as one opaque operator, so that `torch.compile` fuses the code around a quantized linear
+    and calls the dispatcher (its tuner and its Python-side cache) as it is, instead of tracing it.
+    `qzeros` is empty for a symmetric weight (an operator's schema has no optional list)."""
+    return matmul(x, qweight, scales, qzeros, bits, group_size, k)
+
+
+@quant_matmul.register_fake
+def _quant_matmul_shape(x, qweight, scales, qzeros, bits, group_size, k):
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
 def tuning_bucket(M: int) -> int:
     """The batch sizes that share one tuned configuration (`_TUNED`'s key): each up to 16, then powers of two."""
     return M if M <= 16 else min(triton.next_power_of_2(M), 1024)

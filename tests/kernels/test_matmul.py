@@ -111,6 +111,29 @@ def test_three_dim_input_keeps_leading_dims():
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_operator_for_torch_compile(symmetric):
+    """`quant_matmul`, the operator `QuantLinear` calls, passes torch's operator checks (its schema, and a
+    fake implementation whose output matches the real one's shape, dtype and strides), and a compiled
+    function around it traces whole (no graph break) and gives what the eager dispatcher gives."""
+    from bitplan.kernels.matmul import quant_matmul
+
+    K, N, bits, group = 96, 24, 3, 32
+    packed, scales, zeros = packed_weight(K, N, bits, group, symmetric)
+    pz = [] if zeros is None else [t.to(DEVICE) for t in reference.pack(zeros, bits)]
+    args = (torch.randn(2, 1, K).half().to(DEVICE), [t.to(DEVICE) for t in packed], scales.to(DEVICE), pz, bits,
+            group, K)
+    torch.library.opcheck(quant_matmul, args, test_utils=("test_schema", "test_faketensor"))
+
+    def block(x, *rest):
+        return torch.nn.functional.silu(quant_matmul(x, *rest)) * 2
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), block(*args))
+    check(compiled(*args).cpu(), 2 * torch.nn.functional.silu(reference.matmul(args[0].cpu().float(), packed, scales,
+                                                                              zeros, bits, group, K)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
 def test_dequantize_then_matmul(bits, symmetric):
     """The large-batch candidate: the weight dequantized in one launch (equal to the reference's, to the
