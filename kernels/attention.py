@@ -1,0 +1,154 @@
+"""Decode attention: one query token per sequence against a KV cache, grouped-query heads, in Triton.
+
+At decode time attention reads the cache once and does a few FLOPs per byte, so what costs is the
+kernels' count and the cache's bytes.  PyTorch's fused attention kernels are built for many queries: with
+one query a program holds mostly padding, grouped-query heads are first copied out to one key and value
+head per query head (`repeat_kv`, when the step is compiled), and the cache is not split over the SMs.
+
+Here each program takes one key/value head of one sequence and a slice of the cache positions, with the
+`G` query heads that share that key/value head as the rows of its tile (padded to 16 for `tl.dot`), so
+the cache is read once for all of them.  It keeps a running softmax over its slice (flash attention's
+recurrence) and writes its partial output, row maximum and sum; a second kernel combines the slices.
+Cache positions the mask rules out (the unfilled end of a static cache, padding) are skipped a block at
+a time when the whole block is masked, so a static cache costs what its filled part does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitplan.kernels.matmul import INTERPRET, _sm_count
+
+NEG = -1.0e30  # the running maximum's start: finite, so a slice with no position left gives exp(NEG - m) = 0
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, L, KVH, per_split, scale,
+                   sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+                   G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+                   HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, kvh = bh // KVH, bh % KVH
+    rows = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + (kvh * G + rows)[:, None] * sq_h + d[None, :], mask=rows[:, None] < G, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m = tl.full([ROWS], NEG, tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, L)
+    for start in range(lo, hi, BLOCK_L):
+        pos = start + tl.arange(0, BLOCK_L)
+        keep = pos < hi
+        if HAS_MASK:
+            keep &= tl.load(mask_ptr + b * sm_b + pos * sm_l, mask=pos < hi, other=0) != 0
+        if tl.max(keep.to(tl.int32), axis=0) > 0:  # a block the mask rules out whole is not read
+            k = tl.load(k_ptr + b * sk_b + kvh * sk_h + pos[:, None] * sk_l + d[None, :], mask=keep[:, None],
+                        other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + b * sv_b + kvh * sv_h + pos[:, None] * sv_l + d[None, :], mask=keep[:, None],
+                        other=0.0)
+            if DOT_FP32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            total = total * alpha + tl.sum(p, axis=1)
+            m = m_new
+    # partials of this slice: [B * KVH, splits, ROWS, D] and [B * KVH, splits, 2, ROWS]
+    base = bh * tl.num_programs(1) + split
+    tl.store(acc_ptr + base * ROWS * D + rows[:, None] * D + d[None, :], acc)
+    tl.store(ml_ptr + base * 2 * ROWS + rows, m)
+    tl.store(ml_ptr + base * 2 * ROWS + ROWS + rows, total)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, out_ptr, KVH, SPLITS, so_b, so_h,
+                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    bh = tl.program_id(0)
+    b, kvh = bh // KVH, bh % KVH
+    s = tl.arange(0, SPLITS_P2)
+    rows = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    ok = s < SPLITS
+    base = bh * SPLITS + s
+    m = tl.load(ml_ptr + base[:, None] * 2 * ROWS + rows[None, :], mask=ok[:, None], other=NEG)  # [S, ROWS]
+    total = tl.load(ml_ptr + base[:, None] * 2 * ROWS + ROWS + rows[None, :], mask=ok[:, None], other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.exp(m - top[None, :])  # [S, ROWS]
+    denom = tl.sum(w * total, axis=0)
+    out = tl.zeros([ROWS, D], tl.float32)
+    for i in range(0, SPLITS):
+        part = tl.load(acc_ptr + (bh * SPLITS + i) * ROWS * D + rows[:, None] * D + d[None, :])
+        wi = tl.sum(tl.where(s[:, None] == i, w, 0.0), axis=0)
+        out += part * wi[:, None]
+    out = out / denom[:, None]
+    tl.store(out_ptr + b * so_b + (kvh * G + rows)[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rows[:, None] < G)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, block_l: int = 64, splits: int | None = None) -> torch.Tensor:
+    """`softmax(q kᵀ · scale, masked) v` for one query token: `query [B, H, 1, D]`, `key`/`value
+    [B, KVH, L, D]` (H a multiple of KVH), `mask [B, 1, 1, L]` (bool, True where attended, or additive:
+    0 where attended) or None.  Returns `[B, 1, H, D]`, transformers' layout after attention.
+    `splits` (slices of the cache) is chosen from the SM count unless given (tests)."""
+    B, H, _, D = query.shape
+    KVH, L = key.shape[1], key.shape[2]
+    G = H // KVH
+    rows = max(16, triton.next_power_of_2(G))  # tl.dot's least tile side
+    # enough slices to give every SM a program or two, none shorter than a block
+    blocks = triton.cdiv(L, block_l)
+    splits = max(1, min(blocks, splits or triton.cdiv(2 * _sm_count(query.device), B * KVH)))
+    per_split = triton.cdiv(blocks, splits) * block_l
+    splits = triton.cdiv(L, per_split)
+    acc = torch.empty(B * KVH, splits, rows, D, device=query.device, dtype=torch.float32)
+    ml = torch.empty(B * KVH, splits, 2, rows, device=query.device, dtype=torch.float32)
+    out = torch.empty(B, 1, H, D, device=query.device, dtype=query.dtype)
+    if mask is not None:
+        mask = (mask if mask.dtype == torch.bool else mask == 0).expand(B, 1, 1, L)
+    q = query[:, :, 0]
+    k_args = (key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2))
+    m_args = (mask.stride(0), mask.stride(3)) if mask is not None else (0, 0)
+    if key.stride(3) != 1 or value.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("decode_attention needs the head dimension contiguous in query, key and value")
+    cfg = {} if INTERPRET else dict(num_warps=4, num_stages=2)
+    _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, L, KVH, per_split,
+                                      scale, q.stride(0), q.stride(1), *k_args, *m_args, G=G, D=D, ROWS=rows,
+                                      BLOCK_L=block_l, HAS_MASK=mask is not None,
+                                      DOT_FP32=INTERPRET, **cfg)
+    _combine_kernel[(B * KVH,)](acc, ml, out, KVH, splits, out.stride(0), out.stride(2), G=G, D=D, ROWS=rows,
+                                SPLITS_P2=triton.next_power_of_2(splits), **({} if INTERPRET else dict(num_warps=4)))
+    return out
+
+
+@torch.library.custom_op("bitplan::decode_attention", mutates_args=())
+def decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """`decode_attention` as one opaque operator, for `torch.compile` (as `matmul.quant_matmul`)."""
+    return decode_attention(query, key, value, mask, scale)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_shape(query, key, value, mask, scale):
+    B, H, _, D = query.shape
+    return query.new_empty(B, 1, H, D)
+
+
+def reference_attention(query, key, value, mask, scale) -> torch.Tensor:
+    """The same in float32 torch ops (the kernel's spec): `[B, 1, H, D]`."""
+    G = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(G, dim=1)
+    v = value.float().repeat_interleave(G, dim=1)
+    s = query.float() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~(mask if mask.dtype == torch.bool else mask == 0), float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
