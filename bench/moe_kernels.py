@@ -52,9 +52,9 @@ def run(layers, batches, group, save) -> list[dict]:
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             top = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(batch)]).cuda()
-            order, seg_expert, seg_start = route(top)
-            active = seg_expert.numel()
             # the active experts only, renumbered 0..active-1: the inactive ones are never read
+            seg_start = torch.unique_consecutive(route(top, E)[2])  # route's empty segments dropped
+            active = seg_start.numel() - 1
             local = torch.arange(active, device="cuda")
             x = torch.randn(batch * top_k, K, device="cuda", dtype=torch.bfloat16)
             max_rows = int((seg_start[1:] - seg_start[:-1]).max())

@@ -34,8 +34,8 @@ def main(argv=None):
     print(json.dumps(harness.metadata(args)), flush=True)
     E, top_k, N, K = LAYERS["deepseek-v3.gate"]
     top = torch.randperm(E, generator=torch.Generator().manual_seed(1))[:top_k][None].cuda()
-    _, seg_expert, seg_start = route(top)
-    local = torch.arange(seg_expert.numel(), device="cuda")
+    seg_start = torch.unique_consecutive(route(top, E)[2])  # the chosen experts' segments, as 0..top_k-1
+    local = torch.arange(seg_start.numel() - 1, device="cuda")
     x = torch.randn(top_k, K, device="cuda", dtype=torch.bfloat16)
     for name, cycle in MIXES.items():
         w = expert_pack([cycle[i % len(cycle)] for i in range(top_k)], N, K, 128)

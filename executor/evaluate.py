@@ -116,12 +116,18 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
 
 def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A copy of `model` with every `QuantLinear` replaced by an `nn.Linear` holding its dequantized
-    weights in `dtype`: the unquantized model of the same architecture, the baseline of a speed test."""
+    weights in `dtype`, and the routed experts fused again as transformers holds them
+    (`_fused_experts_twin`): the unquantized model of the same architecture, the baseline of a speed test."""
     import copy
 
     from bitplan.executor.quant_linear import QuantEmbedding, QuantLinear, QuantTiedHead
+    from bitplan.profiler.moe import expert_sets
 
-    twin = copy.deepcopy(model)
+    experts = dict(expert_sets(model))
+    # the experts are built anew, not copied (a copy would hold their packed weights once more meanwhile):
+    # an empty module stands in their place until then
+    twin = copy.deepcopy(model, memo={id(mod): nn.Module() for mod in experts.values()})
+    _fused_experts_twin(twin, experts, dtype)
     heads = []
     for name, mod in list(twin.named_modules()):
         if isinstance(mod, QuantEmbedding):
@@ -262,3 +268,42 @@ def summarize_windows(per_window: dict, window: int, n_windows: int | None = Non
         res[name] = {"perplexity": float(np.exp(nll.sum() / (len(nll) * (window - 1)))),
                      "kl": float(kl.sum() / (len(kl) * window)), "tokens": int(len(nll) * window)}
     return res
+
+
+def _fused_experts_twin(twin: nn.Module, experts: dict, dtype: torch.dtype) -> None:
+    """At each name of `experts` (the model's `ExpertLinears`), `twin` gets its architecture's own fused experts
+    module, as transformers builds it, holding the experts' (dequantized) weights in `dtype` and run by
+    transformers' grouped-mm experts implementation.
+
+    Why this baseline: it is the bf16 model as transformers runs it by default.  One `grouped_mm` per
+    projection takes all the experts' weights with per-expert row offsets computed on the device (sort,
+    histc, cumsum: no host read, so its decode step is captured in a CUDA graph as the quantized model's
+    is), and reads only the experts that got rows.  The un-fused loop of `ExpertLinears` would read the
+    routing back to the host in every layer, and gathering the chosen experts' weights per token would
+    copy them; a grouped bf16 module of our own would measure our code rather than the model's own.
+    """
+    if not experts:
+        return
+    from bitplan.executor.quant_linear import QuantLinear
+
+    def weight(lin: nn.Module) -> torch.Tensor:
+        return lin.dequantized_weight(torch.float32) if isinstance(lin, QuantLinear) else lin.weight
+
+    with torch.device("meta"):  # the architecture's modules, nothing allocated
+        fresh = type(twin)(twin.config)
+    for name, mod in experts.items():
+        device = weight(mod[0].down_proj).device
+        fused = fresh.get_submodule(name).to(dtype).to_empty(device=device)
+        E, two_i, H = fused.gate_up_proj.shape
+        I = two_i // 2  # noqa: E741
+        if (E, H, I) != (len(mod), mod[0].down_proj.out_features, mod[0].down_proj.in_features):
+            raise ValueError(f"{name}: the architecture's fused experts are {E} x [{two_i}, {H}], not the model's "
+                             f"{len(mod)} experts of {mod[0].down_proj.in_features} x "
+                             f"{mod[0].down_proj.out_features}")
+        with torch.no_grad():
+            for e, mlp in enumerate(mod):  # gate rows first: `profiler.moe.unfuse_experts` reversed
+                fused.gate_up_proj[e, :I] = weight(mlp.gate_proj)
+                fused.gate_up_proj[e, I:] = weight(mlp.up_proj)
+                fused.down_proj[e] = weight(mlp.down_proj)
+        twin.set_submodule(name, fused)
+    twin.set_experts_implementation("grouped_mm")

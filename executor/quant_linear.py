@@ -148,19 +148,22 @@ class QuantExpertLinears(ExpertLinears):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if not hidden_states.is_cuda or self.record is not None or self._packs() is None \
-                or bool((top_k_index >= len(self)).any()):
+        if not hidden_states.is_cuda or self.record is not None or self._packs() is None:
             return super().forward(hidden_states, top_k_index, top_k_weights)
         return self.fused(hidden_states, top_k_index, top_k_weights)
 
     def fused(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
               top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The one-launch-per-projection path (on the CPU only under `TRITON_INTERPRET=1`, for tests)."""
+        """The one-launch-per-projection path (on the CPU only under `TRITON_INTERPRET=1`, for tests).
+
+        Shapes follow from the token count alone and nothing is read back to the host (`route`), so a
+        decode step through it can be captured in a CUDA graph.
+        """
         from bitplan.kernels.moe import moe_matmul, route
 
         packs = self._packs()
 
-        order, seg_expert, seg_start = route(top_k_index)
+        order, seg_expert, seg_start = route(top_k_index, len(self))
         token = order // top_k_index.shape[1]
         x = hidden_states[token]
         rows = hidden_states.shape[0]  # an expert sees each token at most once
@@ -168,7 +171,17 @@ class QuantExpertLinears(ExpertLinears):
         h = self[0].act_fn(moe_matmul(x, gate, seg_expert, seg_start, max_rows=rows)) \
             * moe_matmul(x, up, seg_expert, seg_start, max_rows=rows)
         out = moe_matmul(h, down, seg_expert, seg_start, max_rows=rows) * top_k_weights.reshape(-1)[order, None]
+        # masked-out slots' rows lie past the last segment, unwritten: whatever they hold (NaN times a zero
+        # weight is NaN) must not reach the sum
+        kept = torch.arange(out.shape[0], device=out.device) < seg_start[-1]
+        out = torch.where(kept[:, None], out, 0)
         return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
+
+    def _apply(self, fn, recurse=True):
+        # the packs are no buffers of this module: moved or cast, the experts' buffers stop being views of
+        # them, and kept they would hold every expert's weights a second time where the module was
+        self._packed_experts = None
+        return super()._apply(fn, recurse)
 
     def _packs(self):
         from bitplan.kernels.moe import SUPPORTED_BITS, ExpertWeights

@@ -211,8 +211,10 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
     """`y[r] = x[r] @ W_e.T` for rows `r` of segment `s`, `e = seg_expert[s]`, rows `seg_start[s]:seg_start[s+1]`.
 
     `x: [T, K]` rows sorted by expert; `seg_expert: [S]`, `seg_start: [S + 1]` int on x's device.  One
-    launch for all segments whatever their widths, when no segment has more than `GEMV_MAX_ROWS` rows
-    (`max_rows`, if the caller knows it, saves a device-to-host read); otherwise the dense kernel per expert.
+    launch for all segments whatever their widths, when no segment has more than `GEMV_MAX_ROWS` rows;
+    otherwise the dense kernel per expert.  With `max_rows` (a bound the caller knows, such as the token
+    count) nothing is read back to the host, so the launch can be captured in a CUDA graph.  Rows outside
+    every segment are left unwritten.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -222,15 +224,20 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
         max_rows = int((seg_start[1:] - seg_start[:-1]).max()) if seg_expert.numel() else 0
     if max_rows > GEMV_MAX_ROWS or not gemv_group(w.group_size, w.k):
         return _per_expert(x, w, seg_expert, seg_start)
-    S = seg_expert.numel()
+    # segments that can hold rows: every non-empty one holds at least one row of x, so of `route`'s one
+    # segment per expert a batch-1 step fills top_k.  The split is sized (and tuned) for those: the
+    # programs of the empty ones exit at once, and sized for all of them the few busy segments would
+    # get too few programs to fill the GPU
+    active = min(seg_expert.numel(), x.shape[0])
     group = gemv_group(w.group_size, w.k)
     if config is not None:
-        cfg = dict(moe_configs(S, w.n, w.k, group, _sm_count(x.device), max_rows)[0], **config)
+        cfg = dict(moe_configs(active, w.n, w.k, group, _sm_count(x.device), max_rows)[0], **config)
     else:
-        key = (S, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype, tuple(sorted(set(w.bits))))
+        key = (active, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype,
+               tuple(sorted(set(w.bits))))
         cfg = _TUNED.get(key)
         if cfg is None:
-            found = moe_configs(S, w.n, w.k, group, _sm_count(x.device), max_rows)
+            found = moe_configs(active, w.n, w.k, group, _sm_count(x.device), max_rows)
             cfg = found[0] if INTERPRET or not x.is_cuda else \
                 _fastest(found, lambda c: _launch(x, w, seg_expert, seg_start, max_rows, c))
             _TUNED[key] = cfg
@@ -248,15 +255,21 @@ def _per_expert(x, w: ExpertWeights, seg_expert, seg_start) -> torch.Tensor:
     return y
 
 
-def route(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-slot pairs sorted by expert: `(order, seg_expert, seg_start)`.
+def route(top_k_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-slot pairs sorted by expert, one segment per expert: `(order, seg_expert, seg_start)`.
 
-    `order[r]` is the flat (token * top_k + slot) index of sorted row `r`; segments are the runs of
-    one expert, in increasing expert order.
+    `order[r]` is the flat (token * top_k + slot) index of sorted row `r`; `seg_expert = arange(E)`,
+    `seg_start: [E + 1]`.  Every shape follows from the input's and `n_experts` alone, and nothing is
+    read back to the host, so a decode step that routes can be captured in a CUDA graph.  An expert no
+    slot chose has an empty segment, whose programs read no weights (`_moe_gemv_kernel`'s row loop runs
+    zero times).  Slots whose index is `n_experts` or more (masked out, as in expert parallelism) sort
+    after every segment: rows `seg_start[E]:` belong to none, the kernel leaves them unwritten, and the
+    caller must drop them.  Leaving them out, rather than clamping them into the last expert with a zero
+    weight, keeps each expert at no more rows than tokens, the bound `moe_matmul`'s `max_rows` promises.
     """
     flat = top_k_index.reshape(-1)
     experts, order = torch.sort(flat, stable=True)
-    seg_expert, counts = torch.unique_consecutive(experts, return_counts=True)
-    seg_start = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=flat.device)
-    seg_start[1:] = torch.cumsum(counts, 0)
-    return order, seg_expert.to(torch.int64), seg_start
+    bounds = torch.arange(n_experts + 1, device=flat.device, dtype=experts.dtype)
+    # each expert's first row in the sorted list; bincount would read its output size back from the device
+    seg_start = torch.searchsorted(experts, bounds)
+    return order, bounds[:-1].to(torch.int64), seg_start
