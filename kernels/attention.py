@@ -21,7 +21,7 @@ import triton.language as tl
 
 from bitplan.kernels.matmul import INTERPRET, _sm_count
 
-NEG = -1.0e30  # the running maximum's start: finite, so a slice with no position left gives exp(NEG - m) = 0
+NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a slice with no position left gives exp(NEG - m) = 0
 
 
 @triton.jit
