@@ -5,14 +5,16 @@ linears are RTN-quantized and swapped for `QuantLinear` (the fused Triton kernel
 model's logits are checked against its bf16 twin (`executor.evaluate.dense_twin`: the same weights
 dequantized, torch matmuls).  Measures greedy decode of 128 new tokens after a 512-token prompt at
 batch 1 and 16, one token step captured in a CUDA graph (`executor.evaluate.decode_speed`), and peak
-GPU memory, for the quantized model and the twin alternately (`executor.evaluate.speed_report`).
+GPU memory, for the quantized model and the twin alternately (`executor.evaluate.speed_report`); with
+`--compile on` the step of both models is `torch.compile`d before it is captured.
 
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
-    python bench/decode.py --layers 32 --bits 4
+    python bench/decode.py --layers 32 --bits 4 --batches 1 --compile on
 
-Prints a table and writes JSON (`--out`, default bench/results/decode.json).  Each row also splits one
-eager batch-1 decode step's GPU time (torch.profiler) between the linears (our kernels; cuBLAS in the
-twin) and everything else (attention, norms, rotary, sampling): what a faster linear can still win.
+Prints tables and writes JSON (`--out`, default bench/results/decode.json).  Where the step's time goes:
+each kind of linear (`q_proj`, ..., the head) timed alone at batch 1 with cold weights beside the bf16
+twin's and the floor for its bytes, and one eager batch-1 step's GPU time (torch.profiler) split between
+the linears (our kernels; cuBLAS in the twin), attention and everything else, with its costliest kernels.
 """
 
 from __future__ import annotations
@@ -28,62 +30,150 @@ harness.leave_sys_path()
 import torch
 
 from bitplan.db.types import Option
+from bitplan.executor.attention import use_decode_attention
 from bitplan.executor.evaluate import dense_twin, speed_report
-from bitplan.executor.quant_linear import QuantLinear
+from bitplan.executor.fused import FusedProjection, fuse_projections
+from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
 from bitplan.kernels.quantize import quantize
 from bitplan.profiler.model import planned_linears
+from bitplan.profiler.moe import unfuse_experts
+
+
+EXPERT_WIDTHS = (2, 3, 4)  # --moe: expert e at EXPERT_WIDTHS[e % 3] bits, a mixed-width plan
 
 
 def build(args) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=4096,
-                         tie_word_embeddings=True)
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                 max_position_embeddings=4096, tie_word_embeddings=True)
+    if args.moe:
+        config, cls = MixtralConfig(num_local_experts=args.experts, num_experts_per_tok=2, **shape), MixtralForCausalLM
+    else:
+        config, cls = LlamaConfig(**shape), LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = cls(config).to(torch.bfloat16)
+    if args.moe:
+        unfuse_experts(model)  # one linear per expert projection, each with its own width
+    if args.attention == "bitplan":
+        use_decode_attention(model)
+    else:
+        model.set_attn_implementation(args.attention)
     return model.eval()
 
 
 def quantize_all(model: torch.nn.Module, option: Option) -> None:
+    """Every planned linear at `option`, routed experts at `EXPERT_WIDTHS` by their index; experts fused for
+    one launch per projection (`QuantExpertLinears`)."""
     for module, linear in planned_linears(model):
-        qw = quantize(linear.weight.float(), option)
+        opt = option if module.expert is None else \
+            option.model_copy(update={"bits": EXPERT_WIDTHS[module.expert % len(EXPERT_WIDTHS)]})
+        qw = quantize(linear.weight.float(), opt)
         ql = QuantLinear.from_quantized(qw, None if linear.bias is None else linear.bias.float())
         model.set_submodule(module.name, ql.to("cuda"))
+    fuse_quantized_experts(model)
 
 
-LINEAR_KERNELS = ("_gemv_kernel", "_tiled_kernel", "_moe", "_dequant_kernel", "gemm", "nvjet", "cutlass", "xmma")
+LINEAR_KERNELS = ("_gemv_kernel", "_tiled_kernel", "_skinny", "_moe", "_dequant_kernel", "gemm", "nvjet", "cutlass",
+                  "xmma", "splitKreduce")
+ATTENTION_KERNELS = ("attention", "flash", "fmha", "sdpa", "softmax", "_decode_kernel", "_combine_kernel")
+
+
+def kernel_kind(name: str) -> str:
+    if any(k in name for k in LINEAR_KERNELS):
+        return "linear"
+    return "attention" if any(k in name.lower() for k in ATTENTION_KERNELS) else "other"
 
 
 @torch.no_grad()
-def step_breakdown(model: torch.nn.Module, vocab: int, prompt: int = 512) -> dict:
-    """GPU microseconds of one eager decode step at batch 1 after `prompt` tokens: linears vs the rest."""
+def step_breakdown(model: torch.nn.Module, vocab: int, compile: bool, prompt: int = 512) -> dict:
+    """GPU microseconds of one batch-1 decode step after `prompt` tokens, run eagerly (no graph) as
+    `decode_speed` runs it: the linears, attention and everything else, and the ten costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
 
     model.cuda()
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 8)
     ids = torch.randint(0, vocab, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    for _ in range(3):  # compile and tune outside the profile
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    token = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda")).logits[:, -1:]
+    token = token.argmax(-1)
+    forward = torch.compile(model, dynamic=False) if compile else model
+    pos = torch.tensor([prompt], device="cuda")
+    for _ in range(3):  # compile and tune outside the profile; the same position each time, as a replay would
+        forward(token, past_key_values=cache, cache_position=pos)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(token, past_key_values=cache, use_cache=True)
+        forward(token, past_key_values=cache, cache_position=pos)
         torch.cuda.synchronize()
-    split = {"linear_us": 0.0, "other_us": 0.0}
+    split, kernels = {"linear_us": 0.0, "attention_us": 0.0, "other_us": 0.0, "kernels": 0}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel (or memcpy/memset) on the GPU
-            split["linear_us" if any(k in e.name for k in LINEAR_KERNELS) else "other_us"] += e.time_range.elapsed_us()
+            us = e.time_range.elapsed_us()
+            split[kernel_kind(e.name) + "_us"] += us
+            split["kernels"] += 1
+            total, n = kernels.get(e.name, (0.0, 0))
+            kernels[e.name] = (total + us, n + 1)
+    split["top"] = [dict(kernel=k[:120], us=t, calls=n) for k, (t, n) in
+                    sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]]
+    del cache
     model.cpu()
     torch.cuda.empty_cache()
     return split
 
 
-COLUMNS = [("bits", "bits", "d"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
+def linear_kinds(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The names of the linears a step calls, by kind: the last part of the name (`q_proj`), or the
+    siblings' names joined for a merged linear (`k_proj+v_proj`, `executor.fused`)."""
+    kinds: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        parent, _, child = name.rpartition(".")
+        if isinstance(mod, FusedProjection):
+            if mod.index == 0:
+                siblings = [c for c, m in model.get_submodule(parent).named_children()
+                            if isinstance(m, FusedProjection) and m.group is mod.group]
+                kinds.setdefault("+".join(siblings), []).append(f"{name}.merged")
+        elif isinstance(mod, (QuantLinear, torch.nn.Linear)) and child != "merged":
+            kinds.setdefault(child, []).append(name)
+    return kinds
+
+
+@torch.no_grad()
+def linear_breakdown(model: torch.nn.Module, twin: torch.nn.Module) -> list[dict]:
+    """Batch-1 time of each kind of linear in the step (layer 0's `q_proj`, ..., the head), weights cold
+    in L2 and in a CUDA graph (`kernels.timing.cold_time_us`), beside the bf16 twin's and the floor for
+    its bytes: where the linears' share of the step goes, per shape."""
+    import copy
+
+    from bitplan.kernels.timing import cold_time_us, copies_for, floor_us
+
+    rows = []
+    layers = dict(model.named_modules())
+    twins = dict(twin.named_modules())
+    for kind, names in linear_kinds(model).items():
+        rows_of_kind = {}
+        for label, mods in (("ours", layers), ("bf16", twins)):
+            mod = mods[names[0]].cuda()
+            nbytes = sum(t.numel() * t.element_size() for t in list(mod.buffers()) + list(mod.parameters()))
+            copies = [mod] + [copy.deepcopy(mod) for _ in range(copies_for(nbytes) - 1)]
+            x = torch.randn(1, mod.in_features, device="cuda", dtype=torch.bfloat16)
+            rows_of_kind[label] = (cold_time_us([lambda m=m: m(x) for m in copies]), nbytes)
+            del copies
+            mod.cpu()
+            torch.cuda.empty_cache()
+        rows.append(dict(kind=kind, count=len(names), n=layers[names[0]].out_features, k=layers[names[0]].in_features,
+                         us=rows_of_kind["ours"][0], bf16_us=rows_of_kind["bf16"][0],
+                         floor_us=floor_us(rows_of_kind["ours"][1]), bytes=rows_of_kind["ours"][1]))
+    return rows
+
+
+COLUMNS = [("bits", "bits", "d"), ("compile", "compile", "<"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
            ("bf16 tok/s", "bf16_tokens_per_s", ".1f"), ("vs bf16", "speedup_vs_bf16", ".2f"),
            ("peak GiB", "peak_gib", ".2f"), ("bf16 GiB", "bf16_peak_gib", ".2f")]
+
+LINEAR_COLUMNS = [("kind", "kind", "<"), ("count", "count", "d"), ("out", "n", "d"), ("in", "k", "d"),
+                  ("us", "us", ".1f"), ("floor us", "floor_us", ".1f"), ("bf16 us", "bf16_us", ".1f")]
 
 
 def main(argv=None):
@@ -94,15 +184,27 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--moe", action="store_true",
+                    help="Mixtral's shape: --experts routed experts a layer, 2 a token, at 2, 3 and 4 bits by index "
+                         "(--bits: the attention's)")
+    ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--attention", default="sdpa",
+                    help="bitplan (kernels/attention.py at decode time) or one of transformers' attention "
+                         "implementations (sdpa, flex_attention, ...), both models")
+    ap.add_argument("--compile", default="off,on",
+                    help="off, on or off,on: the step as eager PyTorch, torch.compiled, or each (both models alike)")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.compile.split(",")]
+    if not modes or any(m not in ("off", "on") for m in modes):
+        ap.error(f"--compile takes off, on or off,on; got {args.compile!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
     meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
+    rows, linears = [], {}
     probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
     for bits in [int(b) for b in args.bits.split(",")]:
         model = build(args)
@@ -111,27 +213,44 @@ def main(argv=None):
         with torch.no_grad():
             got, want = model(probe).logits.float(), twin(probe).logits.float()
         rel = float((got - want).norm() / want.norm())
-        step = {"model": step_breakdown(model, args.vocab), "bf16": step_breakdown(twin, args.vocab)}
-        print(f"{bits} bits, one eager step at batch 1 (GPU us): linears {step['model']['linear_us']:.0f} + other "
-              f"{step['model']['other_us']:.0f}; bf16 twin {step['bf16']['linear_us']:.0f} + "
-              f"{step['bf16']['other_us']:.0f}", flush=True)
-        del twin
-        report = speed_report(model, batches)
-        for b, r in report["batches"].items():
-            rows.append(dict(bits=bits, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
-                             weights_gib=report["weights_gib"]["model"], bf16_weights_gib=report["weights_gib"]["bf16"],
-                             tokens_per_s=r["model"]["decode_tokens_per_s"],
-                             bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
-                             peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
-                             cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"], step_batch1_us=step))
-            x = rows[-1]
-            print(f"{bits} bits batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 {x['bf16_tokens_per_s']:8.1f} "
-                  f"(x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs {x['bf16_peak_gib']:.2f} GiB  "
-                  f"graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}", flush=True)
-        del model
+        model.cpu()
+        twin.cpu()
+        if not args.moe:  # a MoE twin's experts are one fused module, no linear to time beside each of ours
+            linears[bits] = linear_breakdown(model, twin)
+        for m in (model, twin):  # as `speed_report` would, but before the step breakdowns below too
+            fuse_projections(m.cuda(), probe[:, :4])
+            m.cpu()
+        if not args.moe:
+            linears[bits] += linear_breakdown(model, twin)
+            print(harness.table(linears[bits], LINEAR_COLUMNS,
+                                title=f"{bits} bits: one linear of each kind, batch 1, then siblings merged"))
+        for mode in modes:
+            compile = mode == "on"
+            step = {"model": step_breakdown(model, args.vocab, compile),
+                    "bf16": step_breakdown(twin, args.vocab, compile)}
+            for who, x in step.items():
+                print(f"{bits} bits, compile {mode}, {who}: one eager step at batch 1, GPU us: linears "
+                      f"{x['linear_us']:.0f} + attention {x['attention_us']:.0f} + other {x['other_us']:.0f} "
+                      f"in {x['kernels']} kernels", flush=True)
+            report = speed_report(model, batches, compile=compile)
+            for b, r in report["batches"].items():
+                rows.append(dict(bits=bits, compile=mode, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
+                                 weights_gib=report["weights_gib"]["model"],
+                                 bf16_weights_gib=report["weights_gib"]["bf16"],
+                                 tokens_per_s=r["model"]["decode_tokens_per_s"],
+                                 bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
+                                 peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
+                                 cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"],
+                                 step_batch1_us=step))
+                x = rows[-1]
+                print(f"{bits} bits compile {mode} batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 "
+                      f"{x['bf16_tokens_per_s']:8.1f} (x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs "
+                      f"{x['bf16_peak_gib']:.2f} GiB  graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}",
+                      flush=True)
+        del model, twin
         torch.cuda.empty_cache()
     print(harness.table(rows, COLUMNS, title=""))
-    harness.done(harness.write_result(args.out, {"rows": rows}, meta))
+    harness.done(harness.write_result(args.out, {"rows": rows, "linears": linears}, meta))
 
 
 if __name__ == "__main__":

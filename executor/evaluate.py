@@ -58,14 +58,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: str = "cpu", pro
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: int = 128, vocab: int | None = None,
-                 device: str = "cuda", seed: int = 0, graph: bool = True) -> dict:
+                 device: str = "cuda", seed: int = 0, graph: bool = True, compile: bool = False) -> dict:
     """Greedy decoding of `new_tokens` after a `prompt`-token random prompt, `batch` sequences at once.
 
     One token step is captured in a CUDA graph (a static KV cache, the step's input ids and position
     updated in place), so what is timed is the GPU's work, not the Python and launch overhead of eager
     PyTorch, which at batch 1 on a small model exceeds the kernels' time (`graph=False` times eager
-    steps).  Returns decode tokens/s, prefill seconds, peak GPU memory, and whether the graph was used
-    (a model whose step cannot be captured falls back to eager and says so).
+    steps).  With `compile`, the step is `torch.compile`d first (the prefill stays eager): the graph
+    then replays Inductor's fused kernels for the norms, rotary embedding and residual adds in place of
+    eager PyTorch's many small ones, and each quantized linear as its one opaque operator
+    (`kernels.matmul.quant_matmul`).  Returns decode tokens/s, prefill seconds, peak GPU memory, and
+    whether the graph was used (a model whose step cannot be captured falls back to eager and says so).
     """
     import time
 
@@ -85,8 +88,11 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     prefill = time.perf_counter() - t0
     pos = torch.tensor([prompt], device=device)
 
+    # one fixed shape per step, so no recompilation; the module is shared, not copied
+    forward = torch.compile(model, dynamic=False) if compile else model
+
     def step():
-        out = model(step_ids, past_key_values=cache, use_cache=True, cache_position=pos).logits
+        out = forward(step_ids, past_key_values=cache, use_cache=True, cache_position=pos).logits
         step_ids.copy_(out[:, -1:].argmax(-1))
         pos.add_(1)
 
@@ -110,7 +116,7 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
-                decode_tokens_per_s=batch * new_tokens / seconds,
+                compiled=compile, decode_tokens_per_s=batch * new_tokens / seconds,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
@@ -152,9 +158,11 @@ def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
 
 
 def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_tokens: int = 128,
-                 device: str = "cuda") -> dict:
+                 device: str = "cuda", compile: bool = False) -> dict:
     """Decode speed and peak memory of `model` (in the dtype it runs in) and of its bf16 `dense_twin`,
-    measured in the same process, one model on the GPU at a time.
+    measured in the same process, one model on the GPU at a time, both `torch.compile`d or neither
+    (`decode_speed`).  Sibling projections (q, k and v; gate and up) are merged in both first, in place, as
+    serving engines hold them (`executor.fused`): their counts are under `"fused"`.
 
     Returns `{"batches": {"1": {"model": {...}, "bf16": {...}, "speedup": x}, ...}, "weights_gib": {...}}`.
     """
@@ -163,11 +171,17 @@ def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_token
            "weights_gib": {"model": _weight_gib(model)}}
     twin = dense_twin(model).cpu()
     out["weights_gib"]["bf16"] = _weight_gib(twin)
+    from bitplan.executor.fused import fuse_projections
+
+    probe = torch.zeros(1, 4, dtype=torch.long, device=device)
+    out["fused"] = {"model": fuse_projections(model, probe)}
     for b in batches:
-        mine = decode_speed(model, b, prompt, new_tokens, device=device)
+        mine = decode_speed(model, b, prompt, new_tokens, device=device, compile=compile)
         model.cpu()  # only the model being timed on the GPU, so that peak memory is its own
         twin.to(device)
-        base = decode_speed(twin, b, prompt, new_tokens, device=device)
+        if "bf16" not in out["fused"]:  # merged here, on the GPU, where the probe runs fast
+            out["fused"]["bf16"] = fuse_projections(twin, probe)
+        base = decode_speed(twin, b, prompt, new_tokens, device=device, compile=compile)
         twin.cpu()
         model.to(device)
         out["batches"][str(b)] = {"model": mine, "bf16": base,

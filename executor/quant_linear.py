@@ -65,10 +65,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:  # fused Triton kernel; the CPU path is the reference (the kernel's spec)
-            from bitplan.kernels.matmul import matmul
-            y = matmul(x, self._packed("qweight"), self.scales,
-                       None if self.option.symmetric else self._packed("qzeros"),
-                       self.option.bits, self.group_size, self.in_features)
+            from bitplan.kernels.matmul import quant_matmul
+            y = quant_matmul(x, self._packed("qweight"), self.scales,
+                             [] if self.option.symmetric else self._packed("qzeros"),
+                             self.option.bits, self.group_size, self.in_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
