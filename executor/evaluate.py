@@ -192,7 +192,9 @@ def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_token
 
 
 def _weight_gib(model: nn.Module) -> float:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
+    # each tensor once: a tied head, and a merged linear that each of its siblings holds (`executor.fused`)
+    unique = {(t.data_ptr(), t.numel()): t for t in model.state_dict().values() if t.numel()}
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**30
 
 
 @torch.no_grad()

@@ -66,3 +66,12 @@ def test_compiles_whole(mixed_llama):
     compiled = torch.compile(mixed_llama, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(logits(compiled), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits(compiled, IDS + 1), logits(mixed_llama, IDS + 1), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_bytes_count_a_merged_linear_once(mixed_llama):
+    """What a speed report gives as the model's weight bytes does not grow when siblings merge (each of
+    them holds the merged linear) nor count a tied head twice."""
+    from bitplan.executor.evaluate import _weight_gib
+    before = _weight_gib(mixed_llama)
+    fuse_projections(mixed_llama, IDS[:1, :4])
+    assert _weight_gib(mixed_llama) == pytest.approx(before)
