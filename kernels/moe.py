@@ -256,20 +256,26 @@ def _per_expert(x, w: ExpertWeights, seg_expert, seg_start) -> torch.Tensor:
 
 
 def route(top_k_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-slot pairs sorted by expert, one segment per expert: `(order, seg_expert, seg_start)`.
+    """Token-slot pairs sorted by expert: `(order, seg_expert, seg_start)`.
 
-    `order[r]` is the flat (token * top_k + slot) index of sorted row `r`; `seg_expert = arange(E)`,
-    `seg_start: [E + 1]`.  Every shape follows from the input's and `n_experts` alone, and nothing is
-    read back to the host, so a decode step that routes can be captured in a CUDA graph.  An expert no
-    slot chose has an empty segment, whose programs read no weights (`_moe_gemv_kernel`'s row loop runs
-    zero times).  Slots whose index is `n_experts` or more (masked out, as in expert parallelism) sort
-    after every segment: rows `seg_start[E]:` belong to none, the kernel leaves them unwritten, and the
-    caller must drop them.  Leaving them out, rather than clamping them into the last expert with a zero
-    weight, keeps each expert at no more rows than tokens, the bound `moe_matmul`'s `max_rows` promises.
+    `order[r]` is the flat (token * top_k + slot) index of sorted row `r`.  There are `min(E, slots)`
+    segments, the experts that got rows first (in increasing order, as their rows lie), then idle ones,
+    with `seg_start: [segments + 1]`.  Every shape follows from the input's and `n_experts` alone, and
+    nothing is read back to the host, so a decode step that routes can be captured in a CUDA graph; and
+    no more segments are launched than the slots can fill, so a model of 256 experts launches 8 at batch 1.
+    An idle expert's segment is empty, and its programs read no weights (`_moe_gemv_kernel`'s row loop
+    runs zero times).  Slots whose index is `n_experts` or more (masked out, as in expert parallelism)
+    sort after every segment: rows from `seg_start[-1]` on belong to none, the kernel leaves them
+    unwritten, and the caller must drop them.  Leaving them out, rather than clamping them into the last
+    expert with a zero weight, keeps each expert at no more rows than tokens, the bound `moe_matmul`'s
+    `max_rows` promises.
     """
     flat = top_k_index.reshape(-1)
     experts, order = torch.sort(flat, stable=True)
     bounds = torch.arange(n_experts + 1, device=flat.device, dtype=experts.dtype)
     # each expert's first row in the sorted list; bincount would read its output size back from the device
-    seg_start = torch.searchsorted(experts, bounds)
-    return order, bounds[:-1].to(torch.int64), seg_start
+    counts = torch.diff(torch.searchsorted(experts, bounds))
+    busy_first = torch.sort((counts == 0).to(torch.int8), stable=True).indices[:min(n_experts, flat.numel())]
+    seg_start = torch.zeros(busy_first.numel() + 1, dtype=torch.int64, device=flat.device)
+    seg_start[1:] = torch.cumsum(counts[busy_first], 0)
+    return order, busy_first.to(torch.int64), seg_start

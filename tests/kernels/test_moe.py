@@ -100,11 +100,11 @@ def test_pack_rejects_mixed_shapes_and_views_round_trip():
 
 def test_decode_step_one_row_per_expert():
     """Batch 1, top-3: each active expert sees one row, so the launch holds one row per program; expert 1,
-    chosen by no slot, is an empty segment."""
+    chosen by no slot, gets no segment (three slots, three segments)."""
     K, N, group = 192, 24, 64
     w, raw = experts([8, 2, 3, 4], K, N, group, False, seed=6)
     order, seg_expert, seg_start = route(torch.tensor([[3, 0, 2]]), 4)
-    assert seg_start.tolist() == [0, 1, 1, 2, 3]
+    assert seg_expert.tolist() == [0, 2, 3] and seg_start.tolist() == [0, 1, 2, 3]
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(7)).half()[order // 3]
     want = reference_rows(x, raw, seg_expert, seg_start, K, group)
     got = moe_matmul(x.to(DEVICE), w, seg_expert.to(DEVICE), seg_start.to(DEVICE), max_rows=1).cpu()
@@ -112,13 +112,14 @@ def test_decode_step_one_row_per_expert():
 
 
 def test_routing_shapes_are_static_and_masked_slots_fall_outside_every_segment():
-    """One segment per expert whatever the routing (so a decode step can be captured in a CUDA graph); slots
-    whose index is E or more sort after the last segment, and the launch leaves their rows alone."""
+    """min(E, slots) segments whatever the routing (so a decode step can be captured in a CUDA graph), the
+    busy experts' first; slots whose index is E or more sort after the last segment, and the launch leaves
+    their rows alone."""
     K, N, group = 128, 16, 32
     w, raw = experts([3, 2, 4, 8, 4], K, N, group, False, seed=8)
     top_k = torch.tensor([[2, 5], [0, 2], [7, 0]])  # 5 and 7 masked out; experts 1, 3 and 4 idle
     order, seg_expert, seg_start = route(top_k, 5)
-    assert seg_expert.tolist() == [0, 1, 2, 3, 4] and seg_start.tolist() == [0, 2, 2, 4, 4, 4]
+    assert seg_expert.tolist() == [0, 2, 1, 3, 4] and seg_start.tolist() == [0, 2, 4, 4, 4, 4]
     assert top_k.reshape(-1)[order].tolist() == [0, 0, 2, 2, 5, 7]
     same_shapes = route(torch.tensor([[1, 1], [1, 1], [1, 1]]), 5)
     assert [t.shape for t in same_shapes] == [t.shape for t in (order, seg_expert, seg_start)]
@@ -129,8 +130,9 @@ def test_routing_shapes_are_static_and_masked_slots_fall_outside_every_segment()
 
 
 def test_split_k_is_sized_for_the_segments_that_can_hold_rows(monkeypatch):
-    """A batch-1 top-2 step routed over 8 experts (6 segments empty) gets the split, and the tuned
-    configuration, of 2 segments: sized for all 8 its two busy experts would get a quarter of the programs."""
+    """A batch-1 top-2 step over 8 experts is routed into 2 segments; given all 8 segments (6 of them
+    empty), 2 rows still fill at most 2, so both get the split, and the tuned configuration, of 2 segments:
+    sized for 8, the two busy experts would get a quarter of the programs."""
     from bitplan.kernels import moe
 
     K, N, group = 4096, 1024, 128
@@ -143,8 +145,9 @@ def test_split_k_is_sized_for_the_segments_that_can_hold_rows(monkeypatch):
                       torch.zeros(8, 6, dtype=torch.int64), [], [4, 2] * 4, N, K, group)
     x = torch.zeros(2, K, dtype=torch.float16)
     _, seg_expert, seg_start = route(torch.tensor([[6, 1]]), 8)
+    assert seg_expert.tolist() == [1, 6] and seg_start.tolist() == [0, 1, 2]
     moe_matmul(x, w, seg_expert, seg_start, max_rows=1)
-    moe_matmul(x, w, torch.tensor([1, 6]), torch.tensor([0, 1, 2]), max_rows=1)
+    moe_matmul(x, w, torch.arange(8), torch.tensor([0, 0, 1, 1, 1, 1, 1, 2, 2]), max_rows=1)
     two = moe.moe_configs(2, N, K, group, 132, 1)[0]["SPLIT_K"]
     assert [c["SPLIT_K"] for c in launched] == [two, two]
     assert two > moe.moe_configs(8, N, K, group, 132, 1)[0]["SPLIT_K"]
