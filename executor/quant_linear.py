@@ -146,6 +146,9 @@ class QuantExpertLinears(ExpertLinears):
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
+    # a compiled step calls this as it is, between compiled pieces: its packing (data pointers, a cache on
+    # the module) and the per-expert loop are not for tracing, and its launches gain nothing from it
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if not hidden_states.is_cuda or self.record is not None or self._packs() is None:

@@ -67,3 +67,12 @@ def test_moe_twin_fuses_the_experts_and_gives_the_quantized_models_logits(mixtra
     with torch.no_grad():
         torch.testing.assert_close(twin(ids).logits, mixtral(ids).logits, rtol=1e-4, atol=1e-4)
     assert len(calls) == 2  # one per layer: transformers' grouped-mm experts, not its per-expert loop
+
+
+def test_compiled_step_calls_the_experts_as_they_are(mixtral):
+    """Compiled (as decoding with `compile` does), the experts run uncompiled between the compiled pieces and
+    the logits are the eager model's."""
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = mixtral(ids).logits
+        torch.testing.assert_close(torch.compile(mixtral, backend="aot_eager")(ids).logits, want)
