@@ -233,6 +233,9 @@ def _eval_arguments(c: argparse.ArgumentParser) -> None:
                    help="cpu, or cuda: the fused kernels, plus decode tokens/s and peak memory beside bf16")
     c.add_argument("--speed-batches", default="1,16", metavar="B,B,...",
                    help="on cuda: batch sizes of the decode-speed test (128 new tokens after 512); '' for none")
+    c.add_argument("--compile", action="store_true",
+                   help="on cuda: torch.compile the decode step of both models before it is timed (Inductor fuses "
+                        "the norms, rotary embedding and adds; about a minute per model)")
     c.add_argument("--engine", choices=["bitplan", "llamacpp"],
                    help="who measures: bitplan (default, except for a .gguf path), or llamacpp: llama-perplexity "
                         "on a .gguf (each window of --window tokens scores its second half; `make llamacpp`)")
@@ -555,9 +558,12 @@ def cmd_eval(args):
     if args.server:
         return _on_server(args, "eval", {k: getattr(args, k) for k in ("checkpoint", "text", "tokens", "window",
                                                                           "device", "engine", "base")},
-                          {"--speed-batches": args.device == "cuda" and bool(batches)})
+                          {"--speed-batches": args.device == "cuda" and bool(batches), "--compile": args.compile})
+    if args.compile and not (args.device.startswith("cuda") and batches):
+        raise_input("--compile is for the decode-speed test: add --device cuda (and keep --speed-batches)")
     ev = run_eval(_workspace(args), args.checkpoint, text=args.text, tokens=args.tokens, window=args.window,
-                  device=args.device, speed_batches=batches, engine=args.engine, base=args.base)
+                  device=args.device, speed_batches=batches, engine=args.engine, base=args.base,
+                  speed_compile=args.compile)
     _emit(args, ev.model_dump(mode="json"), format_evaluation(ev))
 
 

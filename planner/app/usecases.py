@@ -583,12 +583,13 @@ def plan_quantizer(ws: Workspace, plan: Plan) -> Quantizer:
 def run_eval(ws: Workspace, checkpoint: str, *, text: str | None = None, tokens: int | None = None,
              window: int | None = None, device: str = "cpu", plan_id: str | None = None,
              speed_batches: Sequence[int] | None = None, engine: str | None = None,
-             base: str | None = None) -> Evaluation:
+             base: str | None = None, speed_compile: bool = False) -> Evaluation:
     """Perplexity of a checkpoint (bitplan-quantized, any HF directory, GGUF, or the embedded name).
 
     A checkpoint bitplan wrote loads with its plan's kernels; any other is the workspace's model.
     On a GPU, also decode tokens/s and peak memory at each of `speed_batches` (default 1 and 16;
-    `()` for none), beside the bf16 model of the same architecture (`executor.evaluate.speed_report`).
+    `()` for none), beside the bf16 model of the same architecture (`executor.evaluate.speed_report`;
+    `speed_compile`: both decode steps `torch.compile`d first).
     `engine="llamacpp"` (the default for a .gguf path) measures with `llama-perplexity` instead, and the
     KL divergence to the F16 GGUF of `base` (the model the file was quantized from; the plan's model).
     """
@@ -629,7 +630,7 @@ def run_eval(ws: Workspace, checkpoint: str, *, text: str | None = None, tokens:
         log.warning("no decode speed for %s: its weights stay on disk (decoding needs the whole model)", checkpoint)
     elif on_gpu and (speed_batches is None or speed_batches):
         log.info("decode speed at batch %s beside the bf16 model", ", ".join(map(str, speed_batches or (1, 16))))
-        speed = speed_report(model, speed_batches or (1, 16), device=device)
+        speed = speed_report(model, speed_batches or (1, 16), device=device, compile=speed_compile)
     path = Path(checkpoint)
     ev = Evaluation(plan_id=plan_id, checkpoint=str(path.resolve()) if path.exists() else checkpoint,
                     corpus=windows.corpus, n_tokens=int(windows.ids.numel()), window=int(windows.ids.shape[1]),

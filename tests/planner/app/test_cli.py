@@ -51,6 +51,17 @@ def test_counts_must_be_positive(args, run_cli):
     assert code == 2 and "is not positive: give 1 or more" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra,needle", [([], "add --device cuda"),
+                                          (["--device", "cuda", "--speed-batches", ""], "keep --speed-batches"),
+                                          (["--server", "http://127.0.0.1:9"], "--compile runs locally only")],
+                         ids=["cpu", "no-speed-test", "server"])
+def test_compile_is_for_the_local_speed_test(extra, needle, db, run_cli):
+    """`eval --compile` compiles the decode-speed test's steps: without that test (on the CPU, with no
+    batches) or on a server (which runs none) it is refused in one line before anything loads."""
+    code, out, err = run_cli("eval", "smollm2-135m", "--compile", *extra)
+    assert code == 2 and out == "" and needle in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("case", BAD_PLANS, ids=list(BAD_PLANS))
 def test_bad_plan_requests_write_nothing(case, db, profile_file, tmp_path, run_cli):
     extra, needle = BAD_PLANS[case]
