@@ -45,7 +45,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, L, KVH, per_s
         pos = start + tl.arange(0, BLOCK_L)
         keep = pos < hi
         if HAS_MASK:
-            keep &= tl.load(mask_ptr + b * sm_b + pos * sm_l, mask=pos < hi, other=0) != 0
+            keep = keep & (tl.load(mask_ptr + b * sm_b + pos * sm_l, mask=pos < hi, other=0) != 0)
         if tl.max(keep.to(tl.int32), axis=0) > 0:  # a block the mask rules out whole is not read
             k = tl.load(k_ptr + b * sk_b + kvh * sk_h + pos[:, None] * sk_l + d[None, :], mask=keep[:, None],
                         other=0.0)
