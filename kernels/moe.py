@@ -224,8 +224,8 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
         max_rows = int((seg_start[1:] - seg_start[:-1]).max()) if seg_expert.numel() else 0
     if max_rows > GEMV_MAX_ROWS or not gemv_group(w.group_size, w.k):
         return _per_expert(x, w, seg_expert, seg_start)
-    # segments that can hold rows: every non-empty one holds at least one row of x, so of `route`'s one
-    # segment per expert a batch-1 step fills top_k.  The split is sized (and tuned) for those: the
+    # segments that can hold rows: every non-empty one holds at least one row of x (`route` gives no
+    # more segments than rows, a caller may give more).  The split is sized (and tuned) for those: the
     # programs of the empty ones exit at once, and sized for all of them the few busy segments would
     # get too few programs to fill the GPU
     active = min(seg_expert.numel(), x.shape[0])
