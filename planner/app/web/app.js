@@ -529,12 +529,18 @@ function lineChart(canvas, series, { xLabel, yLabel }) {
   return { series, log };
 }
 
+// loads of the comparison started so far: one for the page's first profile may still wait on the API when
+// the user picks another, and must not draw over the newer one when it returns
+let compareLoads = 0;
+
 async function loadCompare() {
+  const load = ++compareLoads;
   const id = $("#compare-profile").value;
   if (!id) return;
   const plans = await allPages(`/v1/plans?profile_id=${encodeURIComponent(id)}`);
   const byId = new Map(plans.map((p) => [p.id, p]));
   const evaluations = (await allPages("/v1/evaluations")).filter((e) => byId.has(e.plan_id));
+  if (load !== compareLoads) return;
   const groups = (rows, value) => {
     const out = new Map();
     for (const r of rows) {
