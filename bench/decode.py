@@ -6,10 +6,13 @@ model's logits are checked against its bf16 twin (`executor.evaluate.dense_twin`
 dequantized, torch matmuls).  Measures greedy decode of 128 new tokens after a 512-token prompt at
 batch 1 and 16, one token step captured in a CUDA graph (`executor.evaluate.decode_speed`), and peak
 GPU memory, for the quantized model and the twin alternately (`executor.evaluate.speed_report`); with
-`--compile on` the step of both models is `torch.compile`d before it is captured.
+`--compile on` the step of both models is `torch.compile`d before it is captured.  `--merge` and `--attention`
+take several values, each timed in the same process: sibling projections merged or not, and the attention
+kernel.
 
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
     python bench/decode.py --layers 32 --bits 4 --batches 1 --compile on
+    python bench/decode.py --layers 8 --bits 4 --batches 1 --compile on --merge off,on --attention bitplan,sdpa
 
 Prints tables and writes JSON (`--out`, default bench/results/decode.json).  Where the step's time goes:
 each kind of linear (`q_proj`, ..., the head) timed alone at batch 1 with cold weights beside the bf16
@@ -27,11 +30,14 @@ import harness  # bench/harness.py
 
 harness.leave_sys_path()
 
+import itertools
+import time
+
 import torch
 
 from bitplan.db.types import Option
 from bitplan.executor.attention import use_decode_attention
-from bitplan.executor.evaluate import dense_twin, speed_report
+from bitplan.executor.evaluate import dense_twin, prefilled, speed_report
 from bitplan.executor.fused import FusedProjection, fuse_projections
 from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
 from bitplan.kernels.quantize import quantize
@@ -57,11 +63,15 @@ def build(args) -> torch.nn.Module:
         model = cls(config).to(torch.bfloat16)
     if args.moe:
         unfuse_experts(model)  # one linear per expert projection, each with its own width
-    if args.attention == "bitplan":
+    return model.eval()
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """`bitplan`: kernels/attention.py for decode steps (`executor.attention`); else one of transformers'."""
+    if name == "bitplan":
         use_decode_attention(model)
     else:
-        model.set_attn_implementation(args.attention)
-    return model.eval()
+        model.set_attn_implementation(name)
 
 
 def quantize_all(model: torch.nn.Module, option: Option) -> None:
@@ -88,19 +98,14 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def step_breakdown(model: torch.nn.Module, vocab: int, compile: bool, prompt: int = 512) -> dict:
+def step_breakdown(model: torch.nn.Module, compile: bool, prompt: int = 512) -> dict:
     """GPU microseconds of one batch-1 decode step after `prompt` tokens, run eagerly (no graph) as
     `decode_speed` runs it: the linears, attention and everything else, and the ten costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import StaticCache
 
     model.cuda()
-    cache = StaticCache(config=model.config, max_cache_len=prompt + 8)
-    ids = torch.randint(0, vocab, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    token = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda")).logits[:, -1:]
-    token = token.argmax(-1)
+    cache, token, pos = prefilled(model, 1, prompt, 8)
     forward = torch.compile(model, dynamic=False) if compile else model
-    pos = torch.tensor([prompt], device="cuda")
     for _ in range(3):  # compile and tune outside the profile; the same position each time, as a replay would
         forward(token, past_key_values=cache, cache_position=pos)
     torch.cuda.synchronize()
@@ -168,12 +173,13 @@ def linear_breakdown(model: torch.nn.Module, twin: torch.nn.Module) -> list[dict
     return rows
 
 
-COLUMNS = [("bits", "bits", "d"), ("compile", "compile", "<"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
+COLUMNS = [("bits", "bits", "d"), ("merged", "merged", "<"), ("attention", "attention", "<"),
+           ("compile", "compile", "<"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
            ("bf16 tok/s", "bf16_tokens_per_s", ".1f"), ("vs bf16", "speedup_vs_bf16", ".2f"),
            ("peak GiB", "peak_gib", ".2f"), ("bf16 GiB", "bf16_peak_gib", ".2f")]
 
-LINEAR_COLUMNS = [("kind", "kind", "<"), ("count", "count", "d"), ("out", "n", "d"), ("in", "k", "d"),
-                  ("us", "us", ".1f"), ("floor us", "floor_us", ".1f"), ("bf16 us", "bf16_us", ".1f")]
+LINEAR_COLUMNS = [("merged", "merged", "<"), ("kind", "kind", "<"), ("count", "count", "d"), ("out", "n", "d"),
+                  ("in", "k", "d"), ("us", "us", ".1f"), ("floor us", "floor_us", ".1f"), ("bf16 us", "bf16_us", ".1f")]
 
 
 def main(argv=None):
@@ -193,64 +199,91 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--attention", default="sdpa",
                     help="bitplan (kernels/attention.py at decode time) or one of transformers' attention "
-                         "implementations (sdpa, flex_attention, ...), both models")
+                         "implementations (sdpa, flex_attention, ...), both models; several, comma-separated, "
+                         "each timed")
     ap.add_argument("--compile", default="off,on",
                     help="off, on or off,on: the step as eager PyTorch, torch.compiled, or each (both models alike)")
+    ap.add_argument("--merge", default="on",
+                    help="off, on or off,on: sibling projections (q, k, v; gate, up) merged into one linear "
+                         "(executor/fused.py), both models alike")
     args = ap.parse_args(argv)
-    modes = [m.strip() for m in args.compile.split(",")]
-    if not modes or any(m not in ("off", "on") for m in modes):
-        ap.error(f"--compile takes off, on or off,on; got {args.compile!r}")
+    modes, merges = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge"))
+    attentions = [a.strip() for a in args.attention.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
+    torch._dynamo.config.recompile_limit = 64  # one compiled step per model, merging and attention: each a guard
     meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows, linears = [], {}
     probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
     for bits in [int(b) for b in args.bits.split(",")]:
+        t0 = time.perf_counter()
         model = build(args)
         quantize_all(model, Option(bits=bits, group_size=args.group_size))
         twin = dense_twin(model)
         with torch.no_grad():
             got, want = model(probe).logits.float(), twin(probe).logits.float()
         rel = float((got - want).norm() / want.norm())
+        print(f"{bits} bits: built, quantized and twinned in {time.perf_counter() - t0:.0f} s", flush=True)
         model.cpu()
         twin.cpu()
-        if not args.moe:  # a MoE twin's experts are one fused module, no linear to time beside each of ours
-            linears[bits] = linear_breakdown(model, twin)
-        for m in (model, twin):  # as `speed_report` would, but before the step breakdowns below too
-            fuse_projections(m.cuda(), probe[:, :4])
-            m.cpu()
-        if not args.moe:
-            linears[bits] += linear_breakdown(model, twin)
+        linears[bits] = []
+        for merge in merges:  # unmerged first: merging is done in place
+            if merge == "on":
+                for m in (model, twin):
+                    fuse_projections(m.cuda(), probe[:, :4])
+                    m.cpu()
+            if not args.moe:  # a MoE twin's experts are one fused module, no linear to time beside each of ours
+                linears[bits] += [dict(r, merged=merge) for r in linear_breakdown(model, twin)]
+            for attention, mode in itertools.product(attentions, modes):
+                for m in (model, twin):
+                    set_attention(m, attention)
+                compile = mode == "on"
+                step = {"model": step_breakdown(model, compile), "bf16": step_breakdown(twin, compile)}
+                case = dict(bits=bits, merged=merge, attention=attention, compile=mode)
+                for who, x in step.items():
+                    print(f"{case}, {who}: one eager step at batch 1, GPU us: linears {x['linear_us']:.0f} + "
+                          f"attention {x['attention_us']:.0f} + other {x['other_us']:.0f} in {x['kernels']} kernels",
+                          flush=True)
+                report = speed_report(model, batches, compile=compile, merge=False, twin=twin)
+                for b, r in report["batches"].items():
+                    rows.append(dict(case, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
+                                     weights_gib=report["weights_gib"]["model"],
+                                     bf16_weights_gib=report["weights_gib"]["bf16"],
+                                     tokens_per_s=r["model"]["decode_tokens_per_s"],
+                                     bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
+                                     peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
+                                     cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"],
+                                     step_batch1_us=step))
+                    x = rows[-1]
+                    print(f"{case} batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 {x['bf16_tokens_per_s']:8.1f} "
+                          f"(x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs {x['bf16_peak_gib']:.2f} GiB  "
+                          f"graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}", flush=True)
+                model.cpu()
+                harness.write_result(args.out, {"rows": rows, "linears": linears}, meta)  # a cut-short run keeps these
+        if linears[bits]:
             print(harness.table(linears[bits], LINEAR_COLUMNS,
-                                title=f"{bits} bits: one linear of each kind, batch 1, then siblings merged"))
-        for mode in modes:
-            compile = mode == "on"
-            step = {"model": step_breakdown(model, args.vocab, compile),
-                    "bf16": step_breakdown(twin, args.vocab, compile)}
-            for who, x in step.items():
-                print(f"{bits} bits, compile {mode}, {who}: one eager step at batch 1, GPU us: linears "
-                      f"{x['linear_us']:.0f} + attention {x['attention_us']:.0f} + other {x['other_us']:.0f} "
-                      f"in {x['kernels']} kernels", flush=True)
-            report = speed_report(model, batches, compile=compile)
-            for b, r in report["batches"].items():
-                rows.append(dict(bits=bits, compile=mode, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
-                                 weights_gib=report["weights_gib"]["model"],
-                                 bf16_weights_gib=report["weights_gib"]["bf16"],
-                                 tokens_per_s=r["model"]["decode_tokens_per_s"],
-                                 bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
-                                 peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
-                                 cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"],
-                                 step_batch1_us=step))
-                x = rows[-1]
-                print(f"{bits} bits compile {mode} batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 "
-                      f"{x['bf16_tokens_per_s']:8.1f} (x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs "
-                      f"{x['bf16_peak_gib']:.2f} GiB  graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}",
-                      flush=True)
+                                title=f"{bits} bits: one linear of each kind, batch 1, cold weights"))
         del model, twin
         torch.cuda.empty_cache()
     print(harness.table(rows, COLUMNS, title=""))
-    harness.done(harness.write_result(args.out, {"rows": rows, "linears": linears}, meta))
+    harness.done(harness.write_result(args.out, {"rows": rows, "linears": linears, "tuned": tuned_configs()}, meta))
+
+
+def tuned_configs() -> list[dict]:
+    """The configuration the dispatcher's tuner chose for each product the steps ran (`matmul._TUNED`)."""
+    from bitplan.kernels.matmul import _TUNED
+
+    names = ("regime", "rows", "n", "k", "bits", "group", "symmetric")
+    return [dict(zip(names, key), config=cfg) for key, cfg in _TUNED.items()]
+
+
+def switches(ap, name: str, value: str) -> list[str]:
+    """`--NAME off`, `on` or `off,on` as a list, or the parser's one-line error."""
+    out = [v.strip() for v in value.split(",")]
+    if not out or any(v not in ("off", "on") for v in out) or len(set(out)) < len(out):
+        ap.error(f"--{name} takes off, on or off,on; got {value!r}")
+    return sorted(out)  # "off" first
 
 
 if __name__ == "__main__":

@@ -72,21 +72,13 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     """
     import time
 
-    from transformers import StaticCache
-
-    vocab = vocab or model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
     warm = 3
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + warm + 1)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    logits = model(ids, past_key_values=cache, use_cache=True,
-                   cache_position=torch.arange(prompt, device=device)).logits
-    step_ids = logits[:, -1:].argmax(-1)
+    cache, step_ids, pos = prefilled(model, batch, prompt, new_tokens + warm + 1, vocab, device, seed)
     torch.cuda.synchronize()
     prefill = time.perf_counter() - t0
-    pos = torch.tensor([prompt], device=device)
 
     # one fixed shape per step, so no recompilation; the module is shared, not copied
     forward = torch.compile(model, dynamic=False) if compile else model
@@ -118,6 +110,21 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
                 compiled=compile, decode_tokens_per_s=batch * new_tokens / seconds,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+@torch.no_grad()
+def prefilled(model: nn.Module, batch: int, prompt: int, spare: int, vocab: int | None = None, device: str = "cuda",
+              seed: int = 0) -> tuple:
+    """`model` run over a `batch` x `prompt` random prompt into a static KV cache with room for `spare` more
+    tokens: returns the cache, the next token ids (`[batch, 1]`, greedy) and the next position (`[1]`), the
+    inputs of a decode step that updates them in place (`decode_speed`)."""
+    from transformers import StaticCache
+
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + spare)
+    logits = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=device)).logits
+    return cache, logits[:, -1:].argmax(-1), torch.tensor([prompt], device=device)
 
 
 def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -158,35 +165,36 @@ def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
 
 
 def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_tokens: int = 128,
-                 device: str = "cuda", compile: bool = False) -> dict:
+                 device: str = "cuda", compile: bool = False, merge: bool = True, twin: nn.Module | None = None) -> dict:
     """Decode speed and peak memory of `model` (in the dtype it runs in) and of its bf16 `dense_twin`,
     measured in the same process, one model on the GPU at a time, both `torch.compile`d or neither
-    (`decode_speed`).  Sibling projections (q, k and v; gate and up) are merged in both first, in place, as
-    serving engines hold them (`executor.fused`): their counts are under `"fused"`.
+    (`decode_speed`).  With `merge`, sibling projections (q, k and v; gate and up) are merged in both first,
+    in place, as serving engines hold them (`executor.fused`): their counts are under `"fused"`.  `twin`: the
+    twin if the caller has built it already (it is then merged or not as `merge` says, like the model).
 
     Returns `{"batches": {"1": {"model": {...}, "bf16": {...}, "speedup": x}, ...}, "weights_gib": {...}}`.
     """
-    model = model.to(device).eval()
-    out = {"prompt": prompt, "new_tokens": new_tokens, "batches": {},
-           "weights_gib": {"model": _weight_gib(model)}}
-    twin = dense_twin(model).cpu()
-    out["weights_gib"]["bf16"] = _weight_gib(twin)
     from bitplan.executor.fused import fuse_projections
 
+    model = model.to(device).eval()
+    twin = (dense_twin(model) if twin is None else twin).cpu()
+    out = {"prompt": prompt, "new_tokens": new_tokens, "batches": {}, "merged": merge,
+           "weights_gib": {"model": _weight_gib(model), "bf16": _weight_gib(twin)}, "fused": {}}
     probe = torch.zeros(1, 4, dtype=torch.long, device=device)
-    out["fused"] = {"model": fuse_projections(model, probe)}
+    for who, m in (("model", model), ("bf16", twin)):
+        if merge:  # on the GPU, where the probe runs fast
+            out["fused"][who] = fuse_projections(m.to(device), probe)
+        m.cpu()
     for b in batches:
+        model.to(device)  # only the model being timed on the GPU, so that peak memory is its own
         mine = decode_speed(model, b, prompt, new_tokens, device=device, compile=compile)
-        model.cpu()  # only the model being timed on the GPU, so that peak memory is its own
+        model.cpu()
         twin.to(device)
-        if "bf16" not in out["fused"]:  # merged here, on the GPU, where the probe runs fast
-            out["fused"]["bf16"] = fuse_projections(twin, probe)
         base = decode_speed(twin, b, prompt, new_tokens, device=device, compile=compile)
         twin.cpu()
-        model.to(device)
         out["batches"][str(b)] = {"model": mine, "bf16": base,
                                   "speedup": mine["decode_tokens_per_s"] / base["decode_tokens_per_s"]}
-    del twin
+    model.to(device)
     torch.cuda.empty_cache()
     return out
 

@@ -8,7 +8,9 @@ head per query head (`repeat_kv`, when the step is compiled), and the cache is n
 Here each program takes one key/value head of one sequence and a slice of the cache positions, with the
 `G` query heads that share that key/value head as the rows of its tile (padded to 16 for `tl.dot`), so
 the cache is read once for all of them.  It keeps a running softmax over its slice (flash attention's
-recurrence) and writes its partial output, row maximum and sum; a second kernel combines the slices.
+recurrence) and writes its partial output, row maximum and sum; the last of a head's programs to finish
+combines the slices (counted in through an atomic, as the matmul kernels' split-K is), so a step's
+attention is one launch.
 Cache positions the mask rules out (the unfilled end of a static cache, padding) are skipped a block at
 a time when the whole block is masked, so a static cache costs what its filled part does.
 """
@@ -19,17 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from bitplan.kernels.matmul import INTERPRET, _sm_count
+from bitplan.kernels.matmul import INTERPRET, _sm_count, workspace
 
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a slice with no position left gives exp(NEG - m) = 0
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, L, KVH, per_split, scale,
-                   sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, out_ptr, L, KVH, per_split, scale,
+                   sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
-                   HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
-    bh, split = tl.program_id(0), tl.program_id(1)
+                   HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr):
+    bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, kvh = bh // KVH, bh % KVH
     rows = tl.arange(0, ROWS)
     d = tl.arange(0, D)
@@ -63,36 +65,49 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, L, KVH, per_s
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
-    # partials of this slice: [B * KVH, splits, ROWS, D] and [B * KVH, splits, 2, ROWS]
-    base = bh * tl.num_programs(1) + split
-    tl.store(acc_ptr + base * ROWS * D + rows[:, None] * D + d[None, :], acc)
-    tl.store(ml_ptr + base * 2 * ROWS + rows, m)
-    tl.store(ml_ptr + base * 2 * ROWS + ROWS + rows, total)
+    out = out_ptr + b * so_b + (kvh * G + rows)[:, None] * so_h + d[None, :]
+    if SPLITS_P2 == 1:
+        tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows[:, None] < G)
+    else:
+        # this slice's partials, [B * KVH, splits, ROWS, D] and [B * KVH, splits, 2, ROWS], written as atomics
+        # (int32 bits: the interpreter exchanges no floats) so that they are in L2 before the program counts
+        # itself in; the last program of the key/value head to arrive combines every slice (`_combine`)
+        base = bh * splits + split
+        acc_bits = acc_ptr.to(tl.pointer_type(tl.int32))
+        ml_bits = ml_ptr.to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(acc_bits + base * ROWS * D + rows[:, None] * D + d[None, :], acc.to(tl.int32, bitcast=True),
+                       sem="relaxed")
+        tl.atomic_xchg(ml_bits + base * 2 * ROWS + rows, m.to(tl.int32, bitcast=True), sem="relaxed")
+        tl.atomic_xchg(ml_bits + base * 2 * ROWS + ROWS + rows, total.to(tl.int32, bitcast=True), sem="relaxed")
+        tl.debug_barrier()  # every thread's partials are issued before the program counts itself in
+        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == splits - 1:
+            _combine(acc_ptr, ml_ptr, out, bh, splits, G, D, ROWS, SPLITS_P2)
+            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed")  # zero again for the next call
 
 
 @triton.jit
-def _combine_kernel(acc_ptr, ml_ptr, out_ptr, KVH, SPLITS, so_b, so_h,
-                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    bh = tl.program_id(0)
-    b, kvh = bh // KVH, bh % KVH
+def _combine(acc_ptr, ml_ptr, out, bh, SPLITS, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+             SPLITS_P2: tl.constexpr):
+    """The output of key/value head `bh` from its `SPLITS` slices' partials: each slice's sum rescaled to the
+    largest row maximum.  Loads bypass L1 (`.cg`), where an earlier call's partials may linger."""
     s = tl.arange(0, SPLITS_P2)
     rows = tl.arange(0, ROWS)
     d = tl.arange(0, D)
     ok = s < SPLITS
     base = bh * SPLITS + s
-    m = tl.load(ml_ptr + base[:, None] * 2 * ROWS + rows[None, :], mask=ok[:, None], other=NEG)  # [S, ROWS]
-    total = tl.load(ml_ptr + base[:, None] * 2 * ROWS + ROWS + rows[None, :], mask=ok[:, None], other=0.0)
+    m = tl.load(ml_ptr + base[:, None] * 2 * ROWS + rows[None, :], mask=ok[:, None], other=NEG,
+                cache_modifier=".cg")  # [S, ROWS]
+    total = tl.load(ml_ptr + base[:, None] * 2 * ROWS + ROWS + rows[None, :], mask=ok[:, None], other=0.0,
+                    cache_modifier=".cg")
     top = tl.max(m, axis=0)
     w = tl.exp(m - top[None, :])  # [S, ROWS]
     denom = tl.sum(w * total, axis=0)
-    out = tl.zeros([ROWS, D], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
     for i in range(0, SPLITS):
-        part = tl.load(acc_ptr + (bh * SPLITS + i) * ROWS * D + rows[:, None] * D + d[None, :])
+        part = tl.load(acc_ptr + (bh * SPLITS + i) * ROWS * D + rows[:, None] * D + d[None, :], cache_modifier=".cg")
         wi = tl.sum(tl.where(s[:, None] == i, w, 0.0), axis=0)
-        out += part * wi[:, None]
-    out = out / denom[:, None]
-    tl.store(out_ptr + b * so_b + (kvh * G + rows)[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=rows[:, None] < G)
+        acc += part * wi[:, None]
+    tl.store(out, (acc / denom[:, None]).to(out.dtype.element_ty), mask=rows[:, None] < G)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -112,6 +127,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     splits = triton.cdiv(L, per_split)
     acc = torch.empty(B * KVH, splits, rows, D, device=query.device, dtype=torch.float32)
     ml = torch.empty(B * KVH, splits, 2, rows, device=query.device, dtype=torch.float32)
+    count = workspace(query.device, 0, B * KVH)[1]  # zero between calls, shared with the matmul kernels
     out = torch.empty(B, 1, H, D, device=query.device, dtype=query.dtype)
     if mask is not None:
         mask = (mask if mask.dtype == torch.bool else mask == 0).expand(B, 1, 1, L)
@@ -121,12 +137,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if key.stride(3) != 1 or value.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous in query, key and value")
     cfg = {} if INTERPRET else dict(num_warps=4, num_stages=2)
-    _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, L, KVH, per_split,
-                                      scale, q.stride(0), q.stride(1), *k_args, *m_args, G=G, D=D, ROWS=rows,
-                                      BLOCK_L=block_l, HAS_MASK=mask is not None,
-                                      DOT_FP32=INTERPRET, **cfg)
-    _combine_kernel[(B * KVH,)](acc, ml, out, KVH, splits, out.stride(0), out.stride(2), G=G, D=D, ROWS=rows,
-                                SPLITS_P2=triton.next_power_of_2(splits), **({} if INTERPRET else dict(num_warps=4)))
+    _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, count, out, L, KVH,
+                                      per_split, scale, q.stride(0), q.stride(1), *k_args, *m_args, out.stride(0),
+                                      out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,
+                                      HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
+                                      SPLITS_P2=triton.next_power_of_2(splits), **cfg)
     return out
 
 

@@ -620,7 +620,12 @@ def gemv_group(group: int, k: int) -> int | None:
 # (BLOCK_N, warps) of the HALF2 gemv: 8, 4 or 16 outputs a thread.  Its accumulator is one register per row
 # and output whatever the width, and each activation pair (two loads, two conversions, a pack) is shared by
 # the thread's outputs, so it takes more outputs a thread than the fp32 body.
-HALF2_TILES = ((1024, 4), (2048, 4), (512, 4))
+HALF2_TILES = ((1024, 4), (2048, 4), (512, 4), (256, 2))
+# Programs per SM the tuner tries, through split-K.  A layer of 4096 outputs split 64 ways (four or more programs
+# an SM) sums 64 partials per output through L2 atomics, as many bytes as an eighth of its 4-bit weights: one or
+# two programs an SM, fewer partials, are candidates too (after the others: the first candidate is what runs
+# untuned, under the interpreter)
+GEMV_PER_SM = (4, 8, 16, 1, 2)
 HALF2_BITS = (2, 3, 4)  # the widths `_h2_dot` runs (on fp16 and bf16 activations)
 # On a GPU the tuner times the HALF2 body beside the fp32 one and keeps the faster per shape (on an H100 it
 # was 1.32-1.46x faster at 2 and 3 bits, batch 1-4: docs/kernels.md); BITPLAN_GEMV_HALF2=0 offers the fp32
@@ -648,7 +653,7 @@ def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int, half2:
             for block_k in block_ks:
                 if group < K and group % block_k:
                     continue
-                for per_sm in (4, 8, 16):
+                for per_sm in GEMV_PER_SM:
                     split = _split(-(-K // block_k), -(-N // block_n) * -(-M // block_m), sms, per_sm)
                     out.append(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                                     num_warps=warps, num_stages=1, HALF2=body))

@@ -180,3 +180,23 @@ def test_gemv_half2_large_activations(bits):
     x = (torch.randn(1, K, generator=torch.Generator().manual_seed(6)) * 300).half()
     want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K)
     check(run(x, packed, scales, zeros, bits, group, K, regime="gemv", config={"HALF2": True}), want)
+
+
+@pytest.mark.parametrize("bits,half2,tile", [(4, True, (1024, 4)), (4, True, (256, 2)), (3, True, (1024, 4)),
+                                             (3, False, (512, 4)), (8, False, (512, 4))],
+                         ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit"])
+def test_gemv_compiles_for_hopper(bits, half2, tile, compile_for_hopper):
+    """The gemv kernel as a GPU launches it, split-K included, compiled to sm_90 machine code without a GPU: its
+    bodies' inline PTX (the HALF2 one's packed fp16 instructions) is checked by the assembler here."""
+    from bitplan.kernels import matmul as mm
+
+    widths = reference.shards(bits)
+    const = dict(GROUP=128, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=False, BLOCK_M=1,
+                 BLOCK_N=tile[0], BLOCK_K=64, ATOMIC=True, EVEN_K=True, HALF2=half2)
+    ptrs = dict(x_ptr="*bf16", q0_ptr="*i32", q1_ptr="*i32", s_ptr="*fp16", z0_ptr="*i32", z1_ptr="*i32",
+                y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32")
+    ints = ("M", "N", "K", "SPLIT_K", "stride_xm", "stride_q0", "stride_q1", "stride_s", "stride_z0", "stride_z1",
+            "stride_ym")
+    sig = {**ptrs, **{n: "i32" for n in ints}, **{k: "constexpr" for k in const}}
+    asm = compile_for_hopper(mm._gemv_kernel, sig, const, num_warps=tile[1], num_stages=1)
+    assert ("fma.rn.f16x2" in asm["ptx"]) == half2
