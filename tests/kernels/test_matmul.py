@@ -182,6 +182,33 @@ def test_gemv_half2_large_activations(bits):
     check(run(x, packed, scales, zeros, bits, group, K, regime="gemv", config={"HALF2": True}), want)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
+def test_every_gemv_candidate_is_exact(bits, exact_problem, monkeypatch):
+    """Every configuration the tuner may choose at batch 1 gives the reference to the last bit: the tuner keeps
+    the fastest it times and never looks at the answer.  On the GPU each binary the candidates compile to runs
+    (how many programs an SM only sets a runtime split); under the interpreter, where tile widths and warps mean
+    little, the narrowest tile of each kind: K block, body, split-K or not."""
+    from bitplan.kernels import matmul as mm
+
+    monkeypatch.setattr(mm, "HALF2_ENABLED", True)  # its candidates too, under the interpreter
+    M, K, N, group = 1, 256, 80, 128
+    x, packed, scales, zeros = exact_problem(M, K, N, bits, group)
+    want = reference.matmul(x.float(), packed, scales, zeros, bits, group, K).half().float()
+    sms = mm._sm_count(torch.device(DEVICE)) if DEVICE == "cuda" else 1  # one SM: split-K 1 among the candidates
+    candidates, kinds = [], set()
+    for cfg in sorted(mm.gemv_configs(M, N, K, bits, group, sms), key=lambda c: c["BLOCK_N"]):
+        kind = (cfg["BLOCK_K"], cfg["HALF2"], cfg["SPLIT_K"] > 1)
+        if DEVICE == "cuda":
+            kind += (cfg["BLOCK_N"], cfg["num_warps"])
+        if kind not in kinds:
+            kinds.add(kind)
+            candidates.append(cfg)
+    assert DEVICE == "cuda" or {k[2] for k in kinds} == {True, False}  # split-K and whole-K programs both run
+    for cfg in candidates:
+        got = run(x, packed, scales, zeros, bits, group, K, regime="gemv", config=cfg)
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0, msg=lambda m, cfg=cfg: f"{cfg}: {m}")
+
+
 @pytest.mark.parametrize("bits,half2,tile", [(4, True, (1024, 4)), (4, True, (256, 2)), (3, True, (1024, 4)),
                                              (3, False, (512, 4)), (8, False, (512, 4))],
                          ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit"])
