@@ -178,7 +178,7 @@ def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_token
 
     model = model.to(device).eval()
     twin = (dense_twin(model) if twin is None else twin).cpu()
-    out = {"prompt": prompt, "new_tokens": new_tokens, "batches": {}, "merged": merge,
+    out = {"prompt": prompt, "new_tokens": new_tokens, "batches": {},
            "weights_gib": {"model": _weight_gib(model), "bf16": _weight_gib(twin)}, "fused": {}}
     probe = torch.zeros(1, 4, dtype=torch.long, device=device)
     for who, m in (("model", model), ("bf16", twin)):
