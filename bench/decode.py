@@ -209,6 +209,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     modes, merges = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge"))
     attentions = [a.strip() for a in args.attention.split(",")]
+    from transformers import AttentionInterface
+
+    known = {"bitplan", "eager", *AttentionInterface().valid_keys()}
+    if unknown := [a for a in attentions if a not in known]:
+        ap.error(f"--attention: unknown {', '.join(unknown)}; choose among {', '.join(sorted(known))}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
     torch._dynamo.config.recompile_limit = 64  # one compiled step per model, merging and attention: each a guard

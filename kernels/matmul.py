@@ -621,11 +621,6 @@ def gemv_group(group: int, k: int) -> int | None:
 # and output whatever the width, and each activation pair (two loads, two conversions, a pack) is shared by
 # the thread's outputs, so it takes more outputs a thread than the fp32 body.
 HALF2_TILES = ((1024, 4), (2048, 4), (512, 4), (256, 2))
-# Programs per SM the tuner tries, through split-K.  A layer of 4096 outputs split 64 ways (four or more programs
-# an SM) sums 64 partials per output through L2 atomics, as many bytes as an eighth of its 4-bit weights: one or
-# two programs an SM, fewer partials, are candidates too (after the others: the first candidate is what runs
-# untuned, under the interpreter)
-GEMV_PER_SM = (4, 8, 16, 1, 2)
 HALF2_BITS = (2, 3, 4)  # the widths `_h2_dot` runs (on fp16 and bf16 activations)
 # On a GPU the tuner times the HALF2 body beside the fp32 one and keeps the faster per shape (on an H100 it
 # was 1.32-1.46x faster at 2 and 3 bits, batch 1-4: docs/kernels.md); BITPLAN_GEMV_HALF2=0 offers the fp32
@@ -633,6 +628,13 @@ HALF2_BITS = (2, 3, 4)  # the widths `_h2_dot` runs (on fp16 and bf16 activation
 # many times slower than the fp32 body there, and the tests that pin a body cover it.  A config may still
 # ask for either.
 HALF2_ENABLED = os.environ.get("BITPLAN_GEMV_HALF2", "0" if INTERPRET else "1") != "0"
+
+
+# Programs per SM the tuner tries, through split-K.  A layer of 4096 outputs split 64 ways (four or more programs
+# an SM) sums 64 partials per output through L2 atomics, as many bytes as an eighth of its 4-bit weights: one or
+# two programs an SM, fewer partials, are candidates too (after the others: the first candidate is what runs
+# untuned, under the interpreter)
+GEMV_PER_SM = (4, 8, 16, 1, 2)
 
 
 def gemv_configs(M: int, N: int, K: int, bits: int, group: int, sms: int, half2: bool = True) -> list[dict]:
