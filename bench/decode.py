@@ -220,7 +220,9 @@ def main(argv=None):
     meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows, linears = [], {}
-    probe = torch.randint(0, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    # MoE: 16 tokens give an expert at most 16 rows (a token's two experts differ), one mixed-width launch a
+    # projection, tuned once; with more, each expert's row count would be tuned on its own (kernels/moe.py)
+    probe = torch.randint(0, args.vocab, (1, 16 if args.moe else 64), generator=torch.Generator().manual_seed(1)).cuda()
     for bits in [int(b) for b in args.bits.split(",")]:
         t0 = time.perf_counter()
         model = build(args)
