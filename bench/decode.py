@@ -40,6 +40,7 @@ from bitplan.executor.attention import use_decode_attention
 from bitplan.executor.evaluate import dense_twin, prefilled, speed_report
 from bitplan.executor.fused import FusedProjection, fuse_projections
 from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
+from bitplan.kernels.moe import GEMV_MAX_ROWS
 from bitplan.kernels.quantize import quantize
 from bitplan.profiler.model import planned_linears
 from bitplan.profiler.moe import unfuse_experts
@@ -220,9 +221,10 @@ def main(argv=None):
     meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows, linears = [], {}
-    # MoE: 16 tokens give an expert at most 16 rows (a token's two experts differ), one mixed-width launch a
-    # projection, tuned once; with more, each expert's row count would be tuned on its own (kernels/moe.py)
-    probe = torch.randint(0, args.vocab, (1, 16 if args.moe else 64), generator=torch.Generator().manual_seed(1)).cuda()
+    # MoE: as many tokens as one mixed-width launch takes rows an expert (a token's two experts differ), so each
+    # projection is one launch, tuned once; with more, each expert's row count would be tuned on its own
+    tokens = GEMV_MAX_ROWS if args.moe else 64
+    probe = torch.randint(0, args.vocab, (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
     for bits in [int(b) for b in args.bits.split(",")]:
         t0 = time.perf_counter()
         model = build(args)
