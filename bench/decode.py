@@ -16,8 +16,9 @@ kernel.
 
 Prints tables and writes JSON (`--out`, default bench/results/decode.json).  Where the step's time goes:
 each kind of linear (`q_proj`, ..., the head) timed alone at batch 1 with cold weights beside the bf16
-twin's and the floor for its bytes, and one eager batch-1 step's GPU time (torch.profiler) split between
-the linears (our kernels; cuBLAS in the twin), attention and everything else, with its costliest kernels.
+twin's and the floor for its bytes, and at each batch one eager step's GPU time (torch.profiler, on the
+compiled step that is then captured) split between the linears (our kernels; cuBLAS in the twin), attention
+and everything else, with its costliest kernels.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import harness  # bench/harness.py
 harness.leave_sys_path()
 
 import itertools
+import logging
 import time
 
 import torch
 
 from bitplan.db.types import Option
 from bitplan.executor.attention import use_decode_attention
-from bitplan.executor.evaluate import dense_twin, prefilled, speed_report
+from bitplan.executor.evaluate import dense_twin, speed_report
 from bitplan.executor.fused import FusedProjection, fuse_projections
 from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
 from bitplan.kernels.moe import GEMV_MAX_ROWS
@@ -98,34 +100,13 @@ def kernel_kind(name: str) -> str:
     return "attention" if any(k in name.lower() for k in ATTENTION_KERNELS) else "other"
 
 
-@torch.no_grad()
-def step_breakdown(model: torch.nn.Module, compile: bool, prompt: int = 512) -> dict:
-    """GPU microseconds of one batch-1 decode step after `prompt` tokens, run eagerly (no graph) as
-    `decode_speed` runs it: the linears, attention and everything else, and the ten costliest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model.cuda()
-    cache, token, pos = prefilled(model, 1, prompt, 8)
-    forward = torch.compile(model, dynamic=False) if compile else model
-    for _ in range(3):  # compile and tune outside the profile; the same position each time, as a replay would
-        forward(token, past_key_values=cache, cache_position=pos)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        forward(token, past_key_values=cache, cache_position=pos)
-        torch.cuda.synchronize()
-    split, kernels = {"linear_us": 0.0, "attention_us": 0.0, "other_us": 0.0, "kernels": 0}, {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel (or memcpy/memset) on the GPU
-            us = e.time_range.elapsed_us()
-            split[kernel_kind(e.name) + "_us"] += us
-            split["kernels"] += 1
-            total, n = kernels.get(e.name, (0.0, 0))
-            kernels[e.name] = (total + us, n + 1)
-    split["top"] = [dict(kernel=k[:120], us=t, calls=n) for k, (t, n) in
-                    sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]]
-    del cache
-    model.cpu()
-    torch.cuda.empty_cache()
+def step_split(kernels: list[dict]) -> dict:
+    """One eager step's GPU microseconds (`decode_speed`'s profile) split between the linears, attention
+    and everything else, with its ten costliest kernels."""
+    split = {"linear_us": 0.0, "attention_us": 0.0, "other_us": 0.0, "kernels": sum(k["calls"] for k in kernels)}
+    for k in kernels:
+        split[kernel_kind(k["kernel"]) + "_us"] += k["us"]
+    split["top"] = [dict(k, kernel=k["kernel"][:120]) for k in kernels[:10]]
     return split
 
 
@@ -217,6 +198,7 @@ def main(argv=None):
         ap.error(f"--attention: unknown {', '.join(unknown)}; choose among {', '.join(sorted(known))}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/decode.py measures GPU decoding: run it on a machine with CUDA")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # decode_speed's progress, model by model
     torch._dynamo.config.recompile_limit = 64  # one compiled step per model, merging and attention: each a guard
     meta = harness.metadata(args)
     batches = [int(b) for b in args.batches.split(",")]
@@ -226,14 +208,13 @@ def main(argv=None):
     tokens = GEMV_MAX_ROWS if args.moe else 64
     probe = torch.randint(0, args.vocab, (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
     for bits in [int(b) for b in args.bits.split(",")]:
-        t0 = time.perf_counter()
         model = build(args)
         quantize_all(model, Option(bits=bits, group_size=args.group_size))
         twin = dense_twin(model)
         with torch.no_grad():
             got, want = model(probe).logits.float(), twin(probe).logits.float()
         rel = float((got - want).norm() / want.norm())
-        print(f"{bits} bits: built, quantized and twinned in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[{elapsed()}] {bits} bits: built, quantized and twinned", flush=True)
         model.cpu()
         twin.cpu()
         linears[bits] = []
@@ -247,15 +228,10 @@ def main(argv=None):
             for attention, mode in itertools.product(attentions, modes):
                 for m in (model, twin):
                     set_attention(m, attention)
-                compile = mode == "on"
-                step = {"model": step_breakdown(model, compile), "bf16": step_breakdown(twin, compile)}
+                report = speed_report(model, batches, compile=mode == "on", merge=False, twin=twin, kernels=True)
                 case = dict(bits=bits, merged=merge, attention=attention, compile=mode)
-                for who, x in step.items():
-                    print(f"{case}, {who}: one eager step at batch 1, GPU us: linears {x['linear_us']:.0f} + "
-                          f"attention {x['attention_us']:.0f} + other {x['other_us']:.0f} in {x['kernels']} kernels",
-                          flush=True)
-                report = speed_report(model, batches, compile=compile, merge=False, twin=twin)
                 for b, r in report["batches"].items():
+                    step = {who: step_split(r[who]["kernels"]) for who in ("model", "bf16")}
                     rows.append(dict(case, batch=int(b), logits_rel_err_vs_bf16_twin=rel,
                                      weights_gib=report["weights_gib"]["model"],
                                      bf16_weights_gib=report["weights_gib"]["bf16"],
@@ -263,9 +239,14 @@ def main(argv=None):
                                      bf16_tokens_per_s=r["bf16"]["decode_tokens_per_s"], speedup_vs_bf16=r["speedup"],
                                      peak_gib=r["model"]["peak_gib"], bf16_peak_gib=r["bf16"]["peak_gib"],
                                      cuda_graph=r["model"]["cuda_graph"] and r["bf16"]["cuda_graph"],
-                                     step_batch1_us=step))
+                                     step_us=step))
+                    for who, x in step.items():
+                        print(f"[{elapsed()}] {case} batch {b}, {who}: one eager step, GPU us: linears "
+                              f"{x['linear_us']:.0f} + attention {x['attention_us']:.0f} + other {x['other_us']:.0f} "
+                              f"in {x['kernels']} kernels", flush=True)
                     x = rows[-1]
-                    print(f"{case} batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s vs bf16 {x['bf16_tokens_per_s']:8.1f} "
+                    print(f"[{elapsed()}] {case} batch {b:>3}: {x['tokens_per_s']:8.1f} tok/s "
+                          f"vs bf16 {x['bf16_tokens_per_s']:8.1f} "
                           f"(x{x['speedup_vs_bf16']:.2f})  peak {x['peak_gib']:.2f} vs {x['bf16_peak_gib']:.2f} GiB  "
                           f"graph {x['cuda_graph']}  logits vs bf16 twin {rel:.1e}", flush=True)
                 model.cpu()
@@ -277,6 +258,12 @@ def main(argv=None):
         torch.cuda.empty_cache()
     print(harness.table(rows, COLUMNS, title=""))
     harness.done(harness.write_result(args.out, {"rows": rows, "linears": linears, "tuned": tuned_configs()}, meta))
+
+
+def elapsed(start=time.perf_counter()) -> str:
+    """Minutes and seconds since the bench started, for its progress lines."""
+    m, s = divmod(int(time.perf_counter() - start), 60)
+    return f"{m}:{s:02d}"
 
 
 def tuned_configs() -> list[dict]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from bitplan.db.types import Quantizer
 from bitplan.profiler.calibration import EVAL, token_batches
 from bitplan.profiler.stream import run_streamed
 from bitplan.profiler.weights import streamed
+
+log = logging.getLogger(__name__)
 
 EVAL_TOKENS = 8192  # held-out tokens a perplexity is measured on
 EVAL_WINDOW = 512  # tokens per scored window
@@ -58,7 +61,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: str = "cpu", pro
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: int = 128, vocab: int | None = None,
-                 device: str = "cuda", seed: int = 0, graph: bool = True, compile: bool = False) -> dict:
+                 device: str = "cuda", seed: int = 0, graph: bool = True, compile: bool = False,
+                 kernels: bool = False) -> dict:
     """Greedy decoding of `new_tokens` after a `prompt`-token random prompt, `batch` sequences at once.
 
     One token step is captured in a CUDA graph (a static KV cache, the step's input ids and position
@@ -69,6 +73,8 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     eager PyTorch's many small ones, and each quantized linear as its one opaque operator
     (`kernels.matmul.quant_matmul`).  Returns decode tokens/s, prefill seconds, peak GPU memory, and
     whether the graph was used (a model whose step cannot be captured falls back to eager and says so).
+    With `kernels`, also the GPU time of each kernel one step launches (`step_kernels`), profiled outside
+    the graph on the same compiled step that is then captured, so a step is compiled once.
     """
     import time
 
@@ -76,7 +82,7 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    cache, step_ids, pos = prefilled(model, batch, prompt, new_tokens + warm + 1, vocab, device, seed)
+    cache, step_ids, pos = prefilled(model, batch, prompt, new_tokens + warm + 2, vocab, device, seed)
     torch.cuda.synchronize()
     prefill = time.perf_counter() - t0
 
@@ -90,6 +96,10 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
 
     for _ in range(warm):  # kernels compiled and tuned, allocator primed, before any capture
         step()
+    torch.cuda.synchronize()
+    log.info("decode at batch %d: prefilled, %s and warm in %.0f s", batch, "compiled" if compile else "eager",
+             time.perf_counter() - t0)
+    profiled = step_kernels(step) if kernels else None
     used_graph = False
     if graph:
         try:
@@ -107,9 +117,28 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
         run()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
-                compiled=compile, decode_tokens_per_s=batch * new_tokens / seconds,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    out = dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
+               compiled=compile, decode_tokens_per_s=batch * new_tokens / seconds,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    return out if profiled is None else dict(out, kernels=profiled)
+
+
+def step_kernels(step) -> list[dict]:
+    """GPU microseconds and launches of each kernel (or copy) that one call of `step` runs, by name, costliest
+    first (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += e.time_range.elapsed_us()
+            t[1] += 1
+    return [dict(kernel=k, us=us, calls=n) for k, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
 
 
 @torch.no_grad()
@@ -165,12 +194,14 @@ def dense_twin(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modu
 
 
 def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_tokens: int = 128,
-                 device: str = "cuda", compile: bool = False, merge: bool = True, twin: nn.Module | None = None) -> dict:
+                 device: str = "cuda", compile: bool = False, merge: bool = True, twin: nn.Module | None = None,
+                 kernels: bool = False) -> dict:
     """Decode speed and peak memory of `model` (in the dtype it runs in) and of its bf16 `dense_twin`,
     measured in the same process, one model on the GPU at a time, both `torch.compile`d or neither
     (`decode_speed`).  With `merge`, sibling projections (q, k and v; gate and up) are merged in both first,
     in place, as serving engines hold them (`executor.fused`): their counts are under `"fused"`.  `twin`: the
     twin if the caller has built it already (it is then merged or not as `merge` says, like the model).
+    `kernels`: each model's step profiled kernel by kernel too (`decode_speed`).
 
     Returns `{"batches": {"1": {"model": {...}, "bf16": {...}, "speedup": x}, ...}, "weights_gib": {...}}`.
     """
@@ -187,10 +218,10 @@ def speed_report(model: nn.Module, batches=(1, 16), prompt: int = 512, new_token
         m.cpu()
     for b in batches:
         model.to(device)  # only the model being timed on the GPU, so that peak memory is its own
-        mine = decode_speed(model, b, prompt, new_tokens, device=device, compile=compile)
+        mine = decode_speed(model, b, prompt, new_tokens, device=device, compile=compile, kernels=kernels)
         model.cpu()
         twin.to(device)
-        base = decode_speed(twin, b, prompt, new_tokens, device=device, compile=compile)
+        base = decode_speed(twin, b, prompt, new_tokens, device=device, compile=compile, kernels=kernels)
         twin.cpu()
         out["batches"][str(b)] = {"model": mine, "bf16": base,
                                   "speedup": mine["decode_tokens_per_s"] / base["decode_tokens_per_s"]}
