@@ -1,5 +1,6 @@
-"""What the executor's tests share: a manual plan of any per-module choice, a model's logits, and the check
-that a reloaded checkpoint computes what the model quantized in memory computes.
+"""What the executor's tests share: a manual plan of any per-module choice, a model's logits, the check
+that a reloaded checkpoint computes what the model quantized in memory computes, and where the Triton
+kernels can run.
 
 conftest.py is not importable under `--import-mode=importlib`: each helper is handed out by a fixture.
 """
@@ -7,8 +8,10 @@ conftest.py is not importable under `--import-mode=importlib`: each helper is ha
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
+import torch
 
 
 def manual_plan(planned, choose, plan_id: str = "plan-manual-test"):
@@ -64,3 +67,22 @@ def logits_fixture():
 def assert_reloads_as_in_memory_fixture():
     """`assert_reloads_as_in_memory(model, reloaded, plan)`: see above."""
     return assert_reloads_as_in_memory
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where a test of the Triton kernels inside a model runs: `"cuda"` on a GPU, `"cpu"` under
+    TRITON_INTERPRET=1; elsewhere the test skips."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("the kernels run on CUDA tensors, or on the CPU under TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def fp32_tolerance(kernel_device) -> dict:
+    """`assert_close`'s tolerance for an fp32 product through the kernels against the reference on
+    `kernel_device`: exact to rounding under the interpreter; on a GPU a product may round through TF32 in
+    one path and not the other, while a defect (a row missing or doubled) is off by O(1)."""
+    return dict(rtol=1e-4, atol=1e-5) if kernel_device == "cpu" else dict(rtol=1e-2, atol=1e-2)

@@ -2,7 +2,6 @@
 transformers' own SDPA attention gives, over a static cache as decoding fills it; prefill still runs SDPA."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -11,15 +10,14 @@ from bitplan.executor.attention import NAME, use_decode_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
-def test_decode_steps_match_sdpa(heads, kv_heads, monkeypatch):
+def test_decode_steps_match_sdpa(heads, kv_heads, kernel_device, monkeypatch):
     """On a GPU in bf16 (the kernel's tl.dot rounds fp32 to TF32 there), on the CPU in fp32 under the interpreter."""
-    if torch.cuda.is_available():
+    device = kernel_device
+    if device == "cuda":
         # bf16 moves this model's logits by about 4e-3 from fp32's; one cached position left out, by about 0.2
-        device, dtype, tol = "cuda", torch.bfloat16, dict(rtol=2e-2, atol=2e-2)
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        device, dtype, tol = "cpu", torch.float32, dict(rtol=1e-4, atol=1e-4)
+        dtype, tol = torch.bfloat16, dict(rtol=2e-2, atol=2e-2)
     else:
-        pytest.skip("the kernel runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1")
+        dtype, tol = torch.float32, dict(rtol=1e-4, atol=1e-4)
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
     from bitplan.kernels import attention as kernel

@@ -67,12 +67,10 @@ def test_profile_plan_apply_load_round_trip(kind, moe_checkpoint, text_file, tmp
     assert expert_heatmap(plan).splitlines()[2:] == expert_heatmap(plan, profile).splitlines()[2:]
 
 
-def test_quantized_experts_in_one_launch_equal_the_per_expert_loop(moe_checkpoint, text_file, tmp_path):
-    """The loaded checkpoint's experts, mixed widths, through the MoE kernel (Triton's interpreter on the
-    CPU) give the per-expert loop's output, with the experts' weights held once (views of the packs)."""
-    import os
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the fused path runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
+def test_quantized_experts_in_one_launch_equal_the_per_expert_loop(moe_checkpoint, text_file, tmp_path,
+                                                                   kernel_device, fp32_tolerance):
+    """The loaded checkpoint's experts, mixed widths, through the MoE kernel (on a GPU, or Triton's interpreter
+    on the CPU) give the per-expert loop's output, with the experts' weights held once (views of the packs)."""
     from bitplan.executor.quant_linear import QuantExpertLinears
 
     loaded = load_model(str(moe_checkpoint("mixtral")))
@@ -87,16 +85,16 @@ def test_quantized_experts_in_one_launch_equal_the_per_expert_loop(moe_checkpoin
     plan = plan.model_copy(update={"assignment": assignment})
     out = apply_plan(plan, loaded.model, loaded.tokenizer, planned_linears(loaded.model), tmp_path / "q",
                      progress=False)
-    experts = load_quantized(out)[0].model.layers[0].mlp.experts
+    experts = load_quantized(out)[0].model.layers[0].mlp.experts.to(kernel_device)
     assert isinstance(experts, QuantExpertLinears)
     assert len({e.gate_proj.option.bits for e in experts}) > 1  # mixed widths in one layer
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, experts[0].gate_proj.in_features, generator=g)
-    top_k_index = torch.stack([torch.randperm(len(experts), generator=g)[:2] for _ in range(7)])
-    top_k_weights = torch.softmax(torch.randn(7, 2, generator=g), -1)
+    hidden = torch.randn(7, experts[0].gate_proj.in_features, generator=g).to(kernel_device)
+    top_k_index = torch.stack([torch.randperm(len(experts), generator=g)[:2] for _ in range(7)]).to(kernel_device)
+    top_k_weights = torch.softmax(torch.randn(7, 2, generator=g), -1).to(kernel_device)
     want = ExpertLinears.forward(experts, hidden, top_k_index, top_k_weights)
     got = experts.fused(hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **fp32_tolerance)
     packs = experts._packed_experts[1]
     q0 = packs["down_proj"].q0
     for e in experts:

@@ -2,8 +2,6 @@
 per expert (a masked-out slot and an idle expert included), and its bf16 twin fuses the experts again as
 transformers holds them."""
 
-import os
-
 import pytest
 import torch
 
@@ -36,17 +34,16 @@ def mixtral():
     return model
 
 
-def test_fused_experts_with_a_masked_slot_and_an_idle_expert_equal_the_loop(mixtral):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the fused path runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
-    experts = mixtral.model.layers[0].mlp.experts
+def test_fused_experts_with_a_masked_slot_and_an_idle_expert_equal_the_loop(mixtral, kernel_device,
+                                                                               fp32_tolerance):
+    experts = mixtral.model.layers[0].mlp.experts.to(kernel_device)
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 64, generator=g)
-    top_k_index = torch.tensor([[0, 2], [1, 4], [2, 0], [4, 1], [1, 0]])  # 4 masked out, expert 3 idle
-    top_k_weights = torch.softmax(torch.randn(5, 2, generator=g), -1)
+    hidden = torch.randn(5, 64, generator=g).to(kernel_device)
+    top_k_index = torch.tensor([[0, 2], [1, 4], [2, 0], [4, 1], [1, 0]], device=kernel_device)  # 4 masked, 3 idle
+    top_k_weights = torch.softmax(torch.randn(5, 2, generator=g), -1).to(kernel_device)
     want = ExpertLinears.forward(experts, hidden, top_k_index, top_k_weights)
     got = experts.fused(hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **fp32_tolerance)
     assert experts._packed_experts is not None
     experts.to("cpu")  # moved or cast, the packs are made again from the experts' buffers
     assert experts._packed_experts is None
