@@ -30,7 +30,8 @@ NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a slice w
 def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, out_ptr, L, KVH, per_split, scale,
                    sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
-                   HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr):
+                   HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr, GP2: tl.constexpr,
+                   CHUNK: tl.constexpr):
     bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, kvh = bh // KVH, bh % KVH
     rows = tl.arange(0, ROWS)
@@ -65,49 +66,58 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, ou
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
-    out = out_ptr + b * so_b + (kvh * G + rows)[:, None] * so_h + d[None, :]
     if SPLITS_P2 == 1:
+        out = out_ptr + b * so_b + (kvh * G + rows)[:, None] * so_h + d[None, :]
         tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows[:, None] < G)
     else:
-        # this slice's partials, [B * KVH, splits, ROWS, D] and [B * KVH, splits, 2, ROWS], written as atomics
-        # (int32 bits: the interpreter exchanges no floats) so that they are in L2 before the program counts
-        # itself in; the last program of the key/value head to arrive combines every slice (`_combine`)
+        # this slice's partials, the G real rows only: [B * KVH, splits, GP2, D] and [B * KVH, splits, 2, GP2],
+        # written as atomics (int32 bits: the interpreter exchanges no floats) so that they are in L2 before the
+        # program counts itself in; the last program of the key/value head to arrive combines every slice
         base = bh * splits + split
+        real = rows < G
         acc_bits = acc_ptr.to(tl.pointer_type(tl.int32))
         ml_bits = ml_ptr.to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(acc_bits + base * ROWS * D + rows[:, None] * D + d[None, :], acc.to(tl.int32, bitcast=True),
+        tl.atomic_xchg(acc_bits + base * GP2 * D + rows[:, None] * D + d[None, :], acc.to(tl.int32, bitcast=True),
+                       mask=real[:, None], sem="relaxed")
+        tl.atomic_xchg(ml_bits + base * 2 * GP2 + rows, m.to(tl.int32, bitcast=True), mask=real, sem="relaxed")
+        tl.atomic_xchg(ml_bits + base * 2 * GP2 + GP2 + rows, total.to(tl.int32, bitcast=True), mask=real,
                        sem="relaxed")
-        tl.atomic_xchg(ml_bits + base * 2 * ROWS + rows, m.to(tl.int32, bitcast=True), sem="relaxed")
-        tl.atomic_xchg(ml_bits + base * 2 * ROWS + ROWS + rows, total.to(tl.int32, bitcast=True), sem="relaxed")
         tl.debug_barrier()  # every thread's partials are issued before the program counts itself in
         if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == splits - 1:
-            _combine(acc_ptr, ml_ptr, out, bh, splits, G, D, ROWS, SPLITS_P2)
+            _combine(acc_ptr, ml_ptr, out_ptr + b * so_b + kvh * G * so_h, so_h, bh, splits, G, D, GP2, SPLITS_P2,
+                     CHUNK)
             tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed")  # zero again for the next call
 
 
 @triton.jit
-def _combine(acc_ptr, ml_ptr, out, bh, SPLITS, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-             SPLITS_P2: tl.constexpr):
+def _combine(acc_ptr, ml_ptr, out_ptr, so_h, bh, SPLITS, G: tl.constexpr, D: tl.constexpr, GP2: tl.constexpr,
+             SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
     """The output of key/value head `bh` from its `SPLITS` slices' partials: each slice's sum rescaled to the
-    largest row maximum.  Loads bypass L1 (`.cg`), where an earlier call's partials may linger."""
+    largest row maximum.  `CHUNK` slices' partials are loaded at once, as one [CHUNK, GP2, D] tile, so that the
+    loads of a chunk wait on memory once, and the sum over its slices is one reduction.  Loads bypass L1
+    (`.cg`), where an earlier call's partials may linger."""
     s = tl.arange(0, SPLITS_P2)
-    rows = tl.arange(0, ROWS)
+    r = tl.arange(0, GP2)
     d = tl.arange(0, D)
-    ok = s < SPLITS
-    base = bh * SPLITS + s
-    m = tl.load(ml_ptr + base[:, None] * 2 * ROWS + rows[None, :], mask=ok[:, None], other=NEG,
-                cache_modifier=".cg")  # [S, ROWS]
-    total = tl.load(ml_ptr + base[:, None] * 2 * ROWS + ROWS + rows[None, :], mask=ok[:, None], other=0.0,
-                    cache_modifier=".cg")
+    real = r < G
+    ml = ml_ptr + (bh * SPLITS + s)[:, None] * 2 * GP2 + r[None, :]
+    m = tl.load(ml, mask=(s < SPLITS)[:, None] & real[None, :], other=NEG, cache_modifier=".cg")  # [S, GP2]
+    total = tl.load(ml + GP2, mask=(s < SPLITS)[:, None] & real[None, :], other=0.0, cache_modifier=".cg")
     top = tl.max(m, axis=0)
-    w = tl.exp(m - top[None, :])  # [S, ROWS]
-    denom = tl.sum(w * total, axis=0)
-    acc = tl.zeros([ROWS, D], tl.float32)
-    for i in range(0, SPLITS):
-        part = tl.load(acc_ptr + (bh * SPLITS + i) * ROWS * D + rows[:, None] * D + d[None, :], cache_modifier=".cg")
-        wi = tl.sum(tl.where(s[:, None] == i, w, 0.0), axis=0)
-        acc += part * wi[:, None]
-    tl.store(out, (acc / denom[:, None]).to(out.dtype.element_ty), mask=rows[:, None] < G)
+    denom = tl.sum(tl.exp(m - top[None, :]) * total, axis=0)
+    acc = tl.zeros([GP2, D], tl.float32)
+    c = tl.arange(0, CHUNK)
+    for start in range(0, SPLITS, CHUNK):
+        base = bh * SPLITS + start + c
+        ok = ((start + c) < SPLITS)[:, None] & real[None, :]  # [CHUNK, GP2]
+        w = tl.exp(tl.load(ml_ptr + base[:, None] * 2 * GP2 + r[None, :], mask=ok, other=NEG, cache_modifier=".cg")
+                   - top[None, :])
+        part = tl.load(acc_ptr + base[:, None, None] * GP2 * D + r[None, :, None] * D + d[None, None, :],
+                       mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(part * w[:, :, None], axis=0)
+    denom = tl.where(real, denom, 1.0)  # rows past G hold nothing
+    tl.store(out_ptr + r[:, None] * so_h + d[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+             mask=real[:, None])
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -125,8 +135,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     splits = max(1, min(blocks, splits or triton.cdiv(2 * _sm_count(query.device), B * KVH)))
     per_split = triton.cdiv(blocks, splits) * block_l
     splits = triton.cdiv(L, per_split)
-    acc = torch.empty(B * KVH, splits, rows, D, device=query.device, dtype=torch.float32)
-    ml = torch.empty(B * KVH, splits, 2, rows, device=query.device, dtype=torch.float32)
+    gp2 = triton.next_power_of_2(G)  # the partials' rows: the real ones, not the dot's padding
+    acc = torch.empty(B * KVH, splits, gp2, D, device=query.device, dtype=torch.float32)
+    ml = torch.empty(B * KVH, splits, 2, gp2, device=query.device, dtype=torch.float32)
     count = workspace(query.device, 0, B * KVH)[1]  # zero between calls, shared with the matmul kernels
     out = torch.empty(B, 1, H, D, device=query.device, dtype=query.dtype)
     if mask is not None:
@@ -141,8 +152,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                       per_split, scale, q.stride(0), q.stride(1), *k_args, *m_args, out.stride(0),
                                       out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,
                                       HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
-                                      SPLITS_P2=triton.next_power_of_2(splits), **cfg)
+                                      SPLITS_P2=triton.next_power_of_2(splits), GP2=gp2,
+                                      CHUNK=combine_chunk(splits, gp2, D), **cfg)
     return out
+
+
+def combine_chunk(splits: int, gp2: int, D: int) -> int:
+    """How many slices' partials `_combine` loads at once: a tile of at most 4,096 floats (32 registers a
+    thread at 4 warps), and no more slices than there are."""
+    return max(1, min(triton.next_power_of_2(splits), 4096 // (gp2 * D)))
 
 
 @torch.library.custom_op("bitplan::decode_attention", mutates_args=())

@@ -28,6 +28,7 @@ def case(B, H, KVH, L, D, dtype, seed=0):
     (1, 8, 2, 200, 64, 3),    # 4 query heads a key/value head, a cache of no whole blocks, three slices
     (2, 4, 4, 64, 32, 1),     # no grouping, one slice
     (3, 6, 2, 130, 16, 5),    # 3 heads a group (padded rows), more slices than filled blocks
+    (2, 16, 2, 400, 128, 7),  # 8 heads a group: the slices combined in two chunks of 4, the last part-filled
 ])
 def test_matches_reference_with_a_static_cache_mask(B, H, KVH, L, D, splits, dtype):
     """Each sequence has filled a different prefix of the cache (the rest masked out, as a static cache's
@@ -40,6 +41,12 @@ def test_matches_reference_with_a_static_cache_mask(B, H, KVH, L, D, splits, dty
     want = reference_attention(q, k, v, mask, scale)
     assert got.shape == (B, 1, H, D) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_last_case_combines_its_slices_in_several_chunks():
+    from bitplan.kernels.attention import combine_chunk
+
+    assert combine_chunk(7, 8, 128) == 4
 
 
 def test_additive_mask_and_none():
@@ -77,7 +84,8 @@ def test_compiles_for_hopper(has_mask, splits, compile_for_hopper):
 
     ints = ("L", "KVH", "per_split", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_l",
             "so_b", "so_h")
-    const = dict(G=4, D=128, ROWS=16, BLOCK_L=64, HAS_MASK=has_mask, DOT_FP32=False, SPLITS_P2=splits)
+    const = dict(G=4, D=128, ROWS=16, BLOCK_L=64, HAS_MASK=has_mask, DOT_FP32=False, SPLITS_P2=splits, GP2=4,
+                 CHUNK=attention.combine_chunk(splits, 4, 128))
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
            "ml_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32", **{n: "i32" for n in ints},
            **{k: "constexpr" for k in const}}
