@@ -13,6 +13,7 @@ kernel.
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
     python bench/decode.py --layers 32 --bits 4 --batches 1 --compile on
     python bench/decode.py --layers 8 --bits 4 --batches 1 --compile on --merge off,on --attention bitplan,sdpa
+    python bench/decode.py --layers 32 --bits 4 --batches 1 --compile on --vocab 128256 --tie off  # its own head
 
 Prints tables and writes JSON (`--out`, default bench/results/decode.json).  Where the step's time goes:
 each kind of linear (`q_proj`, ..., the head) timed alone at batch 1 with cold weights beside the bf16
@@ -56,7 +57,7 @@ def build(args) -> torch.nn.Module:
 
     shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                 max_position_embeddings=4096, tie_word_embeddings=True)
+                 max_position_embeddings=4096, tie_word_embeddings=args.tie == "on")
     if args.moe:
         config, cls = MixtralConfig(num_local_experts=args.experts, num_experts_per_tok=2, **shape), MixtralForCausalLM
     else:
@@ -172,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tie", choices=("on", "off"), default="on",
+                    help="on: the head shares the embedding and stays bf16 in both models; off: an untied head, "
+                         "quantized like the other linears (Llama-3-8B's own: --vocab 128256 --tie off)")
     ap.add_argument("--moe", action="store_true",
                     help="Mixtral's shape: --experts routed experts a layer, 2 a token, at 2, 3 and 4 bits by index "
                          "(--bits: the attention's)")
