@@ -8,9 +8,9 @@ head per query head (`repeat_kv`, when the step is compiled), and the cache is n
 Here each program takes one key/value head of one sequence and a slice of the cache positions, with the
 `G` query heads that share that key/value head as the rows of its tile (padded to 16 for `tl.dot`), so
 the cache is read once for all of them.  It keeps a running softmax over its slice (flash attention's
-recurrence) and writes its partial output, row maximum and sum; the last of a head's programs to finish
-combines the slices (counted in through an atomic, as the matmul kernels' split-K is), so a step's
-attention is one launch.
+recurrence) and writes its partial output, row maximum and sum for the real rows; the last of a head's
+programs to finish combines the slices (counted in through an atomic, as the matmul kernels' split-K is),
+loading several slices' partials at a time, so a step's attention is one launch.
 Cache positions the mask rules out (the unfilled end of a static cache, padding) are skipped a block at
 a time when the whole block is masked, so a static cache costs what its filled part does.
 """
