@@ -101,8 +101,9 @@ def _combine(acc_ptr, ml_ptr, out_ptr, so_h, bh, SPLITS, G: tl.constexpr, D: tl.
     d = tl.arange(0, D)
     real = r < G
     ml = ml_ptr + (bh * SPLITS + s)[:, None] * 2 * GP2 + r[None, :]
-    m = tl.load(ml, mask=(s < SPLITS)[:, None] & real[None, :], other=NEG, cache_modifier=".cg")  # [S, GP2]
-    total = tl.load(ml + GP2, mask=(s < SPLITS)[:, None] & real[None, :], other=0.0, cache_modifier=".cg")
+    kept = (s < SPLITS)[:, None] & real[None, :]
+    m = tl.load(ml, mask=kept, other=NEG, cache_modifier=".cg")  # [S, GP2]
+    total = tl.load(ml + GP2, mask=kept, other=0.0, cache_modifier=".cg")
     top = tl.max(m, axis=0)
     denom = tl.sum(tl.exp(m - top[None, :]) * total, axis=0)
     acc = tl.zeros([GP2, D], tl.float32)
@@ -110,12 +111,12 @@ def _combine(acc_ptr, ml_ptr, out_ptr, so_h, bh, SPLITS, G: tl.constexpr, D: tl.
     for start in range(0, SPLITS, CHUNK):
         base = bh * SPLITS + start + c
         ok = ((start + c) < SPLITS)[:, None] & real[None, :]  # [CHUNK, GP2]
+        # the chunk's maxima loaded again from L2: picking rows out of `m` would be a reduction across threads
         w = tl.exp(tl.load(ml_ptr + base[:, None] * 2 * GP2 + r[None, :], mask=ok, other=NEG, cache_modifier=".cg")
                    - top[None, :])
         part = tl.load(acc_ptr + base[:, None, None] * GP2 * D + r[None, :, None] * D + d[None, None, :],
                        mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
         acc += tl.sum(part * w[:, :, None], axis=0)
-    denom = tl.where(real, denom, 1.0)  # rows past G hold nothing
     tl.store(out_ptr + r[:, None] * so_h + d[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
              mask=real[:, None])
 
