@@ -121,7 +121,9 @@ def decode_speed(model: nn.Module, batch: int, prompt: int = 512, new_tokens: in
     out = dict(batch=batch, prompt=prompt, new_tokens=new_tokens, prefill_s=prefill, cuda_graph=used_graph,
                compiled=compile, decode_tokens_per_s=batch * new_tokens / seconds,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-    return out if profiled is None else dict(out, kernels=profiled)
+    if kernels:
+        out["kernels"] = profiled
+    return out
 
 
 def step_kernels(step) -> list[dict]:
