@@ -6,9 +6,9 @@ model's logits are checked against its bf16 twin (`executor.evaluate.dense_twin`
 dequantized, torch matmuls).  Measures greedy decode of 128 new tokens after a 512-token prompt at
 batch 1 and 16, one token step captured in a CUDA graph (`executor.evaluate.decode_speed`), and peak
 GPU memory, for the quantized model and the twin alternately (`executor.evaluate.speed_report`); with
-`--compile on` the step of both models is `torch.compile`d before it is captured.  `--merge` and `--attention`
-take several values, each timed in the same process: sibling projections merged or not, and the attention
-kernel.
+`--compile on` the step of both models is `torch.compile`d before it is captured.  `--merge`, `--attention` and
+`--pdl` take several values, each timed in the same process: sibling projections merged or not, the attention
+kernel, and our kernels launched as programmatic dependents or not.
 
     python bench/decode.py                      # 16 layers of Llama-3-8B's shape, 4 and 2 bits
     python bench/decode.py --layers 32 --bits 4 --batches 1 --compile on
@@ -43,6 +43,7 @@ from bitplan.executor.attention import use_decode_attention
 from bitplan.executor.evaluate import dense_twin, speed_report
 from bitplan.executor.fused import FusedProjection, fuse_projections
 from bitplan.executor.quant_linear import QuantLinear, fuse_quantized_experts
+from bitplan.kernels import matmul
 from bitplan.kernels.moe import GEMV_MAX_ROWS
 from bitplan.kernels.quantize import quantize
 from bitplan.profiler.model import planned_linears
@@ -157,7 +158,7 @@ def linear_breakdown(model: torch.nn.Module, twin: torch.nn.Module) -> list[dict
 
 
 COLUMNS = [("bits", "bits", "d"), ("merged", "merged", "<"), ("attention", "attention", "<"),
-           ("compile", "compile", "<"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
+           ("compile", "compile", "<"), ("pdl", "pdl", "<"), ("batch", "batch", "d"), ("tok/s", "tokens_per_s", ".1f"),
            ("bf16 tok/s", "bf16_tokens_per_s", ".1f"), ("vs bf16", "speedup_vs_bf16", ".2f"),
            ("peak GiB", "peak_gib", ".2f"), ("bf16 GiB", "bf16_peak_gib", ".2f")]
 
@@ -192,8 +193,11 @@ def main(argv=None):
     ap.add_argument("--merge", default="on",
                     help="off, on or off,on: sibling projections (q, k, v; gate, up) merged into one linear "
                          "(executor/fused.py), both models alike")
+    ap.add_argument("--pdl", default="off",
+                    help="off, on or off,on: our kernels launched as programmatic dependents (BITPLAN_PDL, "
+                         "kernels/matmul.py's `pdl`; Hopper and later), each timed in the same process")
     args = ap.parse_args(argv)
-    modes, merges = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge"))
+    modes, merges, pdls = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge", "pdl"))
     attentions = [a.strip() for a in args.attention.split(",")]
     from transformers import AttentionInterface
 
@@ -229,11 +233,12 @@ def main(argv=None):
                     m.cpu()
             if not args.moe:  # a MoE twin's experts are one fused module, no linear to time beside each of ours
                 linears[bits] += [dict(r, merged=merge) for r in linear_breakdown(model, twin)]
-            for attention, mode in itertools.product(attentions, modes):
+            for attention, mode, launch in itertools.product(attentions, modes, pdls):
                 for m in (model, twin):
                     set_attention(m, attention)
+                matmul.PDL_ENABLED = launch == "on"  # read at each launch, so at each capture
                 report = speed_report(model, batches, compile=mode == "on", merge=False, twin=twin, kernels=True)
-                case = dict(bits=bits, merged=merge, attention=attention, compile=mode)
+                case = dict(bits=bits, merged=merge, attention=attention, compile=mode, pdl=launch)
                 for b, r in report["batches"].items():
                     step = {who: step_split(r[who]["kernels"]) for who in ("model", "bf16")}
                     rows.append(dict(case, batch=int(b), logits_rel_err_vs_bf16_twin=rel,

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from bitplan.kernels.matmul import INTERPRET, _sm_count, workspace
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from bitplan.kernels.matmul import INTERPRET, _sm_count, pdl, workspace
 
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a slice with no position left gives exp(NEG - m) = 0
 
@@ -31,7 +33,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, ou
                    sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
                    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr, GP2: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # the next kernel (the o projection's gemv) may start fetching its weights while this one runs
+        gdc_launch_dependents()
+        gdc_wait()
     bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, kvh = bh // KVH, bh % KVH
     rows = tl.arange(0, ROWS)
@@ -149,6 +154,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if key.stride(3) != 1 or value.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous in query, key and value")
     cfg = {} if INTERPRET else dict(num_warps=4, num_stages=2)
+    if pdl(query.device):
+        cfg.update(PDL=True, launch_pdl=True)
     _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, count, out, L, KVH,
                                       per_split, scale, q.stride(0), q.stride(1), *k_args, *m_args, out.stride(0),
                                       out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from bitplan.kernels.reference import shards
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 4  # above, the tiled kernel: a gemv program per 16 rows measured 3x slower (bench/kernels.py)
@@ -439,13 +440,42 @@ def _store(y_ptr, ws_ptr, count_ptr, tile, y, rm2, rn2, mask_out, stride_ym, str
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at `ptrs` without waiting for them (nothing lands in registers)."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.b32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_prologue(q0_ptr, q1_ptr, s_ptr, stride_q0, stride_q1, stride_s, rn, N, K, t_lo, t_hi,
+                  GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Under programmatic dependent launch, the start of a gemv program that may run before the kernel ahead
+    of it has finished: the weights never change, so the first word rows of its K slice and their scales
+    are asked of L2 now; then it lets the next kernel launch and waits for this one's inputs.  Nothing is
+    read from or written to memory the kernel ahead may touch before `gdc_wait`."""
+    ROWS: tl.constexpr = 8  # word rows a program prefetches per shard: at most 32 KB at 1,024 outputs
+    cols = tl.minimum(rn + tl.arange(0, BLOCK_N // 32)[None, :] * 32, N - 1)  # one int32 a 128-byte line
+    r = tl.arange(0, ROWS)[:, None]
+    P0: tl.constexpr = 32 // W0
+    hi0 = tl.cdiv(tl.minimum(t_hi * BLOCK_K, K), P0) - 1
+    _prefetch_l2(q0_ptr + tl.minimum(t_lo * BLOCK_K // P0 + r, hi0) * stride_q0 + cols)
+    if W1 > 0:
+        hi1 = tl.cdiv(tl.minimum(t_hi * BLOCK_K, K), 32) - 1
+        _prefetch_l2(q1_ptr + tl.minimum(t_lo * BLOCK_K // 32 + r, hi1) * stride_q1 + cols)
+    _prefetch_l2(s_ptr + (t_lo * BLOCK_K // GROUP) * stride_s + cols)
+    gdc_launch_dependents()
+    gdc_wait()
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, SPLIT_K,
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr, HALF2: tl.constexpr = False,
+    EVEN_K: tl.constexpr, HALF2: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
@@ -453,6 +483,9 @@ def _gemv_kernel(
     n_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_lo = pid_k * per_split
+    if PDL:
+        _pdl_prologue(q0_ptr, q1_ptr, s_ptr, stride_q0, stride_q1, stride_s, pid_n * BLOCK_N, N, K, t_lo,
+                      tl.minimum(t_lo + per_split, n_tiles), GROUP, W0, W1, BLOCK_N, BLOCK_K)
     y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, tl.minimum(rm, M - 1), rn, rn < N, K,
                    t_lo, tl.minimum(t_lo + per_split, n_tiles),
                    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
@@ -591,6 +624,16 @@ def dequantize(q0, q1, scales, z0, z1, K: int, bits: int, group: int, symmetric:
 
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+PDL_ENABLED = os.environ.get("BITPLAN_PDL", "0") != "0"
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether decode kernels launch as programmatic dependents (`launch_pdl`): Hopper and later, and only
+    where `BITPLAN_PDL=1` asks for it.  A dependent may start while the kernel ahead of it drains, so a
+    gemv's programs fetch their first weights in that time (`_pdl_prologue`)."""
+    return PDL_ENABLED and not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
@@ -762,6 +805,8 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
         # HALF2 is on unless a config turns it off (`bench/kernels.py` times the fp32 body beside it)
         common.update(GROUP=gemv_group(group, K), EVEN_K=K % cfg["BLOCK_K"] == 0,
                       HALF2=cfg.pop("HALF2", HALF2_ENABLED) and x2.dtype != torch.float32)
+        if pdl(x2.device):
+            common.update(PDL=True, launch_pdl=True)
         if common["GROUP"] is None:
             raise ValueError(f"the gemv kernel needs a group of 32 rows or more (or per-channel), got {group}")
         kernel = _gemv_kernel

@@ -77,16 +77,20 @@ def test_back_to_back_calls_leave_the_counters_at_zero():
         assert not workspace(on[0].device, 0, B * KVH)[1].any()
 
 
-@pytest.mark.parametrize("has_mask,splits", [(True, 16), (False, 16), (True, 1)], ids=["mask", "no-mask", "one-split"])
-def test_compiles_for_hopper(has_mask, splits, compile_for_hopper):
+@pytest.mark.parametrize("has_mask,splits,pdl", [(True, 16, False), (False, 16, False), (True, 1, False), (True, 16, True)],
+                         ids=["mask", "no-mask", "one-split", "dependent-launch"])
+def test_compiles_for_hopper(has_mask, splits, pdl, compile_for_hopper):
     """The kernel compiles to sm_90 machine code, here without a GPU (`conftest.compile_for_hopper`)."""
     from bitplan.kernels import attention
 
     ints = ("L", "KVH", "per_split", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_l",
             "so_b", "so_h")
     const = dict(G=4, D=128, ROWS=16, BLOCK_L=64, HAS_MASK=has_mask, DOT_FP32=False, SPLITS_P2=splits, GP2=4,
-                 CHUNK=attention.combine_chunk(splits, 4, 128))
+                 CHUNK=attention.combine_chunk(splits, 4, 128), PDL=pdl)
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
            "ml_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32", **{n: "i32" for n in ints},
            **{k: "constexpr" for k in const}}
-    compile_for_hopper(attention._decode_kernel, sig, const, num_warps=4, num_stages=2)
+    ptx = compile_for_hopper(attention._decode_kernel, sig, const, num_warps=4, num_stages=2, launch_pdl=pdl)["ptx"]
+    if pdl:  # the query and the cache are the kernel ahead's results: nothing is read before the wait
+        body = ptx[ptx.index(".entry"):]
+        assert "ld.global" not in body[:body.index("griddepcontrol.wait")]

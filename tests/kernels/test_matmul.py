@@ -2,6 +2,7 @@
 on the GPU when run there with `TRITON_INTERPRET=0`."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -209,21 +210,34 @@ def test_every_gemv_candidate_is_exact(bits, exact_problem, monkeypatch):
         torch.testing.assert_close(got.float(), want, rtol=0, atol=0, msg=lambda m, cfg=cfg: f"{cfg}: {m}")
 
 
-@pytest.mark.parametrize("bits,half2,tile", [(4, True, (1024, 4)), (4, True, (256, 2)), (3, True, (1024, 4)),
-                                             (3, False, (512, 4)), (8, False, (512, 4))],
-                         ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit"])
-def test_gemv_compiles_for_hopper(bits, half2, tile, compile_for_hopper):
+@pytest.mark.parametrize("bits,half2,tile,pdl", [(4, True, (1024, 4), False), (4, True, (256, 2), False),
+                                                 (3, True, (1024, 4), False), (3, False, (512, 4), False),
+                                                 (8, False, (512, 4), False), (4, True, (1024, 8), True),
+                                                 (3, True, (1024, 8), True)],
+                         ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit", "4bit-dependent-launch",
+                              "3bit-dependent-launch"])
+def test_gemv_compiles_for_hopper(bits, half2, tile, pdl, compile_for_hopper):
     """The gemv kernel as a GPU launches it, split-K included, compiled to sm_90 machine code without a GPU: its
-    bodies' inline PTX (the HALF2 one's packed fp16 instructions) is checked by the assembler here."""
+    bodies' inline PTX (the HALF2 one's packed fp16 instructions) is checked by the assembler here.  Launched as a
+    programmatic dependent (`mm.pdl`), a program may start while the kernel ahead drains: before its
+    `griddepcontrol.wait` it may only prefetch weights."""
     from bitplan.kernels import matmul as mm
 
     widths = reference.shards(bits)
     const = dict(GROUP=128, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=False, BLOCK_M=1,
-                 BLOCK_N=tile[0], BLOCK_K=64, ATOMIC=True, EVEN_K=True, HALF2=half2)
+                 BLOCK_N=tile[0], BLOCK_K=64, ATOMIC=True, EVEN_K=True, HALF2=half2, PDL=pdl)
     ptrs = dict(x_ptr="*bf16", q0_ptr="*i32", q1_ptr="*i32", s_ptr="*fp16", z0_ptr="*i32", z1_ptr="*i32",
                 y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32")
     ints = ("M", "N", "K", "SPLIT_K", "stride_xm", "stride_q0", "stride_q1", "stride_s", "stride_z0", "stride_z1",
             "stride_ym")
     sig = {**ptrs, **{n: "i32" for n in ints}, **{k: "constexpr" for k in const}}
-    asm = compile_for_hopper(mm._gemv_kernel, sig, const, num_warps=tile[1], num_stages=1)
+    asm = compile_for_hopper(mm._gemv_kernel, sig, const, num_warps=tile[1], num_stages=1, launch_pdl=pdl)
     assert ("fma.rn.f16x2" in asm["ptx"]) == half2
+    body = asm["ptx"][asm["ptx"].index(".entry"):]
+    assert ("griddepcontrol.wait" in body) == pdl
+    if pdl:
+        before = body[:body.index("griddepcontrol.wait")]
+        assert "griddepcontrol.launch_dependents" in before
+        assert len(re.findall(r"prefetch\.global\.L2", before)) == len(widths) + 1  # each shard's words, the scales
+        # no load, store or atomic before the wait: x, y and the split-K workspace may be the kernel ahead's
+        assert not re.search(r"\b(ld|st|atom|red)\.global", before)
