@@ -194,10 +194,14 @@ def main(argv=None):
                     help="off, on or off,on: sibling projections (q, k, v; gate, up) merged into one linear "
                          "(executor/fused.py), both models alike")
     ap.add_argument("--pdl", default="off",
-                    help="off, on or off,on: our kernels launched as programmatic dependents (BITPLAN_PDL, "
-                         "kernels/matmul.py's `pdl`; Hopper and later), each timed in the same process")
+                    help="off, wait, prefetch, or several comma-separated: our kernels launched as programmatic "
+                         "dependents (BITPLAN_PDL, kernels/matmul.py's `pdl`; Hopper and later), each timed in the "
+                         "same process")
     args = ap.parse_args(argv)
-    modes, merges, pdls = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge", "pdl"))
+    modes, merges = (switches(ap, name, getattr(args, name)) for name in ("compile", "merge"))
+    pdls = [p.strip() for p in args.pdl.split(",")]
+    if unknown := [p for p in pdls if p not in matmul.PDL_MODES]:
+        ap.error(f"--pdl: unknown {', '.join(unknown)}; choose among {', '.join(matmul.PDL_MODES)}")
     attentions = [a.strip() for a in args.attention.split(",")]
     from transformers import AttentionInterface
 
@@ -236,7 +240,7 @@ def main(argv=None):
             for attention, mode, launch in itertools.product(attentions, modes, pdls):
                 for m in (model, twin):
                     set_attention(m, attention)
-                matmul.PDL_ENABLED = launch == "on"  # read at each launch, so at each capture
+                matmul.PDL_MODE = launch  # read at each launch, so at each capture
                 report = speed_report(model, batches, compile=mode == "on", merge=False, twin=twin, kernels=True)
                 case = dict(bits=bits, merged=merge, attention=attention, compile=mode, pdl=launch)
                 for b, r in report["batches"].items():

@@ -38,7 +38,7 @@ def compile_gemv(bits: int, half2: bool, block_m: int, block_n: int, block_k: in
                  y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32")
     constexprs = dict(GROUP=128, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYMMETRIC=False,
                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=True, EVEN_K=True, HALF2=half2,
-                      PDL=False)
+                      PDL=0)
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
     # what the launcher specialises at run time for the benchmarked layers: 16-byte aligned pointers, N, K and
     # strides multiples of 16 (without it, the word loads are not vectorised)

@@ -155,7 +155,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError("decode_attention needs the head dimension contiguous in query, key and value")
     cfg = {} if INTERPRET else dict(num_warps=4, num_stages=2)
     if pdl(query.device):
-        cfg.update(PDL=True, launch_pdl=True)
+        cfg.update(PDL=True, launch_pdl=True)  # nothing to prefetch: the query and the cache are the inputs
     _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, count, out, L, KVH,
                                       per_split, scale, q.stride(0), q.stride(1), *k_args, *m_args, out.stride(0),
                                       out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,

@@ -452,8 +452,8 @@ def _pdl_prologue(q0_ptr, q1_ptr, s_ptr, stride_q0, stride_q1, stride_s, rn, N, 
                   BLOCK_K: tl.constexpr):
     """Under programmatic dependent launch, the start of a gemv program that may run before the kernel ahead
     of it has finished: the weights never change, so the first word rows of its K slice and their scales
-    are asked of L2 now; then it lets the next kernel launch and waits for this one's inputs.  Nothing is
-    read from or written to memory the kernel ahead may touch before `gdc_wait`."""
+    are asked of L2 before the program waits for its inputs (`gdc_wait`), before which nothing is read from
+    or written to memory the kernel ahead may touch."""
     ROWS: tl.constexpr = 8  # word rows a program prefetches per shard: at most 32 KB at 1,024 outputs
     cols = tl.minimum(rn + tl.arange(0, BLOCK_N // 32)[None, :] * 32, N - 1)  # one int32 a 128-byte line
     r = tl.arange(0, ROWS)[:, None]
@@ -464,8 +464,6 @@ def _pdl_prologue(q0_ptr, q1_ptr, s_ptr, stride_q0, stride_q1, stride_s, rn, N, 
         hi1 = tl.cdiv(tl.minimum(t_hi * BLOCK_K, K), 32) - 1
         _prefetch_l2(q1_ptr + tl.minimum(t_lo * BLOCK_K // 32 + r, hi1) * stride_q1 + cols)
     _prefetch_l2(s_ptr + (t_lo * BLOCK_K // GROUP) * stride_s + cols)
-    gdc_launch_dependents()
-    gdc_wait()
 
 
 @triton.jit
@@ -475,7 +473,7 @@ def _gemv_kernel(
     stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1, stride_ym,
     GROUP: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr, HALF2: tl.constexpr = False, PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, HALF2: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]
@@ -483,9 +481,12 @@ def _gemv_kernel(
     n_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_lo = pid_k * per_split
-    if PDL:
+    if PDL == 2:
         _pdl_prologue(q0_ptr, q1_ptr, s_ptr, stride_q0, stride_q1, stride_s, pid_n * BLOCK_N, N, K, t_lo,
                       tl.minimum(t_lo + per_split, n_tiles), GROUP, W0, W1, BLOCK_N, BLOCK_K)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     y = _gemv_tile(x_ptr, q0_ptr, q1_ptr, s_ptr, z0_ptr, z1_ptr, tl.minimum(rm, M - 1), rn, rn < N, K,
                    t_lo, tl.minimum(t_lo + per_split, n_tiles),
                    stride_xm, stride_q0, stride_q1, stride_s, stride_z0, stride_z1,
@@ -626,14 +627,19 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-PDL_ENABLED = os.environ.get("BITPLAN_PDL", "0") != "0"
+PDL_MODES = ("off", "wait", "prefetch")
+PDL_MODE = os.environ.get("BITPLAN_PDL", "off")
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether decode kernels launch as programmatic dependents (`launch_pdl`): Hopper and later, and only
-    where `BITPLAN_PDL=1` asks for it.  A dependent may start while the kernel ahead of it drains, so a
-    gemv's programs fetch their first weights in that time (`_pdl_prologue`)."""
-    return PDL_ENABLED and not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def pdl(device: torch.device) -> int:
+    """How decode kernels launch (an index of `PDL_MODES`, from `BITPLAN_PDL`): 0 as usual; else as programmatic
+    dependents (`launch_pdl`, Hopper and later), which may start while the kernel ahead of them drains and wait
+    for it in the kernel; with "prefetch", a gemv's programs also ask L2 for their first weights in that time
+    (`_pdl_prologue`)."""
+    if PDL_MODE not in PDL_MODES:
+        raise ValueError(f"BITPLAN_PDL={PDL_MODE!r}: choose one of {', '.join(PDL_MODES)}")
+    on = not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL_MODES.index(PDL_MODE) if on else 0
 
 
 def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
@@ -805,8 +811,8 @@ def _launch(regime: str, x2, q0, q1, scales, z0, z1, M, N, K, bits, group, symme
         # HALF2 is on unless a config turns it off (`bench/kernels.py` times the fp32 body beside it)
         common.update(GROUP=gemv_group(group, K), EVEN_K=K % cfg["BLOCK_K"] == 0,
                       HALF2=cfg.pop("HALF2", HALF2_ENABLED) and x2.dtype != torch.float32)
-        if pdl(x2.device):
-            common.update(PDL=True, launch_pdl=True)
+        if mode := pdl(x2.device):
+            common.update(PDL=mode, launch_pdl=True)
         if common["GROUP"] is None:
             raise ValueError(f"the gemv kernel needs a group of 32 rows or more (or per-channel), got {group}")
         kernel = _gemv_kernel

@@ -210,17 +210,17 @@ def test_every_gemv_candidate_is_exact(bits, exact_problem, monkeypatch):
         torch.testing.assert_close(got.float(), want, rtol=0, atol=0, msg=lambda m, cfg=cfg: f"{cfg}: {m}")
 
 
-@pytest.mark.parametrize("bits,half2,tile,pdl", [(4, True, (1024, 4), False), (4, True, (256, 2), False),
-                                                 (3, True, (1024, 4), False), (3, False, (512, 4), False),
-                                                 (8, False, (512, 4), False), (4, True, (1024, 8), True),
-                                                 (3, True, (1024, 8), True)],
-                         ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit", "4bit-dependent-launch",
-                              "3bit-dependent-launch"])
+@pytest.mark.parametrize("bits,half2,tile,pdl", [(4, True, (1024, 4), 0), (4, True, (256, 2), 0),
+                                                 (3, True, (1024, 4), 0), (3, False, (512, 4), 0),
+                                                 (8, False, (512, 4), 0), (4, False, (1024, 8), 1),
+                                                 (4, True, (1024, 8), 2), (3, True, (1024, 8), 2)],
+                         ids=["4bit-half2", "4bit-half2-narrow", "3bit-half2", "3bit", "8bit", "4bit-dependent",
+                              "4bit-dependent-prefetch", "3bit-dependent-prefetch"])
 def test_gemv_compiles_for_hopper(bits, half2, tile, pdl, compile_for_hopper):
     """The gemv kernel as a GPU launches it, split-K included, compiled to sm_90 machine code without a GPU: its
     bodies' inline PTX (the HALF2 one's packed fp16 instructions) is checked by the assembler here.  Launched as a
     programmatic dependent (`mm.pdl`), a program may start while the kernel ahead drains: before its
-    `griddepcontrol.wait` it may only prefetch weights."""
+    `griddepcontrol.wait` it may only prefetch weights, and only in the "prefetch" mode."""
     from bitplan.kernels import matmul as mm
 
     widths = reference.shards(bits)
@@ -234,10 +234,11 @@ def test_gemv_compiles_for_hopper(bits, half2, tile, pdl, compile_for_hopper):
     asm = compile_for_hopper(mm._gemv_kernel, sig, const, num_warps=tile[1], num_stages=1, launch_pdl=pdl)
     assert ("fma.rn.f16x2" in asm["ptx"]) == half2
     body = asm["ptx"][asm["ptx"].index(".entry"):]
-    assert ("griddepcontrol.wait" in body) == pdl
+    assert ("griddepcontrol.wait" in body) == bool(pdl)
     if pdl:
         before = body[:body.index("griddepcontrol.wait")]
         assert "griddepcontrol.launch_dependents" in before
-        assert len(re.findall(r"prefetch\.global\.L2", before)) == len(widths) + 1  # each shard's words, the scales
+        prefetches = len(widths) + 1 if mm.PDL_MODES[pdl] == "prefetch" else 0  # each shard's words, the scales
+        assert len(re.findall(r"prefetch\.global\.L2", before)) == prefetches
         # no load, store or atomic before the wait: x, y and the split-K workspace may be the kernel ahead's
         assert not re.search(r"\b(ld|st|atom|red)\.global", before)

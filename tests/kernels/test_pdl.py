@@ -20,15 +20,21 @@ HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
 
 
 def test_no_dependent_launch_unless_asked_and_on_hopper(monkeypatch):
-    monkeypatch.setattr(mm, "PDL_ENABLED", False)
-    assert not mm.pdl(torch.device(DEVICE))
-    monkeypatch.setattr(mm, "PDL_ENABLED", True)
-    assert mm.pdl(torch.device(DEVICE)) == HOPPER  # never under the interpreter, which runs no PTX
+    monkeypatch.setattr(mm, "PDL_MODE", "off")
+    assert mm.pdl(torch.device(DEVICE)) == 0
+    for mode in ("wait", "prefetch"):
+        monkeypatch.setattr(mm, "PDL_MODE", mode)
+        # never under the interpreter, which runs no PTX
+        assert mm.pdl(torch.device(DEVICE)) == (mm.PDL_MODES.index(mode) if HOPPER else 0)
+    monkeypatch.setattr(mm, "PDL_MODE", "on")
+    with pytest.raises(ValueError, match="BITPLAN_PDL='on': choose one of off, wait, prefetch"):
+        mm.pdl(torch.device(DEVICE))
 
 
 @pytest.mark.skipif(not HOPPER, reason="programmatic dependent launch needs a Hopper GPU")
-def test_a_graph_of_dependent_launches_reads_each_result_after_it_is_written(monkeypatch):
-    monkeypatch.setattr(mm, "PDL_ENABLED", True)
+@pytest.mark.parametrize("mode", ["wait", "prefetch"])
+def test_a_graph_of_dependent_launches_reads_each_result_after_it_is_written(monkeypatch, mode):
+    monkeypatch.setattr(mm, "PDL_MODE", mode)
     H, KVH, D, L, bits, group = 32, 8, 128, 700, 4, 128
     K = H * D
     g = torch.Generator().manual_seed(0)
