@@ -31,8 +31,8 @@ Split-K partial sums meet in a workspace that the last program of each output ti
 so every product is one launch.
 
 On CUDA the first call of each (regime, shape, width, group) times a handful of configurations and
-caches the fastest in-process (`_TUNED`).  Under `TRITON_INTERPRET=1` (CPU tests) the default
-configuration runs, and dots run in fp32 because Triton 3.9's interpreter computes bf16 dots wrongly.
+caches the fastest in-process (`_TUNED`) and on disk, per GPU model (`kernels/tuned.py`).  Under
+`TRITON_INTERPRET=1` (CPU tests) the default configuration runs, and dots run in fp32 because Triton 3.9's interpreter computes bf16 dots wrongly.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from bitplan.kernels.reference import shards
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from bitplan.kernels.tuned import tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 4  # above, the tiled kernel: a gemv program per 16 rows measured 3x slower (bench/kernels.py)
@@ -861,12 +862,13 @@ def matmul(x: torch.Tensor, qweight: list[torch.Tensor], scales: torch.Tensor, q
         config = dict(candidates()[0], **config)
     else:
         key = (regime, tuning_bucket(M), N, k, bits, group_size, symmetric, x2.dtype, x2.device.index)
-        config = _TUNED.get(key)
-        if config is None:
-            found = candidates()
-            config = found[0] if INTERPRET or not x2.is_cuda else \
-                _fastest(found, lambda cfg, *w: _launch(regime, x2, *w, *shape, cfg), weights)
-            _TUNED[key] = config
+
+        def tune() -> dict:
+            if INTERPRET or not x2.is_cuda:
+                return candidates()[0]
+            return _fastest(candidates(), lambda cfg, *w: _launch(regime, x2, *w, *shape, cfg), weights)
+
+        config = tuned(_TUNED, "matmul", key, x2.device, tune)
     return _launch(regime, x2, *weights, *shape, config).reshape(*lead, N)
 
 

@@ -28,6 +28,7 @@ import triton.language as tl
 from bitplan.kernels import reference
 from bitplan.kernels.matmul import (HALF2_ENABLED, INTERPRET, _fastest, _gemv_tile, _sm_count, _split, _store,
                                     _tiles_fitting, gemv_group, matmul, workspace)
+from bitplan.kernels.tuned import tuned
 
 GEMV_MAX_ROWS = 16  # rows per expert up to which one mixed-width launch beats per-expert tiled launches
 ALIGN = 16  # words: offsets into the flat buffers are multiples of this (the kernel is told so)
@@ -235,12 +236,13 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
     else:
         key = (active, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype,
                tuple(sorted(set(w.bits))))
-        cfg = _TUNED.get(key)
-        if cfg is None:
+
+        def tune() -> dict:
             found = moe_configs(active, w.n, w.k, group, _sm_count(x.device), max_rows)
-            cfg = found[0] if INTERPRET or not x.is_cuda else \
+            return found[0] if INTERPRET or not x.is_cuda else \
                 _fastest(found, lambda c: _launch(x, w, seg_expert, seg_start, max_rows, c))
-            _TUNED[key] = cfg
+
+        cfg = tuned(_TUNED, "moe", key, x.device, tune)
     if INTERPRET:
         cfg = {k: v for k, v in cfg.items() if k != "num_stages"}
     return _launch(x, w, seg_expert, seg_start, max_rows, cfg)
