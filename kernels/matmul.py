@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from bitplan.db.types import InvalidInput
 from bitplan.kernels.reference import shards
 from bitplan.kernels.tuned import tuned
 
@@ -638,7 +639,7 @@ def pdl(device: torch.device) -> int:
     for it in the kernel; with "prefetch", a gemv's programs also ask L2 for their first weights in that time
     (`_pdl_prologue`)."""
     if PDL_MODE not in PDL_MODES:
-        raise ValueError(f"BITPLAN_PDL={PDL_MODE!r}: choose one of {', '.join(PDL_MODES)}")
+        raise InvalidInput(f"BITPLAN_PDL={PDL_MODE!r}: choose one of {', '.join(PDL_MODES)}")
     on = not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     return PDL_MODES.index(PDL_MODE) if on else 0
 
