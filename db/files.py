@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,16 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], Any]) ->
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
     """`obj` as JSON (keys sorted, so equal objects give equal bytes), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+def per_gpu_cache(kind: str, gpu_name: str, *tags: str, folder: str | Path | None = None) -> Path:
+    """`<folder>/<kind>-<GPU name>[-<tag>...].json`, by default in the user cache folder: measurements kept per
+    GPU model (kernel latencies, tuned kernel configurations), which can be deleted and are measured again."""
+    if folder is None:
+        import platformdirs
+
+        folder = platformdirs.user_cache_dir("bitplan")
+    return Path(folder) / ("-".join([kind, re.sub(r"[^A-Za-z0-9]+", "-", gpu_name), *tags]) + ".json")
 
 
 WRITTEN_MARK = "bitplan_plan.json"  # every checkpoint and export bitplan writes holds its plan

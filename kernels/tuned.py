@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bitplan.db.files import write_json
+from bitplan.db.files import per_gpu_cache, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,8 @@ def cache_path(device: torch.device) -> Path | None:
     root = os.environ.get("BITPLAN_TUNED_DIR")
     if device.type != "cuda" or root == "":
         return None
-    if root is None:
-        import platformdirs
-
-        root = platformdirs.user_cache_dir("bitplan")
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device))
-    return Path(root) / f"tuned-{gpu}-triton{triton.__version__}-{_source_digest()}.json"
+    return per_gpu_cache("tuned", torch.cuda.get_device_name(device), f"triton{triton.__version__}", _source_digest(),
+                         folder=root)
 
 
 @cache

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bitplan.db.devices import GPU, GPUS, gpu
-from bitplan.db.files import write_json
+from bitplan.db.files import per_gpu_cache, write_json
 from bitplan.db.types import InvalidInput, Module, Option, Profile, content_id
 
 DEFAULT_BATCHES = (1, 16, 256)  # decode of one sequence, a small serving batch, prefill-sized
@@ -117,8 +116,7 @@ def measured_latency(modules: Sequence[Module], options: Sequence[Option], batch
 
 
 def _cache_path(gpu_name: str) -> Path:
-    import platformdirs
-    return Path(platformdirs.user_cache_dir("bitplan")) / f"latency-{re.sub(r'[^A-Za-z0-9]+', '-', gpu_name)}.json"
+    return per_gpu_cache("latency", gpu_name)
 
 
 def _time_linear(out: int, inp: int, option: Option, batch: int) -> float:
