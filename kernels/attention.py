@@ -33,7 +33,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, ou
                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
                    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr, GP2: tl.constexpr,
                    CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # the next kernel (the o projection's gemv) may start fetching its weights while this one runs
+    if PDL:  # the next kernel (the o projection's gemv) may start, and prefetch its weights, while this one runs
         gdc_launch_dependents()
         gdc_wait()
     bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)

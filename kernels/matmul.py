@@ -640,8 +640,10 @@ def pdl(device: torch.device) -> int:
     (`_pdl_prologue`)."""
     if PDL_MODE not in PDL_MODES:
         raise InvalidInput(f"BITPLAN_PDL={PDL_MODE!r}: choose one of {', '.join(PDL_MODES)}")
-    on = not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return PDL_MODES.index(PDL_MODE) if on else 0
+    mode = PDL_MODES.index(PDL_MODE)
+    # called at every launch: the device is asked about only when a mode is on
+    on = mode and not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return mode if on else 0
 
 
 def _split(tiles: int, programs: int, sms: int, per_sm: int = 2) -> int:
