@@ -5,12 +5,13 @@ kernels' count and the cache's bytes.  PyTorch's fused attention kernels are bui
 one query a program holds mostly padding, grouped-query heads are first copied out to one key and value
 head per query head (`repeat_kv`, when the step is compiled), and the cache is not split over the SMs.
 
-Here each program takes one key/value head of one sequence and a slice of the cache positions, with the
-`G` query heads that share that key/value head as the rows of its tile (padded to 16 for `tl.dot`), so
-the cache is read once for all of them.  It keeps a running softmax over its slice (flash attention's
-recurrence) and writes its partial output, row maximum and sum for the real rows; the last of a head's
-programs to finish combines the slices (counted in through an atomic, as the matmul kernels' split-K is),
-loading several slices' partials at a time, so a step's attention is one launch.
+Here each program takes one key/value head of one sequence and a slice of the cache positions, with the `G`
+query heads that share that key/value head as the rows of its tile (padded to 16 for `tl.dot`), so the cache
+is read once for all of them; a block's keys and values come in one load, so that a program waits on memory
+for them once.  It keeps a running softmax over its slice (flash attention's recurrence) and writes its partial
+output, row maximum and sum for the real rows; the last of a head's programs to finish combines the slices
+(counted in through an atomic, as the matmul kernels' split-K is), loading several slices' partials at a time,
+so a step's attention is one launch.
 Cache positions the mask rules out (the unfilled end of a static cache, padding) are skipped a block at
 a time when the whole block is masked, so a static cache costs what its filled part does.
 """
@@ -28,8 +29,8 @@ NEG = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so a slice w
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, out_ptr, L, KVH, per_split, scale,
-                   sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
+def _decode_kernel(q_ptr, k_ptr, v_off, mask_ptr, acc_ptr, ml_ptr, count_ptr, out_ptr, L, KVH, per_split, scale,
+                   sq_b, sq_h, s_b, s_h, s_l, sm_b, sm_l, so_b, so_h,
                    G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
                    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS_P2: tl.constexpr, GP2: tl.constexpr,
                    CHUNK: tl.constexpr, PDL: tl.constexpr = False):
@@ -54,8 +55,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, ou
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + b * sm_b + pos * sm_l, mask=pos < hi, other=0) != 0)
         if tl.max(keep.to(tl.int32), axis=0) > 0:  # a block the mask rules out whole is not read
-            k = tl.load(k_ptr + b * sk_b + kvh * sk_h + pos[:, None] * sk_l + d[None, :], mask=keep[:, None],
-                        other=0.0)
+            # the key and value blocks as one [2, BLOCK_L, D] load (the value cache is `v_off` elements from the
+            # key cache), so that both are requested before either is stored to shared memory: as two loads, the
+            # compiler writes the first to shared memory, which waits for it, before it issues the second
+            kv = tl.load(k_ptr + tl.arange(0, 2)[:, None, None] * v_off + b * s_b + kvh * s_h
+                         + pos[None, :, None] * s_l + d[None, None, :], mask=keep[None, :, None], other=0.0)
+            k, v = tl.split(tl.permute(kv, (1, 2, 0)))
             if DOT_FP32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
@@ -63,8 +68,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, count_ptr, ou
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + b * sv_b + kvh * sv_h + pos[:, None] * sv_l + d[None, :], mask=keep[:, None],
-                        other=0.0)
             if DOT_FP32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
@@ -148,16 +151,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if mask is not None:
         mask = (mask if mask.dtype == torch.bool else mask == 0).expand(B, 1, 1, L)
     q = query[:, :, 0]
-    k_args = (key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2))
-    m_args = (mask.stride(0), mask.stride(3)) if mask is not None else (0, 0)
-    if key.stride(3) != 1 or value.stride(3) != 1 or q.stride(2) != 1:
+    if key.stride() != value.stride():  # one load takes both, at one offset apart (transformers' caches are alike)
+        key, value = key.contiguous(), value.contiguous()
+    if key.dtype != value.dtype:
+        raise ValueError(f"decode_attention needs key and value of one dtype, not {key.dtype} and {value.dtype}")
+    if key.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous in query, key and value")
+    v_off = (value.data_ptr() - key.data_ptr()) // key.element_size()
+    m_args = (mask.stride(0), mask.stride(3)) if mask is not None else (0, 0)
     cfg = {} if INTERPRET else dict(num_warps=4, num_stages=2)
     if pdl(query.device):
         cfg.update(PDL=True, launch_pdl=True)  # nothing to prefetch: the query and the cache are the inputs
-    _decode_kernel[(B * KVH, splits)](q, key, value, mask if mask is not None else q, acc, ml, count, out, L, KVH,
-                                      per_split, scale, q.stride(0), q.stride(1), *k_args, *m_args, out.stride(0),
-                                      out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,
+    _decode_kernel[(B * KVH, splits)](q, key, v_off, mask if mask is not None else q, acc, ml, count, out, L, KVH,
+                                      per_split, scale, q.stride(0), q.stride(1), *key.stride()[:3], *m_args,
+                                      out.stride(0), out.stride(2), G=G, D=D, ROWS=rows, BLOCK_L=block_l,
                                       HAS_MASK=mask is not None, DOT_FP32=INTERPRET,
                                       SPLITS_P2=triton.next_power_of_2(splits), GP2=gp2,
                                       CHUNK=combine_chunk(splits, gp2, D), **cfg)

@@ -63,6 +63,20 @@ def test_additive_mask_and_none():
                                reference_attention(q, k, v, None, scale), rtol=2e-2, atol=2e-2)
 
 
+def test_key_and_value_in_different_layouts():
+    """The kernel loads a key block and its value block as one, one offset apart: a value cache laid out
+    otherwise than the key cache (here held position-major) gives the same answer; and a cache whose key
+    and value dtypes differ is refused."""
+    q, k, v = case(1, 8, 2, 150, 32, torch.bfloat16, seed=2)
+    v_other = v.transpose(1, 2).contiguous().transpose(1, 2)  # [B, KVH, L, D], held as [B, L, KVH, D]
+    assert v_other.stride() != k.stride() and torch.equal(v_other, v)
+    on = [t.to(DEVICE) for t in (q, k, v_other)]
+    torch.testing.assert_close(decode_attention(*on, None, 0.25, splits=3).cpu().float(),
+                               reference_attention(q, k, v, None, 0.25), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="one dtype"):
+        decode_attention(on[0], on[1], on[2].half(), None, 0.25)
+
+
 def test_back_to_back_calls_leave_the_counters_at_zero():
     """The slices of a head meet through a counter the last one resets: calls one after another, of other shapes,
     each get their own answer, and leave the shared counters (`matmul.workspace`) at zero."""
@@ -80,17 +94,27 @@ def test_back_to_back_calls_leave_the_counters_at_zero():
 @pytest.mark.parametrize("has_mask,splits,pdl", [(True, 16, False), (False, 16, False), (True, 1, False), (True, 16, True)],
                          ids=["mask", "no-mask", "one-split", "dependent-launch"])
 def test_compiles_for_hopper(has_mask, splits, pdl, compile_for_hopper):
-    """The kernel compiles to sm_90 machine code, here without a GPU (`conftest.compile_for_hopper`)."""
+    """The kernel compiles to sm_90 machine code, here without a GPU (`conftest.compile_for_hopper`); with the
+    pointers and strides aligned as a cache's are, a block's key and value loads are all issued before either
+    is written to shared memory (one round trip to memory, not two)."""
     from bitplan.kernels import attention
 
-    ints = ("L", "KVH", "per_split", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_l",
-            "so_b", "so_h")
+    ints = ("v_off", "L", "KVH", "per_split", "sq_b", "sq_h", "s_b", "s_h", "s_l", "sm_b", "sm_l", "so_b", "so_h")
     const = dict(G=4, D=128, ROWS=16, BLOCK_L=64, HAS_MASK=has_mask, DOT_FP32=False, SPLITS_P2=splits, GP2=4,
                  CHUNK=attention.combine_chunk(splits, 4, 128), PDL=pdl)
-    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
-           "ml_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32", **{n: "i32" for n in ints},
-           **{k: "constexpr" for k in const}}
-    ptx = compile_for_hopper(attention._decode_kernel, sig, const, num_warps=4, num_stages=2, launch_pdl=pdl)["ptx"]
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_off": "i64", "mask_ptr": "*i1", "acc_ptr": "*fp32",
+           "ml_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32",
+           **{n: "i32" for n in ints if n != "v_off"}, **{k: "constexpr" for k in const}}
+    aligned = [n for n in sig if n.endswith("_ptr") or n in ("v_off", "sq_b", "sq_h", "s_b", "s_h", "s_l", "so_b")]
+    ptx = compile_for_hopper(attention._decode_kernel, sig, const, aligned=aligned, num_warps=4, num_stages=2,
+                             launch_pdl=pdl)["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    lines = body.splitlines()
+    query_stored = next(i for i, line in enumerate(lines) if "st.shared" in line)
+    # after the query's loads and store, the block's 64 x 128 keys and values: 16 loads of 16 bytes a thread
+    kv = [i for i, line in enumerate(lines) if "ld.global" in line and ".v4." in line and i > query_stored][:16]
+    assert len(kv) == 16
+    between = lines[kv[0]:kv[-1]]
+    assert not [line for line in between if "st.shared" in line], "a shared-memory store waits between the loads"
     if pdl:  # the query and the cache are the kernel ahead's results: nothing is read before the wait
-        body = ptx[ptx.index(".entry"):]
         assert "ld.global" not in body[:body.index("griddepcontrol.wait")]
