@@ -235,7 +235,7 @@ def moe_matmul(x: torch.Tensor, w: ExpertWeights, seg_expert: torch.Tensor, seg_
         cfg = dict(moe_configs(active, w.n, w.k, group, _sm_count(x.device), max_rows)[0], **config)
     else:
         key = (active, min(max_rows, 4), w.n, w.k, w.group_size, w.symmetric, x.dtype,
-               tuple(sorted(set(w.bits))))
+               tuple(sorted(set(w.bits))), x.device.index)  # two GPUs of a process may differ
 
         def tune() -> dict:
             found = moe_configs(active, w.n, w.k, group, _sm_count(x.device), max_rows)

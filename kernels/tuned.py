@@ -61,7 +61,8 @@ def tuned(table: dict[tuple, dict], kernel: str, key: tuple, device: torch.devic
         cfg = tune()
         if path is not None:
             stored[name] = cfg
-            stored.update({k: v for k, v in _parse(path).items() if k not in stored})  # another process's, since
+            # another process's, since (an unreadable file was reported when it was first read)
+            stored.update({k: v for k, v in _parse(path, warn=False).items() if k not in stored})
             try:
                 write_json(path, stored, indent=1)
             except OSError as e:  # a read-only cache folder costs the next process a tuning, nothing more
@@ -76,7 +77,7 @@ def _read(path: Path) -> dict[str, dict]:
     return _STORED[path]
 
 
-def _parse(path: Path) -> dict[str, dict]:
+def _parse(path: Path, warn: bool = True) -> dict[str, dict]:
     if not path.exists():
         return {}
     try:
@@ -85,5 +86,6 @@ def _parse(path: Path) -> dict[str, dict]:
             raise ValueError("not an object of configurations")
         return stored
     except (OSError, ValueError) as e:
-        log.warning("ignoring the tuned configurations in %s (%s): timing again", path, e)
+        if warn:
+            log.warning("ignoring the tuned configurations in %s (%s): timing again", path, e)
         return {}

@@ -104,7 +104,7 @@ def test_an_unreadable_file_is_timed_again_and_replaced(store, caplog):
     with caplog.at_level(logging.WARNING, logger="bitplan.kernels.tuned"):
         assert tuned({}, "matmul", KEY, CUDA, tune) == CFG
     assert len(calls) == 1
-    assert "ignoring the tuned configurations" in caplog.text
+    assert caplog.text.count("ignoring the tuned configurations") == 1  # reported once, not again at the write
     assert json.loads(path.read_text()) == {"matmul:" + "|".join(map(str, KEY)): CFG}
 
 
