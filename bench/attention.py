@@ -21,6 +21,7 @@ Prints a table and writes JSON (`--out`, default bench/results/attention.json) a
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also under PYTHONSAFEPATH=1
@@ -40,6 +41,14 @@ COLUMNS = [("batch", "batch", "d"), ("cache", "cache", "d"), ("allocated", "allo
            ("vs sdpa", "vs_sdpa", ".2f"), ("max err", "max_err", ".1e")]
 
 
+def counts(option: str, text: str) -> list[int]:
+    """A comma list of positive counts, or a one-line ValueError naming `option`."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{option}: {text!r} is not a comma list of positive counts")
+    return [int(p) for p in parts]
+
+
 def splits_list(text: str) -> list[int | None]:
     out = []
     for part in text.split(","):
@@ -50,7 +59,7 @@ def splits_list(text: str) -> list[int | None]:
     return out
 
 
-def case(batch: int, cache: int, allocated: int, splits: list[int | None], blocks: list[int] = (64,),
+def case(batch: int, cache: int, allocated: int, splits: Sequence[int | None], blocks: Sequence[int] = (64,),
          attention=decode_attention) -> list[dict]:
     """Rows for one batch and cache: our kernel at each slice count and block length, SDPA, each timed over
     distinct caches.  `attention` is the kernel under test (`decode_attention`'s signature)."""
@@ -94,10 +103,9 @@ def main(argv=None):
     ap.add_argument("--static", type=int, default=0, help="also time each case in a static cache of this many positions")
     args = ap.parse_args(argv)
     try:
-        batches = [int(b) for b in args.batches.split(",")]
-        caches = [int(c) for c in args.caches.split(",")]
+        batches, caches = counts("--batches", args.batches), counts("--caches", args.caches)
         splits = splits_list(args.splits)
-        blocks = [int(b) for b in args.blocks.split(",")]
+        blocks = counts("--blocks", args.blocks)
         if bad := [b for b in blocks if b < 16 or b & (b - 1)]:
             raise ValueError(f"--blocks: {bad} are not powers of two of 16 or more")
     except ValueError as e:
