@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 module, name, signature, constants, aligned, options = json.loads(sys.argv[1])
 kernel = getattr(importlib.import_module(module), name)
-attrs = {(list(signature).index(n),): [["tt.divisibility", 16]] for n in aligned}
+attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # by the kernel's argument order
 compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)
 print(json.dumps({k: v for k, v in compiled.asm.items() if isinstance(v, str)}))

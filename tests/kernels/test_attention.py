@@ -99,12 +99,12 @@ def test_compiles_for_hopper(has_mask, splits, pdl, compile_for_hopper):
     is written to shared memory (one round trip to memory, not two)."""
     from bitplan.kernels import attention
 
-    ints = ("v_off", "L", "KVH", "per_split", "sq_b", "sq_h", "s_b", "s_h", "s_l", "sm_b", "sm_l", "so_b", "so_h")
+    ints = ("L", "KVH", "per_split", "sq_b", "sq_h", "s_b", "s_h", "s_l", "sm_b", "sm_l", "so_b", "so_h")
     const = dict(G=4, D=128, ROWS=16, BLOCK_L=64, HAS_MASK=has_mask, DOT_FP32=False, SPLITS_P2=splits, GP2=4,
                  CHUNK=attention.combine_chunk(splits, 4, 128), PDL=pdl)
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_off": "i64", "mask_ptr": "*i1", "acc_ptr": "*fp32",
            "ml_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32",
-           **{n: "i32" for n in ints if n != "v_off"}, **{k: "constexpr" for k in const}}
+           **{n: "i32" for n in ints}, **{k: "constexpr" for k in const}}
     aligned = [n for n in sig if n.endswith("_ptr") or n in ("v_off", "sq_b", "sq_h", "s_b", "s_h", "s_l", "so_b")]
     ptx = compile_for_hopper(attention._decode_kernel, sig, const, aligned=aligned, num_warps=4, num_stages=2,
                              launch_pdl=pdl)["ptx"]
