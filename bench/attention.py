@@ -100,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--caches", default="645,2048,8192", help="filled cache positions")
     ap.add_argument("--splits", default="auto,4,8,16", help="slices of the cache per key/value head, or auto")
     ap.add_argument("--blocks", default="64", help="cache positions a program takes at a time (16 or more)")
-    ap.add_argument("--static", type=int, default=0, help="also time each case in a static cache of this many positions")
+    ap.add_argument("--static", type=int, default=0,
+                    help="also time each case in a static cache of this many positions")
     args = ap.parse_args(argv)
     try:
         batches, caches = counts("--batches", args.batches), counts("--caches", args.caches)
